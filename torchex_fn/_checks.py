@@ -1,0 +1,119 @@
+"""Private validators and error-message builders shared by all methods.
+
+Every message has the shape ``"<function>: expected <what>, got <what>. <how to fix>"`` so that
+wording is uniform across methods. Checks run at the public boundary, before hooks or forward passes.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+
+def message(fn: str, expected: str, got: str, hint: str = "") -> str:
+    text = f"{fn}: expected {expected}, got {got}."
+    return f"{text} {hint}" if hint else text
+
+
+def value_error(fn: str, expected: str, got: str, hint: str = "") -> ValueError:
+    return ValueError(message(fn, expected, got, hint))
+
+
+def type_error(fn: str, expected: str, got: str, hint: str = "") -> TypeError:
+    return TypeError(message(fn, expected, got, hint))
+
+
+def describe(value: Any) -> str:
+    """A short description of ``value`` for error messages (never its contents)."""
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}" if isinstance(value, (int, float, str)) else type(value).__name__
+
+
+def concrete_any(mask: Tensor) -> Optional[bool]:
+    """``bool(mask.any())`` when the values are concrete, ``None`` under ``vmap``.
+
+    Values are not available inside ``torch.func.vmap`` (data-dependent control flow is refused),
+    so checks that need them are done only where they can be; under ``vmap`` the kernels
+    themselves still raise on out-of-range indices.
+    """
+    try:
+        return bool(mask.any())
+    except RuntimeError as err:  # vmap: data-dependent control flow
+        if "vmap" in str(err) or "data-dependent" in str(err):
+            return None
+        raise
+
+
+def check_model_fn(fn: str, model_fn: Any) -> None:
+    if isinstance(model_fn, torch.nn.Module):
+        raise type_error(fn, "model_fn, a pure (params, x) -> out function", "an nn.Module",
+                         "Build one with `model_fn, params = torchex_fn.functionalize(model)`.")
+    if not callable(model_fn):
+        raise type_error(fn, "model_fn, a callable (params, x) -> out", describe(model_fn))
+
+
+def check_params(fn: str, params: Any) -> None:
+    if not isinstance(params, Mapping):
+        raise type_error(fn, "params, a mapping of name -> tensor", describe(params),
+                         "Use the dict returned by `torchex_fn.functionalize(model)`.")
+
+
+def check_input(fn: str, x: Any, *, ndim: Optional[int] = None, min_ndim: int = 1, name: str = "x") -> None:
+    """``x`` is a floating-point batch of the expected rank without NaN."""
+    if not isinstance(x, Tensor):
+        raise type_error(fn, f"{name}, a floating-point tensor of shape [B, ...]", describe(x))
+    if not (x.is_floating_point() or x.is_complex()):
+        raise type_error(fn, f"{name} of a floating-point dtype", describe(x),
+                         "Convert integer images first, e.g. `x.float() / 255`.")
+    if ndim is not None and x.ndim != ndim:
+        raise value_error(fn, f"{name} of rank {ndim} ([B, C, H, W])" if ndim == 4 else f"{name} of rank {ndim}",
+                          describe(x), "A single example is `x[None]`." if x.ndim == ndim - 1 else "")
+    if x.ndim < min_ndim:
+        raise value_error(fn, f"{name} of rank >= {min_ndim} with the batch first", describe(x),
+                          "A single example is `x[None]`.")
+    if x.is_floating_point() and concrete_any(torch.isnan(x)):
+        raise value_error(fn, f"{name} without NaN", f"{int(torch.isnan(x).sum())} NaN values")
+
+
+def check_positive_int(fn: str, name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise type_error(fn, f"{name}, a positive int", describe(value))
+    if value < 1:
+        raise value_error(fn, f"{name} >= 1", describe(value))
+
+
+def check_bool(fn: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise type_error(fn, f"{name}, a bool", describe(value))
+
+
+def check_optional_callable(fn: str, name: str, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise type_error(fn, f"{name}, a callable or None", describe(value))
+
+
+def check_probability(fn: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise type_error(fn, f"{name}, a float in (0, 1]", describe(value))
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise value_error(fn, f"{name} in (0, 1]", describe(value))
+
+
+def check_generator(fn: str, generator: Any) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise type_error(fn, "generator, a torch.Generator or None", describe(generator))
+
+
+def unknown_name(fn: str, what: str, name: str, known: Iterable[str]) -> ValueError:
+    known = [k for k in known if k]
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"Did you mean {' or '.join(repr(c) for c in close)}?" if close else (
+        f"Known names start with {', '.join(repr(k) for k in known[:6])}." if known else "")
+    return ValueError(f"{fn}: unknown {what} {name!r}. {hint}".rstrip())

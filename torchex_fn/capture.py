@@ -1,0 +1,270 @@
+"""Intermediate activations for the length of one call: read them, or perturb them.
+
+The role of flax's ``sow`` / ``perturb`` / ``capture_intermediates`` for PyTorch:
+
+* :func:`tap` is the identity unless a capture is active; hand-written models call it directly.
+* :func:`intermediates` wraps a ``model_fn`` into one that returns ``(out, {name: activation})``;
+  with ``perturb`` it returns ``activation + perturb[name]`` in place of the activation.
+* :func:`layer_gradients` differentiates the target score w.r.t. a zero perturbation of each layer's
+  output, which equals the gradient w.r.t. the activation. No backward hook is involved, the
+  result composes with ``torch.func.grad`` / ``vmap``, and autograd computes only the path from the
+  layers to the output (no parameter gradients, no input gradient).
+
+The active collector lives in a :class:`contextvars.ContextVar` set and reset in ``try/finally``
+around one call, so a hook acts only for the call (and the thread) that asked for it. The
+``model_fn`` built by :func:`torchex_fn.functionalize` registers forward hooks only for the names
+the active capture asked for, and removes them before the call returns or raises.
+"""
+from __future__ import annotations
+
+import contextvars
+import weakref
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks
+from . import targets as _targets
+
+__all__ = ["tap", "intermediates", "capture", "layer_gradients", "LayerGradients", "resolve_layers"]
+
+
+class _ShapeMismatch(Exception):
+    """Internal: a memoised layer shape no longer matches; recompute and retry."""
+
+
+class _Session:
+    """What one call asked to capture, and what it found."""
+
+    def __init__(self, names: Sequence[str], perturb: Optional[Mapping[str, Tensor]], fn: str):
+        self.names = tuple(dict.fromkeys(names))
+        self.perturb = dict(perturb or {})
+        self.acts: Dict[str, Tensor] = {}
+        self.fn = fn
+
+    def visit(self, name: str, value: Any) -> Any:
+        if name not in self.names:
+            return value
+        if name in self.acts:
+            raise ValueError(f"{self.fn}: layer {name!r} was called more than once in one forward pass; "
+                             "its activation is ambiguous. Name a layer that runs once (e.g. a block "
+                             "instead of a shared activation module).")
+        if not isinstance(value, Tensor):
+            raise _checks.type_error(self.fn, f"layer {name!r} to output a tensor", _checks.describe(value),
+                                     "Name a layer whose output is a single tensor.")
+        self.acts[name] = value
+        delta = self.perturb.get(name)
+        if delta is None:
+            return value
+        if delta.shape != value.shape or delta.dtype != value.dtype:
+            raise _ShapeMismatch(name)
+        return value + delta
+
+    def hook(self, name: str) -> Callable:
+        def forward_hook(module: nn.Module, args: Any, output: Any) -> Any:
+            return self.visit(name, output) if _ACTIVE.get() is self else output
+        return forward_hook
+
+
+_ACTIVE: contextvars.ContextVar[Optional[_Session]] = contextvars.ContextVar("torchex_fn_capture", default=None)
+
+
+def active() -> Optional[_Session]:
+    """The capture session of the current call, if any (used by ``FunctionalModel``)."""
+    return _ACTIVE.get()
+
+
+def tap(name: str, value: Tensor) -> Tensor:
+    """Mark ``value`` as the activation called ``name``: the identity unless a capture is active.
+
+    Under an active capture that asked for ``name`` it records ``value`` and returns
+    ``value + perturb[name]`` when a perturbation was given.
+
+    Example:
+      >>> def model_fn(params, x):
+      ...     h = tap("hidden", torch.tanh(x @ params["w1"]))
+      ...     return h @ params["w2"]
+    """
+    session = _ACTIVE.get()
+    return value if session is None else session.visit(name, value)
+
+
+def _run(model_fn, params, x, names: Sequence[str], perturb=None, fn: str = "capture"):
+    session = _Session(names, perturb, fn)
+    token = _ACTIVE.set(session)
+    try:
+        out = model_fn(params, x)
+    finally:
+        _ACTIVE.reset(token)
+    return out, session.acts
+
+
+def _check_reached(fn: str, names: Sequence[str], acts: Mapping[str, Tensor]) -> None:
+    missing = [n for n in dict.fromkeys(names) if n not in acts]
+    if missing:
+        raise _checks.value_error(fn, f"layer {missing[0]!r} to be called in the forward pass",
+                                  "a forward pass that never called it",
+                                  "Name a layer that the model's forward uses (check `model.named_modules()`).")
+
+
+def intermediates(model_fn, *, layers: Sequence[str], perturb: Optional[Mapping[str, Tensor]] = None,
+                  fn: str = "intermediates") -> Callable:
+    """Wrap ``model_fn`` into ``(params, x) -> (out, {name: activation})`` for one call at a time.
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``; layers are module names of a ``functionalize``-d
+        model or names passed to :func:`tap`.
+      layers: The names to capture (already resolved, see :func:`resolve_layers`).
+      perturb: Optional ``{name: delta}``; the model continues with ``activation + delta``.
+
+    Raises:
+      ValueError: right after the call, if a name was never reached.
+    """
+    names = tuple(layers)
+
+    def wrapped(params, x):
+        out, acts = _run(model_fn, params, x, names, perturb, fn)
+        _check_reached(fn, names, acts)
+        return out, acts
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------------------------
+# Layer specs: names, module objects, and structures of them.
+
+def _layer_name(fn: str, model_fn, spec: Any) -> str:
+    module = getattr(model_fn, "module", None)
+    if isinstance(spec, nn.Module):
+        if module is None:
+            raise _checks.type_error(fn, "layer given by name for a model_fn not built by functionalize",
+                                     "an nn.Module", "Use `functionalize(model)` or name the tapped layer.")
+        try:
+            return model_fn.name_of(spec)
+        except KeyError:
+            raise _checks.value_error(fn, "layer to be a submodule of the functionalized model",
+                                      f"a {type(spec).__name__} that is not part of it") from None
+    if isinstance(spec, str):
+        if module is not None:
+            known = model_fn.layer_names()
+            if spec not in known:
+                raise _checks.unknown_name(fn, "layer", spec, known)
+        return spec
+    raise _checks.type_error(fn, "layer, a dotted name, an nn.Module, or a list/tuple/dict of them",
+                             _checks.describe(spec))
+
+
+def resolve_layers(fn: str, model_fn, layer: Any) -> Tuple[List[str], Callable[[Mapping[str, Any]], Any]]:
+    """Names of the layers in ``layer``, and a function rebuilding ``layer``'s structure.
+
+    One layer gives one value, a list or tuple a list, a dict a dict with the same keys.
+    """
+    if layer is None:
+        raise _checks.type_error(fn, "layer, a dotted name or module", "None")
+    if isinstance(layer, Mapping):
+        if not layer:
+            raise _checks.value_error(fn, "at least one layer", "an empty dict")
+        keyed = {key: _layer_name(fn, model_fn, spec) for key, spec in layer.items()}
+        return list(keyed.values()), lambda values: {key: values[name] for key, name in keyed.items()}
+    if isinstance(layer, (list, tuple)):
+        if not layer:
+            raise _checks.value_error(fn, "at least one layer", f"an empty {type(layer).__name__}")
+        names = [_layer_name(fn, model_fn, spec) for spec in layer]
+        return names, lambda values: [values[name] for name in names]
+    name = _layer_name(fn, model_fn, layer)
+    return [name], lambda values: values[name]
+
+
+def capture(model_fn, params, x: Tensor, layers: Any) -> Tuple[Any, Any]:
+    """Run ``model_fn(params, x)`` once and return ``(out, activations)``.
+
+    ``activations`` mirrors ``layers``: one tensor for one layer, a list for a list, a dict for a dict.
+
+    Example:
+      >>> out, acts = capture(model_fn, params, images, ["layer3", "layer4"])
+      >>> [a.shape for a in acts]   # [[8, 256, 14, 14], [8, 512, 7, 7]]
+    """
+    _checks.check_model_fn("capture", model_fn)
+    names, rebuild = resolve_layers("capture", model_fn, layers)
+    out, acts = intermediates(model_fn, layers=names, fn="capture")(params, x)
+    return out, rebuild(acts)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer gradients by zero perturbation.
+
+# Memo of layer output shapes, so that a layer gradient needs no extra forward pass to learn the
+# perturbation's shape. Keyed weakly by the module (or model_fn); checked on every use.
+_SHAPES: "weakref.WeakKeyDictionary[Any, Dict[tuple, Tuple[torch.Size, torch.dtype]]]" = weakref.WeakKeyDictionary()
+
+
+def _memo_owner(model_fn):
+    return getattr(model_fn, "module", model_fn)
+
+
+def _shapes_key(names, x: Tensor, params) -> tuple:
+    return (tuple(names), tuple(x.shape), x.dtype, x.device)
+
+
+def _probe_shapes(model_fn, params, x, names, fn) -> Dict[str, Tuple[torch.Size, torch.dtype]]:
+    """Learn the layers' output shapes with one forward pass without autograd."""
+    with torch.no_grad():
+        _, acts = _run(model_fn, params, x, names, None, fn)
+    _check_reached(fn, names, acts)
+    return {name: (acts[name].shape, acts[name].dtype) for name in names}
+
+
+def _layer_shapes(model_fn, params, x, names, fn, *, refresh: bool = False):
+    owner = _memo_owner(model_fn)
+    key = _shapes_key(names, x, params)
+    try:
+        memo = _SHAPES.setdefault(owner, {})
+    except TypeError:  # not weak-referenceable: no memo
+        memo = {}
+    if refresh or key not in memo:
+        memo[key] = _probe_shapes(model_fn, params, x, names, fn)
+    return memo[key]
+
+
+class LayerGradients(NamedTuple):
+    """What :func:`layer_gradients` returns; ``acts`` and ``grads`` are ``{name: tensor}``."""
+
+    scores: Tensor          # [B] the target scores
+    out: Tensor             # the model's output
+    acts: Dict[str, Tensor]
+    grads: Dict[str, Tensor]
+
+
+def layer_gradients(model_fn, params, x: Tensor, target: Any = None, *, layers: Sequence[str],
+                    fn: str = "layer_gradients") -> LayerGradients:
+    """Activations of ``layers`` and the gradient of the target scores w.r.t. them, in one pass.
+
+    Each layer's output ``a`` is replaced by ``a + delta`` with ``delta = 0``; ``torch.func.grad``
+    of the summed target scores w.r.t. ``delta`` is ``d score / d a`` (examples are independent,
+    so the gradient of the sum is every example's own gradient). Everything returned is a
+    differentiable function of ``params`` and ``x``.
+
+    Cost: one forward, one backward from the output down to the deepest of ``layers`` only.
+    The perturbation's shape comes from a memo (a forward pass without autograd on a miss).
+    """
+    names = tuple(dict.fromkeys(layers))
+    for attempt in range(2):
+        shapes = _layer_shapes(model_fn, params, x, names, fn, refresh=attempt > 0)
+        deltas = {name: torch.zeros(shape, dtype=dtype, device=x.device) for name, (shape, dtype) in shapes.items()}
+
+        def score_fn(deltas):
+            out, acts = intermediates(model_fn, layers=names, perturb=deltas, fn=fn)(params, x)
+            scores = _targets.resolve(out, target, fn=fn)
+            return scores.sum(), (scores, out, acts)
+
+        try:
+            grads, (scores, out, acts) = torch.func.grad(score_fn, has_aux=True)(deltas)
+        except _ShapeMismatch:
+            if attempt:
+                raise RuntimeError(f"{fn}: the layers' output shapes change between calls with the same "
+                                   "input shape; cannot perturb them") from None
+            continue
+        return LayerGradients(scores, out, acts, grads)
+    raise AssertionError("unreachable")
