@@ -268,3 +268,11 @@ def layer_gradients(model_fn, params, x: Tensor, target: Any = None, *, layers: 
             continue
         return LayerGradients(scores, out, acts, grads)
     raise AssertionError("unreachable")
+
+
+# ``torchex_fn.capture`` is both this module and, once the package is imported, the function
+# :func:`capture` (the package re-exports it under the module's name). The function carries the
+# module's public names so that ``tx.capture.tap(...)`` and ``tx.capture(...)`` both work.
+for _name in ("tap", "intermediates", "layer_gradients", "LayerGradients", "resolve_layers", "active"):
+    setattr(capture, _name, globals()[_name])
+del _name

@@ -1,0 +1,43 @@
+"""Hand-weighted and tiny models whose answers are known on paper or cheap to check."""
+import torch
+from torch import nn
+
+import torchex_fn as tx
+
+
+class TinyCNN(nn.Module):
+    """conv(3->4, 3x3) -> act -> conv(4->6, 3x3) -> act -> GAP -> linear(6->5); ``features`` is the last conv block."""
+
+    def __init__(self, act: type = nn.Tanh, classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.act1 = act()
+        self.features = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), act())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, classes)
+
+    def forward(self, x):
+        h = self.features(self.act1(self.conv1(x)))
+        return self.fc(self.pool(h).flatten(1))
+
+
+class LinearHead(nn.Module):
+    """Features are the input itself: ``out = W · mean_ij(x) + b``; Grad-CAM and CAM have closed forms."""
+
+    def __init__(self, channels: int = 3, classes: int = 4):
+        super().__init__()
+        self.features = nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, classes)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.arange(channels * classes, dtype=torch.float32).view(classes, channels) - 5.0)
+            self.fc.bias.copy_(torch.arange(classes, dtype=torch.float32))
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def tapped_mlp(params, x):
+    """A hand-written model_fn that names its hidden layer with ``tx.tap``: ``out = 4 * tanh(x W1) W2``."""
+    h = tx.tap("hidden", torch.tanh(x @ params["w1"]))
+    return tx.tap("scaled", 4.0 * h) @ params["w2"]

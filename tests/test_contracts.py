@@ -1,0 +1,140 @@
+"""Every public method against the shared contract (DESIGN.md, STYLE.md section 7.6)."""
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import torchex_fn as tx
+from _models import TinyCNN
+
+
+def _model(seed=0, act=nn.ReLU):
+    torch.manual_seed(seed)
+    model = TinyCNN(act)
+    model.features.add_module("2", nn.BatchNorm2d(6))
+    with torch.no_grad():  # non-trivial running statistics, so buffers matter
+        model.features[2].running_mean.uniform_(-0.5, 0.5)
+        model.features[2].running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+# name -> (function, keyword options, output shape from x's shape)
+METHODS = {
+    "saliency": (tx.saliency, {}, lambda s: s),
+    "saliency_abs": (tx.saliency, {"abs": True}, lambda s: s),
+    "input_x_gradient": (tx.input_x_gradient, {}, lambda s: s),
+    "cam": (tx.cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
+    "grad_cam": (tx.grad_cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
+    "grad_cam_small": (tx.grad_cam, {"layer": "conv1", "upsample": False, "relu": False}, lambda s: (s[0], 1, *s[2:])),
+}
+DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small"]
+
+
+def call(name, fn, params, x, target):
+    method, options, _ = METHODS[name]
+    return method(fn, params, x, target, **options)
+
+
+@pytest.fixture
+def x():
+    return torch.randn(3, 3, 8, 8)
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shape_dtype_device_and_determinism(name, dtype):
+    model = _model().to(dtype)
+    fn, params = tx.functionalize(model)
+    x = torch.randn(3, 3, 8, 8, dtype=dtype)
+    first = call(name, fn, params, x, torch.tensor([0, 1, 2]))
+    assert first.shape == METHODS[name][2](x.shape)
+    assert first.dtype == dtype and first.device == x.device
+    assert torch.equal(first, call(name, fn, params, x, torch.tensor([0, 1, 2])))
+    assert first.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_batch_equals_one_example_at_a_time(name, x):
+    fn, params = tx.functionalize(_model())
+    target = torch.tensor([4, 0, 2])
+    whole = call(name, fn, params, x, target)
+    single = torch.cat([call(name, fn, params, x[i:i + 1], target[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(whole, single)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_vmap_over_ensemble_params_equals_loop(name, x):
+    models = [_model(seed) for seed in range(3)]
+    fn, _ = tx.functionalize(models[0])
+    params, buffers = torch.func.stack_module_state(models)
+    stacked = {**params, **buffers}
+    target = torch.tensor([1, 0, 3])
+    batched = torch.func.vmap(lambda p: call(name, fn, p, x, target))(stacked)
+    loop = torch.stack([call(name, *tx.functionalize(m), x, target) for m in models])
+    torch.testing.assert_close(batched, loop)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_vmap_over_targets_and_over_inputs_equals_loop(name, x):
+    fn, params = tx.functionalize(_model())
+    many = torch.tensor([[0, 1, 2], [4, 4, 4], [3, 0, 1]])
+    batched = torch.func.vmap(functools.partial(call, name, fn, params, x))(many)
+    torch.testing.assert_close(batched, torch.stack([call(name, fn, params, x, t) for t in many]))
+    xs = torch.randn(2, 3, 3, 8, 8)
+    batched = torch.func.vmap(lambda xi: call(name, fn, params, xi, many[0]))(xs)
+    torch.testing.assert_close(batched, torch.stack([call(name, fn, params, xi, many[0]) for xi in xs]))
+
+
+@pytest.mark.parametrize("name", DIFFERENTIABLE)
+def test_grad_through_params_under_vmap(name, x):
+    """A meta-learning loop: per-member gradients of a loss on the map w.r.t. ensemble params."""
+    models = [_model(seed, act=nn.Softplus) for seed in range(2)]
+    fn, _ = tx.functionalize(models[0])
+    params, buffers = torch.func.stack_module_state(models)
+
+    def loss(p, b):
+        return call(name, fn, {**p, **b}, x, torch.tensor([0, 1, 2])).pow(2).mean()
+    grads = torch.func.vmap(torch.func.grad(loss))(params, buffers)
+    for i, model in enumerate(models):
+        fn_i, p_i = tx.functionalize(model)
+        single = torch.func.grad(lambda p: call(name, fn_i, p, x, torch.tensor([0, 1, 2])).pow(2).mean())(
+            {k: v for k, v in p_i.items() if k in params})
+        for key in single:
+            torch.testing.assert_close(grads[key][i], single[key])
+    assert grads["fc.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_model_and_caller_tensors_untouched(name):
+    model = _model().train()  # even in training mode nothing may change
+    model.features[2].eval()
+    snapshot = copy.deepcopy(model.state_dict())
+    modes = [m.training for m in model.modules()]
+    fn, params = tx.functionalize(model)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    call(name, fn, params, x, None)
+    assert x.requires_grad and x.grad is None
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, snapshot[key]), key
+    assert all(not (m._forward_hooks or m._backward_hooks or m._forward_pre_hooks) for m in model.modules())
+
+
+class _Raising(TinyCNN):
+    def forward(self, x):
+        h = self.features(self.act1(self.conv1(x)))
+        self.fc(self.pool(h).flatten(1))
+        raise RuntimeError("model failed")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_no_hooks_after_a_failing_call(name, x):
+    model = _Raising().eval()
+    model.features.add_module("2", nn.Identity())
+    fn, params = tx.functionalize(model)
+    with pytest.raises(RuntimeError, match="model failed"):
+        call(name, fn, params, x, 0)
+    assert all(not (m._forward_hooks or m._backward_hooks) for m in model.modules())

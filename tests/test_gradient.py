@@ -1,0 +1,77 @@
+import pytest
+import torch
+from torch import nn
+
+import torchex_fn as tx
+from _models import TinyCNN
+import _reference
+
+
+def test_saliency_of_linear_model_is_the_weight_row():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).double()
+    fn, params = tx.functionalize(model)
+    x = torch.randn(3, 3, 2, 2, dtype=torch.float64)
+    target = torch.tensor([1, 3, 0])
+    expected = model[1].weight[target].detach().view(3, 3, 2, 2)
+    torch.testing.assert_close(tx.saliency(fn, params, x, target), expected)
+    torch.testing.assert_close(tx.saliency(fn, params, -x, target, abs=True), expected.abs())
+    torch.testing.assert_close(tx.input_x_gradient(fn, params, x, target), x * expected)
+    # post_process runs last, on the signed gradient unless abs=True
+    torch.testing.assert_close(tx.saliency(fn, params, x, target, post_process=lambda g: g * 2), 2 * expected)
+
+
+def test_saliency_matches_autograd_oracle_with_predicted_class():
+    model = TinyCNN(nn.ReLU).eval()
+    fn, params = tx.functionalize(model)
+    x = torch.randn(4, 3, 8, 8)
+    predicted = model(x).argmax(1)
+    torch.testing.assert_close(tx.saliency(fn, params, x), _reference.saliency(model, x, predicted))
+
+
+def test_simple_gradient_class_with_seed_post_process():
+    model = TinyCNN().eval()
+
+    def normalize_gradient(gradient):
+        _, _, w, h = gradient.shape
+        return w * h * gradient / gradient.sum()
+
+    gen = tx.SimpleGradient(model, post_process=normalize_gradient)
+    x = torch.randn(2, 3, 8, 8)
+    fn, params = tx.functionalize(model)
+    torch.testing.assert_close(gen(x, 2), normalize_gradient(tx.saliency(fn, params, x, 2)))
+    torch.testing.assert_close(gen(x), normalize_gradient(tx.saliency(fn, params, x)))
+
+
+def _smooth_double():
+    model = TinyCNN(nn.Tanh).double().eval()
+    return model, *tx.functionalize(model)
+
+
+def test_saliency_gradcheck_wrt_input_and_params():
+    model, fn, params = _smooth_double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([1, 3])
+    torch.autograd.gradcheck(lambda x: tx.saliency(fn, params, x, target), (x,))
+    torch.autograd.gradgradcheck(lambda x: tx.saliency(fn, params, x, target), (x,))
+    w = params["conv1.weight"].clone().requires_grad_(True)
+
+    def of_weight(w):
+        return tx.saliency(fn, {**params, "conv1.weight": w}, x.detach(), target)
+    torch.autograd.gradcheck(of_weight, (w,))
+    torch.autograd.gradgradcheck(of_weight, (w,))
+
+
+def test_func_grad_of_saliency_loss_wrt_params_equals_finite_differences():
+    model, fn, params = _smooth_double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+
+    def loss(p):
+        return (tx.saliency(fn, p, x, torch.tensor([0, 2])) ** 2).sum()
+    grads = torch.func.grad(loss)(params)
+    name, eps = "fc.weight", 1e-6
+    for idx in [(0, 0), (2, 5), (4, 3)]:
+        bump = torch.zeros_like(params[name])
+        bump[idx] = eps
+        fd = (loss({**params, name: params[name] + bump}) - loss({**params, name: params[name] - bump})) / (2 * eps)
+        torch.testing.assert_close(grads[name][idx], fd, rtol=1e-5, atol=1e-9)
+    assert grads["conv1.weight"].abs().sum() > 0
