@@ -1,0 +1,109 @@
+"""Side-by-side timings for saliency and Grad-CAM against their floors and the peer libraries.
+
+resnet18 (random init, eval), 224x224, CPU. Every contender runs in this one process, interleaved
+round-robin, and each is reported as a ratio to its floor (median over rounds).
+
+    python benchmarks/bench_foundation.py [--threads 2] [--rounds 7] [--batches 1 8 32]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+import warnings
+
+import torch
+import torchvision
+
+import torchex_fn as tx
+
+
+def timeit(fn, number):
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
+
+
+def race(contenders, rounds, number):
+    for f in contenders.values():  # warm-up (and the shape memo)
+        f()
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, f in contenders.items():
+            times[name].append(timeit(f, number))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    from captum.attr import LayerGradCam, Saliency
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = torchvision.models.resnet18().eval()
+    fn, params = tx.functionalize(model)
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} threads, resnet18 {args.size}x{args.size}\n")
+    rows = []
+    for batch in args.batches:
+        x = torch.randn(batch, 3, args.size, args.size)
+        target = torch.randint(0, 1000, (batch,))
+        number = max(1, 8 // batch)
+
+        def floor_input():
+            xx = x.detach().requires_grad_(True)
+            out = model(xx)
+            return torch.autograd.grad(out.gather(1, target[:, None]).sum(), xx)[0]
+
+        def floor_layers(layers):
+            def run():
+                acts = []
+                handles = [layer.register_forward_hook(lambda m, i, o: acts.append(o)) for layer in layers]
+                try:
+                    out = model(x)
+                finally:
+                    for h in handles:
+                        h.remove()
+                return torch.autograd.grad(out.gather(1, target[:, None]).sum(), acts)
+            return run
+
+        sal = race({
+            "floor": floor_input,
+            "torchex_fn.saliency": lambda: tx.saliency(fn, params, x, target),
+            "captum Saliency": lambda: Saliency(model).attribute(x, target=target, abs=False),
+        }, args.rounds, number)
+        rows += [(batch, "saliency", k, v, v / sal["floor"]) for k, v in sal.items()]
+        if batch == 8 or len(args.batches) == 1:
+            gcam_pg = GradCAM(model=model, target_layers=[model.layer4])
+            targets_pg = [ClassifierOutputTarget(int(t)) for t in target]
+            one = race({
+                "floor": floor_layers([model.layer4]),
+                "torchex_fn.grad_cam": lambda: tx.grad_cam(fn, params, x, target, layer="layer4"),
+                "captum LayerGradCam": lambda: LayerGradCam(model, model.layer4).attribute(
+                    x, target=target, relu_attributions=True),
+                "pytorch-grad-cam GradCAM": lambda: gcam_pg(input_tensor=x, targets=targets_pg),
+            }, args.rounds, number)
+            gcam_pg.activations_and_grads.release()
+            rows += [(batch, "grad_cam layer4", k, v, v / one["floor"]) for k, v in one.items()]
+            two = race({
+                "floor": floor_layers([model.layer3, model.layer4]),
+                "torchex_fn.grad_cam": lambda: tx.grad_cam(fn, params, x, target, layer=["layer3", "layer4"]),
+            }, args.rounds, number)
+            rows += [(batch, "grad_cam layer3+4", k, v, v / two["floor"]) for k, v in two.items()]
+    print("| batch | method | contender | ms / call | ratio to floor |")
+    print("| ---: | --- | --- | ---: | ---: |")
+    for batch, method, name, t, ratio in rows:
+        print(f"| {batch} | {method} | {name} | {1000 * t:.1f} | {ratio:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
