@@ -117,3 +117,13 @@ def unknown_name(fn: str, what: str, name: str, known: Iterable[str]) -> ValueEr
     hint = f"Did you mean {' or '.join(repr(c) for c in close)}?" if close else (
         f"Known names start with {', '.join(repr(k) for k in known[:6])}." if known else "")
     return ValueError(f"{fn}: unknown {what} {name!r}. {hint}".rstrip())
+
+
+def check_call(fn: str, model_fn: Any, params: Any, x: Any, target: Any, *, min_ndim: int = 2) -> None:
+    """The checks every method shares: ``model_fn``, ``params``, ``x`` and ``target``."""
+    from . import targets  # targets imports this module
+
+    check_model_fn(fn, model_fn)
+    check_params(fn, params)
+    check_input(fn, x, min_ndim=min_ndim)
+    targets.check(fn, target, x.shape[0])

@@ -16,10 +16,7 @@ __all__ = ["cam", "grad_cam"]
 
 
 def _check_common(fn: str, model_fn, params, x, target, relu, upsample) -> None:
-    _checks.check_model_fn(fn, model_fn)
-    _checks.check_params(fn, params)
-    _checks.check_input(fn, x, min_ndim=3)
-    _targets.check(fn, target, x.shape[0])
+    _checks.check_call(fn, model_fn, params, x, target, min_ndim=3)
     _checks.check_bool(fn, "relu", relu)
     _checks.check_bool(fn, "upsample", upsample)
 

@@ -13,13 +13,6 @@ from ._types import ModelFn, Params, Target
 __all__ = ["saliency", "input_x_gradient", "input_gradient"]
 
 
-def _check_common(fn: str, model_fn, params, x, target) -> None:
-    _checks.check_model_fn(fn, model_fn)
-    _checks.check_params(fn, params)
-    _checks.check_input(fn, x, min_ndim=2)
-    _targets.check(fn, target, x.shape[0])
-
-
 def input_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
                    fn: str = "input_gradient") -> Tensor:
     """``d score_b / d x_b`` for every example, ``[B, *input]``, by one ``torch.func.grad`` call.
@@ -58,7 +51,7 @@ def saliency(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     Cost: one forward, one backward to the input (no parameter gradients).
     References: Simonyan et al., "Deep Inside Convolutional Networks", ICLR workshop 2014.
     """
-    _check_common("saliency", model_fn, params, x, target)
+    _checks.check_call("saliency", model_fn, params, x, target)
     _checks.check_bool("saliency", "abs", abs)
     _checks.check_optional_callable("saliency", "post_process", post_process)
     grad = input_gradient(model_fn, params, x, target, fn="saliency")
@@ -78,7 +71,7 @@ def input_x_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Targe
     Cost: one forward, one backward to the input.
     References: Shrikumar et al., "Not Just a Black Box", 2016.
     """
-    _check_common("input_x_gradient", model_fn, params, x, target)
+    _checks.check_call("input_x_gradient", model_fn, params, x, target)
     _checks.check_optional_callable("input_x_gradient", "post_process", post_process)
     attr = x * input_gradient(model_fn, params, x, target, fn="input_x_gradient")
     return post_process(attr) if post_process is not None else attr
