@@ -42,3 +42,9 @@ def test_resolve_under_vmap_over_targets():
     many = torch.randint(0, 6, (5, 4))
     batched = torch.func.vmap(lambda t: targets.resolve(out, t))(many)
     torch.testing.assert_close(batched, torch.stack([targets.resolve(out, t) for t in many]))
+
+
+def test_non_tensor_output_needs_a_callable():
+    with pytest.raises(ValueError, match=r"f: expected model output of shape \[B, classes\].*got tuple"):
+        targets.resolve((torch.zeros(2, 3),), 1, fn="f")
+    torch.testing.assert_close(targets.resolve((torch.ones(2, 3),), lambda o: o[0][:, 2], fn="f"), torch.ones(2))

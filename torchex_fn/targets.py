@@ -47,10 +47,10 @@ def resolve_index(out: Tensor, target: Any, *, fn: str = "resolve") -> Tensor:
     if callable(target) and not isinstance(target, Tensor):
         raise _checks.type_error(fn, "target: None, an int or an integer tensor (a class index is needed)",
                                  "a callable")
-    check(fn, target, out.shape[0] if out.ndim else None)
     if not isinstance(out, Tensor) or out.ndim != 2:
         raise _checks.value_error(fn, "model output of shape [B, classes] for an integer or None target",
                                   _checks.describe(out), "Pass a callable target `out -> [B]`.")
+    check(fn, target, out.shape[0])
     batch, classes = out.shape
     if target is None:
         return out.argmax(dim=1)
@@ -69,8 +69,9 @@ def resolve(out: Tensor, target: Any, *, fn: str = "resolve") -> Tensor:
     """Scores ``[B]`` picked from ``out`` by ``target`` (see the module docstring)."""
     if callable(target) and not isinstance(target, Tensor):
         scores = target(out)
-        if not isinstance(scores, Tensor) or scores.shape != out.shape[:1]:
-            raise _checks.value_error(fn, f"the target callable to return scores of shape [B] = {list(out.shape[:1])}",
+        expected = list(out.shape[:1]) if isinstance(out, Tensor) else None
+        if not isinstance(scores, Tensor) or scores.ndim != 1 or (expected and list(scores.shape) != expected):
+            raise _checks.value_error(fn, f"the target callable to return scores of shape [B] = {expected or '[B]'}",
                                       _checks.describe(scores))
         return scores
     index = resolve_index(out, target, fn=fn)
