@@ -20,6 +20,11 @@ def _model(seed=0, act=nn.ReLU):
     return model.eval()
 
 
+def _rise(model_fn, params, x, target, **options):
+    """RISE with a fresh seeded generator per call (randomness only through ``generator``)."""
+    return tx.rise(model_fn, params, x, target, generator=torch.Generator().manual_seed(7), **options)
+
+
 # name -> (function, keyword options, output shape from x's shape)
 METHODS = {
     "saliency": (tx.saliency, {}, lambda s: s),
@@ -28,8 +33,9 @@ METHODS = {
     "cam": (tx.cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
     "grad_cam": (tx.grad_cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
     "grad_cam_small": (tx.grad_cam, {"layer": "conv1", "upsample": False, "relu": False}, lambda s: (s[0], 1, *s[2:])),
+    "rise": (_rise, {"num_masks": 24, "cell_size": 3, "batch_size": 16}, lambda s: (s[0], 1, *s[2:])),
 }
-DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small"]
+DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small", "rise"]
 
 
 def call(name, fn, params, x, target):
@@ -71,7 +77,7 @@ def test_vmap_over_ensemble_params_equals_loop(name, x):
     params, buffers = torch.func.stack_module_state(models)
     stacked = {**params, **buffers}
     target = torch.tensor([1, 0, 3])
-    batched = torch.func.vmap(lambda p: call(name, fn, p, x, target))(stacked)
+    batched = torch.func.vmap(lambda p: call(name, fn, p, x, target), randomness="same")(stacked)
     loop = torch.stack([call(name, *tx.functionalize(m), x, target) for m in models])
     torch.testing.assert_close(batched, loop)
 
@@ -80,10 +86,10 @@ def test_vmap_over_ensemble_params_equals_loop(name, x):
 def test_vmap_over_targets_and_over_inputs_equals_loop(name, x):
     fn, params = tx.functionalize(_model())
     many = torch.tensor([[0, 1, 2], [4, 4, 4], [3, 0, 1]])
-    batched = torch.func.vmap(functools.partial(call, name, fn, params, x))(many)
+    batched = torch.func.vmap(functools.partial(call, name, fn, params, x), randomness="same")(many)
     torch.testing.assert_close(batched, torch.stack([call(name, fn, params, x, t) for t in many]))
     xs = torch.randn(2, 3, 3, 8, 8)
-    batched = torch.func.vmap(lambda xi: call(name, fn, params, xi, many[0]))(xs)
+    batched = torch.func.vmap(lambda xi: call(name, fn, params, xi, many[0]), randomness="same")(xs)
     torch.testing.assert_close(batched, torch.stack([call(name, fn, params, xi, many[0]) for xi in xs]))
 
 
@@ -96,7 +102,7 @@ def test_grad_through_params_under_vmap(name, x):
 
     def loss(p, b):
         return call(name, fn, {**p, **b}, x, torch.tensor([0, 1, 2])).pow(2).mean()
-    grads = torch.func.vmap(torch.func.grad(loss))(params, buffers)
+    grads = torch.func.vmap(torch.func.grad(loss), randomness="same")(params, buffers)
     for i, model in enumerate(models):
         fn_i, p_i = tx.functionalize(model)
         single = torch.func.grad(lambda p: call(name, fn_i, p, x, torch.tensor([0, 1, 2])).pow(2).mean())(

@@ -14,8 +14,9 @@ from . import _checks
 from .cam import cam, grad_cam
 from .functional import FunctionalModel, params_of
 from .gradient import input_x_gradient, saliency
+from .perturbation import rise
 
-__all__ = ["CAM", "GradCAM", "SimpleGradient", "InputXGradient"]
+__all__ = ["CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE"]
 
 
 class _Bound:
@@ -79,3 +80,19 @@ class InputXGradient(_Bound):
 
     def __call__(self, image: Tensor, target: Any = None) -> Tensor:
         return self._call(input_x_gradient, image, target, **self.options)
+
+
+class RISE(_Bound):
+    """``RISE(model, num_masks=8000, cell_size=7, probability=0.5, batch_size=256)(image, target=None)`` -> ``[B, 1, H, W]``.
+
+    A ``generator`` given here advances with each call, so repeated calls draw new masks.
+    """
+
+    def __init__(self, model: nn.Module, num_masks: int = 8000, cell_size: int = 7, probability: float = 0.5,
+                 batch_size: int = 256, *, generator: Optional[torch.Generator] = None, normalization: str = "paper"):
+        super().__init__(model)
+        self.options = dict(num_masks=num_masks, cell_size=cell_size, probability=probability,
+                            batch_size=batch_size, generator=generator, normalization=normalization)
+
+    def __call__(self, image: Tensor, target: Any = None) -> Tensor:
+        return self._call(rise, image, target, **self.options)

@@ -1,0 +1,238 @@
+"""Forward-only family: attribution by perturbing the input and watching the output (RISE)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from . import _checks
+from . import targets as _targets
+from ._types import ModelFn, Params, Target
+
+__all__ = ["rise"]
+
+_NORMALIZATIONS = ("paper", "per_pixel")
+
+# Masks are drawn from the generator in blocks of this many, whatever ``batch_size`` and the
+# number of images are, so that neither changes which masks a seed gives.
+_DRAW_BLOCK = 64
+
+
+def _interpolation_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[n_out, n_in]`` weights of 1-d linear upsampling (``align_corners=False``).
+
+    Upsampling the unit vectors gives the columns, so ``R @ v`` equals
+    ``F.interpolate(v, n_out, mode="linear")``; bilinear upsampling of a grid ``G`` is ``Ry @ G @ Rx.T``.
+    """
+    eye = torch.eye(n_in, dtype=torch.float64, device=device)[None]           # [1, n_in, n_in]
+    weights = F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0]
+    return weights.T.to(dtype)
+
+
+def _draw_masks(count: int, cells: int, probability: float, size: tuple, rows: Tensor, cols: Tensor,
+                generator: Optional[torch.Generator]) -> Tensor:
+    """``count`` RISE masks ``[count, H, W]`` with values in ``[0, 1]``.
+
+    Each mask is a ``cells x cells`` grid of Bernoulli(``probability``) cells, bilinearly upsampled to
+    ``(cells + 1) * ceil(H / cells)`` by ``(cells + 1) * ceil(W / cells)`` and cropped to ``H x W`` at
+    a random offset in ``[0, ceil(H / cells)) x [0, ceil(W / cells))``. The upsampled grid is never
+    built: the crop picks rows of the interpolation matrices ``rows`` and ``cols``.
+    Draws, in this order: the grids, the row offsets, the column offsets.
+    """
+    height, width = size
+    device = rows.device
+    grid = torch.rand(count, cells, cells, generator=generator, device=device, dtype=torch.float32) < probability
+    dy = torch.randint(math.ceil(height / cells), (count,), generator=generator, device=device)
+    dx = torch.randint(math.ceil(width / cells), (count,), generator=generator, device=device)
+    row_weights = rows[dy[:, None] + torch.arange(height, device=device)]      # [count, H, cells]
+    col_weights = cols[dx[:, None] + torch.arange(width, device=device)]       # [count, W, cells]
+    return row_weights @ grid.to(rows.dtype) @ col_weights.transpose(1, 2)      # [count, H, W]
+
+
+def _mask_pieces(num_masks: int, per_forward: int, draw: Callable[[int], Tensor]) -> Iterator[Tensor]:
+    """Masks ``[m, H, W]`` in pieces of ``per_forward`` (the last may be smaller), drawn in fixed blocks.
+
+    At most ``per_forward + _DRAW_BLOCK`` masks are alive at once.
+    """
+    pending: List[Tensor] = []
+    pending_count = drawn = 0
+    while drawn < num_masks or pending_count:
+        while pending_count < per_forward and drawn < num_masks:
+            block = draw(min(_DRAW_BLOCK, num_masks - drawn))
+            pending.append(block)
+            pending_count += block.shape[0]
+            drawn += block.shape[0]
+        masks = pending[0] if len(pending) == 1 else torch.cat(pending)
+        yield masks[:per_forward]
+        rest = masks[per_forward:]
+        pending, pending_count = ([rest], rest.shape[0]) if rest.shape[0] else ([], 0)
+
+
+def _check_generator_device(fn: str, generator: Optional[torch.Generator], x: Tensor) -> None:
+    if generator is None:
+        return
+    gen, dev = generator.device, x.device
+    if gen.type != dev.type or (gen.index is not None and dev.index is not None and gen.index != dev.index):
+        raise _checks.value_error(fn, f"generator on x's device {dev}", f"a generator on {gen}",
+                                  f"Create it with `torch.Generator(device={str(dev)!r}).manual_seed(seed)`.")
+
+
+def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, num_masks: int = 8000,
+         cell_size: int = 7, probability: float = 0.5, batch_size: int = 256,
+         generator: Optional[torch.Generator] = None, progress: bool = False,
+         score: Optional[Callable[[Tensor], Tensor]] = None, normalization: str = "paper") -> Tensor:
+    """RISE: the saliency of a pixel is the mean score of randomly masked inputs that keep it.
+
+    ``N`` random masks ``M_i`` with values in ``[0, 1]`` (see ``cell_size``) dim the input, and the
+    model's score of each masked input weights its mask::
+
+        paper:      S = sum_i score(x * M_i) M_i / (N p)
+        per_pixel:  S = sum_i score(x * M_i) M_i / sum_i M_i
+
+    Both estimate ``E[score(x * M) | pixel kept]``; they differ in the denominator.
+    ``"paper"`` (Petsiuk et al.) divides by the expected mask sum ``N p``; ``"per_pixel"`` divides
+    by the masks' actual sum at each pixel, as xplique's ``Rise`` does, which removes the
+    sampling noise of the mask density (useful with few masks) and turns a constant score into
+    a constant map. Exactly: ``per_pixel = paper * N p / sum_i M_i``. TorchRay's ``rise`` divides
+    by ``N`` alone (``p`` times our ``"paper"`` map) and scores with a sigmoid of the output,
+    for every class at once; pass ``score=torch.sigmoid`` to score the same way.
+
+    Every image of the batch sees the same masks, so a batch gives the maps of its images one at
+    a time under the same seed (up to float rounding). The masks are drawn from ``generator`` in
+    fixed blocks of 64 on ``x``'s device, a few at a time, never all ``N`` at once: memory does not
+    grow with ``num_masks``, and neither ``batch_size`` nor the number of images changes which
+    masks a seed gives.
+
+    Autograd is left as the caller has it: with ``params`` and ``x`` not requiring gradients (the
+    usual case, ``functionalize`` detaches ``params``) no graph is recorded. If they require
+    gradients, or under ``torch.func.grad``, the map is a differentiable function of them, but
+    every forward pass is kept for the backward, so memory then grows with ``num_masks``; wrap the
+    call in ``torch.no_grad()`` when no gradient is wanted.
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch of images ``[B, C, H, W]``, floating point. The masks multiply it, so masked
+        pixels become 0 (the mean colour for normalised images).
+      target: ``None`` (the class that ``score(model(x))`` ranks first for the unmasked image:
+        one extra forward pass over ``x``), an int, ``[B]`` ints, or a callable ``out -> [n]``
+        applied to the output of each masked forward batch (``n`` rows, one per masked image,
+        images and masks interleaved: it must act row by row).
+      num_masks: ``N``, the number of masks. Default: 8000 (the paper's).
+      cell_size: The grid has ``cell_size x cell_size`` cells (``s`` in the paper; each cell covers
+        ``ceil(H / cell_size) x ceil(W / cell_size)`` pixels before the random shift). Default: 7.
+      probability: ``p``, the chance that a cell is kept (1). Default: 0.5.
+      batch_size: Memory cap: the most masked images in one forward pass. With ``B`` images,
+        a forward holds ``max(1, batch_size // B)`` masks times all ``B`` images, or, when
+        ``B > batch_size``, one mask times ``batch_size`` images. It never changes the masks, only
+        the grouping of the work (results agree up to float rounding). Default: 256.
+      generator: The source of the masks; the same seed gives the same map, bit for bit, on the
+        same device and with the same ``batch_size`` and batch. ``None`` draws from the global
+        generator of ``x``'s device. Default: None.
+      progress: Show a tqdm bar over the masks. Default: False.
+      score: A transform of the model output before ``target`` picks a value (e.g.
+        ``torch.sigmoid`` for multi-label models, ``lambda out: out`` for logits). ``None`` (the
+        paper): ``softmax(out, dim=1)`` for None / int / tensor targets, and the raw output for a
+        callable target, which then is the whole score (e.g. ``tx.targets.prob(3)``). Default: None.
+      normalization: ``"paper"`` (divide by ``N p``) or ``"per_pixel"`` (divide by the masks' sum
+        at each pixel; pixels that no mask kept get 0). Default: ``"paper"``.
+
+    Returns:
+      Maps ``[B, 1, H, W]``, on ``x``'s device and of ``x``'s dtype (accumulated in at least
+      float32).
+
+    Raises:
+      ValueError: ``rise: expected probability in (0, 1], got float 0.0.``; ``num_masks``,
+        ``cell_size`` or ``batch_size`` below 1; ``x`` not of rank 4 or with NaN; a generator on
+        another device; an unknown ``normalization``; a target out of range (after the first
+        forward pass, before the others).
+      TypeError: integer images, a non-``torch.Generator`` generator, a bad target, score or
+        option type.
+
+    Example:
+      >>> fn, params = functionalize(resnet.eval())
+      >>> g = torch.Generator().manual_seed(0)
+      >>> rise(fn, params, images, labels, generator=g).shape      # [8, 3, 224, 224] -> [8, 1, 224, 224]
+      >>> rise(fn, params, images, normalization="per_pixel", num_masks=2000, batch_size=64)
+      >>> # under vmap, random draws need randomness="same" (every vmapped call gets the same masks):
+      >>> torch.func.vmap(lambda p: rise(fn, p, images, labels, generator=torch.Generator().manual_seed(0)),
+      ...                 randomness="same")(stacked)                 # ensemble [E, 8, 1, 224, 224]
+
+    Cost: ``ceil(N / max(1, batch_size // B))`` forward passes of up to ``batch_size`` images (for
+    ``B <= batch_size``), plus ``ceil(B / batch_size)`` for ``target=None``; no backward. Memory:
+    one forward of ``batch_size`` images plus ``batch_size + 64`` masks ``[H, W]`` and the ``B``
+    maps, whatever ``num_masks`` is (without autograd, see above).
+    References: Petsiuk, Das and Saenko, "RISE: Randomized Input Sampling for Explanation of
+    Black-box Models", BMVC 2018.
+    """
+    fn = "rise"
+    _checks.check_model_fn(fn, model_fn)
+    _checks.check_params(fn, params)
+    _checks.check_input(fn, x, ndim=4)
+    if x.is_complex():
+        raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(x))
+    _targets.check(fn, target, x.shape[0])
+    _checks.check_positive_int(fn, "num_masks", num_masks)
+    _checks.check_positive_int(fn, "cell_size", cell_size)
+    _checks.check_positive_int(fn, "batch_size", batch_size)
+    _checks.check_probability(fn, "probability", probability)
+    _checks.check_generator(fn, generator)
+    _check_generator_device(fn, generator, x)
+    _checks.check_bool(fn, "progress", progress)
+    _checks.check_optional_callable(fn, "score", score)
+    if normalization not in _NORMALIZATIONS:
+        raise _checks.value_error(fn, f"normalization in {_NORMALIZATIONS}", _checks.describe(normalization))
+
+    batch, _, height, width = x.shape
+    by_index = not (callable(target) and not isinstance(target, Tensor))
+    transform = score if score is not None else (
+        (lambda out: torch.softmax(out, dim=1)) if by_index else (lambda out: out))
+    # Masks per forward, and groups of images: each forward holds at most max(batch_size, 1) images.
+    per_forward = max(1, batch_size // batch)
+    groups = [(start, min(start + batch_size, batch)) for start in range(0, batch, batch_size)]
+
+    index: Optional[Tensor] = None
+    if target is None:  # the predicted class of the unmasked images
+        out = torch.cat([model_fn(params, x[g0:g1]) for g0, g1 in groups])
+        index = _targets.resolve_index(transform(out), None, fn=fn)
+
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    rows = _interpolation_matrix(cell_size, (cell_size + 1) * math.ceil(height / cell_size), acc_dtype, x.device)
+    cols = _interpolation_matrix(cell_size, (cell_size + 1) * math.ceil(width / cell_size), acc_dtype, x.device)
+
+    def draw(count: int) -> Tensor:
+        return _draw_masks(count, cell_size, probability, (height, width), rows, cols, generator)
+
+    sums: List[Optional[Tensor]] = [None] * len(groups)
+    mask_sum: Optional[Tensor] = None
+    with tqdm(total=num_masks, desc=fn, unit="mask", disable=not progress) as bar:
+        for masks in _mask_pieces(num_masks, per_forward, draw):            # [m, H, W]
+            m = masks.shape[0]
+            for gi, (g0, g1) in enumerate(groups):
+                masked = (x[g0:g1, None] * masks[None, :, None].to(x.dtype)).flatten(0, 1)  # [g * m, C, H, W]
+                scored = transform(model_fn(params, masked))
+                if not by_index:
+                    scores = _targets.resolve(scored, target, fn=fn)
+                else:
+                    if index is None:  # an int / tensor target, checked against the first output
+                        probe = scored[:1].expand(batch, *scored.shape[1:]) if scored.ndim == 2 else scored
+                        index = _targets.resolve_index(probe, target, fn=fn)
+                    pairs = index[g0:g1, None].expand(g1 - g0, m).reshape(-1)
+                    scores = scored.gather(1, pairs[:, None]).squeeze(1)
+                contribution = torch.einsum("gm,mhw->ghw", scores.reshape(g1 - g0, m).to(acc_dtype), masks)
+                sums[gi] = contribution if sums[gi] is None else sums[gi] + contribution
+            if normalization == "per_pixel":
+                piece_sum = masks.sum(dim=0)
+                mask_sum = piece_sum if mask_sum is None else mask_sum + piece_sum
+            bar.update(m)
+
+    total = torch.cat(sums)                                                  # [B, H, W]
+    if normalization == "paper":
+        maps = total / (num_masks * probability)
+    else:
+        maps = total / mask_sum.clamp_min(torch.finfo(acc_dtype).tiny)
+    return maps.unsqueeze(1).to(x.dtype)
