@@ -1,10 +1,11 @@
 """torchex_fn: functional, stateless attribution methods for PyTorch, built on ``torch.func``."""
-from . import postprocess, targets
+from . import datasets, metrics, postprocess, targets, viz
 from .cam import cam, grad_cam
 from .capture import capture, intermediates, layer_gradients, tap
 from .classes import CAM, RISE, GradCAM, InputXGradient, SimpleGradient
 from .functional import functionalize, params_of
 from .gradient import input_x_gradient, saliency
+from .metrics import deletion, energy_pointing_game, insertion, pointing_game, randomization_check
 from .perturbation import rise
 
 __version__ = "0.1.0"
@@ -16,5 +17,6 @@ __all__ = [
     "cam", "grad_cam",
     "rise",
     "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE",
-    "postprocess", "targets",
+    "deletion", "insertion", "pointing_game", "energy_pointing_game", "randomization_check",
+    "datasets", "metrics", "postprocess", "targets", "viz",
 ]
