@@ -33,9 +33,10 @@ METHODS = {
     "cam": (tx.cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
     "grad_cam": (tx.grad_cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
     "grad_cam_small": (tx.grad_cam, {"layer": "conv1", "upsample": False, "relu": False}, lambda s: (s[0], 1, *s[2:])),
+    "deeplift": (tx.deeplift, {"baseline": 0.1}, lambda s: s),
     "rise": (_rise, {"num_masks": 24, "cell_size": 3, "batch_size": 16}, lambda s: (s[0], 1, *s[2:])),
 }
-DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small", "rise"]
+DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small", "deeplift", "rise"]
 
 
 def call(name, fn, params, x, target):

@@ -2,11 +2,12 @@
 from . import datasets, metrics, postprocess, targets, viz
 from .cam import cam, grad_cam
 from .capture import capture, intermediates, layer_gradients, tap
-from .classes import CAM, RISE, GradCAM, InputXGradient, SimpleGradient
+from .classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
 from .functional import functionalize, params_of
 from .gradient import input_x_gradient, saliency
 from .metrics import deletion, energy_pointing_game, insertion, pointing_game, randomization_check
 from .perturbation import rise
+from .propagation import deeplift, deeplift_shap
 
 __version__ = "0.1.0"
 
@@ -15,8 +16,9 @@ __all__ = [
     "capture", "intermediates", "layer_gradients", "tap",
     "saliency", "input_x_gradient",
     "cam", "grad_cam",
+    "deeplift", "deeplift_shap",
     "rise",
-    "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE",
+    "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift",
     "deletion", "insertion", "pointing_game", "energy_pointing_game", "randomization_check",
     "datasets", "metrics", "postprocess", "targets", "viz",
 ]

@@ -15,8 +15,9 @@ from .cam import cam, grad_cam
 from .functional import FunctionalModel, params_of
 from .gradient import input_x_gradient, saliency
 from .perturbation import rise
+from .propagation import deeplift
 
-__all__ = ["CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE"]
+__all__ = ["CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift"]
 
 
 class _Bound:
@@ -96,3 +97,17 @@ class RISE(_Bound):
 
     def __call__(self, image: Tensor, target: Any = None) -> Tensor:
         return self._call(rise, image, target, **self.options)
+
+
+class DeepLift(_Bound):
+    """``DeepLift(model, baseline=0.0, backend="native")(image, target=None)`` -> ``[B, *input]``.
+
+    ``backend="captum"`` calls captum's ``DeepLift`` (optional extra) for comparison.
+    """
+
+    def __init__(self, model: nn.Module, baseline: Any = 0.0, backend: str = "native", *, eps: float = 1e-10):
+        super().__init__(model)
+        self.options = dict(baseline=baseline, eps=eps, backend=backend)
+
+    def __call__(self, image: Tensor, target: Any = None) -> Tensor:
+        return self._call(deeplift, image, target, **self.options)

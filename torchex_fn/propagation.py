@@ -1,0 +1,545 @@
+"""Modified back-propagation: DeepLIFT with the Rescale rule, and DeepLIFT-SHAP.
+
+DeepLIFT explains ``f(x) - f(baseline)``. Every nonlinear operation ``y = g(z)`` on the path gets a
+*multiplier* ``m = (g(z_x) - g(z_0)) / (z_x - z_0)``, the slope of the secant between its value on
+the baseline (``z_0``) and on the input (``z_x``), in place of its derivative; linear operations keep
+their derivatives. The attribution is ``(x - baseline) * dscore/dx`` with these multipliers.
+
+How it is computed here (native, no captum at run time), for one call:
+
+1. **Baseline pass** ``model_fn(params, baseline)``: every supported operation (see
+   :mod:`._rewrite`; it is intercepted as an *operation*, so reused modules, in-place modules and
+   ``F.relu`` in ``forward`` are all seen) records its input ``z_0`` and output ``y_0``. A baseline
+   shared by all examples (a number, or a tensor whose batch dimension is 1 or absent) runs as a
+   batch of one.
+2. **Input pass** ``model_fn(params, x)``, outside any gradient: the k-th call is paired with the
+   k-th call of the baseline pass and records ``z_x``, ``y_x`` and the multipliers
+   ``m = where(|z_x - z_0| < eps, g'(z_x), (y_x - y_0) / (z_x - z_0))``.
+3. **Gradient pass** inside ``torch.func.grad`` w.r.t. ``x``: the k-th call returns the surrogate
+   ``y_x + m * (z - z_x)``. Its value is ``y_x``; its derivative w.r.t. ``x`` is ``m``, because
+   ``y_x``, ``z_x`` and ``m`` come from pass 2, made outside this ``grad``. Passes 1 and 2 are
+   ordinary differentiable code, so the map is an ordinary function of ``params`` and ``x``:
+   ``torch.func.grad`` of a loss on the map w.r.t. ``params`` is the true derivative (a custom
+   ``autograd.Function`` replacing the backward would give the right map but the wrong derivative
+   of the map), and everything composes with ``torch.func`` transforms.
+
+Pass 2 exists only for the caller's derivatives: the surrogate needs ``z_x`` constant for the inner
+``grad`` yet differentiable for outer transforms, and no public ``torch.func`` operation stops the
+inner derivative alone (``detach`` stops all of them). When nothing reaching a nonlinearity is
+tracked (no ``requires_grad``, no ``torch.func`` transform, no dual tensor; the plain call),
+pass 2 is skipped: the gradient pass computes the multipliers itself from the detached ``z``.
+Merging passes 1 and 2 into one batch of ``2B`` (captum's way) would cost more on CPU than a batch
+of ``B`` plus a batch of one.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, List, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+
+from . import _checks
+from . import _rewrite
+from . import targets as _targets
+from ._types import ModelFn, Params, Target
+
+__all__ = ["deeplift", "deeplift_shap"]
+
+_BACKENDS = ("native", "captum")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation.
+
+def _check_common(fn: str, model_fn, params, x, target) -> None:
+    _checks.check_model_fn(fn, model_fn)
+    _checks.check_params(fn, params)
+    _checks.check_input(fn, x, min_ndim=2)
+    _targets.check(fn, target, x.shape[0])
+
+
+def _check_eps(fn: str, eps: Any) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise _checks.type_error(fn, "eps, a float >= 0", _checks.describe(eps))
+    if not eps >= 0 or math.isinf(eps):
+        raise _checks.value_error(fn, "eps, a finite float >= 0", _checks.describe(eps))
+
+
+def _check_backend(fn: str, backend: Any) -> None:
+    if not isinstance(backend, str):
+        raise _checks.type_error(fn, "backend, 'native' or 'captum'", _checks.describe(backend))
+    if backend not in _BACKENDS:
+        raise _checks.value_error(fn, "backend 'native' or 'captum'", _checks.describe(backend))
+
+
+def _broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
+    try:
+        return tuple(torch.broadcast_shapes(tuple(shape), tuple(target))) == tuple(target)
+    except RuntimeError:
+        return False
+
+
+def _check_baseline(fn: str, baseline: Any, x: Tensor, name: str = "baseline") -> Tensor:
+    """``baseline`` as a tensor of ``x``'s dtype that broadcasts to ``x``'s shape."""
+    if isinstance(baseline, bool) or not isinstance(baseline, (int, float, Tensor)):
+        raise _checks.type_error(fn, f"{name}, a float or a tensor broadcastable to x {list(x.shape)}",
+                                 _checks.describe(baseline))
+    if not isinstance(baseline, Tensor):
+        if math.isnan(baseline):
+            raise _checks.value_error(fn, f"{name} without NaN", _checks.describe(baseline))
+        return torch.tensor(float(baseline), dtype=x.dtype, device=x.device)
+    if not baseline.is_floating_point():
+        raise _checks.type_error(fn, f"{name} of a floating-point dtype", _checks.describe(baseline),
+                                 "Convert it like the input, e.g. `baseline.float()`.")
+    if baseline.device != x.device:
+        raise _checks.value_error(fn, f"{name} on x's device {x.device}", f"a tensor on {baseline.device}")
+    if not _broadcasts_to(baseline.shape, x.shape):
+        raise _checks.value_error(fn, f"{name} broadcastable to x's shape {list(x.shape)}", _checks.describe(baseline),
+                                  "Pass one baseline per example [B, *input], one for all [*input] or [1, *input], "
+                                  "or a float.")
+    if _checks.concrete_any(torch.isnan(baseline)):
+        raise _checks.value_error(fn, f"{name} without NaN", f"{int(torch.isnan(baseline).sum())} NaN values")
+    return baseline.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The rules: what the gradient pass returns in place of each intercepted call.
+
+class _Record(NamedTuple):
+    """One call of a pass: the op's name, input ``z`` and full output (``(y, indices)`` for max pooling)."""
+
+    name: str
+    z: Tensor
+    out: Any
+
+
+class _Mismatch(Exception):
+    """Internal: the two passes did not make the same calls (the message says what differed)."""
+
+
+def _returned(call: _rewrite.Call, out: Any) -> Any:
+    """What the model receives from a call whose full result is ``out``."""
+    if call.kind == "maxpool" and not call.options["return_indices"]:
+        return out[0]
+    return out
+
+
+def _derivative(call: _rewrite.Call, z: Tensor, y: Tensor) -> Tensor:
+    """``g'(z)`` of an elementwise op, as autograd defines it (used where ``|z_x - z_0| < eps``)."""
+    if call.name == "relu":
+        return (z > 0).to(z.dtype)
+    if call.name == "sigmoid":
+        return y * (1 - y)
+    if call.name == "tanh":
+        return 1 - y * y
+    # elementwise: the Jacobian is diagonal, so a vector-Jacobian product with ones is g'(z). (vjp,
+    # not jvp: torch.func.jvp's first use imports decompositions that warn under recent torch.)
+    y_again, pullback = torch.func.vjp(call.apply, z)
+    return pullback(torch.ones_like(y_again))[0]
+
+
+def _differences(z_x: Tensor, z_0: Tensor, eps: float):
+    """``dz = z_x - z_0``, the mask ``|dz| < eps``, and ``dz`` made safe to divide by (1 where small).
+
+    The safe denominator keeps every derivative finite, so that a ``where`` choosing the other
+    branch cannot receive NaN from the unused one.
+    """
+    dz = z_x - z_0
+    small = dz.abs() < eps
+    return dz, small, torch.where(small, 1.0, dz)
+
+
+class _Elementwise:
+    """``y = g(z)`` element by element; surrogate ``y_x + m * (z - z_x)``."""
+
+    def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
+        dz, small, safe = _differences(x.z, base.z, eps)
+        self.z_x, self.y_x = x.z, x.out
+        self.m = torch.where(small, _derivative(call, x.z, x.out), (x.out - base.out) / safe)
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return torch.addcmul(self.y_x, self.m, z - self.z_x)
+
+
+class _Softmax:
+    """Softmax as captum's rule treats it, for one example at a time.
+
+    captum's backward: ``u = where(|dz| < eps, J^T g, g * dy/dz)`` element by element, minus the
+    mean of ``u`` over the input *and* the baseline copy (captum runs both as one batch, and the
+    baseline copy's ``u`` uses the baseline's Jacobian ``J_0`` where ``|dz| < eps``). The surrogate
+    is ``y_x + L(z - z_x)`` with ``L`` the transpose of that map:
+    ``L v = J_x(s v) + m v - [(J_x + J_0)(s mean(v)) / 2 + m mean(v)]``, ``s`` the small-difference
+    mask and ``mean`` over the example. captum takes that mean over the whole batch instead, which
+    couples the examples; here each example is its own.
+    """
+
+    def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
+        dz, small, safe = _differences(x.z, base.z, eps)
+        self.dim = call.options["dim"]
+        self.z_x, self.y_x, self.y_0 = x.z, x.out, base.out
+        self.m = torch.where(small, torch.zeros_like(dz), (x.out - base.out) / safe)
+        self.small = small.to(dz.dtype)
+        self.reduce = tuple(range(1, dz.ndim)) if dz.ndim > 1 else tuple(range(dz.ndim))
+
+    def _jvp(self, y: Tensor, t: Tensor) -> Tensor:
+        """The softmax Jacobian at output ``y`` times ``t`` (the Jacobian is symmetric)."""
+        return y * (t - (y * t).sum(dim=self.dim, keepdim=True))
+
+    def __call__(self, z: Tensor) -> Tensor:
+        v = z - self.z_x
+        mean = v.mean(dim=self.reduce, keepdim=True)
+        sv, smean = self.small * v, self.small * mean
+        centre = 0.5 * (self._jvp(self.y_x, smean) + self._jvp(self.y_0, smean)) + self.m * mean
+        return self.y_x + self._jvp(self.y_x, sv) + self.m * v - centre
+
+
+def _gather(values: Tensor, index: Tensor, spatial: int) -> Tensor:
+    """``values`` at the pooling ``index`` (flat positions within each plane), shaped like ``index``."""
+    flat = values.flatten(values.ndim - spatial)
+    picked = torch.gather(flat, -1, index.flatten(index.ndim - spatial))
+    return picked.reshape(index.shape)
+
+
+class _MaxPool:
+    """Max pooling as captum's rule treats it; windows that overlap add up.
+
+    With ``o_x``, ``o_0`` the pooled input and baseline, and ``M = max(o_x, o_0)``, each output's
+    difference ``o_x - o_0`` is split into ``M - o_0`` credited to the input's arg-max and
+    ``o_x - M`` credited to the baseline's arg-max; each input element's share is divided by its own
+    ``z_x - z_0`` (the ordinary max-pool gradient where that is below ``eps``). The surrogate is
+    ``o_x + a * w[i_x] + c * w[i_0] + u[i_x]`` with ``v = z - z_x``, ``w = v / dz`` and ``u = v``
+    where ``|dz| < eps``: the value is ``o_x`` and its transpose is that rule.
+    """
+
+    def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
+        dz, small, safe = _differences(x.z, base.z, eps)
+        (o_x, self.i_x), (o_0, i_0) = x.out, base.out
+        top = torch.maximum(o_x, o_0)
+        self.spatial = call.options["spatial"]
+        self.z_x, self.o_x = x.z, o_x
+        self.i_0 = i_0.expand(o_x.shape)
+        self.a, self.c = top - o_0, o_x - top
+        self.small = small.to(dz.dtype)
+        self.inv = (1 - self.small) / safe
+
+    def __call__(self, z: Tensor) -> Any:
+        v = z - self.z_x
+        w = v * self.inv
+        n = self.spatial
+        y = (self.o_x + self.a * _gather(w, self.i_x, n) + self.c * _gather(w, self.i_0, n)
+             + _gather(v * self.small, self.i_x, n))
+        return y, self.i_x
+
+
+_RULES = {"elementwise": _Elementwise, "softmax": _Softmax, "maxpool": _MaxPool}
+
+
+def _describe_call(name: str, shape: Sequence[int]) -> str:
+    return f"{name} on {list(shape)}"
+
+
+def _tracked(t: Tensor) -> bool:
+    """Whether ``t`` carries derivatives for a caller: autograd, a torch.func transform, a dual tensor.
+
+    ``debug_unwrap`` only *inspects* the tensor here (is it wrapped by a transform?); its result is
+    never used in a computation.
+    """
+    return (t.requires_grad or torch.func.debug_unwrap(t, recurse=False) is not t
+            or forward_ad.unpack_dual(t).tangent is not None)
+
+
+def _pair(records: List[_Record], call: _rewrite.Call) -> _Record:
+    """The baseline record paired with ``call`` of the input side (the k-th with the k-th)."""
+    k = call.index
+    if k >= len(records):
+        raise _Mismatch(f"{_describe_call(call.name, call.input.shape)} at call {k} for the input and only "
+                        f"{len(records)} calls for the baseline")
+    rec = records[k]
+    if rec.name != call.name or not _broadcasts_to(rec.z.shape, call.input.shape):
+        raise _Mismatch(f"{_describe_call(call.name, call.input.shape)} at call {k} for the input and "
+                        f"{_describe_call(rec.name, rec.z.shape)} for the baseline")
+    return rec
+
+
+def _baseline_pass(model_fn, params, base: Tensor):
+    """Run the baseline; return its records, its output, and whether anything in it is tracked."""
+    records: List[_Record] = []
+
+    def on_baseline(call: _rewrite.Call) -> Any:
+        out = call.apply(call.input)
+        records.append(_Record(call.name, call.input, out))
+        return _returned(call, out)
+
+    out0, _ = _rewrite.run(model_fn, on_baseline, params, base)
+    tracked = any(_tracked(r.z) for r in records)
+    return records, out0, tracked
+
+
+def _rescale(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor, eps: float) -> Tensor:
+    """The native Rescale rule; arguments already checked (see the module docstring for the passes)."""
+    shared = baseline.ndim < x.ndim or baseline.shape[0] == 1
+    batches = [1, x.shape[0]] if shared and x.shape[0] > 1 else [x.shape[0]]
+    for batch in batches:
+        base = torch.broadcast_to(baseline, x.shape)[:batch].contiguous()
+        try:
+            return _rescale_once(fn, model_fn, params, x, target, baseline, base, eps)
+        except _Mismatch as err:
+            if batch != x.shape[0]:
+                continue  # the baseline alone did not behave like one example of the batch: run it in full
+            raise _checks.value_error(
+                fn, "the baseline pass to make the same nonlinear calls as the input pass", str(err),
+                "DeepLIFT pairs the k-th nonlinearity of both passes, so the model must not branch on its "
+                "input's values (data-dependent control flow).") from None
+    raise AssertionError("unreachable")
+
+
+def _rescale_once(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor, base: Tensor,
+                  eps: float) -> Tensor:
+    records0, out0, tracked = _baseline_pass(model_fn, params, base)
+    by_index = target is None or isinstance(target, (int, Tensor))
+    if tracked or _tracked(x) or _tracked(baseline):
+        # General path: an input pass outside the gradient, so that the multipliers stay
+        # differentiable for the caller's transforms while constant for the inner gradient.
+        rules: list = []
+
+        def on_input(call: _rewrite.Call) -> Any:
+            rec0 = _pair(records0, call)
+            out = call.apply(call.input)
+            rules.append(_RULES[call.kind](call, _Record(call.name, call.input, out), rec0, eps))
+            return _returned(call, out)
+
+        out_x, count = _rewrite.run(model_fn, on_input, params, x)
+        _check_count(count, len(records0), out_x, out0)
+        choice = _targets.resolve_index(out_x, target, fn=fn) if by_index else target
+        del out_x
+
+        def on_gradient(call: _rewrite.Call) -> Any:
+            k = call.index
+            rule = rules[k] if k < len(rules) else None
+            if rule is None or rule.z_x.shape != call.input.shape:
+                raise _checks.value_error(fn, "the gradient pass to repeat the input pass's nonlinear calls",
+                                          f"{_describe_call(call.name, call.input.shape)} at call {k}",
+                                          "The model must be deterministic and must not branch on its input's values.")
+            return _returned(call, rule(call.input))
+    else:
+        # Nothing outside this call is differentiated (no autograd, no torch.func transform, no
+        # dual tensor reaches a nonlinearity): the multipliers may be computed inside the gradient
+        # pass from detached inputs, which saves the input pass.
+        choice = target
+
+        def on_gradient(call: _rewrite.Call) -> Any:
+            rec0 = _pair(records0, call)
+            z = call.input.detach()
+            rule = _RULES[call.kind](call, _Record(call.name, z, call.apply(z)), rec0, eps)
+            return _returned(call, rule(call.input))
+
+    expected = len(records0)
+
+    def total(xi: Tensor) -> Tensor:
+        out, count = _rewrite.run(model_fn, on_gradient, params, xi)
+        _check_count(count, expected, out, out0)
+        return _targets.resolve(out, choice, fn=fn).sum()
+
+    grads = torch.func.grad(total)(x)
+    return (x - baseline) * grads
+
+
+def _check_count(count: int, expected: int, out: Any, out0: Any) -> None:
+    if count != expected:
+        raise _Mismatch(f"{count} calls for the input and {expected} for the baseline")
+    if isinstance(out, Tensor) and (not isinstance(out0, Tensor) or not _broadcasts_to(out0.shape, out.shape)):
+        raise _Mismatch(f"an output of shape {list(out.shape)} for the input and {_checks.describe(out0)} "
+                        "for the baseline")
+
+
+# --------------------------------------------------------------------------------------------
+# captum, for comparison.
+
+def _captum(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor, eps: float) -> Tensor:
+    try:
+        with warnings.catch_warnings():  # captum's import warns about torch.jit.script under recent torch
+            warnings.filterwarnings("ignore", message=".*torch.jit.script")
+            from captum.attr import DeepLift as CaptumDeepLift
+    except ImportError as err:
+        raise ImportError(f"{fn}: backend='captum' needs the captum package, which is not installed. "
+                          "Install it with `pip install captum` (or `pip install torchex-fn[captum]`), "
+                          "or use backend='native'.") from err
+    from .functional import FunctionalModel
+
+    if not isinstance(model_fn, FunctionalModel):
+        raise _checks.type_error(fn, "a model_fn built by functionalize for backend='captum'",
+                                 type(model_fn).__name__,
+                                 "captum hooks nn.Module nonlinearities; use `functionalize(model)` or "
+                                 "backend='native'.")
+    module = model_fn.module
+    by_index = target is None or isinstance(target, (int, Tensor))
+    if by_index:
+        with torch.no_grad():
+            index = _targets.resolve_index(model_fn(params, x), target, fn=fn)
+
+    class _Wrapped(torch.nn.Module):
+        # captum hooks the nonlinear submodules of the model it is given: the user's module is a child
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, inputs):
+            out = model_fn(params, inputs)
+            return out if by_index else target(out)[:, None]
+
+    names = ("input", "output", "input_ref")
+    before = {id(m): {a for a in names if a in m.__dict__} for m in module.modules()}
+    inputs = x.detach().clone()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"(?s).*Setting forward, backward hooks", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r"(?s).*did not already require gradients", category=UserWarning)
+            attr = CaptumDeepLift(_Wrapped(), eps=eps).attribute(
+                inputs, baselines=torch.broadcast_to(baseline.detach(), x.shape).contiguous(),
+                target=index if by_index else 0)
+    finally:  # captum may leave its per-module attributes behind when it raises
+        for m in module.modules():
+            for a in names:
+                if a in m.__dict__ and a not in before.get(id(m), set()):
+                    delattr(m, a)
+    return attr.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions.
+
+def deeplift(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
+             baseline: Any = 0.0, eps: float = 1e-10, backend: str = "native") -> Tensor:
+    """DeepLIFT with the Rescale rule: ``(x - baseline) * m``, ``m`` the multipliers of the score.
+
+    Every nonlinear operation ``y = g(z)`` on the way from ``x`` to the score gets the multiplier
+    ``(g(z_x) - g(z_0)) / (z_x - z_0)`` (input vs. baseline) in place of ``g'(z)``; where
+    ``|z_x - z_0| < eps`` it keeps ``g'(z_x)``. Max pooling and softmax follow captum's rules
+    (captum's softmax centring is taken over each example with its baseline, not over the whole
+    batch; overlapping pooling windows add up). Linear operations keep their gradients, so for a
+    network of linear layers, elementwise nonlinearities and max pooling the map sums to
+    ``f(x) - f(baseline)`` (completeness; softmax's centring breaks it, as in captum).
+
+    Supported operations, whether called by a module, a function or a method, in place or not:
+    ReLU, LeakyReLU, ELU, SELU, CELU, Sigmoid, Tanh, Softplus, GELU, SiLU, Mish, Hardswish,
+    Hardsigmoid, LogSigmoid, Hardtanh/ReLU6, Softmax, MaxPool1d/2d/3d, AdaptiveMaxPool1d/2d/3d.
+    Any other operation is treated as linear (its ordinary gradient). Modules may be reused in one
+    forward; in-place nonlinearities run out of place (the model must use their returned value).
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``. Examples must be
+        independent (eval mode), the model must make the same sequence of nonlinear calls for the
+        input and the baseline (no branching on input values), and it must run on a batch of one
+        unless the baseline has one row per example.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, *input]``.
+      target: ``None`` (predicted class), int, ``[B]`` ints, or a callable ``out -> [B]``.
+      baseline: The reference input: a float, or a tensor broadcastable to ``[B, *input]`` (one per
+        example ``[B, *input]``, or one for all ``[*input]`` / ``[1, *input]``). Default: 0.0.
+      eps: Input differences below this keep the ordinary gradient. Default: 1e-10 (as captum).
+      backend: ``"native"`` (this implementation) or ``"captum"`` (``captum.attr.DeepLift``, for
+        comparison only: it needs a ``model_fn`` from ``functionalize``, hooks the module's
+        nonlinear submodules for the call, raises on reused modules, couples the examples of a batch
+        through Softmax, is neither differentiable nor ``vmap``-able, and is not thread-safe).
+        Default: ``"native"``.
+
+    Returns:
+      ``[B, *input]`` attributions on ``x``'s dtype and device.
+
+    Raises:
+      TypeError: non-float ``x`` or ``baseline``, a bad ``target`` type, a non-functionalized
+        ``model_fn`` with ``backend="captum"``.
+      ValueError: ``deeplift: expected baseline broadcastable to x's shape [8, 3, 32, 32], got ...``;
+        NaN in ``x`` or ``baseline``; ``target`` out of range; an unknown ``backend``; a model whose
+        nonlinear calls differ between the input and the baseline.
+      ImportError: ``backend="captum"`` without captum installed.
+
+    Example:
+      >>> fn, params = functionalize(resnet.eval())
+      >>> deeplift(fn, params, images, labels, baseline=0.0).shape      # [8, 3, 224, 224] -> [8, 3, 224, 224]
+      >>> torch.func.vmap(lambda p: deeplift(fn, p, images, labels))(stacked)   # ensemble [E, 8, 3, 224, 224]
+      >>> torch.func.grad(lambda p: deeplift(fn, p, images, labels).abs().sum())(params)   # meta-learning
+
+    Cost: a plain call makes two forward passes (the baseline, as a batch of one when it is shared
+    by all examples; the input under ``torch.func.grad``) and one backward pass to the input (no
+    parameter gradients). When the map itself is differentiated (``requires_grad`` inputs or
+    parameters, a ``torch.func`` transform) one more forward of the input runs outside the gradient.
+    Memory: each nonlinearity's input and output once more than a saliency pass.
+
+    References:
+      Shrikumar, Greenside and Kundaje, "Learning Important Features Through Propagating Activation
+      Differences", ICML 2017.
+    """
+    fn = "deeplift"
+    _check_common(fn, model_fn, params, x, target)
+    base = _check_baseline(fn, baseline, x)
+    _check_eps(fn, eps)
+    _check_backend(fn, backend)
+    if backend == "captum":
+        return _captum(fn, model_fn, params, x, target, base, float(eps))
+    return _rescale(fn, model_fn, params, x, target, base, float(eps))
+
+
+def deeplift_shap(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, baselines: Tensor,
+                  eps: float = 1e-10, batch_size: Optional[int] = None) -> Tensor:
+    """DeepLIFT-SHAP: the mean of :func:`deeplift` over a set of baselines.
+
+    ``mean_n deeplift(model_fn, params, x, target, baseline=baselines[n])``. Each baseline is shared
+    by the whole batch. The baselines are processed with ``torch.func.vmap``, ``batch_size`` at a
+    time: the input pass runs once for all of them (it does not depend on the baseline), the
+    baseline passes run as one batch of ``N``, and the gradient pass as one batch of ``N * B``.
+    Models that ``vmap`` cannot run (in-place writes of baseline-dependent values into other
+    tensors, ``.item()``) need a Python loop over :func:`deeplift` instead.
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, *input]``.
+      target: ``None`` (predicted class), int, ``[B]`` ints, or a callable ``out -> [B]``.
+      baselines: ``[N, *input]`` reference inputs (e.g. drawn from the training data), N >= 1.
+      eps: As in :func:`deeplift`. Default: 1e-10.
+      batch_size: At most this many baselines per vectorised call (a memory cap); ``None``: all.
+
+    Returns:
+      ``[B, *input]`` attributions on ``x``'s dtype and device.
+
+    Raises:
+      TypeError: non-float ``x`` or ``baselines``, a bad ``target`` or ``batch_size`` type.
+      ValueError: ``deeplift_shap: expected baselines of shape [N, 3, 32, 32], got ...``; NaN;
+        ``target`` out of range.
+
+    Example:
+      >>> deeplift_shap(fn, params, images, labels, baselines=background).shape   # [8, 3, 224, 224]
+
+    Cost: one input forward of ``B``, one forward of ``N`` and one forward and backward of ``N * B``
+    examples (``batch_size * B`` at a time).
+
+    References:
+      Lundberg and Lee, "A Unified Approach to Interpreting Model Predictions", NeurIPS 2017;
+      Shrikumar et al., ICML 2017.
+    """
+    fn = "deeplift_shap"
+    _check_common(fn, model_fn, params, x, target)
+    if not isinstance(baselines, Tensor):
+        raise _checks.type_error(fn, f"baselines, a tensor of shape [N, {', '.join(map(str, x.shape[1:]))}]",
+                                 _checks.describe(baselines))
+    if baselines.ndim != x.ndim or baselines.shape[0] < 1 or not _broadcasts_to(baselines.shape[1:], x.shape[1:]):
+        raise _checks.value_error(fn, f"baselines of shape [N, {', '.join(map(str, x.shape[1:]))}] with N >= 1",
+                                  _checks.describe(baselines), "Stack the baselines along a new first dimension.")
+    _checks.check_positive_int(fn, "batch_size", batch_size, allow_none=True)
+    _check_eps(fn, eps)
+    bases = _check_baseline(fn, baselines, x[:1].expand(baselines.shape[0], *x.shape[1:]), name="baselines")
+    count = bases.shape[0]
+    step = count if batch_size is None else batch_size
+
+    def one(b: Tensor) -> Tensor:
+        return _rescale(fn, model_fn, params, x, target, b, float(eps))
+
+    total = None
+    for start in range(0, count, step):
+        part = torch.func.vmap(one)(bases[start:start + step]).sum(0)
+        total = part if total is None else total + part
+    return total / count
