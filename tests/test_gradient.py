@@ -75,3 +75,23 @@ def test_func_grad_of_saliency_loss_wrt_params_equals_finite_differences():
         fd = (loss({**params, name: params[name] + bump}) - loss({**params, name: params[name] - bump})) / (2 * eps)
         torch.testing.assert_close(grads[name][idx], fd, rtol=1e-5, atol=1e-9)
     assert grads["conv1.weight"].abs().sum() > 0
+
+
+def test_second_graph_only_when_something_outside_can_differentiate():
+    """The backward records a graph of itself only when an outer derivative may need it."""
+    model = TinyCNN(nn.Tanh).double().eval()
+    fn, params = tx.functionalize(model)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    assert not tx.saliency(fn, params, x, 1).requires_grad          # nothing tracked: no second graph
+    assert tx.saliency(fn, params, x.clone().requires_grad_(), 1).requires_grad
+
+    # A model_fn that closes over the module's own parameters (they require grad): plain autograd
+    # through the map must reach them, and equal create_graph=True autograd.
+    closure = lambda p, x: model(x)
+    sal = tx.saliency(closure, {}, x, torch.tensor([1, 2]))
+    assert sal.requires_grad
+    (g,) = torch.autograd.grad(sal.pow(2).sum(), model.conv1.weight)
+    xx = x.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(model(xx).gather(1, torch.tensor([[1], [2]])).sum(), xx, create_graph=True)
+    (g_ref,) = torch.autograd.grad(ref.pow(2).sum(), model.conv1.weight)
+    torch.testing.assert_close(g, g_ref)

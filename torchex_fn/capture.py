@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from . import _checks
 from . import targets as _targets
+from ._autodiff import grad_of_sum
 
 __all__ = ["tap", "intermediates", "capture", "layer_gradients", "LayerGradients", "resolve_layers"]
 
@@ -241,7 +242,7 @@ def layer_gradients(model_fn, params, x: Tensor, target: Any = None, *, layers: 
                     fn: str = "layer_gradients") -> LayerGradients:
     """Activations of ``layers`` and the gradient of the target scores w.r.t. them, in one pass.
 
-    Each layer's output ``a`` is replaced by ``a + delta`` with ``delta = 0``; ``torch.func.grad``
+    Each layer's output ``a`` is replaced by ``a + delta`` with ``delta = 0``; ``torch.func.vjp``
     of the summed target scores w.r.t. ``delta`` is ``d score / d a`` (examples are independent,
     so the gradient of the sum is every example's own gradient). Everything returned is a
     differentiable function of ``params`` and ``x``.
@@ -260,7 +261,7 @@ def layer_gradients(model_fn, params, x: Tensor, target: Any = None, *, layers: 
             return scores.sum(), (scores, out, acts)
 
         try:
-            grads, (scores, out, acts) = torch.func.grad(score_fn, has_aux=True)(deltas)
+            grads, (scores, out, acts) = grad_of_sum(score_fn, deltas, has_aux=True)
         except _ShapeMismatch:
             if attempt:
                 raise RuntimeError(f"{fn}: the layers' output shapes change between calls with the same "

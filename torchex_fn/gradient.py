@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from ._autodiff import grad_of_sum
 from . import targets as _targets
 from ._types import ModelFn, Params, Target
 
@@ -15,13 +16,13 @@ __all__ = ["saliency", "input_x_gradient", "input_gradient"]
 
 def input_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
                    fn: str = "input_gradient") -> Tensor:
-    """``d score_b / d x_b`` for every example, ``[B, *input]``, by one ``torch.func.grad`` call.
+    """``d score_b / d x_b`` for every example, ``[B, *input]``, by one ``torch.func.vjp`` call.
 
     Examples are independent, so the gradient of the summed scores is each example's gradient.
     """
     def total(x):
         return _targets.resolve(model_fn(params, x), target, fn=fn).sum()
-    return torch.func.grad(total)(x)
+    return grad_of_sum(total, x)
 
 
 def saliency(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,

@@ -39,10 +39,10 @@ from typing import Any, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
 
 from . import _checks
 from . import _rewrite
+from ._autodiff import grad_of_sum, tracked
 from . import targets as _targets
 from ._types import ModelFn, Params, Target
 
@@ -241,16 +241,6 @@ def _describe_call(name: str, shape: Sequence[int]) -> str:
     return f"{name} on {list(shape)}"
 
 
-def _tracked(t: Tensor) -> bool:
-    """Whether ``t`` carries derivatives for a caller: autograd, a torch.func transform, a dual tensor.
-
-    ``debug_unwrap`` only *inspects* the tensor here (is it wrapped by a transform?); its result is
-    never used in a computation.
-    """
-    return (t.requires_grad or torch.func.debug_unwrap(t, recurse=False) is not t
-            or forward_ad.unpack_dual(t).tangent is not None)
-
-
 def _pair(records: List[_Record], call: _rewrite.Call) -> _Record:
     """The baseline record paired with ``call`` of the input side (the k-th with the k-th)."""
     k = call.index
@@ -274,8 +264,8 @@ def _baseline_pass(model_fn, params, base: Tensor):
         return _returned(call, out)
 
     out0, _ = _rewrite.run(model_fn, on_baseline, params, base)
-    tracked = any(_tracked(r.z) for r in records)
-    return records, out0, tracked
+    base_tracked = any(tracked(r.z) for r in records)
+    return records, out0, base_tracked
 
 
 def _rescale(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor, eps: float) -> Tensor:
@@ -298,9 +288,9 @@ def _rescale(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor
 
 def _rescale_once(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor, base: Tensor,
                   eps: float) -> Tensor:
-    records0, out0, tracked = _baseline_pass(model_fn, params, base)
+    records0, out0, base_tracked = _baseline_pass(model_fn, params, base)
     by_index = target is None or isinstance(target, (int, Tensor))
-    if tracked or _tracked(x) or _tracked(baseline):
+    if base_tracked or tracked(x) or tracked(baseline):
         # General path: an input pass outside the gradient, so that the multipliers stay
         # differentiable for the caller's transforms while constant for the inner gradient.
         rules: list = []
@@ -343,7 +333,7 @@ def _rescale_once(fn: str, model_fn, params, x: Tensor, target: Any, baseline: T
         _check_count(count, expected, out, out0)
         return _targets.resolve(out, choice, fn=fn).sum()
 
-    grads = torch.func.grad(total)(x)
+    grads = grad_of_sum(total, x)
     return (x - baseline) * grads
 
 
