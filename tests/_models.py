@@ -41,3 +41,16 @@ def tapped_mlp(params, x):
     """A hand-written model_fn that names its hidden layer with ``tx.tap``: ``out = 4 * tanh(x W1) W2``."""
     h = tx.tap("hidden", torch.tanh(x @ params["w1"]))
     return tx.tap("scaled", 4.0 * h) @ params["w2"]
+
+
+def smooth_double(act: type = nn.Tanh):
+    """A float64 ``TinyCNN`` with a smooth activation (finite differences need no kinks), functionalized."""
+    model = TinyCNN(act).double().eval()
+    return (model, *tx.functionalize(model))
+
+
+def central_difference(loss, params, name, index, eps=1e-6):
+    """``d loss / d params[name][index]`` by a central finite difference."""
+    bump = torch.zeros_like(params[name])
+    bump[index] = eps
+    return (loss({**params, name: params[name] + bump}) - loss({**params, name: params[name] - bump})) / (2 * eps)

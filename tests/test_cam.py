@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchex_fn as tx
-from _models import LinearHead, TinyCNN
+from _models import central_difference, smooth_double, LinearHead, TinyCNN
 import _reference
 
 
@@ -73,13 +73,8 @@ def test_seed_classes_bind_options():
                                tx.grad_cam(fn, params, x, layer="features"))
 
 
-def _smooth_double():
-    model = TinyCNN(nn.Softplus).double().eval()
-    return model, *tx.functionalize(model)
-
-
 def test_grad_cam_gradcheck_wrt_input_and_params():
-    _, fn, params = _smooth_double()
+    _, fn, params = smooth_double(nn.Softplus)
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([1, 3])
     f = lambda x: tx.grad_cam(fn, params, x, target, layer="features", relu=False)
@@ -93,7 +88,7 @@ def test_grad_cam_gradcheck_wrt_input_and_params():
 
 
 def test_func_grad_of_grad_cam_reaches_fc_weights_and_matches_finite_differences():
-    _, fn, params = _smooth_double()
+    _, fn, params = smooth_double(nn.Softplus)
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     mask = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
     mask[..., :2, :] = 1.0
@@ -103,8 +98,5 @@ def test_func_grad_of_grad_cam_reaches_fc_weights_and_matches_finite_differences
     grads = torch.func.grad(loss)(params)
     assert grads["fc.weight"].abs().sum() > 0  # captum's LayerGradCam gives none without create_graph
     for name, idx in [("fc.weight", (0, 1)), ("features.0.weight", (1, 2, 0, 1)), ("conv1.bias", (3,))]:
-        eps = 1e-6
-        bump = torch.zeros_like(params[name])
-        bump[idx] = eps
-        fd = (loss({**params, name: params[name] + bump}) - loss({**params, name: params[name] - bump})) / (2 * eps)
+        fd = central_difference(loss, params, name, idx)
         torch.testing.assert_close(grads[name][idx], fd, rtol=1e-5, atol=1e-9)

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import torchex_fn as tx
-from _models import TinyCNN
+from _models import central_difference, smooth_double, TinyCNN
 import _reference
 
 
@@ -42,13 +42,8 @@ def test_simple_gradient_class_with_seed_post_process():
     torch.testing.assert_close(gen(x), normalize_gradient(tx.saliency(fn, params, x)))
 
 
-def _smooth_double():
-    model = TinyCNN(nn.Tanh).double().eval()
-    return model, *tx.functionalize(model)
-
-
 def test_saliency_gradcheck_wrt_input_and_params():
-    model, fn, params = _smooth_double()
+    model, fn, params = smooth_double(nn.Tanh)
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([1, 3])
     torch.autograd.gradcheck(lambda x: tx.saliency(fn, params, x, target), (x,))
@@ -62,17 +57,15 @@ def test_saliency_gradcheck_wrt_input_and_params():
 
 
 def test_func_grad_of_saliency_loss_wrt_params_equals_finite_differences():
-    model, fn, params = _smooth_double()
+    model, fn, params = smooth_double(nn.Tanh)
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
 
     def loss(p):
         return (tx.saliency(fn, p, x, torch.tensor([0, 2])) ** 2).sum()
     grads = torch.func.grad(loss)(params)
-    name, eps = "fc.weight", 1e-6
+    name = "fc.weight"
     for idx in [(0, 0), (2, 5), (4, 3)]:
-        bump = torch.zeros_like(params[name])
-        bump[idx] = eps
-        fd = (loss({**params, name: params[name] + bump}) - loss({**params, name: params[name] - bump})) / (2 * eps)
+        fd = central_difference(loss, params, name, idx)
         torch.testing.assert_close(grads[name][idx], fd, rtol=1e-5, atol=1e-9)
     assert grads["conv1.weight"].abs().sum() > 0
 
