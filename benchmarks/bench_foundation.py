@@ -19,20 +19,22 @@ import torchvision
 import torchex_fn as tx
 
 
-def timeit(fn, number):
+def timeit(fn, number, sync=lambda: None):
+    sync()
     start = time.perf_counter()
     for _ in range(number):
         fn()
+    sync()
     return (time.perf_counter() - start) / number
 
 
-def race(contenders, rounds, number):
+def race(contenders, rounds, number, sync=lambda: None):
     for f in contenders.values():  # warm-up (and the shape memo)
         f()
     times = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, f in contenders.items():
-            times[name].append(timeit(f, number))
+            times[name].append(timeit(f, number, sync))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -42,6 +44,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -49,15 +52,17 @@ def main():
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    model = torchvision.models.resnet18().eval()
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    model = torchvision.models.resnet18().eval().to(device)
     fn, params = tx.functionalize(model)
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} threads, resnet18 {args.size}x{args.size}\n")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    print(f"machine: {where}, torch {torch.__version__}, {args.threads} CPU threads, resnet18 {args.size}x{args.size}\n")
     rows = []
     for batch in args.batches:
-        x = torch.randn(batch, 3, args.size, args.size)
-        target = torch.randint(0, 1000, (batch,))
-        number = max(1, 8 // batch)
+        x = torch.randn(batch, 3, args.size, args.size, device=device)
+        target = torch.randint(0, 1000, (batch,), device=device)
+        number = max(1, 8 // batch) if device.type == "cpu" else 10
 
         def floor_input():
             xx = x.detach().requires_grad_(True)
@@ -80,7 +85,7 @@ def main():
             "floor": floor_input,
             "torchex_fn.saliency": lambda: tx.saliency(fn, params, x, target),
             "captum Saliency": lambda: Saliency(model).attribute(x, target=target, abs=False),
-        }, args.rounds, number)
+        }, args.rounds, number, sync)
         rows += [(batch, "saliency", k, v, v / sal["floor"]) for k, v in sal.items()]
         if batch == 8 or len(args.batches) == 1:
             gcam_pg = GradCAM(model=model, target_layers=[model.layer4])
@@ -91,13 +96,13 @@ def main():
                 "captum LayerGradCam": lambda: LayerGradCam(model, model.layer4).attribute(
                     x, target=target, relu_attributions=True),
                 "pytorch-grad-cam GradCAM": lambda: gcam_pg(input_tensor=x, targets=targets_pg),
-            }, args.rounds, number)
+            }, args.rounds, number, sync)
             gcam_pg.activations_and_grads.release()
             rows += [(batch, "grad_cam layer4", k, v, v / one["floor"]) for k, v in one.items()]
             two = race({
                 "floor": floor_layers([model.layer3, model.layer4]),
                 "torchex_fn.grad_cam": lambda: tx.grad_cam(fn, params, x, target, layer=["layer3", "layer4"]),
-            }, args.rounds, number)
+            }, args.rounds, number, sync)
             rows += [(batch, "grad_cam layer3+4", k, v, v / two["floor"]) for k, v in two.items()]
     print("| batch | method | contender | ms / call | ratio to floor |")
     print("| ---: | --- | --- | ---: | ---: |")
