@@ -1,6 +1,4 @@
-import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import torchex_fn as tx

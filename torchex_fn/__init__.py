@@ -5,7 +5,8 @@ from .capture import capture, intermediates, layer_gradients, tap
 from .classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
 from .functional import functionalize, params_of
 from .gradient import input_x_gradient, saliency
-from .metrics import deletion, energy_pointing_game, insertion, pointing_game, randomization_check
+from .metrics import (deletion, energy_pointing_game, infidelity, insertion, pointing_game, randomization_check,
+                      sensitivity_max)
 from .perturbation import rise
 from .propagation import deeplift, deeplift_shap
 
@@ -20,5 +21,6 @@ __all__ = [
     "rise",
     "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift",
     "deletion", "insertion", "pointing_game", "energy_pointing_game", "randomization_check",
+    "infidelity", "sensitivity_max",
     "datasets", "metrics", "postprocess", "targets", "viz",
 ]

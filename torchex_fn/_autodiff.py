@@ -11,7 +11,7 @@ an output that nothing outside tracks has a gradient that nothing outside needs 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple
+from typing import Any, Callable
 
 import torch
 from torch import Tensor

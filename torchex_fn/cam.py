@@ -1,7 +1,7 @@
 """Layer family: class activation maps (CAM, Grad-CAM)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Union
 
 import torch
 from torch import Tensor, nn

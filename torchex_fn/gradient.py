@@ -1,9 +1,8 @@
 """Input-gradient family: saliency (simple gradient) and input x gradient."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-import torch
 from torch import Tensor
 
 from . import _checks

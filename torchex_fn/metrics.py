@@ -10,6 +10,8 @@ image or mask are resized bilinearly.
   with TorchRay's tolerance).
 * :func:`energy_pointing_game`: the share of the map's positive mass on the object (Score-CAM).
 * :func:`randomization_check`: the cascading parameter randomisation test (Adebayo et al., 2018).
+* :func:`infidelity` / :func:`sensitivity_max`: fidelity to the model's local behaviour and
+  robustness of the map to small input noise (Yeh et al., 2019), with captum's conventions.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ __all__ = [
     "Curve", "deletion", "insertion", "gaussian_blur",
     "PointingGame", "pointing_game", "energy_pointing_game",
     "Randomization", "randomization_check", "spearman",
+    "infidelity", "sensitivity_max", "uniform_perturbation",
 ]
 
 
@@ -447,3 +450,211 @@ def randomization_check(method: Callable[..., Tensor], model_fn: ModelFn, params
             current[key] = noise * std
         rows.append(spearman(reference, prepared(method(model_fn, current, x, target))))
     return Randomization(tuple(names), torch.stack(rows))
+
+
+# --------------------------------------------------------------------- infidelity / sensitivity
+def _sample_counts(total: int, per_chunk: int) -> List[int]:
+    return [min(per_chunk, total - first) for first in range(0, total, per_chunk)]
+
+
+def infidelity(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor, target: Target = None, *,
+               perturb_fn: Callable[[Tensor, Optional[torch.Generator]], Any], n_perturb_samples: int = 10,
+               normalize: bool = False, batch_size: int = 64,
+               generator: Optional[torch.Generator] = None) -> Tensor:
+    """Explanation infidelity: how badly ``I . attribution`` predicts the score change ``f(x) - f(x')``.
+
+    For each example and each of ``n`` perturbations ``(I, x')`` drawn by ``perturb_fn``
+    (typically ``x' = x - I``), compare the attribution's linear prediction ``a = sum(I * attr)``
+    with the change of the target score ``b = f(x) - f(x')``, and average the squared error:
+    ``infidelity = mean_n (a - b)^2`` (Yeh et al., 2019). With ``normalize=True`` the attribution
+    is first rescaled by the least-squares factor ``beta = sum_n(a b) / sum_n(a^2)`` (1 in the
+    denominator's place when it is 0), so the score does not depend on the map's scale:
+    ``mean_n (beta a - b)^2``. Lower is better. The convention is captum's
+    (``captum.metrics.infidelity``): the same perturbations give the same numbers.
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``.
+      params: Name -> tensor mapping accepted by ``model_fn``.
+      x: Input batch ``[B, ...]``.
+      attribution: ``[B, ...]`` map broadcastable to ``x``'s shape (e.g. ``[B, 1, H, W]`` for
+        ``[B, C, H, W]`` images: the same value for every channel of a pixel).
+      target: ``None`` (the class predicted for ``x``, kept for the perturbed inputs), an int,
+        ``[B]`` ints, or a callable ``out -> [N]`` (called on the flattened perturbed batch too).
+      perturb_fn: ``(x, generator) -> (perturbation, perturbed_x)``, both of ``x``'s shape
+        ``[B, ...]``; called once per sample, in order, with this call's ``generator``. Draw
+        every random number from ``generator`` to make the score reproducible.
+      n_perturb_samples: Perturbations per example. Default: 10.
+      normalize: Rescale the attribution by the optimal ``beta`` first. Default: False.
+      batch_size: Perturbed inputs per forward pass, a memory cap (at least one sample of the
+        whole batch per pass). Default: 64.
+      generator: Passed to ``perturb_fn``. Default: None.
+
+    Returns:
+      ``[B]`` infidelity per example, in ``x``'s dtype. Differentiable w.r.t. ``params``, ``x``
+      and ``attribution`` (usable as a training loss).
+
+    Raises:
+      ValueError: a map that does not broadcast to ``x``, a perturbation of the wrong shape, a
+        target out of range, bad ``n_perturb_samples`` / ``batch_size``.
+      TypeError: a non-callable ``perturb_fn``, a ``perturb_fn`` that does not return a pair of
+        tensors, non-float inputs, a bad generator.
+
+    Example:
+      >>> def gaussian(x, gen):
+      ...     noise = 0.01 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+      ...     return noise, x - noise
+      >>> attr = saliency(fn, params, x, y)                                 # [16, 3, 32, 32]
+      >>> infidelity(fn, params, x, attr, y, perturb_fn=gaussian)           # -> [16]
+
+    Cost: one forward of ``x`` plus ``n_perturb_samples`` forwards of the batch, grouped into
+    passes of at most ``batch_size`` inputs; memory of ``batch_size`` inputs (and the autograd
+    graph of every pass when differentiated).
+    References: Yeh et al., "On the (In)fidelity and Sensitivity of Explanations", NeurIPS 2019.
+    """
+    fn = "infidelity"
+    _checks.check_model_fn(fn, model_fn)
+    _checks.check_params(fn, params)
+    _checks.check_input(fn, x, min_ndim=1)
+    _targets.check(fn, target, x.shape[0])
+    if not callable(perturb_fn):
+        raise _checks.type_error(fn, "perturb_fn, a callable (x, generator) -> (perturbation, perturbed_x)",
+                                 _checks.describe(perturb_fn))
+    _checks.check_positive_int(fn, "n_perturb_samples", n_perturb_samples)
+    _checks.check_positive_int(fn, "batch_size", batch_size)
+    _checks.check_bool(fn, "normalize", normalize)
+    _checks.check_generator(fn, generator)
+    batch = x.shape[0]
+    attr = _broadcast_attribution(fn, attribution, x)
+
+    out = model_fn(params, x)
+    if target is None or isinstance(target, (int, Tensor)):
+        target = _targets.resolve_index(out, target, fn=fn)
+    reference = _targets.resolve(out, target, fn=fn)  # [B]
+
+    def perturbation() -> tuple:
+        result = perturb_fn(x, generator)
+        if (not isinstance(result, (tuple, list)) or len(result) != 2
+                or not all(isinstance(t, Tensor) for t in result)):
+            raise _checks.type_error(fn, "perturb_fn to return a pair (perturbation, perturbed_x) of tensors",
+                                     _checks.describe(result))
+        for name, t in zip(("perturbation", "perturbed_x"), result):
+            if t.shape != x.shape:
+                raise _checks.value_error(fn, f"perturb_fn's {name} of x's shape {tuple(x.shape)}",
+                                          _checks.describe(t))
+        return result[0], result[1]
+
+    per_forward = max(1, batch_size // batch)
+    predicted, change = [], []  # a = sum(I * attr), b = f(x) - f(x'), each [s, B] per chunk
+    for count in _sample_counts(n_perturb_samples, per_forward):
+        pairs = [perturbation() for _ in range(count)]
+        noise = torch.stack([p[0] for p in pairs])  # [s, B, ...]
+        inputs = torch.cat([p[1] for p in pairs])  # [s * B, ...]
+        out = model_fn(params, inputs)
+        if isinstance(target, Tensor):
+            scores = _targets.resolve(out, target.repeat(count), fn=fn)
+        else:  # a callable sees the flattened perturbed batch
+            scores = _targets.resolve(out, target, fn=fn)
+        change.append(reference[None] - scores.view(count, batch))
+        predicted.append((noise * attr[None]).reshape(count, batch, -1).sum(dim=2))
+    a, b = torch.cat(predicted), torch.cat(change)  # [n, B]
+    if normalize:
+        aa, ab = (a * a).sum(0), (a * b).sum(0)
+        beta = ab / torch.where(aa == 0, torch.ones_like(aa), aa)
+        errors = beta * beta * aa - 2 * beta * ab + (b * b).sum(0)
+    else:
+        errors = ((a - b) ** 2).sum(0)
+    return (errors / n_perturb_samples).to(x.dtype)
+
+
+def _broadcast_attribution(fn: str, attribution: Any, x: Tensor) -> Tensor:
+    if not isinstance(attribution, Tensor):
+        raise _checks.type_error(fn, "attribution, a tensor broadcastable to x", _checks.describe(attribution))
+    if not attribution.is_floating_point():
+        raise _checks.type_error(fn, "attribution of a floating-point dtype", _checks.describe(attribution))
+    if attribution.ndim != x.ndim or attribution.shape[0] != x.shape[0]:
+        raise _checks.value_error(fn, f"attribution of rank {x.ndim} with batch {x.shape[0]}, broadcastable to "
+                                      f"x's shape {tuple(x.shape)}", _checks.describe(attribution))
+    try:
+        return attribution.expand_as(x)
+    except RuntimeError:
+        raise _checks.value_error(fn, f"attribution broadcastable to x's shape {tuple(x.shape)}",
+                                  _checks.describe(attribution)) from None
+
+
+def uniform_perturbation(x: Tensor, radius: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``x + delta`` with ``delta`` uniform in the L-infinity ball of ``radius`` (``[B, ...]`` -> same).
+
+    The draw of :func:`sensitivity_max`: ``delta = radius * (2 u - 1)``, ``u = torch.rand(x.shape,
+    generator=generator)`` drawn on the generator's device (CPU without one) in ``x``'s dtype.
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+    return x + radius * (2 * u - 1)
+
+
+def sensitivity_max(explain_fn: Callable[[Tensor], Tensor], x: Tensor, *, perturb_radius: float = 0.02,
+                    n_perturb_samples: int = 10, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Max-sensitivity: the largest relative change of the map under a small input perturbation.
+
+    ``max_k ||E(x + delta_k) - E(x)|| / ||E(x)||`` per example, with ``delta_k`` uniform in the
+    L-infinity ball of radius ``perturb_radius`` (see :func:`uniform_perturbation`), Frobenius
+    norms over each example's map (a zero ``||E(x)||`` counts as 1). Lower is more robust. The
+    convention is captum's (``captum.metrics.sensitivity_max``): the same perturbations give the
+    same numbers.
+
+    Args:
+      explain_fn: ``x -> map``, e.g. ``lambda x: saliency(fn, params, x, y)``. Always called
+        with a batch of ``x``'s shape ``[B, ...]`` (example ``i`` stays at row ``i``), so a
+        ``[B]`` target bound into the closure stays aligned.
+      x: Input batch ``[B, ...]``.
+      perturb_radius: Half-width of the uniform noise. Default: 0.02.
+      n_perturb_samples: Perturbations per example. Default: 10.
+      generator: Source of the noise. Default: the global RNG.
+
+    Returns:
+      ``[B]`` max-sensitivity per example, in the map's dtype. Differentiable wherever
+      ``explain_fn`` is.
+
+    Raises:
+      ValueError: bad ``perturb_radius`` or ``n_perturb_samples``, a map whose batch is not ``B``
+        or whose shape changes between calls.
+      TypeError: a non-callable ``explain_fn``, a map that is not a floating-point tensor.
+
+    Example:
+      >>> explain = lambda xx: grad_cam(fn, params, xx, y, layer="features")
+      >>> sensitivity_max(explain, x, generator=gen)                       # [16, 3, 64, 64] -> [16]
+
+    Cost: ``n_perturb_samples + 1`` calls of ``explain_fn`` on the batch.
+    References: Yeh et al., "On the (In)fidelity and Sensitivity of Explanations", NeurIPS 2019.
+    """
+    fn = "sensitivity_max"
+    if not callable(explain_fn):
+        raise _checks.type_error(fn, "explain_fn, a callable x -> map", _checks.describe(explain_fn))
+    _checks.check_input(fn, x, min_ndim=1)
+    if isinstance(perturb_radius, bool) or not isinstance(perturb_radius, (int, float)) or not perturb_radius >= 0:
+        raise _checks.value_error(fn, "perturb_radius >= 0", _checks.describe(perturb_radius))
+    _checks.check_positive_int(fn, "n_perturb_samples", n_perturb_samples)
+    _checks.check_generator(fn, generator)
+    batch = x.shape[0]
+
+    def explain(inputs: Tensor) -> Tensor:
+        result = explain_fn(inputs)
+        if not isinstance(result, Tensor) or not result.is_floating_point():
+            raise _checks.type_error(fn, "explain_fn to return a floating-point tensor", _checks.describe(result))
+        if result.ndim == 0 or result.shape[0] != batch:
+            raise _checks.value_error(fn, f"explain_fn to return a map of batch {batch}", _checks.describe(result))
+        return result.reshape(batch, -1)
+
+    reference = explain(x)
+    norm = reference.norm(dim=1)
+    norm = torch.where(norm == 0, torch.ones_like(norm), norm)
+    worst: Optional[Tensor] = None
+    for _ in range(n_perturb_samples):
+        changed = explain(uniform_perturbation(x, perturb_radius, generator))
+        if changed.shape != reference.shape:
+            raise _checks.value_error(fn, f"explain_fn's map of the same shape for perturbed inputs "
+                                      f"({tuple(reference.shape)} flattened)", _checks.describe(changed))
+        value = (changed - reference).norm(dim=1) / norm
+        worst = value if worst is None else torch.maximum(worst, value)
+    assert worst is not None
+    return worst
