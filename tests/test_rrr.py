@@ -121,10 +121,11 @@ def test_plain_model_learns_the_decoy(rrr, decoy_data, clean_accuracy):
     assert agreement >= 0.8            # on the test split it follows the (random) patch
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="input-gradient penalty does not yet recover the decoy-free accuracy "
-                                       "at this size (see docs/training_with_explanations.md)")
+@pytest.mark.slow  # measured 282 s under heavy contention (2 threads, other jobs on 2 cores); alone the
+                   # example trains this model in 32 s on 1 thread (5.5x a plain step, 6 epochs of 1024)
 def test_input_gradient_penalty_recovers(rrr, decoy_data, clean_accuracy):
+    """The paper's penalty (input gradient of sum_k log p_k, on the patch) unlearns the decoy."""
     train, _, test = decoy_data
-    accuracy, _ = rrr.evaluate(*rrr.train(train, method="saliency", lam=10.0, **TRAIN), test)
+    accuracy, agreement = rrr.evaluate(*rrr.train(train, method="saliency", lam=0.5, **TRAIN), test)
     assert accuracy >= clean_accuracy - 0.05
+    assert agreement <= 0.4            # no longer follows the patch (chance: 0.25)

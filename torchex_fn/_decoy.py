@@ -15,9 +15,9 @@ not the extremes 0 and 1. With saturated colours (pure red, green, blue, white: 
 this module) the decoy could not be unlearned with the input-gradient penalty: a ReLU network read
 the saturated patch through units whose input gradient on it is ~0 (gradient masking), so the
 penalised model still followed the patch (94 % agreement, 23 % test accuracy at lambda = 1;
-at chance for lambda in 0.1 .. 1000). With the mid-range palette the same model and penalty recover
+at chance for lambda in 0.01 .. 1000). With the mid-range palette the same model and penalty recover
 (see docs/training_with_explanations.md). The decoy stays strong: a plainly trained model's test
-accuracy falls by about 30 points.
+accuracy falls from 100 % (decoy-free) to 34 % and it follows the patch 84 % of the time.
 
 The ``allowed`` mask is True everywhere except on the patch (the paper's annotation matrix ``A`` is
 its complement: ``A = ~allowed``). We chose the patch's complement rather than the object mask
