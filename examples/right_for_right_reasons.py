@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import torchex_fn as tx
-from torchex_fn._decoy import decoy_shapes
+from torchex_fn.datasets import decoy_shapes
 
 try:  # DeepLift (torchex_fn.propagation) is being written; use it when it exists.
     from torchex_fn.propagation import deeplift as _deeplift

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import _checks
 
-__all__ = ["Shapes", "shapes", "CLASSES"]
+__all__ = ["Shapes", "shapes", "CLASSES", "DecoyShapes", "decoy_shapes", "PALETTE"]
 
 _CHUNK = 256
 
@@ -166,3 +166,7 @@ def shapes(
         images[s] = img.add_(noise[s], alpha=noise_std).clamp_(0, 1)
         masks[s] = mask
     return Shapes(images, labels, masks)
+
+
+# The decoy variant ("Right for the Right Reasons") lives in its own module; it builds on shapes().
+from ._decoy import PALETTE, DecoyShapes, decoy_shapes  # noqa: E402
