@@ -33,10 +33,13 @@ METHODS = {
     "cam": (tx.cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
     "grad_cam": (tx.grad_cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
     "grad_cam_small": (tx.grad_cam, {"layer": "conv1", "upsample": False, "relu": False}, lambda s: (s[0], 1, *s[2:])),
+    "grad_cam_pp": (tx.grad_cam_pp, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
+    "score_cam": (tx.score_cam, {"layer": "features", "batch_size": 8}, lambda s: (s[0], 1, *s[2:])),
     "deeplift": (tx.deeplift, {"baseline": 0.1}, lambda s: s),
     "rise": (_rise, {"num_masks": 24, "cell_size": 3, "batch_size": 16}, lambda s: (s[0], 1, *s[2:])),
 }
-DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small", "deeplift", "rise"]
+DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small", "grad_cam_pp", "score_cam",
+                  "deeplift", "rise"]
 
 
 def call(name, fn, params, x, target):

@@ -1,6 +1,6 @@
 """torchex_fn: functional, stateless attribution methods for PyTorch, built on ``torch.func``."""
 from . import datasets, metrics, postprocess, targets, viz
-from .cam import cam, grad_cam
+from .cam import cam, grad_cam, grad_cam_pp, score_cam
 from .capture import capture, intermediates, layer_gradients, tap
 from .classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
 from .functional import functionalize, params_of
@@ -16,7 +16,7 @@ __all__ = [
     "functionalize", "params_of",
     "capture", "intermediates", "layer_gradients", "tap",
     "saliency", "input_x_gradient",
-    "cam", "grad_cam",
+    "cam", "grad_cam", "grad_cam_pp", "score_cam",
     "deeplift", "deeplift_shap",
     "rise",
     "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift",

@@ -1,9 +1,10 @@
-"""Layer family: class activation maps (CAM, Grad-CAM)."""
+"""Layer family: class activation maps (CAM, Grad-CAM, Grad-CAM++, Score-CAM)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Union
+from typing import Any, Dict, List, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks
@@ -12,7 +13,7 @@ from . import postprocess as _postprocess
 from . import targets as _targets
 from ._types import Layer, LayerSpec, ModelFn, Params, Target
 
-__all__ = ["cam", "grad_cam"]
+__all__ = ["cam", "grad_cam", "grad_cam_pp", "score_cam"]
 
 
 def _check_common(fn: str, model_fn, params, x, target, relu, upsample) -> None:
@@ -161,3 +162,172 @@ def grad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
         weights = grad.mean(dim=tuple(range(2, grad.ndim)), keepdim=True)
         maps[name] = _finish(fn, (weights * act).sum(dim=1, keepdim=True), x, relu, upsample)
     return rebuild(maps)
+
+
+# Grad-CAM++'s alpha denominator gets this added, as pytorch-grad-cam does, so that a position
+# where the denominator cancels gives a large but finite alpha.
+_PP_EPS = 1e-6
+
+
+def grad_cam_pp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+                relu: bool = True, upsample: bool = True) -> Any:
+    """Grad-CAM++: channel weights sum the positive gradients, each scaled by a per-position alpha.
+
+    With ``g = d y_c / d A_k`` at each position and ``S_k = sum_ij A_k[i, j]``,
+    ``alpha = g^2 / (2 g^2 + S_k g^3 + 1e-6)`` (0 where ``g == 0``), ``w_k = sum_ij alpha relu(g)``
+    and ``map = relu(sum_k w_k A_k)``. This is the paper's closed form for an exponentiated score
+    ``exp(y_c)``, whose second and third derivatives are powers of the first; the score
+    differentiated is ``y_c`` itself, as in pytorch-grad-cam, whose raw maps this reproduces.
+    Several layers share one forward and one backward pass.
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, C, *spatial]``.
+      target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
+      layer: Dotted module name or the module; a list / tuple / dict of them gives a list / dict
+        of maps.
+      relu: Keep only positive evidence, as in the paper. Default: True.
+      upsample: Resize to ``x``'s spatial size (bilinear, ``align_corners=False``). Default: True.
+
+    Returns:
+      Maps ``[B, 1, H, W]`` (``[B, 1, *spatial]`` with ``upsample=False``), in ``layer``'s structure.
+
+    Raises:
+      ValueError: an unknown layer (with close names suggested), a layer never reached in the
+        forward or without a spatial grid, a target out of range, NaN input.
+      TypeError: integer images, a bad target or layer type.
+
+    Example:
+      >>> grad_cam_pp(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+      >>> l3, l4 = grad_cam_pp(fn, params, images, labels, layer=["layer3", "layer4"])
+
+    Cost: as :func:`grad_cam`: one forward, one backward from the output to the deepest ``layer``
+    only (no parameter gradients).
+    References: Chattopadhyay et al., "Grad-CAM++: Generalized Gradient-Based Visual Explanations
+    for Deep Convolutional Networks", WACV 2018.
+    """
+    fn = "grad_cam_pp"
+    _check_common(fn, model_fn, params, x, target, relu, upsample)
+    names, rebuild = resolve_layers(fn, model_fn, layer)
+    result = layer_gradients(model_fn, params, x, target, layers=names, fn=fn)
+    maps: Dict[str, Tensor] = {}
+    for name in dict.fromkeys(names):
+        act, grad = result.acts[name], result.grads[name]
+        _check_activation(fn, name, act)
+        spatial = tuple(range(2, grad.ndim))
+        total = act.sum(dim=spatial, keepdim=True)
+        g2 = grad * grad
+        alpha = g2 / (2 * g2 + total * g2 * grad + _PP_EPS)
+        alpha = torch.where(grad != 0, alpha, torch.zeros_like(alpha))
+        weights = (alpha * torch.relu(grad)).sum(dim=spatial, keepdim=True)
+        maps[name] = _finish(fn, (weights * act).sum(dim=1, keepdim=True), x, relu, upsample)
+    return rebuild(maps)
+
+
+_SCORE_CAM_WEIGHTS = ("prob", "softmax")
+
+
+def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+              batch_size: int = 32, upsample: bool = True, relu: bool = True, weights: str = "prob",
+              align_corners: bool = False) -> Tensor:
+    """Score-CAM: each channel is weighted by the model's score for the input masked by that channel.
+
+    Each activation channel ``A_k`` is resized to ``x``'s size (bilinear) and min-max normalised
+    to ``M_k = (A_k - min) / (max - min + 1e-8)`` (a constant channel gives ``M_k = 0``); the
+    model scores ``x * M_k``, and ``map = relu(sum_k w_k A_k)`` at the layer's resolution. The
+    channel weights ``w_k`` come from the scores of the ``K`` masked copies of each image:
+
+    * ``weights="prob"``: ``w_k = softmax(out(x * M_k))[c]``, the target's class probability, as
+      in the authors' released code (a callable target's value is used as ``w_k`` directly);
+    * ``weights="softmax"``: ``w = softmax_k(s_k)``, a softmax over channels of the target's raw
+      score ``s_k`` (the logit, or a callable's value), as pytorch-grad-cam's ``ScoreCAM``
+      computes it (which also resizes with ``align_corners=True``).
+
+    No gradient is needed, and autograd is left as the caller has it: with ``params`` and ``x``
+    not requiring gradients (``functionalize`` detaches ``params``) no graph is recorded. Under
+    ``torch.func.grad`` or with inputs requiring gradients the map is differentiable (almost
+    everywhere: min-max normalisation), but all ``B K`` masked forwards are kept for the backward;
+    wrap the call in ``torch.no_grad()`` when no gradient is wanted.
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch of images ``[B, C, H, W]``.
+      target: ``None`` (the class predicted for the unmasked image), int, ``[B]`` ints, or a
+        callable ``out -> [n]`` applied to each batch of ``n`` masked images (it must act row by row).
+      layer: One dotted module name or module with output ``[B, K, h, w]``.
+      batch_size: The most masked images in one forward pass (memory cap; it does not change the
+        result beyond float rounding). Default: 32.
+      upsample: Resize the map to ``x``'s spatial size (bilinear, ``align_corners=False``). Default: True.
+      relu: Keep only positive evidence, as in the paper. Default: True.
+      weights: ``"prob"`` or ``"softmax"``, see above. Default: ``"prob"``.
+      align_corners: How the activations are resized into masks. Default: False (the authors'
+        code); pytorch-grad-cam uses True.
+
+    Returns:
+      ``[B, 1, H, W]`` (``[B, 1, h, w]`` with ``upsample=False``).
+
+    Raises:
+      ValueError: an unknown layer, a layer never reached or without a 2-d grid, ``batch_size``
+        below 1, an unknown ``weights``, ``x`` not of rank 4, a target out of range, NaN input.
+      TypeError: several layers (Score-CAM takes one), a bad ``batch_size``, target or layer type.
+
+    Example:
+      >>> score_cam(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+      >>> with torch.no_grad():
+      ...     maps = score_cam(fn, params, images, layer=model.layer3, batch_size=128)
+
+    Cost: one forward over ``x`` to capture the layer, then ``ceil(B K / batch_size)`` forward
+    passes of up to ``batch_size`` masked images; no backward. Memory: one such forward plus the
+    ``B K`` masks ``[H, W]``.
+    References: Wang et al., "Score-CAM: Score-Weighted Visual Explanations for Convolutional
+    Neural Networks", CVPR Workshops 2020.
+    """
+    fn = "score_cam"
+    _check_common(fn, model_fn, params, x, target, relu, upsample)
+    _checks.check_positive_int(fn, "batch_size", batch_size)
+    _checks.check_bool(fn, "align_corners", align_corners)
+    if weights not in _SCORE_CAM_WEIGHTS:
+        raise _checks.value_error(fn, f"weights in {_SCORE_CAM_WEIGHTS}", _checks.describe(weights))
+    if isinstance(layer, (list, tuple, dict)):
+        raise _checks.type_error(fn, "layer, one dotted name or module (Score-CAM takes one layer per call)",
+                                 _checks.describe(layer), "Call score_cam once per layer.")
+    if x.ndim != 4:
+        raise _checks.value_error(fn, "x of rank 4 ([B, C, H, W])", _checks.describe(x))
+    names, _ = resolve_layers(fn, model_fn, layer)
+    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
+    act = acts[names[0]]
+    if act.ndim != 4:
+        raise _checks.value_error(fn, f"layer {names[0]!r} to output [B, K, h, w]", _checks.describe(act),
+                                  "Name a 2-d convolutional layer.")
+    batch, channels = act.shape[:2]
+    index = None
+    if not (callable(target) and not isinstance(target, Tensor)):
+        index = _targets.resolve_index(out, target, fn=fn)
+
+    # Row r of the flattened work is image r // K masked by its channel r % K. Masks are made one
+    # chunk at a time: all B K of them at the input's size would not fit (8 x 512 x 224 x 224 floats).
+    channel_maps = act.reshape(batch * channels, 1, *act.shape[2:])
+    image_of = torch.arange(batch, device=x.device).repeat_interleave(channels)
+    scores: List[Tensor] = []
+    for start in range(0, batch * channels, batch_size):
+        rows = image_of[start:start + batch_size]
+        masks = F.interpolate(channel_maps[start:start + batch_size], size=x.shape[2:], mode="bilinear",
+                              align_corners=align_corners)
+        low = masks.amin(dim=(2, 3), keepdim=True)
+        high = masks.amax(dim=(2, 3), keepdim=True)
+        masks = (masks - low) / (high - low + 1e-8)
+        masked_out = model_fn(params, x.index_select(0, rows) * masks)
+        if index is None:
+            scores.append(_targets.resolve(masked_out, target, fn=fn))
+        else:
+            chosen = index.index_select(0, rows)
+            if weights == "prob":
+                masked_out = torch.softmax(masked_out, dim=1)
+            scores.append(masked_out.gather(1, chosen[:, None]).squeeze(1))
+    channel_weights = torch.cat(scores).reshape(batch, channels)
+    if weights == "softmax":
+        channel_weights = torch.softmax(channel_weights, dim=1)
+    maps = torch.einsum("bk,bkhw->bhw", channel_weights.to(act.dtype), act).unsqueeze(1)
+    return _finish(fn, maps, x, relu, upsample)
