@@ -279,8 +279,8 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
       ...     maps = score_cam(fn, params, images, layer=model.layer3, batch_size=128)
 
     Cost: one forward over ``x`` to capture the layer, then ``ceil(B K / batch_size)`` forward
-    passes of up to ``batch_size`` masked images; no backward. Memory: one such forward plus the
-    ``B K`` masks ``[H, W]``.
+    passes of up to ``batch_size`` masked images; no backward. Memory: one such forward and its
+    ``batch_size`` masks ``[H, W]`` (masks are made one chunk at a time).
     References: Wang et al., "Score-CAM: Score-Weighted Visual Explanations for Convolutional
     Neural Networks", CVPR Workshops 2020.
     """
