@@ -25,6 +25,12 @@ def _rise(model_fn, params, x, target, **options):
     return tx.rise(model_fn, params, x, target, generator=torch.Generator().manual_seed(7), **options)
 
 
+def _smooth(model_fn, params, x, target, *, method, kind="smoothgrad", samples=3, **options):
+    """SmoothGrad-style transform of ``method`` with a fresh seeded generator per call."""
+    smoothed = tx.smooth(method, samples=samples, kind=kind, generator=torch.Generator().manual_seed(7))
+    return smoothed(model_fn, params, x, target, **options)
+
+
 # name -> (function, keyword options, output shape from x's shape)
 METHODS = {
     "saliency": (tx.saliency, {}, lambda s: s),
@@ -35,10 +41,17 @@ METHODS = {
     "grad_cam_small": (tx.grad_cam, {"layer": "conv1", "upsample": False, "relu": False}, lambda s: (s[0], 1, *s[2:])),
     "grad_cam_pp": (tx.grad_cam_pp, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
     "score_cam": (tx.score_cam, {"layer": "features", "batch_size": 8}, lambda s: (s[0], 1, *s[2:])),
+    "integrated_gradients": (tx.integrated_gradients, {"baseline": 0.1, "steps": 8}, lambda s: s),
+    "integrated_gradients_chunked": (tx.integrated_gradients,
+                                     {"steps": 5, "method": "riemann_trapezoid", "batch_size": 4}, lambda s: s),
+    "smoothgrad": (_smooth, {"method": tx.saliency}, lambda s: s),
+    "vargrad_grad_cam": (_smooth, {"method": tx.grad_cam, "kind": "vargrad", "layer": "features"},
+                         lambda s: (s[0], 1, *s[2:])),
     "deeplift": (tx.deeplift, {"baseline": 0.1}, lambda s: s),
     "rise": (_rise, {"num_masks": 24, "cell_size": 3, "batch_size": 16}, lambda s: (s[0], 1, *s[2:])),
 }
 DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small", "grad_cam_pp", "score_cam",
+                  "integrated_gradients", "integrated_gradients_chunked", "smoothgrad", "vargrad_grad_cam",
                   "deeplift", "rise"]
 
 

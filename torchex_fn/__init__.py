@@ -4,9 +4,10 @@ from .cam import cam, grad_cam, grad_cam_pp, score_cam
 from .capture import capture, intermediates, layer_gradients, tap
 from .classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
 from .functional import functionalize, params_of
-from .gradient import input_x_gradient, saliency
+from .gradient import input_x_gradient, saliency, smooth
 from .metrics import (deletion, energy_pointing_game, infidelity, insertion, pointing_game, randomization_check,
                       sensitivity_max)
+from .path import integrated_gradients
 from .perturbation import rise
 from .propagation import deeplift, deeplift_shap
 
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "functionalize", "params_of",
     "capture", "intermediates", "layer_gradients", "tap",
-    "saliency", "input_x_gradient",
+    "saliency", "input_x_gradient", "smooth", "integrated_gradients",
     "cam", "grad_cam", "grad_cam_pp", "score_cam",
     "deeplift", "deeplift_shap",
     "rise",

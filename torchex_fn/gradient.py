@@ -1,8 +1,9 @@
-"""Input-gradient family: saliency (simple gradient) and input x gradient."""
+"""Input-gradient family: saliency (simple gradient), input x gradient, and ``smooth`` (SmoothGrad)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, List, Optional
 
+import torch
 from torch import Tensor
 
 from . import _checks
@@ -10,7 +11,9 @@ from ._autodiff import grad_of_sum
 from . import targets as _targets
 from ._types import ModelFn, Params, Target
 
-__all__ = ["saliency", "input_x_gradient", "input_gradient"]
+__all__ = ["saliency", "input_x_gradient", "input_gradient", "smooth"]
+
+SMOOTH_KINDS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
 def input_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
@@ -75,3 +78,148 @@ def input_x_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Targe
     _checks.check_optional_callable("input_x_gradient", "post_process", post_process)
     attr = x * input_gradient(model_fn, params, x, target, fn="input_x_gradient")
     return post_process(attr) if post_process is not None else attr
+
+
+def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0.15, kind: str = "smoothgrad",
+           stdev_spread: bool = True, generator: Optional[torch.Generator] = None,
+           batch_size: Optional[int] = None) -> Callable[..., Tensor]:
+    """SmoothGrad as a transform: ``method`` averaged over noisy copies of the input.
+
+    ``smooth(method)(model_fn, params, x, target, **options)`` draws ``samples`` noise tensors
+    ``eps_s ~ N(0, sigma_b^2)`` per example and combines the maps ``m_s = method(model_fn, params,
+    x + eps_s, target, **options)``: their mean (``"smoothgrad"``), the mean of their squares
+    (``"smoothgrad_sq"``) or their variance, ``mean(m_s^2) - mean(m_s)^2`` (``"vargrad"``, divided
+    by ``samples``). With ``stdev_spread=True`` (default) ``sigma_b = stdev * (max(x_b) - min(x_b))``
+    as in Smilkov et al. (a noise level of 10-20 % of each example's range); with
+    ``stdev_spread=False`` ``sigma_b = stdev``, an absolute standard deviation as captum's
+    ``NoiseTunnel(stdevs=...)`` uses (so ``stdev=0.15`` means different things in the two modes).
+    The noisy copies of all examples run as one batch through ``method``, ``max(1, batch_size // B)``
+    samples at a time, so memory does not grow with ``samples``. Each sample draws one standard
+    normal tensor ``[*input]`` from ``generator``, shared by all examples (each scaled by its own
+    ``sigma_b``): an example's map depends only on the seed, never on ``batch_size`` or on the other
+    examples in the batch (the batch gives the same maps as one example at a time).
+
+    Args:
+      method: Any method of this package, ``(model_fn, params, x, target=None, **options) -> map``
+        returning one tensor ``[B, ...]`` (``saliency``, ``input_x_gradient``, ``grad_cam``,
+        ``integrated_gradients``, ...).
+      samples: Number of noisy copies per example, >= 1. Default: 25.
+      stdev: Noise standard deviation, >= 0, relative to each example's range or absolute (see
+        ``stdev_spread``). Default: 0.15.
+      kind: ``"smoothgrad"`` (default), ``"smoothgrad_sq"`` or ``"vargrad"``.
+      stdev_spread: ``True``: ``stdev`` is a fraction of ``max(x_b) - min(x_b)`` (the paper);
+        ``False``: an absolute standard deviation (captum). Default: True.
+      generator: The only source of noise (a ``torch.Generator`` on ``x``'s device, or ``None`` for
+        the global one); the same seed gives the same map.
+      batch_size: Memory cap: the most examples in one call of ``method``, i.e. ``B`` times the
+        samples per call (one sample of ``batch_size`` examples when ``B > batch_size``).
+        ``None`` (default): one sample of all ``B`` examples per call.
+
+    Returns:
+      A function with ``method``'s signature, ``(model_fn, params, x, target=None, **options)``,
+      returning a map of ``method``'s shape on ``x``'s dtype and device. Keyword ``options`` are
+      passed to ``method`` unchanged; tensor options are not repeated over samples, so give
+      per-example tensors (e.g. a baseline ``[B, *input]``) a batch dimension of 1 or none.
+      ``target=None`` is resolved to the class predicted for ``x`` (one extra forward), not for each
+      noisy copy; a callable target receives the output of ``B`` (or ``batch_size``) noisy examples
+      at a time, in ``x``'s order.
+
+    Raises:
+      TypeError: a non-callable ``method``, bad option types (when ``smooth`` is called); the
+        checks of the wrapped call (non-float ``x``, bad ``target``), or a ``method`` that does not
+        return a tensor.
+      ValueError: ``smooth: expected samples >= 1, got int 0.``; an unknown ``kind``; a negative
+        ``stdev``; NaN inputs; ``target`` out of range.
+
+    Example:
+      >>> smoothgrad = smooth(saliency, samples=50, generator=torch.Generator().manual_seed(0))
+      >>> smoothgrad(fn, params, images, labels).shape                    # [8, 3, 224, 224]
+      >>> smooth(grad_cam, kind="vargrad")(fn, params, images, labels, layer="layer4").shape  # [8, 1, 224, 224]
+      >>> torch.func.vmap(lambda p: smoothgrad(fn, p, images, labels), randomness="same")(stacked)
+
+    Cost: ``samples`` calls of ``method`` on ``B`` examples (``ceil(samples / k)`` calls on ``k * B``
+      with ``k = batch_size // B``), plus one forward for ``target=None``. Memory: one call of
+      ``method`` on ``max(B, batch_size)`` examples plus three maps.
+    References: Smilkov et al., "SmoothGrad: removing noise by adding noise", 2017; Adebayo et al.,
+      "Local Explanation Methods for Deep Neural Networks Lack Sensitivity to Parameter Values"
+      (VarGrad), 2018.
+    """
+    fn = "smooth"
+    if not callable(method):
+        raise _checks.type_error(fn, "method, an attribution function (model_fn, params, x, target, **options)",
+                                 _checks.describe(method))
+    _checks.check_positive_int(fn, "samples", samples)
+    if isinstance(stdev, bool) or not isinstance(stdev, (int, float)):
+        raise _checks.type_error(fn, "stdev, a float >= 0", _checks.describe(stdev))
+    if not stdev >= 0.0:  # also NaN
+        raise _checks.value_error(fn, "stdev >= 0", _checks.describe(stdev))
+    if not isinstance(kind, str):
+        raise _checks.type_error(fn, f"kind, one of {SMOOTH_KINDS}", _checks.describe(kind))
+    if kind not in SMOOTH_KINDS:
+        raise _checks.unknown_name(fn, "kind", kind, SMOOTH_KINDS)
+    _checks.check_bool(fn, "stdev_spread", stdev_spread)
+    _checks.check_generator(fn, generator)
+    _checks.check_positive_int(fn, "batch_size", batch_size, allow_none=True)
+
+    def smoothed(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, **options: Any) -> Tensor:
+        _checks.check_call(fn, model_fn, params, x, target)
+        batch = x.shape[0]
+        cap = batch if batch_size is None else batch_size
+        per_call = max(1, cap // batch)                                 # samples per call of method
+        groups = [(start, min(start + cap, batch)) for start in range(0, batch, cap)]
+        if target is None:  # the class predicted for the clean input
+            out = torch.cat([model_fn(params, x[g0:g1]) for g0, g1 in groups])
+            target = _targets.resolve_index(out, None, fn=fn)
+        elif isinstance(target, Tensor):
+            target = target.to(device=x.device, dtype=torch.long).expand(batch)
+        by_callable = not isinstance(target, Tensor) and callable(target)
+
+        ones = (1,) * (x.ndim - 1)
+        sigma = torch.as_tensor(float(stdev), dtype=x.dtype, device=x.device)
+        if stdev_spread:
+            flat = x.flatten(1)
+            sigma = sigma * (flat.amax(dim=1) - flat.amin(dim=1)).view(batch, *ones)
+
+        first: List[Optional[Tensor]] = [None] * len(groups)       # a shift that makes vargrad exact
+        sums: List[Optional[Tensor]] = [None] * len(groups)
+        squares: List[Optional[Tensor]] = [None] * len(groups)
+        for start in range(0, samples, per_call):
+            k = min(per_call, samples - start)
+            # One draw of [*input] per sample, shared by the examples (each scaled by its own sigma):
+            # a map depends neither on batch_size nor on the other examples in the batch.
+            noise = torch.stack([torch.randn(x.shape[1:], generator=generator, dtype=x.dtype, device=x.device)
+                                 for _ in range(k)])                # [k, *input]
+            noisy = x + sigma * noise[:, None]                       # [k, B, *input]
+            for gi, (g0, g1) in enumerate(groups):
+                size = g1 - g0
+                if by_callable:
+                    def g_target(out: Tensor, size: int = size) -> Tensor:
+                        return torch.cat([target(piece) for piece in out.split(size)])
+                elif isinstance(target, Tensor):
+                    g_target = target[g0:g1].repeat(k)
+                else:
+                    g_target = target
+                maps = method(model_fn, params, noisy[:, g0:g1].flatten(0, 1), g_target, **options)
+                if not isinstance(maps, Tensor):
+                    raise _checks.type_error(fn, "method to return one tensor [B, ...]", _checks.describe(maps),
+                                             "Wrap methods that return a list or dict of maps.")
+                maps = maps.view(k, size, *maps.shape[1:])
+                if kind == "vargrad":
+                    if first[gi] is None:
+                        first[gi] = maps[0]
+                    maps = maps - first[gi]
+                part = maps.sum(dim=0)
+                sums[gi] = part if sums[gi] is None else sums[gi] + part
+                if kind != "smoothgrad":
+                    square = maps.square().sum(dim=0)
+                    squares[gi] = square if squares[gi] is None else squares[gi] + square
+        if kind == "smoothgrad":
+            return torch.cat(sums) / samples
+        if kind == "smoothgrad_sq":
+            return torch.cat(squares) / samples
+        mean = torch.cat(sums) / samples
+        return torch.cat(squares) / samples - mean.square()
+
+    smoothed.__name__ = f"smooth_{getattr(method, '__name__', 'method')}"
+    smoothed.__doc__ = f"{kind} of {getattr(method, '__name__', 'method')} over {samples} noisy samples (see `smooth`)."
+    return smoothed
