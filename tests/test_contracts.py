@@ -47,12 +47,14 @@ METHODS = {
     "smoothgrad": (_smooth, {"method": tx.saliency}, lambda s: s),
     "vargrad_grad_cam": (_smooth, {"method": tx.grad_cam, "kind": "vargrad", "layer": "features"},
                          lambda s: (s[0], 1, *s[2:])),
+    "occlusion": (tx.occlusion, {"window": (3, 4, 4), "stride": 2, "batch_size": 8}, lambda s: s),
+    "guided_backprop": (tx.guided_backprop, {}, lambda s: s),
     "deeplift": (tx.deeplift, {"baseline": 0.1}, lambda s: s),
     "rise": (_rise, {"num_masks": 24, "cell_size": 3, "batch_size": 16}, lambda s: (s[0], 1, *s[2:])),
 }
 DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small", "grad_cam_pp", "score_cam",
                   "integrated_gradients", "integrated_gradients_chunked", "smoothgrad", "vargrad_grad_cam",
-                  "deeplift", "rise"]
+                  "occlusion", "guided_backprop", "deeplift", "rise"]
 
 
 def call(name, fn, params, x, target):

@@ -8,8 +8,8 @@ from .gradient import input_x_gradient, saliency, smooth
 from .metrics import (deletion, energy_pointing_game, infidelity, insertion, pointing_game, randomization_check,
                       sensitivity_max)
 from .path import integrated_gradients
-from .perturbation import rise
-from .propagation import deeplift, deeplift_shap
+from .perturbation import occlusion, rise
+from .propagation import deeplift, deeplift_shap, guided_backprop
 
 __version__ = "0.1.0"
 
@@ -18,8 +18,8 @@ __all__ = [
     "capture", "intermediates", "layer_gradients", "tap",
     "saliency", "input_x_gradient", "smooth", "integrated_gradients",
     "cam", "grad_cam", "grad_cam_pp", "score_cam",
-    "deeplift", "deeplift_shap",
-    "rise",
+    "deeplift", "deeplift_shap", "guided_backprop",
+    "occlusion", "rise",
     "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift",
     "deletion", "insertion", "pointing_game", "energy_pointing_game", "randomization_check",
     "infidelity", "sensitivity_max",

@@ -1,8 +1,8 @@
-"""Forward-only family: attribution by perturbing the input and watching the output (RISE)."""
+"""Forward-only family: attribution by perturbing the input and watching the output (RISE, occlusion)."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from . import _checks
 from . import targets as _targets
 from ._types import ModelFn, Params, Target
 
-__all__ = ["rise"]
+__all__ = ["rise", "occlusion"]
 
 _NORMALIZATIONS = ("paper", "per_pixel")
 
@@ -236,3 +236,180 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     else:
         maps = total / mask_sum.clamp_min(torch.finfo(acc_dtype).tiny)
     return maps.unsqueeze(1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Occlusion.
+
+def _check_sizes(fn: str, name: str, value: Any, rank: int) -> Tuple[int, ...]:
+    """``value`` (an int or a tuple of ``rank`` positive ints) as a tuple of ints; an int is not expanded here."""
+    if isinstance(value, (tuple, list)) and len(value) == rank and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if min(value) < 1:
+            raise _checks.value_error(fn, f"{name} >= 1 in every dimension", f"{tuple(value)}")
+        return tuple(value)
+    raise _checks.type_error(fn, f"{name}, an int or a tuple of {rank} ints (one per dimension of an example)",
+                             _checks.describe(value) if not isinstance(value, (tuple, list)) else f"{tuple(value)}")
+
+
+def _as_window(fn: str, name: str, value: Any, shape: Tuple[int, ...], *, whole_first: bool) -> Tuple[int, ...]:
+    rank = len(shape)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise _checks.value_error(fn, f"{name} >= 1", _checks.describe(value))
+        if whole_first and rank >= 2:  # an int window spans every channel and is square over the rest
+            return (shape[0],) + (value,) * (rank - 1)
+        return (value,) * rank
+    return _check_sizes(fn, name, value, rank)
+
+
+def _starts(size: int, window: int, stride: int) -> List[int]:
+    """Window starts along one dimension: ``0, s, 2s, ...`` until a window reaches the end.
+
+    The last window may be cut short by the end of the dimension (as in captum's ``Occlusion``).
+    """
+    return [k * stride for k in range(math.ceil((size - window) / stride) + 1)]
+
+
+def _cover(size: int, window: int, stride: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[K, size]`` 0/1 matrix: row ``k`` marks the elements that the ``k``-th window covers."""
+    starts = torch.tensor(_starts(size, window, stride), device=device)[:, None]
+    pos = torch.arange(size, device=device)[None]
+    return ((pos >= starts) & (pos < starts + window)).to(dtype)
+
+
+def occlusion(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, window: Any = 8,
+              stride: Any = None, baseline: Any = 0.0, batch_size: int = 64) -> Tensor:
+    """Occlusion: the drop of the score when a sliding window of the input is replaced by a baseline.
+
+    A window of shape ``window`` slides over each example ``[*input]`` (e.g. ``[C, H, W]``) with
+    steps ``stride``, starting at 0 in every dimension and stopping once a window reaches the end
+    (the last window of a dimension may stick out and is then cut off). For every position ``n``
+    the covered elements are set to the baseline, giving ``x_n = x * (1 - M_n) + baseline * M_n``,
+    and every element gets the mean of ``score(x) - score(x_n)`` over the windows that cover it::
+
+        A = sum_n (score(x) - score(x_n)) M_n / sum_n M_n
+
+    This is the definition of captum's ``Occlusion`` (``sliding_window_shapes``, ``strides``,
+    ``baselines``), which returns float32 whatever the input's dtype; this function keeps ``x``'s
+    dtype. The masks are separable, so the sums are taken one dimension at a time and no mask
+    of the whole input is kept beyond the forward batch being built.
+
+    Autograd is left as the caller has it (no backward pass is made): the map is an ordinary
+    differentiable function of ``params``, ``x`` and ``baseline`` (a.e.; see ``target``), and it
+    works under ``torch.func.vmap`` and ``torch.func.grad``. Wrap the call in ``torch.no_grad()``
+    when ``params`` require gradients but none is wanted: every forward pass is kept otherwise.
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, *input]``, floating point.
+      target: ``None`` (the class the model ranks first for the unoccluded input), an int, ``[B]``
+        ints, or a callable ``out -> [n]`` applied to each forward batch (``n`` rows, one per
+        occluded example, windows and examples interleaved: it must act row by row).
+      window: The window's shape, a tuple with one size per dimension of an example, or an int
+        ``k``: ``(C, k, k, ...)`` for examples of rank >= 2 (all channels, ``k`` along the others),
+        ``(k,)`` for rank 1. Default: 8 (``(3, 8, 8)`` for RGB images).
+      stride: The steps, an int for every dimension or a tuple with one per dimension, each at most
+        the window's size where the window is shorter than the input (so that every element is
+        covered). ``None`` takes the window's shape (non-overlapping tiles; captum's default is 1,
+        which costs one forward pass per position). Default: None.
+      baseline: The value of occluded elements: a float, or a tensor broadcastable to
+        ``[B, *input]``. Default: 0.0.
+      batch_size: Memory cap: the most occluded examples in one forward pass. With ``B`` examples,
+        a forward holds ``max(1, batch_size // B)`` windows times all ``B`` examples, or, when
+        ``B > batch_size``, one window times ``batch_size`` examples. It changes only the grouping
+        (results agree up to float rounding). Default: 64.
+
+    Returns:
+      ``[B, *input]`` attributions on ``x``'s device and dtype.
+
+    Raises:
+      ValueError: ``occlusion: expected window no larger than an example [3, 8, 8], got ...``;
+        a stride or window size below 1; a stride larger than the window where the window is
+        shorter than the input; ``batch_size`` below 1; NaN in ``x`` or ``baseline``; a target out
+        of range (after the first forward pass).
+      TypeError: integer ``x`` or ``baseline``, a window or stride that is neither an int nor a
+        tuple of ints of the example's rank, a bad target type.
+
+    Example:
+      >>> fn, params = functionalize(resnet.eval())
+      >>> occlusion(fn, params, images, labels, window=16, stride=8).shape   # [8, 3, 224, 224] -> same
+      >>> occlusion(fn, params, images, labels, window=(1, 15, 15), stride=(1, 8, 8), baseline=0.5)
+
+    Cost: ``P = prod_d (ceil((size_d - window_d) / stride_d) + 1)`` occluded forwards per example,
+    in ``ceil(P / max(1, batch_size // B))`` forward passes of up to ``max(batch_size, B)`` examples
+    (for ``B <= batch_size``), plus one forward of ``x``; no backward. Memory: one forward batch
+    and ``B * P`` scores.
+
+    References:
+      Zeiler and Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014.
+    """
+    fn = "occlusion"
+    _checks.check_call(fn, model_fn, params, x, target)
+    if x.is_complex():
+        raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(x))
+    from .propagation import _check_baseline  # the baseline rules that deeplift uses
+    base = _check_baseline(fn, baseline, x)
+    _checks.check_positive_int(fn, "batch_size", batch_size)
+    shape = tuple(x.shape[1:])
+    win = _as_window(fn, "window", window, shape, whole_first=True)
+    steps = win if stride is None else _as_window(fn, "stride", stride, shape, whole_first=False)
+    if any(w > s for w, s in zip(win, shape)):
+        raise _checks.value_error(fn, f"window no larger than an example {list(shape)}", f"{list(win)}",
+                                  "Shrink the window or pass it per dimension.")
+    if any(st > w and w < s for st, w, s in zip(steps, win, shape)):
+        raise _checks.value_error(fn, f"stride at most the window {list(win)} where it is shorter than the input",
+                                  f"{list(steps)}", "Larger steps would leave elements that no window covers.")
+
+    batch = x.shape[0]
+    counts = [len(_starts(s, w, st)) for s, w, st in zip(shape, win, steps)]
+    positions = math.prod(counts)
+    by_index = not (callable(target) and not isinstance(target, Tensor))
+    per_forward = max(1, batch_size // batch)
+    groups = [(start, min(start + batch_size, batch)) for start in range(0, batch, batch_size)]
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    covers = [_cover(s, w, st, acc_dtype, x.device) for s, w, st in zip(shape, win, steps)]  # [K_d, size_d]
+
+    def masks_of(first: int, last: int) -> Tensor:
+        """Masks ``[last - first, *input]`` of the windows numbered ``first .. last - 1`` (row-major)."""
+        index = torch.arange(first, last, device=x.device)
+        mask = None
+        for d in range(len(shape)):
+            stride_d = math.prod(counts[d + 1:])
+            rows = covers[d][(index // stride_d) % counts[d]]                       # [m, size_d]
+            rows = rows.reshape(rows.shape[0], *([1] * d), shape[d], *([1] * (len(shape) - d - 1)))
+            mask = rows if mask is None else mask * rows
+        return mask.expand(last - first, *shape)
+
+    full = torch.cat([model_fn(params, x[g0:g1]) for g0, g1 in groups])
+    if by_index:
+        index = _targets.resolve_index(full, target, fn=fn)
+        reference = full.gather(1, index[:, None]).squeeze(1)
+    else:
+        reference = _targets.resolve(full, target, fn=fn)
+
+    drops: List[List[Tensor]] = [[] for _ in groups]
+    for first in range(0, positions, per_forward):
+        last = min(first + per_forward, positions)
+        m = last - first
+        mask = masks_of(first, last).to(x.dtype)[None]                                # [1, m, *input]
+        for gi, (g0, g1) in enumerate(groups):
+            xs = x[g0:g1, None]
+            bs = base.expand(x.shape)[g0:g1, None] if base.ndim == x.ndim else base
+            occluded = (xs * (1 - mask) + bs * mask).flatten(0, 1)                      # [g * m, *input]
+            out = model_fn(params, occluded)
+            if by_index:
+                pairs = index[g0:g1, None].expand(g1 - g0, m).reshape(-1)
+                scores = out.gather(1, pairs[:, None]).squeeze(1)
+            else:
+                scores = _targets.resolve(out, target, fn=fn)
+            drops[gi].append(reference[g0:g1, None] - scores.reshape(g1 - g0, m))
+    diff = torch.cat([torch.cat(d, dim=1) for d in drops]).to(acc_dtype)              # [B, P]
+    total = diff.reshape(batch, *counts)
+    weight = None
+    for d, cover in enumerate(covers):                          # contract window index d with cover d
+        total = torch.tensordot(total, cover, dims=([1], [0]))  # the window axis moves to the end
+        per_dim = cover.sum(0).reshape(*([1] * d), shape[d], *([1] * (len(shape) - d - 1)))
+        weight = per_dim if weight is None else weight * per_dim
+    return (total / weight).to(x.dtype)
