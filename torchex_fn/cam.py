@@ -151,7 +151,17 @@ def grad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     the layers' shapes.
     References: Selvaraju et al., "Grad-CAM", ICCV 2017.
     """
-    fn = "grad_cam"
+    return _gradient_weighted("grad_cam", _grad_cam_weights, model_fn, params, x, target, layer, relu, upsample)
+
+
+def _grad_cam_weights(act: Tensor, grad: Tensor) -> Tensor:
+    """Grad-CAM's channel weights ``[B, K, 1, ...]``: the spatial mean of the gradient."""
+    del act
+    return grad.mean(dim=tuple(range(2, grad.ndim)), keepdim=True)
+
+
+def _gradient_weighted(fn: str, channel_weights, model_fn, params, x, target, layer, relu, upsample) -> Any:
+    """``sum_k w_k A_k`` per layer, with ``w = channel_weights(A, d score / d A)``, in one forward + backward."""
     _check_common(fn, model_fn, params, x, target, relu, upsample)
     names, rebuild = resolve_layers(fn, model_fn, layer)
     result = layer_gradients(model_fn, params, x, target, layers=names, fn=fn)
@@ -159,7 +169,7 @@ def grad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     for name in dict.fromkeys(names):
         act, grad = result.acts[name], result.grads[name]
         _check_activation(fn, name, act)
-        weights = grad.mean(dim=tuple(range(2, grad.ndim)), keepdim=True)
+        weights = channel_weights(act, grad)
         maps[name] = _finish(fn, (weights * act).sum(dim=1, keepdim=True), x, relu, upsample)
     return rebuild(maps)
 
@@ -207,22 +217,18 @@ def grad_cam_pp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = N
     References: Chattopadhyay et al., "Grad-CAM++: Generalized Gradient-Based Visual Explanations
     for Deep Convolutional Networks", WACV 2018.
     """
-    fn = "grad_cam_pp"
-    _check_common(fn, model_fn, params, x, target, relu, upsample)
-    names, rebuild = resolve_layers(fn, model_fn, layer)
-    result = layer_gradients(model_fn, params, x, target, layers=names, fn=fn)
-    maps: Dict[str, Tensor] = {}
-    for name in dict.fromkeys(names):
-        act, grad = result.acts[name], result.grads[name]
-        _check_activation(fn, name, act)
-        spatial = tuple(range(2, grad.ndim))
-        total = act.sum(dim=spatial, keepdim=True)
-        g2 = grad * grad
-        alpha = g2 / (2 * g2 + total * g2 * grad + _PP_EPS)
-        alpha = torch.where(grad != 0, alpha, torch.zeros_like(alpha))
-        weights = (alpha * torch.relu(grad)).sum(dim=spatial, keepdim=True)
-        maps[name] = _finish(fn, (weights * act).sum(dim=1, keepdim=True), x, relu, upsample)
-    return rebuild(maps)
+    return _gradient_weighted("grad_cam_pp", _grad_cam_pp_weights, model_fn, params, x, target, layer, relu,
+                              upsample)
+
+
+def _grad_cam_pp_weights(act: Tensor, grad: Tensor) -> Tensor:
+    """Grad-CAM++'s channel weights ``[B, K, 1, ...]``: ``sum_ij alpha relu(g)``."""
+    spatial = tuple(range(2, grad.ndim))
+    total = act.sum(dim=spatial, keepdim=True)
+    g2 = grad * grad
+    alpha = g2 / (2 * g2 + total * g2 * grad + _PP_EPS)
+    alpha = torch.where(grad != 0, alpha, torch.zeros_like(alpha))
+    return (alpha * torch.relu(grad)).sum(dim=spatial, keepdim=True)
 
 
 _SCORE_CAM_WEIGHTS = ("prob", "softmax")
