@@ -119,11 +119,12 @@ def unknown_name(fn: str, what: str, name: str, known: Iterable[str]) -> ValueEr
     return ValueError(f"{fn}: unknown {what} {name!r}. {hint}".rstrip())
 
 
-def check_call(fn: str, model_fn: Any, params: Any, x: Any, target: Any, *, min_ndim: int = 2) -> None:
-    """The checks every method shares: ``model_fn``, ``params``, ``x`` and ``target``."""
+def check_call(fn: str, model_fn: Any, params: Any, x: Any, target: Any, *, min_ndim: int = 2,
+               ndim: Optional[int] = None) -> None:
+    """The checks every method shares: ``model_fn``, ``params``, ``x`` (see :func:`check_input`) and ``target``."""
     from . import targets  # targets imports this module
 
     check_model_fn(fn, model_fn)
     check_params(fn, params)
-    check_input(fn, x, min_ndim=min_ndim)
+    check_input(fn, x, ndim=ndim, min_ndim=min_ndim)
     targets.check(fn, target, x.shape[0])

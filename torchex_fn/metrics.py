@@ -200,10 +200,7 @@ def _curve(fn: str, model_fn: ModelFn, params: Params, x: Tensor, attribution: T
 
 
 def _check_curve_args(fn, model_fn, params, x, attribution, target, step, batch_size) -> Tensor:
-    _checks.check_model_fn(fn, model_fn)
-    _checks.check_params(fn, params)
-    _checks.check_input(fn, x, ndim=4)
-    _targets.check(fn, target, x.shape[0])
+    _checks.check_call(fn, model_fn, params, x, target, ndim=4)
     _checks.check_positive_int(fn, "step", step, allow_none=True)
     _checks.check_positive_int(fn, "batch_size", batch_size)
     return _as_map(fn, "attribution", attribution, x.shape[0], x.shape[2:])
@@ -512,10 +509,7 @@ def infidelity(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor
     References: Yeh et al., "On the (In)fidelity and Sensitivity of Explanations", NeurIPS 2019.
     """
     fn = "infidelity"
-    _checks.check_model_fn(fn, model_fn)
-    _checks.check_params(fn, params)
-    _checks.check_input(fn, x, min_ndim=1)
-    _targets.check(fn, target, x.shape[0])
+    _checks.check_call(fn, model_fn, params, x, target, min_ndim=1)
     if not callable(perturb_fn):
         raise _checks.type_error(fn, "perturb_fn, a callable (x, generator) -> (perturbation, perturbed_x)",
                                  _checks.describe(perturb_fn))

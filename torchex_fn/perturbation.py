@@ -170,12 +170,9 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     Black-box Models", BMVC 2018.
     """
     fn = "rise"
-    _checks.check_model_fn(fn, model_fn)
-    _checks.check_params(fn, params)
-    _checks.check_input(fn, x, ndim=4)
+    _checks.check_call(fn, model_fn, params, x, target, ndim=4)
     if x.is_complex():
         raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(x))
-    _targets.check(fn, target, x.shape[0])
     _checks.check_positive_int(fn, "num_masks", num_masks)
     _checks.check_positive_int(fn, "cell_size", cell_size)
     _checks.check_positive_int(fn, "batch_size", batch_size)

@@ -54,13 +54,6 @@ _BACKENDS = ("native", "captum")
 # --------------------------------------------------------------------------------------------
 # Validation.
 
-def _check_common(fn: str, model_fn, params, x, target) -> None:
-    _checks.check_model_fn(fn, model_fn)
-    _checks.check_params(fn, params)
-    _checks.check_input(fn, x, min_ndim=2)
-    _targets.check(fn, target, x.shape[0])
-
-
 def _check_eps(fn: str, eps: Any) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise _checks.type_error(fn, "eps, a float >= 0", _checks.describe(eps))
@@ -464,7 +457,7 @@ def deeplift(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
       Differences", ICML 2017.
     """
     fn = "deeplift"
-    _check_common(fn, model_fn, params, x, target)
+    _checks.check_call(fn, model_fn, params, x, target)
     base = _check_baseline(fn, baseline, x)
     _check_eps(fn, eps)
     _check_backend(fn, backend)
@@ -512,7 +505,7 @@ def deeplift_shap(model_fn: ModelFn, params: Params, x: Tensor, target: Target =
       Shrikumar et al., ICML 2017.
     """
     fn = "deeplift_shap"
-    _check_common(fn, model_fn, params, x, target)
+    _checks.check_call(fn, model_fn, params, x, target)
     if not isinstance(baselines, Tensor):
         raise _checks.type_error(fn, f"baselines, a tensor of shape [N, {', '.join(map(str, x.shape[1:]))}]",
                                  _checks.describe(baselines))
@@ -627,7 +620,7 @@ def guided_backprop(model_fn: ModelFn, params: Params, x: Tensor, target: Target
       Convolutional Net", ICLR 2015 workshop.
     """
     fn = "guided_backprop"
-    _check_common(fn, model_fn, params, x, target)
+    _checks.check_call(fn, model_fn, params, x, target)
 
     def total(xi: Tensor) -> Tensor:
         out, _ = _rewrite.run(model_fn, _guided, params, xi)
