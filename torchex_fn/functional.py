@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Dict, Tuple
+from collections.abc import Mapping
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -48,8 +49,9 @@ class FunctionalModel:
     each other's weights).
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, output: Any = None):
         self.module = module
+        self.output = output
         self._lock = _lock_for(module)
         self._names: Dict[nn.Module, str] = {}
 
@@ -72,21 +74,34 @@ class FunctionalModel:
                     for name in session.names:
                         if name in modules:
                             handles.append(modules[name].register_forward_hook(session.hook(name)))
+                if isinstance(x, Mapping):  # named inputs, passed as keywords
+                    return torch.func.functional_call(self.module, params, (), dict(x))
                 return torch.func.functional_call(self.module, params, (x,))
             finally:
                 for handle in handles:
                     handle.remove()
 
     def __repr__(self) -> str:
-        return f"FunctionalModel({type(self.module).__name__})"
+        chosen = "" if self.output is None else f", output={self.output!r}"
+        return f"FunctionalModel({type(self.module).__name__}{chosen})"
 
 
-def functionalize(module: nn.Module) -> Tuple[FunctionalModel, Dict[str, Tensor]]:
+def functionalize(module: nn.Module, *, output: Any = None) -> Tuple[FunctionalModel, Dict[str, Tensor]]:
     """Split an ``nn.Module`` into a pure function and its tensors.
+
+    ``model_fn(params, x)`` returns what the module returns. ``x`` is a tensor (passed as the one
+    positional argument) or a dict of named inputs, batch first, passed as keywords
+    (``{"input_ids": ..., "attention_mask": ...}`` for a HuggingFace model).
 
     Args:
       module: Any ``nn.Module``. It is never mutated (no ``.eval()``, no ``requires_grad_``).
         Attribution assumes inference behaviour: put the model in eval mode yourself.
+      output: Which tensor of a structured output (a HuggingFace ``ModelOutput``, a dict, a tuple)
+        integer and ``None`` targets index: a key or attribute name (``"logits"``), an index into a
+        tuple (``0``), or a callable ``out -> [B, classes]`` (``lambda o: o.logits[:, -1]`` for the
+        last position of a causal language model). ``None`` (default): the output itself when it is a
+        tensor, its ``"logits"`` entry when it is a mapping that has one. Callable targets always
+        receive the raw output.
 
     Returns:
       ``(model_fn, params)`` where ``model_fn(params, x) -> module(x)`` evaluated with ``params``
@@ -100,7 +115,13 @@ def functionalize(module: nn.Module) -> Tuple[FunctionalModel, Dict[str, Tensor]
       >>> model_fn, params = functionalize(resnet.eval())
       >>> model_fn(params, images).shape                     # [8, 3, 224, 224] -> [8, 1000]
       >>> ens = torch.func.stack_module_state([m1, m2])[0]   # ensembles: vmap over stacked params
+      >>> bert_fn, bert_params = functionalize(bert.eval(), output="logits")
+      >>> tx.saliency(bert_fn, bert_params, tokens, 1, layer="bert.embeddings")   # tokens: a tokenizer's dict
     """
     if not isinstance(module, nn.Module):
         raise _checks.type_error("functionalize", "module, an nn.Module", _checks.describe(module))
-    return FunctionalModel(module), params_of(module)
+    if not (output is None or callable(output) or isinstance(output, str)
+            or (isinstance(output, int) and not isinstance(output, bool))):
+        raise _checks.type_error("functionalize", "output: None, a key or attribute name, a tuple index or a callable",
+                                 _checks.describe(output))
+    return FunctionalModel(module, output), params_of(module)

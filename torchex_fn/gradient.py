@@ -6,9 +6,10 @@ from typing import Any, Callable, List, Optional
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _checks, _inputs
 from ._autodiff import grad_of_sum
 from . import targets as _targets
+from .capture import _layer_gradients, resolve_layers
 from ._types import ModelFn, Params, Target
 
 __all__ = ["saliency", "input_x_gradient", "input_gradient", "smooth"]
@@ -16,32 +17,65 @@ __all__ = ["saliency", "input_x_gradient", "input_gradient", "smooth"]
 SMOOTH_KINDS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
-def input_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
+def input_gradient(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *,
                    fn: str = "input_gradient") -> Tensor:
     """``d score_b / d x_b`` for every example, ``[B, *input]``, by one ``torch.func.vjp`` call.
 
     Examples are independent, so the gradient of the summed scores is each example's gradient.
+    For a dict ``x``, the gradient w.r.t. its one floating-point entry.
     """
-    def total(x):
-        return _targets.resolve(model_fn(params, x), target, fn=fn).sum()
-    return grad_of_sum(total, x)
+    return attributed_gradient(fn, model_fn, params, x, target, None)[1]
 
 
-def saliency(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
+def attributed_gradient(fn: str, model_fn: ModelFn, params: Params, x: Any, target: Target, layer: Any):
+    """``(value, d score / d value)`` for what a method attributes, one forward and one backward.
+
+    ``value`` is ``x``, the floating-point entry of a dict ``x``, or (with ``layer``) the layer's
+    output, each a tensor, or ``layer``'s structure of them for several layers.
+    """
+    output = _targets.selector(model_fn)
+    if layer is not None:
+        names, rebuild = resolve_layers(fn, model_fn, layer)
+        result = _layer_gradients(model_fn, params, x, target, names, fn)
+        return rebuild(result.acts), rebuild(result.grads)
+    key = None if isinstance(x, Tensor) else _inputs.attributed_key(fn, x)
+    value = x if key is None else x[key]
+
+    def total(v: Tensor) -> Tensor:
+        return _targets.resolve(model_fn(params, _inputs.replace(x, key, v)), target, fn=fn, output=output).sum()
+    return value, grad_of_sum(total, value)
+
+
+def _map_structure(op: Callable[..., Tensor], *trees: Any) -> Any:
+    """``op`` applied leaf by leaf to tensors or to equal lists / dicts of them."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: op(*(t[k] for t in trees)) for k in first}
+    if isinstance(first, list):
+        return [op(*leaves) for leaves in zip(*trees)]
+    return op(*trees)
+
+
+def saliency(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Any = None,
              abs: bool = False, post_process: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Simple gradient (saliency): ``d out_c / d x``.
 
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, *input]``.
+      x: A batch ``[B, *input]``, or a dict of named inputs batch first (the map is w.r.t. its one
+        floating-point entry, e.g. ``pixel_values``). With ``layer``, ``x`` may be integer token ids.
       target: ``None`` (predicted class), int, ``[B]`` ints, or a callable ``out -> [B]``.
+      layer: Attribute w.r.t. this layer's output instead of the input (a dotted name or module, or a
+        list / dict of them; captum's ``LayerGradient``): the map has the layer output's shape, e.g.
+        ``[B, T, D]`` at an embedding layer. Default: None (the input).
       abs: Return ``|gradient|`` (captum's ``Saliency`` default is ``abs=True``; the seed's
         ``SimpleGradient`` and this function default to the signed gradient). Default: False.
       post_process: A callable applied to the ``[B, *input]`` map last (e.g. a normalisation).
 
     Returns:
-      ``[B, *input]`` gradients (whatever ``post_process`` returns, if given).
+      ``[B, *input]`` gradients (the layer output's shape with ``layer``; whatever ``post_process``
+      returns, if given).
 
     Raises:
       TypeError: non-float ``x``, a bad ``target`` type, a non-callable ``post_process``.
@@ -51,22 +85,23 @@ def saliency(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
       >>> saliency(fn, params, images, labels).shape              # [8, 3, 224, 224] -> [8, 3, 224, 224]
       >>> torch.func.vmap(lambda p: saliency(fn, p, images, labels))(stacked)   # ensemble [E, 8, 3, 224, 224]
 
-    Cost: one forward, one backward to the input (no parameter gradients).
+    Cost: one forward, one backward to the input (to the layer with ``layer``; no parameter gradients).
     References: Simonyan et al., "Deep Inside Convolutional Networks", ICLR workshop 2014.
     """
-    _checks.check_call("saliency", model_fn, params, x, target)
+    _checks.check_call("saliency", model_fn, params, x, target, layer=layer)
     _checks.check_bool("saliency", "abs", abs)
     _checks.check_optional_callable("saliency", "post_process", post_process)
-    grad = input_gradient(model_fn, params, x, target, fn="saliency")
-    grad = grad.abs() if abs else grad
+    _, grad = attributed_gradient("saliency", model_fn, params, x, target, layer)
+    grad = _map_structure(torch.abs, grad) if abs else grad
     return post_process(grad) if post_process is not None else grad
 
 
-def input_x_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
+def input_x_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Any = None,
                      post_process: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Input x gradient: ``x * d out_c / d x``, ``[B, *input]``.
 
-    Same arguments as :func:`saliency` (without ``abs``).
+    Same arguments as :func:`saliency` (without ``abs``). With ``layer``, the layer's activation times
+    the gradient w.r.t. it, in the layer output's shape (captum's ``LayerGradientXActivation``).
 
     Example:
       >>> input_x_gradient(fn, params, images, labels).shape   # [8, 3, 224, 224] -> [8, 3, 224, 224]
@@ -74,9 +109,10 @@ def input_x_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Targe
     Cost: one forward, one backward to the input.
     References: Shrikumar et al., "Not Just a Black Box", 2016.
     """
-    _checks.check_call("input_x_gradient", model_fn, params, x, target)
+    _checks.check_call("input_x_gradient", model_fn, params, x, target, layer=layer)
     _checks.check_optional_callable("input_x_gradient", "post_process", post_process)
-    attr = x * input_gradient(model_fn, params, x, target, fn="input_x_gradient")
+    value, grad = attributed_gradient("input_x_gradient", model_fn, params, x, target, layer)
+    attr = _map_structure(torch.mul, value, grad)
     return post_process(attr) if post_process is not None else attr
 
 

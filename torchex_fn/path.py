@@ -1,17 +1,17 @@
 """Path methods: integrated gradients along the straight line from a baseline to the input."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _checks, _inputs
 from . import targets as _targets
 from ._autodiff import grad_of_sum
 from ._types import ModelFn, Params, Target
-from .propagation import _check_baseline
+from .capture import _layer_gradients, intermediates, resolve_layers
 
 __all__ = ["integrated_gradients", "quadrature"]
 
@@ -44,7 +44,7 @@ def quadrature(method: str, steps: int) -> Tuple[List[float], List[float]]:
 
 
 def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
-                         baseline: Any = 0.0, steps: int = 50, method: str = "gausslegendre",
+                         layer: Any = None, baseline: Any = 0.0, steps: int = 50, method: str = "gausslegendre",
                          batch_size: Optional[int] = None) -> Tensor:
     """Integrated gradients: ``(x - x0) * integral_0^1 d f(x0 + a (x - x0)) / dx da``.
 
@@ -60,12 +60,22 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, *input]``.
+      x: A batch ``[B, *input]``, or a dict of named inputs batch first (the path runs in its one
+        floating-point entry; the other entries are the same at every path point). With ``layer``,
+        ``x`` may be integer token ids or a tokenizer's dict.
       target: ``None`` (the class predicted for ``x``, not for each path point; costs one extra
         forward of ``x``), int, ``[B]`` ints, or a callable ``out -> [B]``. A callable receives the
         output of one chunk's examples for one path point at a time, in ``x``'s order.
-      baseline: The reference input ``x0``: a float, or a float tensor broadcastable to ``x``
-        (``[B, *input]``, ``[*input]``, ``[1, *input]``, ...). Default: 0.0 (a black image).
+      layer: Attribute to this layer's output (a dotted name or module, or a list / dict of them),
+        as captum's ``LayerIntegratedGradients``: the path runs from the layer's output on the
+        baseline input to its output on ``x``, each path point replacing the layer's output in a
+        forward of ``x``; the map has the layer output's shape and sums to ``f(x) - f(x0)``.
+        Default: None (the input).
+      baseline: The reference input ``x0``, always in the input's space: a float, or a float tensor
+        broadcastable to ``x`` (``[B, *input]``, ``[*input]``, ``[1, *input]``, ...); for integer
+        ``x`` reference token ids (an int or an integer tensor); for a dict ``x`` a dict of the
+        entries to replace, or a number / tensor for the attributed entry (with ``layer``, the
+        dict's first entry, ``input_ids`` in a tokenizer's output). Default: 0.0 (a black image).
       steps: Number of path points (quadrature nodes), >= 1 (>= 2 for ``riemann_trapezoid``).
         Default: 50, as captum.
       method: ``"gausslegendre"`` (default, as captum), ``"riemann_left"``, ``"riemann_right"``,
@@ -76,10 +86,12 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
         result beyond floating-point summation order.
 
     Returns:
-      ``[B, *input]`` attributions on ``x``'s dtype and device.
+      ``[B, *input]`` attributions on ``x``'s dtype and device (the layer output's shape, or
+      ``layer``'s structure of them, with ``layer``).
 
     Raises:
-      TypeError: non-float ``x`` or ``baseline``, a bad ``target``, ``steps`` or ``batch_size`` type.
+      TypeError: non-float ``x`` without ``layer`` (the hint names ``layer=``) or a baseline of the
+        wrong kind, a bad ``target``, ``steps`` or ``batch_size`` type.
       ValueError: ``integrated_gradients: expected steps >= 1, got int 0.``; an unknown ``method``;
         a ``baseline`` that does not broadcast to ``x``; NaN; ``target`` out of range.
 
@@ -89,11 +101,13 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
 
     Cost: ``steps`` forward and backward passes of ``B`` images to the input (``ceil(steps / k)``
       passes of ``k * B`` images with ``k = batch_size // B``), plus one forward for ``target=None``.
+      With ``layer``: two more forwards (the layer's output on ``x`` and on the baseline, the first
+      also giving ``target=None``'s class), and backward passes to the layer only.
       Memory: one forward and backward of ``max(B, batch_size)`` images plus two ``[B, *input]`` tensors.
     References: Sundararajan et al., "Axiomatic Attribution for Deep Networks", ICML 2017.
     """
     fn = "integrated_gradients"
-    _checks.check_call(fn, model_fn, params, x, target)
+    _checks.check_call(fn, model_fn, params, x, target, layer=layer)
     _checks.check_positive_int(fn, "steps", steps)
     if not isinstance(method, str):
         raise _checks.type_error(fn, f"method, one of {METHODS}", _checks.describe(method))
@@ -103,38 +117,66 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
         raise _checks.value_error(fn, "steps >= 2 for method 'riemann_trapezoid' (both ends of the path)",
                                   _checks.describe(steps))
     _checks.check_positive_int(fn, "batch_size", batch_size, allow_none=True)
-    base = _check_baseline(fn, baseline, x)
+    output = _targets.selector(model_fn)
+    key = None if layer is not None or isinstance(x, Tensor) else _inputs.attributed_key(fn, x)
+    base_input = _inputs.baseline_input(fn, baseline, x, key)
 
-    batch = x.shape[0]
+    batch = _inputs.batch_of(x)
     cap = batch if batch_size is None else batch_size
     per_forward = max(1, cap // batch)                                   # path points per forward
     groups = [(start, min(start + cap, batch)) for start in range(0, batch, cap)]
-    by_index = not (callable(target) and not isinstance(target, Tensor))
     index: Optional[Tensor] = None
-    if target is None:  # the class predicted for the input itself
-        out = torch.cat([model_fn(params, x[g0:g1]) for g0, g1 in groups])
-        index = _targets.resolve_index(out, None, fn=fn)
-    elif by_index and isinstance(target, Tensor):
-        index = target.to(device=x.device, dtype=torch.long).expand(batch)
+    if layer is None:
+        # The path runs in the input's space (x, or its floating-point entry).
+        names, rebuild = ["input"], (lambda values: values["input"])
+        ends = {"input": x if key is None else x[key]}
+        starts = {"input": base_input if key is None else base_input[key]}
+        if target is None:  # the class predicted for the input itself
+            out = [model_fn(params, _inputs.take(x, g0, g1)) for g0, g1 in groups]
+            index = torch.cat([_targets.resolve_index(o, None, fn=fn, output=output) for o in out])
+
+        def gradients(points: Dict[str, Tensor], xs: Any, g_target: Any) -> Dict[str, Tensor]:
+            def total(v: Tensor) -> Tensor:
+                return _targets.resolve(model_fn(params, _inputs.replace(xs, key, v)), g_target, fn=fn,
+                                        output=output).sum()
+            return {"input": grad_of_sum(total, points["input"])}
+    else:
+        # The path runs between the layers' outputs on the baseline and on the input (captum's
+        # LayerIntegratedGradients): each path point replaces the layers' outputs in a forward of x.
+        names, rebuild = resolve_layers(fn, model_fn, layer)
+        names = list(dict.fromkeys(names))
+        out_x, ends = intermediates(model_fn, layers=names, fn=fn)(params, x)
+        _, starts = intermediates(model_fn, layers=names, fn=fn)(params, base_input)
+        if target is None:
+            index = _targets.resolve_index(out_x, None, fn=fn, output=output)
+        del out_x
+
+        def gradients(points: Dict[str, Tensor], xs: Any, g_target: Any) -> Dict[str, Tensor]:
+            return _layer_gradients(model_fn, params, xs, g_target, names, fn, replace=points).grads
+    if index is None and isinstance(target, Tensor):
+        index = target.to(device=_inputs.device_of(x), dtype=torch.long).expand(batch)
 
     alphas, weights = quadrature(method, steps)
-    base = base.expand_as(x)
-    delta = x - base
-    spatial = (1,) * (x.ndim - 1)
-    sums: List[Optional[Tensor]] = [None] * len(groups)
-    for first in range(0, steps, per_forward):
-        a = torch.tensor(alphas[first:first + per_forward], dtype=x.dtype, device=x.device)
-        w = torch.tensor(weights[first:first + per_forward], dtype=x.dtype, device=x.device)
-        k = a.shape[0]
-        for gi, (g0, g1) in enumerate(groups):
-            g_target = target if not isinstance(target, Tensor) and index is None else index[g0:g1]
-            points = (base[g0:g1] + a.view(k, 1, *spatial) * delta[g0:g1]).flatten(0, 1)  # [k * g, *input]
-
-            def total(points: Tensor, g_target: Any = g_target, size: int = g1 - g0) -> Tensor:
-                out = model_fn(params, points)
-                return sum(_targets.resolve(piece, g_target, fn=fn).sum() for piece in out.split(size))
-
-            grads = grad_of_sum(total, points).view(k, g1 - g0, *x.shape[1:])
-            part = torch.einsum("k,k...->...", w, grads)
-            sums[gi] = part if sums[gi] is None else sums[gi] + part
-    return delta * torch.cat(sums)
+    deltas = {n: ends[n] - starts[n] for n in names}
+    sums: Dict[str, List[Tensor]] = {n: [] for n in names}
+    for gi, (g0, g1) in enumerate(groups):
+        size = g1 - g0
+        acc: Dict[str, Optional[Tensor]] = {n: None for n in names}
+        for first in range(0, steps, per_forward):
+            k = len(alphas[first:first + per_forward])
+            points = {}
+            for n in names:
+                ref = ends[n]
+                a = torch.tensor(alphas[first:first + k], dtype=ref.dtype, device=ref.device)
+                spatial = (1,) * (ref.ndim - 1)
+                points[n] = (starts[n][g0:g1] + a.view(k, 1, *spatial) * deltas[n][g0:g1]).flatten(0, 1)
+            g_target = _targets.for_blocks(target, k, size, None if index is None else index[g0:g1])
+            grads = gradients(points, _inputs.repeat(_inputs.take(x, g0, g1), k), g_target)
+            for n in names:
+                ref = ends[n]
+                w = torch.tensor(weights[first:first + k], dtype=ref.dtype, device=ref.device)
+                part = torch.einsum("k,k...->...", w, grads[n].view(k, size, *ref.shape[1:]))
+                acc[n] = part if acc[n] is None else acc[n] + part
+        for n in names:
+            sums[n].append(acc[n])
+    return rebuild({n: deltas[n] * torch.cat(sums[n]) for n in names})
