@@ -38,6 +38,50 @@ def params_of(module: nn.Module) -> Dict[str, Tensor]:
     return params
 
 
+def _aliases_and_caches(module: nn.Module):
+    """Where ``functional_call`` must look beyond the names that ``named_parameters()`` gives.
+
+    * aliases: ``(alias, name)`` for a parameter or buffer tied into a second module (GPT-2's
+      ``lm_head.weight`` is ``transformer.wte.weight``): the alias gets the value given for the name.
+      A module registered under two names (``self.shared`` also inside a ``Sequential``) is one slot:
+      it is swapped once, under its first name. (Swapping it under both names, as ``functional_call``'s
+      own ``tie_weights`` does, restores the first name's original and then overwrites it with the
+      swapped-in tensor, leaving plain tensors in the user's module.)
+    * caches: ``(module, attribute)`` of every public dict attribute, candidates for tensor caches
+      such as timm LeViT's ``attention_bias_cache`` (a tensor derived from the parameters, kept in eval
+      mode): see :func:`_is_tensor_cache`.
+    """
+    slots: Dict[tuple, str] = {}
+    first: Dict[int, str] = {}
+    aliases = []
+    caches = []
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        for attr, value in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if value is None or (id(mod), attr) in slots:
+                continue
+            name = f"{prefix}.{attr}" if prefix else attr
+            slots[(id(mod), attr)] = name
+            owner = first.setdefault(id(value), name)
+            if owner != name:
+                aliases.append((name, owner))
+        for attr, value in vars(mod).items():
+            if not attr.startswith("_") and type(value) is dict and (id(mod), attr) not in slots:
+                slots[(id(mod), attr)] = attr
+                caches.append((mod, attr))
+    return aliases, caches
+
+
+def _is_tensor_cache(value: Any) -> bool:
+    """A plain dict whose values are all tensors: a cache of values derived from the parameters.
+
+    For the length of a call such a dict is replaced by an empty one, so that the model recomputes its
+    entries from the ``params`` of this call (a cache filled by an earlier call, or by the module's own
+    eval-mode forward, would hold other parameters' values and no derivative w.r.t. these), and
+    whatever the call writes into it is dropped with it.
+    """
+    return type(value) is dict and all(isinstance(v, Tensor) for v in value.values())
+
+
 class FunctionalModel:
     """``model_fn(params, x) -> out`` for one ``nn.Module``, built by :func:`functionalize`.
 
@@ -53,7 +97,7 @@ class FunctionalModel:
         self.module = module
         self.output = output
         self._lock = _lock_for(module)
-        self._names: Dict[nn.Module, str] = {}
+        self._aliases, self._caches = _aliases_and_caches(module)
 
     def layer_names(self) -> Dict[str, nn.Module]:
         return dict(self.module.named_modules())
@@ -67,19 +111,29 @@ class FunctionalModel:
     def __call__(self, params, x: Tensor):
         session = _active_capture()
         with self._lock:
-            handles = []
+            handles: list = []
+            hidden: list = []
             try:
                 if session is not None:
                     modules = self.layer_names()
                     for name in session.names:
                         if name in modules:
                             handles.append(modules[name].register_forward_hook(session.hook(name)))
-                if isinstance(x, Mapping):  # named inputs, passed as keywords
-                    return torch.func.functional_call(self.module, params, (), dict(x))
-                return torch.func.functional_call(self.module, params, (x,))
+                full = dict(params)
+                for alias, name in self._aliases:  # a tensor tied into another module: the same value
+                    if name in full and alias not in full:
+                        full[alias] = full[name]
+                hidden = [(mod, attr, getattr(mod, attr)) for mod, attr in self._caches
+                          if _is_tensor_cache(mod.__dict__.get(attr))]
+                for mod, attr, _ in hidden:
+                    setattr(mod, attr, {})
+                args, kwargs = ((), dict(x)) if isinstance(x, Mapping) else ((x,), None)  # named inputs as keywords
+                return torch.func.functional_call(self.module, full, args, kwargs, tie_weights=False)
             finally:
                 for handle in handles:
                     handle.remove()
+                for mod, attr, cache in reversed(hidden):
+                    setattr(mod, attr, cache)
 
     def __repr__(self) -> str:
         chosen = "" if self.output is None else f", output={self.output!r}"
