@@ -1,7 +1,7 @@
 """Layer family: class activation maps (CAM, Grad-CAM, Grad-CAM++, Score-CAM)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +16,11 @@ from ._types import Layer, LayerSpec, ModelFn, Params, Target
 __all__ = ["cam", "grad_cam", "grad_cam_pp", "score_cam"]
 
 
-def _check_common(fn: str, model_fn, params, x, target, relu, upsample) -> None:
+def _check_common(fn: str, model_fn, params, x, target, relu, upsample, reshape=None) -> None:
     _checks.check_call(fn, model_fn, params, x, target, min_ndim=3)
     _checks.check_bool(fn, "relu", relu)
     _checks.check_bool(fn, "upsample", upsample)
+    _checks.check_optional_callable(fn, "reshape", reshape)
 
 
 def _finish(fn: str, maps: Tensor, x: Tensor, relu: bool, upsample: bool) -> Tensor:
@@ -33,10 +34,50 @@ def _finish(fn: str, maps: Tensor, x: Tensor, relu: bool, upsample: bool) -> Ten
     return _postprocess.resize(maps, x.shape[2:])
 
 
-def _check_activation(fn: str, name: str, act: Tensor) -> None:
+_LAYOUT_HINT = ("Pass reshape=, a callable from the layer's output to [B, K, *grid]: "
+                "tx.postprocess.tokens_to_grid(prefix_tokens=1) for ViT tokens [B, 1 + N, D], "
+                "tx.postprocess.channels_last_to_first for [B, *grid, C] (Swin, ConvNeXt blocks); "
+                "reshape=lambda a: a accepts the layout as it is.")
+
+
+def _clear_layout(grid, x_grid) -> bool:
+    """Whether a grid is plausibly ``x``'s grid down-sampled by one common factor.
+
+    Each size is at least 1 and at most ``x``'s, and for one of the factors ``s = X_i / g_i`` every
+    size lies within ``1 + g_j / 4`` of ``X_j / s`` (rounding, valid convolutions and mildly
+    anisotropic strides pass; a channel axis read as a grid axis does not).
+    """
+    if len(grid) != len(x_grid) or not grid:
+        return False
+    if any(g < 1 or g > s for g, s in zip(grid, x_grid)):
+        return False
+    for g_i, s_i in zip(grid, x_grid):
+        factor = s_i / g_i
+        if all(abs(g - s / factor) <= 1 + g / 4 for g, s in zip(grid, x_grid)):
+            return True
+    return False
+
+
+def _to_grid(fn: str, name: str, act: Tensor, x: Tensor, reshape) -> Tensor:
+    """Layer ``name``'s output as ``[B, K, *grid]``: ``reshape(act)``, or ``act`` when its layout is clear.
+
+    Without ``reshape`` the layout is never guessed: the output must have ``x``'s rank and a grid
+    that is ``x``'s grid down-sampled (see :func:`_clear_layout`); anything else is refused.
+    """
+    if reshape is not None:
+        grid = reshape(act)
+        if not isinstance(grid, Tensor) or grid.ndim < 3 or grid.shape[0] != act.shape[0]:
+            raise _checks.value_error(fn, f"reshape to map layer {name!r}'s output of shape {tuple(act.shape)} to "
+                                      f"[B, K, *grid] with B = {act.shape[0]}", _checks.describe(grid))
+        return grid
     if act.ndim < 3:
         raise _checks.value_error(fn, f"layer {name!r} to output [B, K, *spatial]", _checks.describe(act),
-                                  "Name a convolutional layer (one with a spatial grid).")
+                                  "Name a convolutional layer (one with a spatial grid), or p" + _LAYOUT_HINT[1:])
+    if act.ndim != x.ndim or not _clear_layout(tuple(act.shape[2:]), tuple(x.shape[2:])):
+        raise _checks.value_error(
+            fn, f"layer {name!r} to output [B, K, *spatial] laid out like x of shape {tuple(x.shape)} (the same rank, "
+            "a grid down-sampled from x's by one factor)", _checks.describe(act), _LAYOUT_HINT)
+    return act
 
 
 def _fc_weight(fn: str, model_fn, params, fc: Any) -> Tensor:
@@ -66,7 +107,8 @@ def _fc_weight(fn: str, model_fn, params, fc: Any) -> Tensor:
 
 
 def cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: LayerSpec,
-        fc: Union[None, str, nn.Module, Tensor] = None, relu: bool = False, upsample: bool = True) -> Tensor:
+        fc: Union[None, str, nn.Module, Tensor] = None, relu: bool = False, upsample: bool = True,
+        reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Class Activation Mapping: ``sum_k w[c, k] A_k`` with ``w`` the final linear layer's weights.
 
     For a network ending in global average pooling and a linear layer, the class score is the
@@ -82,6 +124,11 @@ def cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, 
         last ``nn.Linear``.
       relu: Keep only positive evidence (Zhou et al. and torchcam do not). Default: False.
       upsample: Resize to ``x``'s spatial size (bilinear). Default: True.
+      reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
+        ``reshape_transform``), e.g. ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT
+        tokens or ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the
+        output must already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from
+        ``x``'s by one factor; any other layout is refused, never guessed.
 
     Returns:
       ``[B, 1, H, W]`` (``[B, 1, h, w]`` with ``upsample=False``).
@@ -97,7 +144,7 @@ def cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, 
     References: Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016.
     """
     fn = "cam"
-    _check_common(fn, model_fn, params, x, target, relu, upsample)
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
     if callable(target) and not isinstance(target, Tensor):
         raise _checks.type_error(fn, "target: None, an int or [B] ints (CAM weights need a class index)", "a callable")
     if isinstance(layer, (list, tuple, dict)):
@@ -105,8 +152,7 @@ def cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, 
     names, _ = resolve_layers(fn, model_fn, layer)
     weight = _fc_weight(fn, model_fn, params, fc)
     out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
-    act = acts[names[0]]
-    _check_activation(fn, names[0], act)
+    act = _to_grid(fn, names[0], acts[names[0]], x, reshape)
     if act.shape[1] != weight.shape[1]:
         raise _checks.value_error(fn, f"layer channels K equal to the fc weight's {weight.shape[1]}",
                                   f"K = {act.shape[1]}", "Name the layer that feeds the pooling and fc.")
@@ -116,7 +162,7 @@ def cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, 
 
 
 def grad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
-             relu: bool = True, upsample: bool = True) -> Any:
+             relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
     """Grad-CAM: channel weights are the spatial mean of ``d score / d activation``.
 
     ``map = relu(sum_k mean_ij(d y_c / d A_k[i, j]) A_k)``. Several layers share one forward and
@@ -131,6 +177,12 @@ def grad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
         of maps.
       relu: Keep only positive evidence, as in the paper. Default: True.
       upsample: Resize to ``x``'s spatial size (bilinear, ``align_corners=False``). Default: True.
+      reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
+        ``reshape_transform``), applied to the activation and to its gradient alike, e.g.
+        ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT tokens or
+        ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the
+        output must already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from
+        ``x``'s by one factor; any other layout is refused, never guessed.
 
     Returns:
       Maps ``[B, 1, H, W]`` (``[B, 1, *spatial]`` with ``upsample=False``), in ``layer``'s structure.
@@ -151,7 +203,8 @@ def grad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     the layers' shapes.
     References: Selvaraju et al., "Grad-CAM", ICCV 2017.
     """
-    return _gradient_weighted("grad_cam", _grad_cam_weights, model_fn, params, x, target, layer, relu, upsample)
+    return _gradient_weighted("grad_cam", _grad_cam_weights, model_fn, params, x, target, layer, relu, upsample,
+                              reshape)
 
 
 def _grad_cam_weights(act: Tensor, grad: Tensor) -> Tensor:
@@ -160,15 +213,22 @@ def _grad_cam_weights(act: Tensor, grad: Tensor) -> Tensor:
     return grad.mean(dim=tuple(range(2, grad.ndim)), keepdim=True)
 
 
-def _gradient_weighted(fn: str, channel_weights, model_fn, params, x, target, layer, relu, upsample) -> Any:
-    """``sum_k w_k A_k`` per layer, with ``w = channel_weights(A, d score / d A)``, in one forward + backward."""
-    _check_common(fn, model_fn, params, x, target, relu, upsample)
+def _gradient_weighted(fn: str, channel_weights, model_fn, params, x, target, layer, relu, upsample,
+                       reshape) -> Any:
+    """``sum_k w_k A_k`` per layer, with ``w = channel_weights(A, d score / d A)``, in one forward + backward.
+
+    ``w`` is ``[B, K, 1, ...]`` (one weight per channel) or ``[B, K, *grid]`` (one per position).
+    ``reshape`` re-indexes the activation and its gradient alike: for a re-indexing ``R`` (tokens
+    to a grid, a permutation) ``R(d score / d a)`` is the gradient w.r.t. the kept entries of
+    ``R(a)``, exactly, and both stay differentiable functions of ``params`` and ``x``.
+    """
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
     names, rebuild = resolve_layers(fn, model_fn, layer)
     result = layer_gradients(model_fn, params, x, target, layers=names, fn=fn)
     maps: Dict[str, Tensor] = {}
     for name in dict.fromkeys(names):
-        act, grad = result.acts[name], result.grads[name]
-        _check_activation(fn, name, act)
+        act = _to_grid(fn, name, result.acts[name], x, reshape)
+        grad = result.grads[name] if reshape is None else reshape(result.grads[name])
         weights = channel_weights(act, grad)
         maps[name] = _finish(fn, (weights * act).sum(dim=1, keepdim=True), x, relu, upsample)
     return rebuild(maps)
@@ -180,7 +240,7 @@ _PP_EPS = 1e-6
 
 
 def grad_cam_pp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
-                relu: bool = True, upsample: bool = True) -> Any:
+                relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
     """Grad-CAM++: channel weights sum the positive gradients, each scaled by a per-position alpha.
 
     With ``g = d y_c / d A_k`` at each position and ``S_k = sum_ij A_k[i, j]``,
@@ -199,6 +259,12 @@ def grad_cam_pp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = N
         of maps.
       relu: Keep only positive evidence, as in the paper. Default: True.
       upsample: Resize to ``x``'s spatial size (bilinear, ``align_corners=False``). Default: True.
+      reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
+        ``reshape_transform``), applied to the activation and to its gradient alike, e.g.
+        ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT tokens or
+        ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the
+        output must already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from
+        ``x``'s by one factor; any other layout is refused, never guessed.
 
     Returns:
       Maps ``[B, 1, H, W]`` (``[B, 1, *spatial]`` with ``upsample=False``), in ``layer``'s structure.
@@ -218,7 +284,7 @@ def grad_cam_pp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = N
     for Deep Convolutional Networks", WACV 2018.
     """
     return _gradient_weighted("grad_cam_pp", _grad_cam_pp_weights, model_fn, params, x, target, layer, relu,
-                              upsample)
+                              upsample, reshape)
 
 
 def _grad_cam_pp_weights(act: Tensor, grad: Tensor) -> Tensor:
@@ -236,7 +302,7 @@ _SCORE_CAM_WEIGHTS = ("prob", "softmax")
 
 def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
               batch_size: int = 32, upsample: bool = True, relu: bool = True, weights: str = "prob",
-              align_corners: bool = False) -> Tensor:
+              align_corners: bool = False, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Score-CAM: each channel is weighted by the model's score for the input masked by that channel.
 
     Each activation channel ``A_k`` is resized to ``x``'s size (bilinear) and min-max normalised
@@ -270,6 +336,11 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
       weights: ``"prob"`` or ``"softmax"``, see above. Default: ``"prob"``.
       align_corners: How the activations are resized into masks. Default: False (the authors'
         code); pytorch-grad-cam uses True.
+      reshape: A callable from the layer's output to ``[B, K, h, w]`` (pytorch-grad-cam's
+        ``reshape_transform``), e.g. ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT
+        tokens or ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the
+        output must already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from
+        ``x``'s by one factor; any other layout is refused, never guessed.
 
     Returns:
       ``[B, 1, H, W]`` (``[B, 1, h, w]`` with ``upsample=False``).
@@ -291,7 +362,7 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     Neural Networks", CVPR Workshops 2020.
     """
     fn = "score_cam"
-    _check_common(fn, model_fn, params, x, target, relu, upsample)
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
     _checks.check_positive_int(fn, "batch_size", batch_size)
     _checks.check_bool(fn, "align_corners", align_corners)
     if weights not in _SCORE_CAM_WEIGHTS:
@@ -303,7 +374,7 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
         raise _checks.value_error(fn, "x of rank 4 ([B, C, H, W])", _checks.describe(x))
     names, _ = resolve_layers(fn, model_fn, layer)
     out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
-    act = acts[names[0]]
+    act = _to_grid(fn, names[0], acts[names[0]], x, reshape)
     if act.ndim != 4:
         raise _checks.value_error(fn, f"layer {names[0]!r} to output [B, K, h, w]", _checks.describe(act),
                                   "Name a 2-d convolutional layer.")
