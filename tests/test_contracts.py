@@ -41,6 +41,11 @@ METHODS = {
     "grad_cam_small": (tx.grad_cam, {"layer": "conv1", "upsample": False, "relu": False}, lambda s: (s[0], 1, *s[2:])),
     "grad_cam_pp": (tx.grad_cam_pp, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
     "score_cam": (tx.score_cam, {"layer": "features", "batch_size": 8}, lambda s: (s[0], 1, *s[2:])),
+    "layer_cam": (tx.layer_cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
+    "xgrad_cam": (tx.xgrad_cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
+    "hires_cam": (tx.hires_cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
+    "eigen_cam": (tx.eigen_cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
+    "ablation_cam": (tx.ablation_cam, {"layer": "features", "batch_size": 8}, lambda s: (s[0], 1, *s[2:])),
     "integrated_gradients": (tx.integrated_gradients, {"baseline": 0.1, "steps": 8}, lambda s: s),
     "integrated_gradients_chunked": (tx.integrated_gradients,
                                      {"steps": 5, "method": "riemann_trapezoid", "batch_size": 4}, lambda s: s),
@@ -53,6 +58,7 @@ METHODS = {
     "rise": (_rise, {"num_masks": 24, "cell_size": 3, "batch_size": 16}, lambda s: (s[0], 1, *s[2:])),
 }
 DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small", "grad_cam_pp", "score_cam",
+                  "layer_cam", "xgrad_cam", "hires_cam", "ablation_cam",  # eigen_cam: no fc dependence (test_cam_zoo)
                   "integrated_gradients", "integrated_gradients_chunked", "smoothgrad", "vargrad_grad_cam",
                   "occlusion", "guided_backprop", "deeplift", "rise"]
 

@@ -1,6 +1,7 @@
 """Layer family: class activation maps (CAM, Grad-CAM, Grad-CAM++, Score-CAM)."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
@@ -13,7 +14,8 @@ from . import postprocess as _postprocess
 from . import targets as _targets
 from ._types import Layer, LayerSpec, ModelFn, Params, Target
 
-__all__ = ["cam", "grad_cam", "grad_cam_pp", "score_cam"]
+__all__ = ["cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam",
+           "ablation_cam"]
 
 
 def _check_common(fn: str, model_fn, params, x, target, relu, upsample, reshape=None) -> None:
@@ -295,6 +297,289 @@ def _grad_cam_pp_weights(act: Tensor, grad: Tensor) -> Tensor:
     alpha = g2 / (2 * g2 + total * g2 * grad + _PP_EPS)
     alpha = torch.where(grad != 0, alpha, torch.zeros_like(alpha))
     return (alpha * torch.relu(grad)).sum(dim=spatial, keepdim=True)
+
+
+_ARGS_DOC = """      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, C, *spatial]``.
+      target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
+      layer: Dotted module name or the module; a list / tuple / dict of them gives a list / dict
+        of maps.
+      relu: Keep only positive evidence, as in the paper. Default: True.
+      upsample: Resize to ``x``'s spatial size (bilinear, ``align_corners=False``). Default: True.
+      reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
+        ``reshape_transform``), applied to the activation and to its gradient alike, e.g.
+        ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT tokens or
+        ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the output must
+        already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from ``x``'s by
+        one factor; any other layout is refused, never guessed."""
+
+
+def layer_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+              relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
+    """Layer-CAM: each position weighs the activations by its own positive gradient.
+
+    ``map = relu(sum_k relu(d y_c / d A_k[i, j]) A_k[i, j])``: the weights are not pooled over the
+    grid, so shallow layers give fine-grained maps. Several layers share one forward and one
+    backward pass.
+
+    Args:
+{args}
+
+    Returns:
+      Maps ``[B, 1, H, W]`` (``[B, 1, *grid]`` with ``upsample=False``), in ``layer``'s structure.
+
+    Raises:
+      ValueError: an unknown layer (close names suggested), a layer never reached, an output
+        that is not ``[B, K, *grid]`` (pass ``reshape=``), a target out of range, NaN input.
+      TypeError: integer images, a bad target, layer or reshape type.
+
+    Example:
+      >>> layer_cam(fn, params, images, labels, layer="layer3").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+      >>> l2, l3, l4 = layer_cam(fn, params, images, labels, layer=["layer2", "layer3", "layer4"])
+
+    Cost: as :func:`grad_cam`: one forward, one backward from the output to the deepest ``layer``.
+    References: Jiang et al., "LayerCAM: Exploring Hierarchical Class Activation Maps for
+    Localization", IEEE TIP 2021.
+    """
+    return _gradient_weighted("layer_cam", _layer_cam_weights, model_fn, params, x, target, layer, relu, upsample,
+                              reshape)
+
+
+def _layer_cam_weights(act: Tensor, grad: Tensor) -> Tensor:
+    """Layer-CAM's weights ``[B, K, *grid]``: the positive part of the gradient at each position."""
+    del act
+    return torch.relu(grad)
+
+
+def xgrad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+              relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None,
+              eps: float = 1e-7) -> Any:
+    """XGrad-CAM: channel weights are the gradient averaged with the activation's own weights.
+
+    ``w_k = sum_ij (d y_c / d A_k[i, j]) A_k[i, j] / (sum_ij A_k[i, j] + eps)`` and
+    ``map = relu(sum_k w_k A_k)``. For a ReLU network it satisfies the paper's sensitivity and
+    conservation axioms. Several layers share one forward and one backward pass.
+
+    Args:
+{args}
+      eps: Added to each channel's activation sum, so that a channel summing to zero gets a large
+        but finite weight. Default: 1e-7, as pytorch-grad-cam; torchcam adds 1e-8. It matters
+        only for channels whose sum is near zero (e.g. after Hardswish or GELU).
+
+    Returns:
+      Maps ``[B, 1, H, W]`` (``[B, 1, *grid]`` with ``upsample=False``), in ``layer``'s structure.
+
+    Raises:
+      ValueError: an unknown layer (close names suggested), a layer never reached, an output
+        that is not ``[B, K, *grid]`` (pass ``reshape=``), a target out of range, NaN input.
+      TypeError: integer images, a bad target, layer or reshape type.
+
+    Example:
+      >>> xgrad_cam(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+
+    Cost: as :func:`grad_cam`: one forward, one backward from the output to the deepest ``layer``.
+    References: Fu et al., "Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation
+    of CNNs", BMVC 2020.
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise _checks.value_error("xgrad_cam", "eps, a float >= 0", _checks.describe(eps))
+    return _gradient_weighted("xgrad_cam", functools.partial(_xgrad_cam_weights, eps=float(eps)), model_fn, params,
+                              x, target, layer, relu, upsample, reshape)
+
+
+def _xgrad_cam_weights(act: Tensor, grad: Tensor, *, eps: float) -> Tensor:
+    """XGrad-CAM's channel weights ``[B, K, 1, ...]``: ``sum_ij g A / (sum_ij A + eps)``."""
+    spatial = tuple(range(2, grad.ndim))
+    return (grad * act).sum(dim=spatial, keepdim=True) / (act.sum(dim=spatial, keepdim=True) + eps)
+
+
+def hires_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+              relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
+    """HiResCAM: the element-wise product of gradient and activation, summed over channels.
+
+    ``map = relu(sum_k (d y_c / d A_k[i, j]) A_k[i, j])``. Unlike Grad-CAM the gradient is not
+    averaged over the grid, so for a network whose score is a linear function of the layer (after
+    global average pooling and a linear head) the map's mean is exactly that part of the score.
+    Several layers share one forward and one backward pass.
+
+    Args:
+{args}
+
+    Returns:
+      Maps ``[B, 1, H, W]`` (``[B, 1, *grid]`` with ``upsample=False``), in ``layer``'s structure.
+
+    Raises:
+      ValueError: an unknown layer (close names suggested), a layer never reached, an output
+        that is not ``[B, K, *grid]`` (pass ``reshape=``), a target out of range, NaN input.
+      TypeError: integer images, a bad target, layer or reshape type.
+
+    Example:
+      >>> hires_cam(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+
+    Cost: as :func:`grad_cam`: one forward, one backward from the output to the deepest ``layer``.
+    References: Draelos and Carin, "Use HiResCAM instead of Grad-CAM for faithful explanations of
+    convolutional neural networks", arXiv:2011.08891, 2020.
+    """
+    return _gradient_weighted("hires_cam", _hires_cam_weights, model_fn, params, x, target, layer, relu, upsample,
+                              reshape)
+
+
+def _hires_cam_weights(act: Tensor, grad: Tensor) -> Tensor:
+    """HiResCAM's weights ``[B, K, *grid]``: the gradient itself."""
+    del act
+    return grad
+
+
+def eigen_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+              relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
+    """Eigen-CAM: the activations projected on their first principal component (class-agnostic).
+
+    Per example, the activations are read as ``n = h w`` points in ``R^K``, centred (the mean over
+    positions is subtracted from each channel), and projected on the first right singular vector
+    ``v`` of that ``[n, K]`` matrix: ``map[i, j] = (A[:, i, j] - mean) . v``. A singular vector's
+    sign is arbitrary (LAPACK picks one), so the sign is fixed deterministically: ``v`` is
+    flipped when ``sum_k v_k < 0``. Equivalently, the map correlates non-negatively with the
+    centred channel-sum map ``sum_k (A_k - mean_k)``, so regions of strong overall activation are
+    positive. pytorch-grad-cam leaves the sign to LAPACK; its maps equal these up to that sign.
+    ``target`` is validated against the output but does not change the map. Several layers share one forward pass.
+
+    The map is differentiable where the top two singular values are distinct (the projection's
+    gradient divides by their gap).
+
+    Args:
+{args}
+
+    Returns:
+      Maps ``[B, 1, H, W]`` (``[B, 1, *grid]`` with ``upsample=False``), in ``layer``'s structure.
+
+    Raises:
+      ValueError: an unknown layer (close names suggested), a layer never reached, an output
+        that is not ``[B, K, *grid]`` (pass ``reshape=``), a target out of range, NaN input.
+      TypeError: integer images, a bad target, layer or reshape type.
+
+    Example:
+      >>> eigen_cam(fn, params, images, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+
+    Cost: one forward pass, no backward; one SVD of ``[h w, K]`` per example and layer.
+    References: Muhammad and Yeasin, "Eigen-CAM: Class Activation Map using Principal
+    Components", IJCNN 2020.
+    """
+    fn = "eigen_cam"
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
+    names, rebuild = resolve_layers(fn, model_fn, layer)
+    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
+    _targets.resolve(out, target, fn=fn)  # validated (a class out of range is an error), then unused
+    maps: Dict[str, Tensor] = {}
+    for name in dict.fromkeys(names):
+        act = _to_grid(fn, name, acts[name], x, reshape)
+        points = act.flatten(2).transpose(1, 2)                      # [B, n, K]
+        points = points - points.mean(dim=1, keepdim=True)
+        _, _, vh = torch.linalg.svd(points, full_matrices=False)
+        direction = vh[:, 0, :]                                       # [B, K]
+        sign = torch.where(direction.sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(direction.dtype)
+        projection = (points @ (direction * sign).unsqueeze(2)).squeeze(2)   # [B, n]
+        maps[name] = _finish(fn, projection.reshape(act.shape[0], 1, *act.shape[2:]), x, relu, upsample)
+    return rebuild(maps)
+
+
+def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: LayerSpec,
+                 batch_size: int = 32, relu: bool = True, upsample: bool = True,
+                 reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """Ablation-CAM: each channel is weighted by the relative drop of the score when it is zeroed.
+
+    With ``y`` the target score and ``y_k`` the score when channel ``k`` of the layer's output is
+    set to zero, ``w_k = (y - y_k) / y`` and ``map = relu(sum_k w_k A_k)``. Each of the ``B K``
+    ablations is one forward of the model on the image with that channel's activation replaced
+    (a zero perturbation of the other channels), run in chunks of ``batch_size`` rows. With
+    ``reshape``, channel ``k`` of ``reshape(output)`` is zeroed: the entries of the layer's own
+    output that ``reshape`` maps there (for a re-indexing such as ``tokens_to_grid``; tokens it
+    drops are never ablated).
+
+    pytorch-grad-cam's ``AblationCAM`` zeroes the channel too when the layer's minimum is 0 (a
+    ReLU output), but otherwise writes ``min - 1e7``; these maps equal its maps on layers whose
+    minimum is 0. No gradient is needed: autograd is left as the caller has it, and the map is
+    differentiable w.r.t. ``params`` and ``x`` when they require it (all ``B K`` forwards are then
+    kept for the backward; wrap the call in ``torch.no_grad()`` when no gradient is wanted).
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, C, *spatial]``.
+      target: ``None`` (the class predicted for the unablated image), int, ``[B]`` ints, or a
+        callable ``out -> [n]`` applied to each chunk of ``n`` ablated images (row by row).
+      layer: One dotted module name or module.
+      batch_size: The most ablated images in one forward (a memory cap; it changes the result
+        only by float rounding). Default: 32.
+      relu: Keep only positive evidence, as in the paper. Default: True.
+      upsample: Resize to ``x``'s spatial size (bilinear, ``align_corners=False``). Default: True.
+      reshape: A callable from the layer's output to ``[B, K, *grid]``, as in :func:`grad_cam`.
+        Default: ``None`` (the output must already be ``[B, K, *grid]``, see :func:`grad_cam`).
+
+    Returns:
+      ``[B, 1, H, W]`` (``[B, 1, *grid]`` with ``upsample=False``).
+
+    Raises:
+      ValueError: an unknown layer, a layer never reached, an output that is not
+        ``[B, K, *grid]`` (pass ``reshape=``), ``batch_size`` below 1, a target out of range,
+        NaN input.
+      TypeError: several layers (one per call), a bad ``batch_size``, target, layer or reshape type.
+
+    Example:
+      >>> with torch.no_grad():
+      ...     maps = ablation_cam(fn, params, images, labels, layer="layer4", batch_size=64)   # [8, 1, 224, 224]
+
+    Cost: one forward over ``x``, then ``ceil(B K / batch_size)`` forwards of up to ``batch_size``
+    images; no backward.
+    References: Desai and Ramaswamy, "Ablation-CAM: Visual Explanations for Deep Convolutional
+    Network via Gradient-free Localization", WACV 2020.
+    """
+    fn = "ablation_cam"
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
+    _checks.check_positive_int(fn, "batch_size", batch_size)
+    if isinstance(layer, (list, tuple, dict)):
+        raise _checks.type_error(fn, "layer, one dotted name or module (Ablation-CAM takes one layer per call)",
+                                 _checks.describe(layer), "Call ablation_cam once per layer.")
+    names, _ = resolve_layers(fn, model_fn, layer)
+    name = names[0]
+    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
+    raw = acts[name]
+    act = _to_grid(fn, name, raw, x, reshape)
+    batch, channels = act.shape[:2]
+    call_target = callable(target) and not isinstance(target, Tensor)
+    index = None if call_target else _targets.resolve_index(out, target, fn=fn)
+    base = _targets.resolve(out, target, fn=fn) if call_target else out.gather(1, index[:, None]).squeeze(1)
+
+    # Row r of the flattened work is image r // K with its channel r % K zeroed.
+    image_of = torch.arange(batch, device=x.device).repeat_interleave(channels)
+    channel_of = torch.arange(channels, device=x.device).repeat(batch)
+    eye = torch.eye(channels, dtype=act.dtype, device=act.device)
+    scores: List[Tensor] = []
+    for start in range(0, batch * channels, batch_size):
+        rows = image_of[start:start + batch_size]
+        onehot = eye.index_select(0, channel_of[start:start + batch_size])          # [n, K]
+        chunk = raw.index_select(0, rows)
+        if reshape is None:
+            keep_out = onehot.reshape(*onehot.shape, *([1] * (raw.ndim - 2)))
+        else:  # the entries of the raw output that reshape sends to channel k: its transpose applied to a one-hot
+            mapped, transpose = torch.func.vjp(reshape, chunk)
+            (keep_out,) = transpose(onehot.reshape(*onehot.shape, *([1] * (mapped.ndim - 2))).expand_as(mapped))
+        masked_out, _ = intermediates(model_fn, layers=names, perturb={name: -chunk * keep_out}, fn=fn)(
+            params, x.index_select(0, rows))
+        if call_target:
+            scores.append(_targets.resolve(masked_out, target, fn=fn))
+        else:
+            scores.append(masked_out.gather(1, index.index_select(0, rows)[:, None]).squeeze(1))
+    ablated = torch.cat(scores).reshape(batch, channels)
+    weights = (base[:, None] - ablated) / base[:, None]
+    maps = torch.einsum("bk,bk...->b...", weights.to(act.dtype), act).unsqueeze(1)
+    return _finish(fn, maps, x, relu, upsample)
+
+
+for _method in (layer_cam, xgrad_cam, hires_cam, eigen_cam):
+    if _method.__doc__:  # None under python -OO
+        _method.__doc__ = _method.__doc__.replace("{args}", _ARGS_DOC)
+del _method
 
 
 _SCORE_CAM_WEIGHTS = ("prob", "softmax")
