@@ -143,6 +143,11 @@ CAM_METHODS = {
     "grad_cam": tx.grad_cam,
     "grad_cam_pp": tx.grad_cam_pp,
     "score_cam": functools.partial(tx.score_cam, batch_size=7),
+    "layer_cam": tx.layer_cam,
+    "xgrad_cam": tx.xgrad_cam,
+    "hires_cam": tx.hires_cam,
+    "eigen_cam": tx.eigen_cam,
+    "ablation_cam": functools.partial(tx.ablation_cam, batch_size=7),
 }
 VIEWS = [("last", to_first), ("tokens", TO_GRID)]
 
