@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from pytorch_grad_cam import AblationCAM, EigenCAM, HiResCAM, LayerCAM, XGradCAM
+from pytorch_grad_cam import AblationCAM, EigenCAM, FullGrad, HiResCAM, LayerCAM, XGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torchcam.methods import LayerCAM as TorchcamLayerCAM, XGradCAM as TorchcamXGradCAM
 
@@ -223,27 +223,136 @@ def test_ablation_cam_is_differentiable_wrt_params():
 
 
 # --------------------------------------------------------------------------------------------
+# FullGrad.
+
+class _RawFullGrad(FullGrad):
+    """pytorch-grad-cam's FullGrad, keeping its map before the final min-max scaling."""
+
+    def aggregate_multi_layers(self, cam_per_target_layer):
+        self.raw = np.sum(cam_per_target_layer, axis=1)
+        return super().aggregate_multi_layers(cam_per_target_layer)
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "mobilenet_v3_small"])
+def test_fullgrad_matches_pytorch_grad_cam(model_name):
+    # Every Conv2d / BatchNorm2d with a bias: resnet18's 20 batch norms; mobilenet_v3_small's 52
+    # (batch norms and the squeeze-excitation convolutions). Per-channel scaling, then bilinear
+    # resizing (ours) or cv2.resize (theirs), which agree when upsampling (see test_parity).
+    model, fn, params = _model(model_name)
+    x = _input()
+    with _RawFullGrad(model=model, target_layers=[]) as extractor:
+        extractor(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in LABELS])
+        raw = torch.from_numpy(extractor.raw)
+    model.zero_grad(set_to_none=True)
+    _assert_parity(tx.fullgrad(fn, params, x, LABELS)[:, 0], raw)
+    _assert_no_hooks(model)
+
+
+def _psi_sum(maps, size):
+    """The paper's psi per example and channel, written out with loops, summed over channels."""
+    out = torch.zeros(maps.shape[0], 1, *size, dtype=maps.dtype)
+    for b in range(maps.shape[0]):
+        for k in range(maps.shape[1]):
+            m = maps[b, k].abs()
+            m = (m - m.min()) / (m.max() - m.min() + 1e-7)
+            out[b, 0] += nn.functional.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    return out
+
+
+def test_fullgrad_matches_an_autograd_oracle_and_folds_batch_norm():
+    torch.manual_seed(0)
+    model = TinyCNN(nn.ReLU)
+    model.features.add_module("2", nn.BatchNorm2d(6))
+    with torch.no_grad():
+        model.features[2].running_mean.uniform_(-0.5, 0.5)
+        model.features[2].running_var.uniform_(0.5, 2.0)
+        model.features[2].weight.uniform_(0.5, 2.0)
+    model = model.double().eval()
+    fn, params = tx.functionalize(model)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([1, 3])
+    store = {}
+    layers = {"conv1": model.conv1, "features.0": model.features[0], "features.2": model.features[2]}
+    handles = [m.register_forward_hook(lambda m, a, out, n=n: store.setdefault(n, out)) for n, m in layers.items()]
+    score = model(x).gather(1, target[:, None]).sum()
+    for handle in handles:
+        handle.remove()
+    grads = torch.autograd.grad(score, [x, *store.values()])
+    bn = model.features[2]
+    biases = [model.conv1.bias, model.features[0].bias,
+              bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)]
+    expected = _psi_sum(grads[0] * x, (8, 8))
+    for grad, bias in zip(grads[1:], biases):
+        expected = expected + _psi_sum(grad * bias.detach()[None, :, None, None], (8, 8))
+    got = tx.fullgrad(fn, params, x.detach(), target)
+    torch.testing.assert_close(got, expected.detach())
+    # Naming the layers gives the same map; naming fewer drops their terms.
+    torch.testing.assert_close(tx.fullgrad(fn, params, x.detach(), target, layer=list(layers)), got)
+    only_input_and_conv1 = _psi_sum(grads[0] * x, (8, 8)) + _psi_sum(grads[1] * biases[0].detach()[None, :, None, None],
+                                                                     (8, 8))
+    torch.testing.assert_close(tx.fullgrad(fn, params, x.detach(), target, layer="conv1"), only_input_and_conv1.detach())
+
+
+def test_fullgrad_grad_through_params_under_vmap_equals_loop_in_float64():
+    """The float64 version of the contract (whose float32 tolerance is loosened for FullGrad)."""
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        model = TinyCNN(nn.Softplus)
+        model.features.add_module("2", nn.BatchNorm2d(6))
+        models.append(model.double().eval())
+    fn, _ = tx.functionalize(models[0])
+    params, buffers = torch.func.stack_module_state(models)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    grads = torch.func.vmap(torch.func.grad(
+        lambda p, b: tx.fullgrad(fn, {**p, **b}, x, target).pow(2).mean()))(params, buffers)
+    for i, model in enumerate(models):
+        fn_i, p_i = tx.functionalize(model)
+        single = torch.func.grad(lambda p: tx.fullgrad(fn_i, {**p_i, **p}, x, target).pow(2).mean())(
+            {k: v for k, v in p_i.items() if k in params})
+        for key in single:
+            torch.testing.assert_close(grads[key][i], single[key], rtol=1e-9, atol=1e-9)
+    assert grads["fc.weight"].abs().sum() > 0
+
+
+def test_fullgrad_errors():
+    model = TinyCNN(nn.ReLU).eval()
+    fn, params = tx.functionalize(model)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"^fullgrad: expected upsample=True"):
+        tx.fullgrad(fn, params, x, upsample=False)
+    with pytest.raises(ValueError, match=r"^fullgrad: expected layer 'act1' to have a bias"):
+        tx.fullgrad(fn, params, x, layer="act1")
+    with pytest.raises(TypeError, match=r"^fullgrad: expected layer \(the names of the layers with biases\)"):
+        tx.fullgrad(lambda p, x: fn(p, x), params, x)
+
+
+# --------------------------------------------------------------------------------------------
 # Errors.
 
-@pytest.mark.parametrize("name", ["layer_cam", "xgrad_cam", "hires_cam", "eigen_cam", "ablation_cam"])
+@pytest.mark.parametrize("name", ["layer_cam", "xgrad_cam", "hires_cam", "eigen_cam", "ablation_cam", "fullgrad"])
 def test_errors_name_the_function(name):
     method = getattr(tx, name)
     model = TinyCNN(nn.ReLU).eval()
     fn, params = tx.functionalize(model)
     x = torch.randn(2, 3, 8, 8)
     prefix = f"^{name}: "
+    ok = "features.0" if name == "fullgrad" else "features"   # fullgrad names layers with a bias
     with pytest.raises(ValueError, match=prefix + "unknown layer 'featurs'. Did you mean 'features'"):
         method(fn, params, x, layer="featurs")
     with pytest.raises(ValueError, match=prefix + "expected target values in"):
-        method(fn, params, x, torch.tensor([0, 9]), layer="features")
+        method(fn, params, x, torch.tensor([0, 9]), layer=ok)
     with pytest.raises(ValueError, match=prefix + r"expected layer 'fc' to output \[B, K, \*spatial\].*reshape="):
         method(fn, params, x, layer="fc")
+    if name == "fullgrad":  # a layer with a bias: the message is the layout one
+        return
     with pytest.raises(TypeError, match=prefix + "expected x of a floating-point dtype"):
-        method(fn, params, x.long(), layer="features")
+        method(fn, params, x.long(), layer=ok)
     with pytest.raises(TypeError, match=prefix + "expected relu, a bool"):
-        method(fn, params, x, layer="features", relu=1)
+        method(fn, params, x, layer=ok, relu=1)
     with pytest.raises(TypeError, match=prefix + "expected reshape, a callable or None"):
-        method(fn, params, x, layer="features", reshape="channels_last")
+        method(fn, params, x, layer=ok, reshape="channels_last")
     assert all(not m._forward_hooks for m in model.modules())
 
 

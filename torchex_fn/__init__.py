@@ -1,6 +1,7 @@
 """torchex_fn: functional, stateless attribution methods for PyTorch, built on ``torch.func``."""
 from . import datasets, metrics, postprocess, targets, viz
-from .cam import ablation_cam, cam, eigen_cam, grad_cam, grad_cam_pp, hires_cam, layer_cam, score_cam, xgrad_cam
+from .cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad_cam_pp, hires_cam, layer_cam, score_cam,
+                  xgrad_cam)
 from .capture import capture, intermediates, layer_gradients, tap
 from .classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
 from .functional import functionalize, params_of
@@ -18,6 +19,7 @@ __all__ = [
     "capture", "intermediates", "layer_gradients", "tap",
     "saliency", "input_x_gradient", "smooth", "integrated_gradients",
     "cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam", "ablation_cam",
+    "fullgrad",
     "deeplift", "deeplift_shap", "guided_backprop",
     "occlusion", "rise",
     "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift",

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks
-from .capture import intermediates, layer_gradients, resolve_layers
+from .capture import intermediates, layer_gradients, resolve_layers, tap
 from . import postprocess as _postprocess
 from . import targets as _targets
 from ._types import Layer, LayerSpec, ModelFn, Params, Target
 
 __all__ = ["cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam",
-           "ablation_cam"]
+           "ablation_cam", "fullgrad"]
 
 
 def _check_common(fn: str, model_fn, params, x, target, relu, upsample, reshape=None) -> None:
@@ -574,6 +574,137 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
     weights = (base[:, None] - ablated) / base[:, None]
     maps = torch.einsum("bk,bk...->b...", weights.to(act.dtype), act).unsqueeze(1)
     return _finish(fn, maps, x, relu, upsample)
+
+
+# The name under which fullgrad marks the model's input with ``tap`` (no module name contains "<").
+_INPUT = "<input>"
+
+
+class _InputTapped:
+    """``model_fn`` with its input marked by ``tap``, so that :func:`layer_gradients` also returns
+    ``d score / d x`` from the same backward pass. ``module`` keeps the memo of layer shapes keyed
+    by the user's model (or function), not by this short-lived wrapper."""
+
+    def __init__(self, model_fn):
+        self.model_fn = model_fn
+        self.module = getattr(model_fn, "module", model_fn)
+
+    def __call__(self, params, x):
+        return self.model_fn(params, tap(_INPUT, x))
+
+
+_BIAS_MODULES = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}
+
+
+def _bias_layers(fn: str, model_fn, x: Tensor) -> List[str]:
+    """The convolutions and batch norms with a bias whose grid has ``x``'s spatial rank."""
+    module = getattr(model_fn, "module", None)
+    if module is None:
+        raise _checks.type_error(fn, "layer (the names of the layers with biases) for a model_fn not built by "
+                                 "functionalize", "None")
+    kinds = _BIAS_MODULES.get(x.ndim - 2, ())
+    names = [name for name, m in module.named_modules()
+             if isinstance(m, kinds) and getattr(m, "bias", None) is not None and name]
+    if not names:
+        raise _checks.value_error(fn, f"convolutions or batch norms with a bias for x of rank {x.ndim}", "none",
+                                  "Name the layers with layer=.")
+    return names
+
+
+def _bias_of(fn: str, model_fn, params, name: str) -> Tensor:
+    """Layer ``name``'s bias per output channel; a batch norm's folds in its running statistics."""
+    key = f"{name}.bias"
+    if key not in params:
+        raise _checks.value_error(fn, f"layer {name!r} to have a bias ({key!r} in params)", "none",
+                                  "FullGrad uses the layers with biases (convolutions, batch norms).")
+    bias = params[key]
+    module = getattr(model_fn, "module", None)
+    layer = module.get_submodule(name) if module is not None else None
+    mean, var = params.get(f"{name}.running_mean"), params.get(f"{name}.running_var")
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm) and mean is not None and var is not None:
+        weight = params.get(f"{name}.weight")
+        scale = torch.rsqrt(var + layer.eps) * (weight if weight is not None else 1.0)
+        bias = bias - mean * scale
+    return bias
+
+
+def _scaled_channel_sum(maps: Tensor, x: Tensor) -> Tensor:
+    """``sum_k`` of each ``[B, K, *grid]`` channel min-max scaled (``(m - min) / (max - min + 1e-7)``), at x's size.
+
+    The resize is linear, so summing the channels before resizing equals resizing each (up to
+    rounding) and needs one channel at x's size instead of K. A constant channel scales to 0; its
+    gradient is taken as 0 too (the kink's zero subgradient): through ``1 / (range + 1e-7)`` it
+    would otherwise be float rounding multiplied by 1e7 (a layer right before global average
+    pooling has a constant gradient map).
+    """
+    flat = maps.flatten(2)
+    flat = flat - flat.amin(dim=2, keepdim=True)
+    top = flat.amax(dim=2, keepdim=True)
+    flat = torch.where(top > 0, flat / (top + 1e-7), torch.zeros_like(flat))
+    return _postprocess.resize(flat.sum(dim=1, keepdim=True).reshape(maps.shape[0], 1, *maps.shape[2:]),
+                               x.shape[2:])
+
+
+def fullgrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Any = None,
+             relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """FullGrad: the input-gradient term plus the bias-gradient terms of every layer with a bias.
+
+    ``map = sum_c psi(|d y / d x * x|_c) + sum_l sum_k psi(|b_{l,k} d y / d z_{l,k}|)``, where
+    ``z_l`` is layer ``l``'s output, ``b_l`` its bias per channel (a batch norm's effective bias
+    ``beta - mean gamma / sqrt(var + eps)``), and ``psi`` scales each map of one example and one
+    channel to [0, 1] (``(m - min) / (max - min + 1e-7)``) and resizes it to ``x``'s size
+    (bilinear). This is pytorch-grad-cam's ``FullGrad`` up to its final min-max scaling (the
+    paper's ``psi`` is the same up to that normalisation). The map is built at ``x``'s size from
+    one forward and one backward pass to the input.
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, C, *spatial]``.
+      target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
+      layer: The layers whose biases count: ``None`` (default) for every convolution and batch
+        norm with a bias of ``x``'s spatial rank (as pytorch-grad-cam), or names / modules.
+      relu: Kept for a uniform signature: every term is non-negative, so it changes nothing.
+        Default: True.
+      upsample: Must be True: the map is a sum of maps at ``x``'s size. Default: True.
+      reshape: A callable from each layer's output to ``[B, K, *grid]``, as in :func:`grad_cam`
+        (applied to the gradients). Default: ``None``.
+
+    Returns:
+      ``[B, 1, *spatial]``, ``x``'s spatial size.
+
+    Raises:
+      ValueError: ``upsample=False``; a named layer without a bias or never reached; a target
+        out of range; NaN input.
+      TypeError: ``layer=None`` for a ``model_fn`` not built by ``functionalize``, integer
+        images, a bad target or reshape type.
+
+    Example:
+      >>> fullgrad(fn, params, images, labels).shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+
+    Cost: one forward, one backward to the input (no parameter gradients); memory: one map of
+    ``x``'s size per example besides the backward.
+    References: Srinivas and Fleuret, "Full-Gradient Representation for Neural Network
+    Visualization", NeurIPS 2019.
+    """
+    fn = "fullgrad"
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
+    if not upsample:
+        raise _checks.value_error(fn, "upsample=True (FullGrad sums maps resized to x's size)", "False")
+    names = _bias_layers(fn, model_fn, x) if layer is None else list(dict.fromkeys(resolve_layers(fn, model_fn,
+                                                                                               layer)[0]))
+    biases = {name: _bias_of(fn, model_fn, params, name) for name in names}
+    result = layer_gradients(_InputTapped(model_fn), params, x, target, layers=[_INPUT, *names], fn=fn)
+    total = _scaled_channel_sum((result.grads[_INPUT] * x).abs(), x)
+    for name in names:
+        grid = _to_grid(fn, name, result.acts[name], x, reshape)
+        grad = result.grads[name] if reshape is None else reshape(result.grads[name])
+        bias = biases[name]
+        if bias.shape != grid.shape[1:2]:
+            raise _checks.value_error(fn, f"layer {name!r}'s bias to have one entry per channel ({grid.shape[1]})",
+                                      _checks.describe(bias))
+        total = total + _scaled_channel_sum((grad * bias.reshape(1, -1, *([1] * (grad.ndim - 2)))).abs(), x)
+    return torch.relu(total) if relu else total
 
 
 for _method in (layer_cam, xgrad_cam, hires_cam, eigen_cam):
