@@ -262,23 +262,25 @@ def _psi_sum(maps, size):
 def test_fullgrad_matches_an_autograd_oracle_and_folds_batch_norm():
     torch.manual_seed(0)
     model = TinyCNN(nn.ReLU)
-    model.features.add_module("2", nn.BatchNorm2d(6))
+    # conv -> batch norm -> ReLU, so the batch norm's gradient map is not constant over the grid
+    model.features = nn.Sequential(model.features[0], nn.BatchNorm2d(6), nn.ReLU())
     with torch.no_grad():
-        model.features[2].running_mean.uniform_(-0.5, 0.5)
-        model.features[2].running_var.uniform_(0.5, 2.0)
-        model.features[2].weight.uniform_(0.5, 2.0)
+        model.features[1].running_mean.uniform_(-0.5, 0.5)
+        model.features[1].running_var.uniform_(0.5, 2.0)
+        model.features[1].weight.uniform_(0.5, 2.0)
+        model.features[1].bias.uniform_(-1.0, 1.0)
     model = model.double().eval()
     fn, params = tx.functionalize(model)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([1, 3])
     store = {}
-    layers = {"conv1": model.conv1, "features.0": model.features[0], "features.2": model.features[2]}
+    layers = {"conv1": model.conv1, "features.0": model.features[0], "features.1": model.features[1]}
     handles = [m.register_forward_hook(lambda m, a, out, n=n: store.setdefault(n, out)) for n, m in layers.items()]
     score = model(x).gather(1, target[:, None]).sum()
     for handle in handles:
         handle.remove()
     grads = torch.autograd.grad(score, [x, *store.values()])
-    bn = model.features[2]
+    bn = model.features[1]
     biases = [model.conv1.bias, model.features[0].bias,
               bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)]
     expected = _psi_sum(grads[0] * x, (8, 8))
