@@ -1,6 +1,7 @@
 """torchex_fn: functional, stateless attribution methods for PyTorch, built on ``torch.func``."""
 from . import datasets, metrics, postprocess, targets, viz
-from .cam import cam, grad_cam, grad_cam_pp, score_cam
+from .cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad_cam_pp, hires_cam, layer_cam, score_cam,
+                  xgrad_cam)
 from .capture import capture, intermediates, layer_gradients, tap
 from .classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
 from .functional import functionalize, params_of
@@ -17,7 +18,8 @@ __all__ = [
     "functionalize", "params_of",
     "capture", "intermediates", "layer_gradients", "tap",
     "saliency", "input_x_gradient", "smooth", "integrated_gradients",
-    "cam", "grad_cam", "grad_cam_pp", "score_cam",
+    "cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam", "ablation_cam",
+    "fullgrad",
     "deeplift", "deeplift_shap", "guided_backprop",
     "occlusion", "rise",
     "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift",
