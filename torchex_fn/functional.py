@@ -8,7 +8,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import _checks
+from . import _autodiff, _checks
 from .capture import active as _active_capture
 
 __all__ = ["functionalize", "FunctionalModel", "params_of"]
@@ -72,7 +72,8 @@ class FunctionalModel:
                     for name in session.names:
                         if name in modules:
                             handles.append(modules[name].register_forward_hook(session.hook(name)))
-                return torch.func.functional_call(self.module, params, (x,))
+                with _autodiff.attention_context(params, x):  # twice-differentiable attention when needed
+                    return torch.func.functional_call(self.module, params, (x,))
             finally:
                 for handle in handles:
                     handle.remove()
