@@ -48,11 +48,12 @@ class WithGrid(nn.Module):
         return torch.cat([t[:, :1], self.back(self.grid(t))], dim=1)
 
 
-def tv_vit(dtype=torch.float32):
+def tv_vit(dtype=torch.float32, with_grid=True):
     m = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                              hidden_dim=16, mlp_dim=32, num_classes=5)
     nn.init.normal_(m.heads.head.weight, std=0.5)  # torchvision initialises the head to zero
-    m.encoder.layers.encoder_layer_0 = WithGrid(m.encoder.layers.encoder_layer_0)
+    if with_grid:
+        m.encoder.layers.encoder_layer_0 = WithGrid(m.encoder.layers.encoder_layer_0)
     return m.to(dtype).eval()
 
 

@@ -1,5 +1,6 @@
 """torchex_fn: functional, stateless attribution methods for PyTorch, built on ``torch.func``."""
 from . import datasets, metrics, postprocess, targets, viz
+from .attention import attention_probabilities, attention_rollout, grad_rollout, legrad
 from .cam import cam, grad_cam, grad_cam_pp, score_cam
 from .capture import capture, intermediates, layer_gradients, tap
 from .classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
@@ -20,6 +21,7 @@ __all__ = [
     "cam", "grad_cam", "grad_cam_pp", "score_cam",
     "deeplift", "deeplift_shap", "guided_backprop",
     "occlusion", "rise",
+    "attention_rollout", "grad_rollout", "legrad", "attention_probabilities",
     "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift",
     "deletion", "insertion", "pointing_game", "energy_pointing_game", "randomization_check",
     "infidelity", "sensitivity_max",

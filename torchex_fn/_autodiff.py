@@ -235,3 +235,21 @@ def grad_of_sum(f: Callable[[Any], Any], primal: Any, *, has_aux: bool = False) 
     state.root = None
     (grads,) = vjp_fn(torch.ones_like(total), retain_graph=False, create_graph=create_graph)
     return (grads, aux[0]) if has_aux else grads
+
+
+def grads_of_sums(f: Callable[[Any], Any], primal: Any, *, has_aux: bool = False) -> Any:
+    """``[d f(primal)[k] / d primal for each k]`` for ``f -> (total_0, total_1, ...)`` (a tuple of scalars).
+
+    One forward and one backward per total (each reaches back only as far as its total depends on
+    ``primal``); with ``has_aux``, ``f -> (totals, aux)`` and ``(grads, aux)``. The second graph is
+    recorded as in :func:`grad_of_sum`. Attention is not switched here: callers that need this compute
+    attention explicitly (:mod:`torchex_fn.attention`).
+    """
+    totals, vjp_fn, *aux = torch.func.vjp(f, primal, has_aux=has_aux)
+    create_graph = torch.is_grad_enabled() and any(tracked(t) for t in totals)
+    grads = []
+    for k in range(len(totals)):
+        cotangents = tuple(torch.ones_like(t) if j == k else torch.zeros_like(t) for j, t in enumerate(totals))
+        (g,) = vjp_fn(cotangents, retain_graph=k < len(totals) - 1 or create_graph, create_graph=create_graph)
+        grads.append(g)
+    return (grads, aux[0]) if has_aux else grads
