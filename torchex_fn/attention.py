@@ -468,8 +468,8 @@ def legrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, 
       x: A batch ``[B, C, H, W]`` (any ``[B, ...]`` with ``upsample=False``).
       target: ``None`` (the class the model predicts), int, ``[B]`` ints, or a callable
         ``logits -> [B]`` applied to every block's logits.
-      blocks: Transformer blocks (dotted names or modules) returning tokens ``[B, N, D]``; each must
-        make exactly one attention call.
+      blocks: Transformer blocks (dotted names or modules) returning tokens ``[B, N, D]``. A block's
+        attention is the last attention call made before the block returns (its self-attention).
       head: The projection from pooled tokens to logits: a dotted name or a list of names applied in
         order (e.g. ``["norm", "head"]`` for timm), or a callable ``(params, pooled) -> logits``.
         Default: ``["encoder.ln", "heads"]`` when the model has them (torchvision).
@@ -483,7 +483,7 @@ def legrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, 
 
     Raises:
       TypeError: ``model_fn`` not built by ``functionalize``; bad ``head``.
-      ValueError: unknown block; a block that makes no or several attention calls; bad ``pool``.
+      ValueError: unknown block; no attention call before a block returns; bad ``pool``.
 
     Example:
       >>> blocks = [f"encoder.layers.encoder_layer_{i}" for i in range(8, 12)]
@@ -549,11 +549,11 @@ def legrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, 
         found = []
         for j, name in enumerate(order):
             inside = [i for i, a in enumerate(after) if a == j]
-            if len(inside) != 1:
-                raise _checks.value_error(fn, f"block {name!r} to make exactly one attention call",
-                                          f"{len(inside)} attention calls",
-                                          "Name transformer blocks (each with one self-attention).")
-            found.append(inside[0])
+            if not inside:
+                raise _checks.value_error(fn, f"an attention call before block {name!r} returns",
+                                          "none since the previous block",
+                                          "Name transformer blocks (each with a self-attention).")
+            found.append(inside[-1])
         return found
 
     # Which attention call belongs to which block: one forward without autograd learns the order of
