@@ -8,8 +8,9 @@ as :mod:`torchex_fn._rewrite` does for nonlinearities: a :class:`torch.overrides
 
 * ``F.scaled_dot_product_attention`` (timm with fused attention, HuggingFace's ``"sdpa"``
   implementation, ``F.multi_head_attention_forward`` with ``need_weights=False``), and
-* ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``; under an active mode it never
-  takes its fast path ``torch._native_multi_head_attention``, which is handled as well)
+* ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``: while a mode is active,
+  ``has_torch_function`` is true, so neither it nor ``nn.TransformerEncoderLayer`` takes its fused
+  fast path, ``torch._native_multi_head_attention`` / ``torch._transformer_encoder_layer_fwd``)
 
 to an explicit computation ``softmax(Q K^T / sqrt(d) + mask) V`` with dropout off, and records the
 probabilities ``[B, heads, N, N]`` in call order (call ``k`` is "layer" ``k``). For the gradient
@@ -39,11 +40,11 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from . import _checks
-from . import capture as _capture_module
 from . import postprocess as _postprocess
 from . import targets as _targets
 from ._autodiff import grad_of_sum, grads_of_sums
 from ._types import ModelFn, Params, Target
+from .capture import active as _active_capture, intermediates as _intermediates, resolve_layers as _resolve_layers
 
 __all__ = ["attention_rollout", "grad_rollout", "legrad", "attention_probabilities", "AttentionCall"]
 
@@ -92,7 +93,7 @@ class _Mode(TorchFunctionMode):
         self.calls: List[AttentionCall] = []
 
     def _record(self, probs: Tensor) -> None:
-        session = _capture_module.active()
+        session = _active_capture()
         self.calls.append(AttentionCall(probs, 0 if session is None else len(session.acts)))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -101,8 +102,6 @@ class _Mode(TorchFunctionMode):
             return self._sdpa(*args, **kwargs)
         if func is F.multi_head_attention_forward:
             return self._mha(*args, **kwargs)
-        if func is getattr(torch, "_native_multi_head_attention", None):
-            return self._native_mha(*args, **kwargs)
         return func(*args, **kwargs)
 
     def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -167,17 +166,6 @@ class _Mode(TorchFunctionMode):
             weights = probs.mean(dim=1) if a["average_attn_weights"] else probs
             weights = weights.squeeze(0) if unbatched else weights
         return (out.squeeze(1) if unbatched else out), weights
-
-    def _native_mha(self, query, key, value, embed_dim, num_head, qkv_weight, qkv_bias, proj_weight, proj_bias,
-                    mask=None, need_weights=True, average_attn_weights=True, mask_type=None):
-        # batch-first [B, N, E]; reuse the sequence-first path
-        out, weights = self._mha(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), embed_dim,
-                                 num_head, qkv_weight, qkv_bias, None, None, False, 0.0, proj_weight, proj_bias,
-                                 training=False, key_padding_mask=mask if mask is not None and mask.ndim == 2 else None,
-                                 need_weights=need_weights,
-                                 attn_mask=mask if mask is not None and mask.ndim != 2 else None,
-                                 average_attn_weights=average_attn_weights)
-        return out.transpose(0, 1), weights
 
 
 def _run(model_fn, params, x, perturb=None) -> Tuple[Any, List[AttentionCall]]:
@@ -309,7 +297,7 @@ def _perturbed(fn: str, model_fn, params, x, layers, run: Callable[[Dict[int, Te
     raise AssertionError("unreachable")
 
 
-def _fuse_heads(fn: str, probs: Tensor, how: str) -> Tensor:
+def _fuse_heads(probs: Tensor, how: str) -> Tensor:
     if how == "mean":
         return probs.mean(dim=1)
     if how == "max":
@@ -373,7 +361,7 @@ def attention_rollout(model_fn: ModelFn, params: Params, x: Tensor, target: Targ
     eye = torch.eye(probs[0].shape[-1], dtype=probs[0].dtype, device=probs[0].device)
     rollout = None
     for p in probs:
-        a = _fuse_heads(fn, p, head_fusion) + eye
+        a = _fuse_heads(p, head_fusion) + eye
         a = a / a.sum(dim=-1, keepdim=True)
         rollout = a if rollout is None else torch.matmul(a, rollout)
     return _to_map(fn, _query_rows(rollout, token), x, prefix_tokens, grid, upsample)
@@ -504,7 +492,7 @@ def legrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, 
         raise _checks.value_error(fn, "pool in ('mean', 'token')", _checks.describe(pool))
     if isinstance(blocks, (str, torch.nn.Module)):
         blocks = [blocks]
-    names, _ = _capture_module.resolve_layers(fn, model_fn, list(blocks))
+    names, _ = _resolve_layers(fn, model_fn, list(blocks))
     head = _default_head(model_fn) if head is None else head
     if head is None:
         raise _checks.value_error(fn, "head=, the projection from pooled tokens to logits", "None",
@@ -512,7 +500,7 @@ def legrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, 
     if callable(head) and not isinstance(head, (str, torch.nn.Module)):
         project = lambda t: head(params, t)  # noqa: E731
     else:
-        head_names, _ = _capture_module.resolve_layers(fn, model_fn, [head] if isinstance(head, (str, torch.nn.Module))
+        head_names, _ = _resolve_layers(fn, model_fn, [head] if isinstance(head, (str, torch.nn.Module))
                                                        else list(head))
         calls_ = [_submodule_call(fn, model_fn, params, n) for n in head_names]
 
@@ -585,7 +573,7 @@ def legrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, 
 
 
 def _blocks_run(fn, model_fn, params, x, names, deltas):
-    wrapped = _capture_module.intermediates(model_fn, layers=names, fn=fn)
+    wrapped = _intermediates(model_fn, layers=names, fn=fn)
     mode = _Mode(deltas)
     with mode:
         out, acts = wrapped(params, x)
