@@ -159,9 +159,14 @@ def test_grad_of_saliency_loss_wrt_params(name):
     fn, params = tx.functionalize(module)
     x = torch.randn(2, 3, 32, 32)
     weight = torch.randn_like(x)
-    got = torch.func.grad(lambda p: (tx.saliency(fn, p, x, 1) * weight).sum())(params)
+    with Ops() as outer:
+        got = torch.func.grad(lambda p: (tx.saliency(fn, p, x, 1) * weight).sum())(params)
     ref = ref_saliency_loss_grad(module, params, x, 1, weight)
     assert_close_dicts({k: got[k] for k in ref}, ref)
+    assert fused(outer.names) == []
+    with Ops() as plain:  # the plain call keeps the fused kernel
+        tx.saliency(fn, params, x, 1)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in plain.names
 
 
 @pytest.mark.parametrize("name", ["torchvision", "timm"])
@@ -633,3 +638,47 @@ def test_errors_bad_options():
     fn2, params2 = tx.functionalize(timm_vit())
     with pytest.raises(ValueError, match="legrad: expected head="):
         tx.legrad(fn2, params2, x, 0, blocks=["blocks.1"])
+
+
+def test_vmap_of_grad_of_saliency_loss_over_an_ensemble_of_vits_equals_loop():
+    models = [_vit(seed) for seed in range(2)]
+    fn, _ = tx.functionalize(models[0])
+    params, buffers = torch.func.stack_module_state(models)
+    x = torch.randn(2, 3, 32, 32)
+
+    def loss(p, b):
+        return tx.saliency(fn, {**p, **b}, x, torch.tensor([1, 2])).pow(2).sum()
+
+    batched = torch.func.vmap(torch.func.grad(loss))(params, buffers)
+    for i, model in enumerate(models):
+        _, p_i = tx.functionalize(model)
+        single = torch.func.grad(lambda p: tx.saliency(fn, p, x, torch.tensor([1, 2])).pow(2).sum())(p_i)
+        for key in params:  # float32 sums in a different order: compare to each tensor's scale
+            scale = float(single[key].abs().max())
+            torch.testing.assert_close(batched[key][i], single[key], rtol=0, atol=1e-4 * scale + 1e-8)
+    _state_is_clean(models[0])
+
+
+def test_threads_share_the_math_backend_hold_and_flags_are_restored():
+    import threading
+    fn, params = tx.functionalize(_vit())
+    x = torch.randn(2, 3, 32, 32)
+    errors = []
+
+    def work(seed):
+        try:
+            torch.manual_seed(seed)
+            p = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in params.items()}
+            for _ in range(3):
+                torch.func.grad(lambda q: tx.saliency(fn, q, x, 1).pow(2).sum())(p)
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.mha.get_fastpath_enabled()
