@@ -682,3 +682,57 @@ def test_threads_share_the_math_backend_hold_and_flags_are_restored():
     assert not errors
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
     assert torch.backends.mha.get_fastpath_enabled()
+
+
+class _MaskedMHA(nn.Module):
+    def __init__(self, batch_first, attn_mask, padding):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.attn_mask, self.padding, self.batch_first = attn_mask, padding, batch_first
+
+    def forward(self, x):
+        x = x if self.batch_first else x.transpose(0, 1)
+        out, _ = self.mha(x, x, x, attn_mask=self.attn_mask, key_padding_mask=self.padding, need_weights=False)
+        return out if self.batch_first else out.transpose(0, 1)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("masks", ["none", "bool", "float", "padding"])
+def test_intercepted_multihead_attention_equals_torch(batch_first, masks):
+    n = 5
+    causal = torch.ones(n, n, dtype=torch.bool).triu(1)  # MHA: True = masked out
+    attn_mask = {"bool": causal, "float": torch.randn(n, n)}.get(masks)
+    padding = torch.tensor([[False] * 4 + [True], [False] * 5]) if masks == "padding" else None
+    module = _MaskedMHA(batch_first, attn_mask, padding).eval()
+    fn, params = tx.functionalize(module)
+    x = torch.randn(2, n, 8)
+    out, probs = tx.attention_probabilities(fn, params, x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, module(x))
+        xs = x if batch_first else x.transpose(0, 1)
+        _, ref = module.mha(xs, xs, xs, attn_mask=attn_mask, key_padding_mask=padding, need_weights=True,
+                            average_attn_weights=False)
+    torch.testing.assert_close(probs[0], ref)
+
+
+class _SDPA(nn.Module):
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, x):  # x: [B, H, N, E]; keys/values from half the heads when gqa
+        kv = x[:, ::2] if self.options.get("enable_gqa") else x
+        return F.scaled_dot_product_attention(x, kv * 0.5, kv, **self.options)
+
+
+@pytest.mark.parametrize("options", [{}, {"is_causal": True}, {"scale": 0.3}, {"enable_gqa": True},
+                                     {"attn_mask": torch.ones(4, 4, dtype=torch.bool).tril()},
+                                     {"attn_mask": torch.randn(4, 4)}])
+def test_intercepted_sdpa_equals_torch(options):
+    module = _SDPA(**options)
+    x = torch.randn(2, 2, 4, 3)
+    out, probs = tx.attention_probabilities(lambda p, x: module(x), {}, x)
+    torch.testing.assert_close(out, module(x))
+    torch.testing.assert_close(probs[0].sum(-1), torch.ones(2, 2, 4))
+    if options.get("is_causal") or "attn_mask" in options and options["attn_mask"].dtype == torch.bool:
+        assert (probs[0].triu(1) == 0).all()
