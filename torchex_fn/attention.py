@@ -87,8 +87,9 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: boo
 class _Mode(TorchFunctionMode):
     """Computes every attention call explicitly, records its probabilities, adds the perturbations."""
 
-    def __init__(self, perturb: Optional[Mapping[int, Tensor]] = None):
+    def __init__(self, perturb: Optional[Mapping[int, Tensor]] = None, fn: str = "attention_probabilities"):
         super().__init__()
+        self.fn = fn
         self.perturb = dict(perturb or {})
         self.calls: List[AttentionCall] = []
 
@@ -125,7 +126,7 @@ class _Mode(TorchFunctionMode):
         a = bound.arguments
         if a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"] or \
                 a["static_k"] is not None or a["static_v"] is not None:
-            raise _checks.value_error("attention", "nn.MultiheadAttention without bias_k/bias_v/add_zero_attn/static_k",
+            raise _checks.value_error(self.fn, "nn.MultiheadAttention without bias_k/bias_v/add_zero_attn/static_k",
                                       "one that uses them", "These add key tokens; they are not supported.")
         query, key, value = a["query"], a["key"], a["value"]
         unbatched = query.ndim == 2
@@ -168,8 +169,8 @@ class _Mode(TorchFunctionMode):
         return (out.squeeze(1) if unbatched else out), weights
 
 
-def _run(model_fn, params, x, perturb=None) -> Tuple[Any, List[AttentionCall]]:
-    mode = _Mode(perturb)
+def _run(model_fn, params, x, perturb=None, fn: str = "attention_probabilities") -> Tuple[Any, List[AttentionCall]]:
+    mode = _Mode(perturb, fn)
     with mode:  # pushed here, popped in __exit__ (also when the model raises)
         out = model_fn(params, x)
     return out, mode.calls
@@ -268,7 +269,7 @@ _SHAPES: "weakref.WeakKeyDictionary[Any, Dict[tuple, List[Tuple[torch.Size, torc
     weakref.WeakKeyDictionary()
 
 
-def _probe(model_fn, params, x, refresh: bool) -> List[Tuple[torch.Size, torch.dtype]]:
+def _probe(fn: str, model_fn, params, x, refresh: bool) -> List[Tuple[torch.Size, torch.dtype]]:
     owner = getattr(model_fn, "module", model_fn)
     key = (tuple(x.shape), x.dtype, x.device)
     try:
@@ -277,19 +278,26 @@ def _probe(model_fn, params, x, refresh: bool) -> List[Tuple[torch.Size, torch.d
         memo = {}
     if refresh or key not in memo:
         with torch.no_grad():
-            _, calls = _run(model_fn, params, x)
+            _, calls = _run(model_fn, params, x, fn=fn)
         memo[key] = [(c.probs.shape, c.probs.dtype) for c in calls]
     return memo[key]
 
 
 def _perturbed(fn: str, model_fn, params, x, layers, run: Callable[[Dict[int, Tensor]], Any]) -> Any:
-    """Build zero perturbations for the selected calls and call ``run(deltas)``; retry once on a stale memo."""
+    """Build zero perturbations for the selected calls and call ``run(deltas) -> (result, count)``.
+
+    The perturbations' shapes come from a memo (a forward without autograd on a miss); a stale memo
+    (other shapes, or another number of attention calls) is refreshed once.
+    """
     for attempt in range(2):
-        shapes = _probe(model_fn, params, x, refresh=attempt > 0)
+        shapes = _probe(fn, model_fn, params, x, refresh=attempt > 0)
         chosen = _select(fn, len(shapes), layers)
         deltas = {i: torch.zeros(shapes[i][0], dtype=shapes[i][1], device=x.device) for i in chosen}
         try:
-            return chosen, run(deltas)
+            result, count = run(deltas)
+            if count != len(shapes):
+                raise _Mismatch()
+            return chosen, result
         except _Mismatch:
             if attempt:
                 raise RuntimeError(f"{fn}: the attention shapes change between calls with the same input shape; "
@@ -354,7 +362,7 @@ def attention_rollout(model_fn: ModelFn, params: Params, x: Tensor, target: Targ
     if head_fusion not in HEAD_FUSIONS:
         raise _checks.value_error(fn, f"head_fusion in {HEAD_FUSIONS}", _checks.describe(head_fusion))
     del target
-    _, calls = _run(model_fn, params, x)
+    _, calls = _run(model_fn, params, x, fn=fn)
     chosen = _select(fn, len(calls), layers)
     probs = [calls[i].probs for i in chosen]
     _check_square(fn, probs)
@@ -408,10 +416,11 @@ def grad_rollout(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
 
     def run(deltas):
         def total(deltas):
-            out, calls = _run(model_fn, params, x, deltas)
+            out, calls = _run(model_fn, params, x, deltas, fn=fn)
             scores = _targets.resolve(out, target, fn=fn)
             return scores.sum(), [c.probs for c in calls]
-        return grad_of_sum(total, deltas, has_aux=True)
+        grads, probs = grad_of_sum(total, deltas, has_aux=True)
+        return (grads, probs), len(probs)
 
     chosen, (grads, all_probs) = _perturbed(fn, model_fn, params, x, layers, run)
     probs = [all_probs[i] for i in chosen]
@@ -574,7 +583,7 @@ def legrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, 
 
 def _blocks_run(fn, model_fn, params, x, names, deltas):
     wrapped = _intermediates(model_fn, layers=names, fn=fn)
-    mode = _Mode(deltas)
-    with mode:
+    mode = _Mode(deltas, fn)
+    with mode:  # pushed here, popped in __exit__ (also when the model raises)
         out, acts = wrapped(params, x)
     return out, acts, mode.calls
