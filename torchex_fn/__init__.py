@@ -1,5 +1,6 @@
 """torchex_fn: functional, stateless attribution methods for PyTorch, built on ``torch.func``."""
 from . import datasets, metrics, postprocess, targets, viz
+from .attention import attention_probabilities, attention_rollout, grad_rollout, legrad
 from .cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad_cam_pp, hires_cam, layer_cam, score_cam,
                   xgrad_cam)
 from .capture import capture, intermediates, layer_gradients, tap
@@ -22,6 +23,7 @@ __all__ = [
     "fullgrad",
     "deeplift", "deeplift_shap", "guided_backprop",
     "occlusion", "rise",
+    "attention_rollout", "grad_rollout", "legrad", "attention_probabilities",
     "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift",
     "deletion", "insertion", "pointing_game", "energy_pointing_game", "randomization_check",
     "infidelity", "sensitivity_max",

@@ -9,7 +9,7 @@ from typing import Any, Dict, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import _checks
+from . import _autodiff, _checks
 from .capture import active as _active_capture
 
 __all__ = ["functionalize", "FunctionalModel", "params_of"]
@@ -128,7 +128,8 @@ class FunctionalModel:
                 for mod, attr, _ in hidden:
                     setattr(mod, attr, {})
                 args, kwargs = ((), dict(x)) if isinstance(x, Mapping) else ((x,), None)  # named inputs as keywords
-                return torch.func.functional_call(self.module, full, args, kwargs, tie_weights=False)
+                with _autodiff.attention_context(params, x):  # twice-differentiable attention when needed
+                    return torch.func.functional_call(self.module, full, args, kwargs, tie_weights=False)
             finally:
                 for handle in handles:
                     handle.remove()
