@@ -169,3 +169,100 @@ def test_split_output_keeps_model_output_type():
     torch.testing.assert_close(pieces[1].logits, out.logits[2:4])
     pairs = _inputs.split_output((torch.arange(4), None, {"a": torch.ones(4, 2)}), 2)
     assert len(pairs) == 2 and pairs[1][1] is None and pairs[1][2]["a"].shape == (2, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Every chunked method on structured outputs and dict inputs (a HuggingFace ViT from a config).
+
+def _vit(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, num_hidden_layers=2, hidden_size=32,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=3)
+    return transformers.ViTForImageClassification(cfg).eval()
+
+
+def _seeded(**options):
+    """Options with a fresh seeded generator where the method draws."""
+    return {k: (torch.Generator().manual_seed(3) if k == "generator" else v) for k, v in options.items()}
+
+
+VIT_METHODS = {
+    "occlusion": (tx.occlusion, {"window": (3, 8, 8), "stride": 8, "batch_size": 6}),
+    "rise": (tx.rise, {"num_masks": 12, "cell_size": 4, "batch_size": 8, "generator": None}),
+    "integrated_gradients": (tx.integrated_gradients, {"steps": 5, "batch_size": 4}),
+    "gradient_shap": (tx.gradient_shap, {"baselines": torch.zeros(3, 3, 32, 32), "samples": 3, "stdev": 0.1,
+                                         "batch_size": 4, "generator": None}),
+    "smoothgrad": (lambda *a, generator, **o: tx.smooth(tx.saliency, samples=3, generator=generator,
+                                                        batch_size=4)(*a, **o), {"generator": None}),
+}
+
+
+@pytest.mark.parametrize("name", VIT_METHODS)
+def test_vit_dict_input_and_model_output_equal_the_plain_tensor(name):
+    """A ViT returns a ModelOutput; {"pixel_values": x} gives the map of x itself, for every chunking."""
+    method, options = VIT_METHODS[name]
+    fn, params = tx.functionalize(_vit())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 2])
+    plain = method(fn, params, x, target, **_seeded(**options))
+    named = method(fn, params, {"pixel_values": x}, target, **_seeded(**options))
+    assert plain.shape[0] == 2 and plain.abs().sum() > 0
+    torch.testing.assert_close(named, plain, rtol=0, atol=0)
+    # a callable target on the raw ModelOutput sees one chunk's examples at a time, in x's order
+    pick = (lambda out: out.logits.softmax(1)[:, 0]) if name == "rise" else (lambda out: out.logits[:, 0])
+    picked = method(fn, params, {"pixel_values": x}, pick, **_seeded(**options))   # RISE: a callable is the score
+    by_index = method(fn, params, x, 0, **_seeded(**options))
+    torch.testing.assert_close(picked, by_index, rtol=1e-5, atol=1e-7)
+
+
+class Scaled(nn.Module):
+    """``logits = W (pixels * scale)``: a dict input whose integer entry changes every example's map."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(12, 3)
+
+    def forward(self, pixels, scale):
+        return {"logits": self.lin(pixels.flatten(1) * scale[:, None]), "hidden": pixels}
+
+
+@pytest.mark.parametrize("name", ["occlusion", "integrated_gradients", "smoothgrad", "gradient_shap"])
+def test_other_dict_entries_follow_their_example_through_chunks(name):
+    """Per-example integer entries must travel with their rows: one example at a time gives the same map."""
+    torch.manual_seed(0)
+    net = Scaled().double().eval()
+    fn, params = tx.functionalize(net)
+    x = {"pixels": torch.randn(3, 1, 3, 4, dtype=torch.float64), "scale": torch.tensor([1, -2, 3])}
+    options = {"occlusion": (tx.occlusion, {"window": (1, 2, 2), "batch_size": 4}),
+               "integrated_gradients": (tx.integrated_gradients, {"steps": 3, "batch_size": 2}),
+               "smoothgrad": (VIT_METHODS["smoothgrad"][0], {"generator": None}),
+               "gradient_shap": (tx.gradient_shap, {"baselines": torch.zeros(2, 1, 3, 4, dtype=torch.float64),
+                                                    "samples": 2, "batch_size": 5, "generator": None})}[name]
+    method, kw = options
+    target = torch.tensor([2, 0, 1])
+    whole = method(fn, params, x, target, **_seeded(**kw))
+    single = torch.cat([method(fn, params, _inputs.take(x, i, i + 1), target[i:i + 1], **_seeded(**kw))
+                        for i in range(3)])
+    torch.testing.assert_close(whole, single)
+    # and the closed form of the linear model where it is exact: the gradient is W[c] * scale
+    w = net.lin.weight.detach()[target].view(3, 1, 3, 4) * x["scale"].view(3, 1, 1, 1)
+    if name == "smoothgrad":
+        torch.testing.assert_close(whole, w.expand_as(whole))
+    elif name == "integrated_gradients":
+        torch.testing.assert_close(whole, x["pixels"] * w)
+
+
+def test_occlusion_callable_target_receives_blocks_in_x_order():
+    torch.manual_seed(0)
+    net = Scaled().double().eval()
+    fn, params = tx.functionalize(net)
+    x = {"pixels": torch.randn(3, 1, 3, 4, dtype=torch.float64), "scale": torch.tensor([1, -2, 3])}
+    labels = torch.tensor([2, 0, 1])
+    seen = []
+
+    def per_example(out):
+        seen.append(out["logits"].shape[0])
+        return out["logits"].gather(1, labels[:, None]).squeeze(1)
+    by_callable = tx.occlusion(fn, params, x, per_example, window=(1, 2, 2), batch_size=7)
+    assert set(seen) == {3}                                        # every call: the 3 examples, in order
+    torch.testing.assert_close(by_callable, tx.occlusion(fn, params, x, labels, window=(1, 2, 2), batch_size=7))

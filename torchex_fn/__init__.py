@@ -1,5 +1,5 @@
 """torchex_fn: functional, stateless attribution methods for PyTorch, built on ``torch.func``."""
-from . import datasets, metrics, postprocess, targets, viz
+from . import datasets, metrics, postprocess, targets, text, viz
 from .cam import cam, grad_cam, grad_cam_pp, score_cam
 from .capture import capture, intermediates, layer_gradients, tap
 from .classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
@@ -7,7 +7,7 @@ from .functional import functionalize, params_of
 from .gradient import input_x_gradient, saliency, smooth
 from .metrics import (deletion, energy_pointing_game, infidelity, insertion, pointing_game, randomization_check,
                       sensitivity_max)
-from .path import integrated_gradients
+from .path import gradient_shap, integrated_gradients
 from .perturbation import occlusion, rise
 from .propagation import deeplift, deeplift_shap, guided_backprop
 
@@ -16,12 +16,12 @@ __version__ = "0.1.0"
 __all__ = [
     "functionalize", "params_of",
     "capture", "intermediates", "layer_gradients", "tap",
-    "saliency", "input_x_gradient", "smooth", "integrated_gradients",
+    "saliency", "input_x_gradient", "smooth", "integrated_gradients", "gradient_shap",
     "cam", "grad_cam", "grad_cam_pp", "score_cam",
     "deeplift", "deeplift_shap", "guided_backprop",
     "occlusion", "rise",
     "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift",
     "deletion", "insertion", "pointing_game", "energy_pointing_game", "randomization_check",
     "infidelity", "sensitivity_max",
-    "datasets", "metrics", "postprocess", "targets", "viz",
+    "datasets", "metrics", "postprocess", "targets", "text", "viz",
 ]
