@@ -31,6 +31,13 @@ def _smooth(model_fn, params, x, target, *, method, kind="smoothgrad", samples=3
     return smoothed(model_fn, params, x, target, **options)
 
 
+def _gradient_shap(model_fn, params, x, target, **options):
+    """GradientSHAP with two fixed baselines and a fresh seeded generator per call."""
+    baselines = torch.linspace(-0.5, 0.5, 2 * x[0].numel(), dtype=x.dtype).view(2, *x.shape[1:])
+    return tx.gradient_shap(model_fn, params, x, target, baselines=baselines,
+                            generator=torch.Generator().manual_seed(7), **options)
+
+
 # name -> (function, keyword options, output shape from x's shape)
 METHODS = {
     "saliency": (tx.saliency, {}, lambda s: s),
@@ -57,11 +64,12 @@ METHODS = {
     "guided_backprop": (tx.guided_backprop, {}, lambda s: s),
     "deeplift": (tx.deeplift, {"baseline": 0.1}, lambda s: s),
     "rise": (_rise, {"num_masks": 24, "cell_size": 3, "batch_size": 16}, lambda s: (s[0], 1, *s[2:])),
+    "gradient_shap": (_gradient_shap, {"samples": 3, "stdev": 0.1, "batch_size": 6}, lambda s: s),
 }
 DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small", "grad_cam_pp", "score_cam",
                   "layer_cam", "xgrad_cam", "hires_cam", "ablation_cam", "fullgrad",  # eigen_cam: no fc dependence (test_cam_zoo)
                   "integrated_gradients", "integrated_gradients_chunked", "smoothgrad", "vargrad_grad_cam",
-                  "occlusion", "guided_backprop", "deeplift", "rise"]
+                  "occlusion", "guided_backprop", "deeplift", "rise", "gradient_shap"]
 
 
 # FullGrad's gradient passes through a min-max scaling per channel (divisions by each map's range,
