@@ -1,9 +1,10 @@
 """torchex_fn: functional, stateless attribution methods for PyTorch, built on ``torch.func``."""
-from . import datasets, metrics, postprocess, targets, viz
+from . import datasets, generation, metrics, postprocess, targets, viz
 from .cam import cam, grad_cam, grad_cam_pp, score_cam
 from .capture import capture, intermediates, layer_gradients, tap
 from .classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
 from .functional import functionalize, params_of
+from .generation import continuation_ablation, continuation_attribution, continuation_logprob
 from .gradient import input_x_gradient, saliency, smooth
 from .metrics import (deletion, energy_pointing_game, infidelity, insertion, pointing_game, randomization_check,
                       sensitivity_max)
@@ -24,4 +25,5 @@ __all__ = [
     "deletion", "insertion", "pointing_game", "energy_pointing_game", "randomization_check",
     "infidelity", "sensitivity_max",
     "datasets", "metrics", "postprocess", "targets", "viz",
+    "generation", "continuation_logprob", "continuation_attribution", "continuation_ablation",
 ]
