@@ -5,7 +5,8 @@ vocabulary 8192; a prompt of 32 tokens and a continuation of 8. Both contenders 
 ``[T_out, T_in]`` layer integrated gradients matrix at ``transformer.wte`` with the same steps,
 quadrature (Gauss-Legendre) and baseline token; captum runs one LayerIntegratedGradients per output
 token, torchex_fn one call whose backward passes are batched over the output tokens. Every contender
-runs in this one process, interleaved round-robin; the table gives medians over rounds.
+runs in this one process, interleaved round-robin; the table gives medians over rounds, the median
+of the per-round ratios (robust to a load that drifts on a shared machine) and the ratio of the minima.
 
     python benchmarks/bench_generation.py [--threads 2] [--rounds 5] [--steps 20] [--device cpu]
 """
@@ -58,7 +59,8 @@ def main():
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--out", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[None], help="torchex_fn batch_size values")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[0, 40],
+                        help="torchex_fn batch_size values (0: None, all path points in one forward)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -80,7 +82,7 @@ def main():
 
     contenders = {"captum LLMGradientAttribution(LayerIntegratedGradients)":
                   lambda: captum_llm.attribute(text, target=generated, n_steps=args.steps).token_attr}
-    for bs in args.batch_sizes:
+    for bs in [b or None for b in args.batch_sizes]:
         contenders[f"torchex_fn.continuation_attribution batch_size={bs}"] = (
             lambda bs=bs: tx.continuation_attribution(fn, params, prompt, generated, steps=args.steps,
                                                       batch_size=bs).token_attr)
@@ -103,11 +105,13 @@ def main():
           f"GPT-2 4 layers n_embd 256 vocab {args.vocab}, prompt {args.prompt}, {args.out} output tokens, "
           f"{args.steps} steps, {args.rounds} rounds; load average {os.getloadavg()[0]:.2f}\n")
     base = statistics.median(times[next(iter(contenders))])
-    print("| contender | median s | min s | ratio to captum |")
-    print("| --- | ---: | ---: | ---: |")
+    first = times[next(iter(contenders))]
+    print("| contender | median s | min s | ratio of medians | median of per-round ratios | ratio of mins |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, t in times.items():
         med = statistics.median(t)
-        print(f"| {name} | {med:.3f} | {min(t):.3f} | {med / base:.2f} |")
+        per_round = statistics.median(a / b for a, b in zip(t, first))
+        print(f"| {name} | {med:.3f} | {min(t):.3f} | {med / base:.2f} | {per_round:.2f} | {min(t) / min(first):.2f} |")
 
 
 if __name__ == "__main__":

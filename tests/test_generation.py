@@ -309,6 +309,10 @@ def test_errors():
             call(fn, params, prompt, cont, baseline=-1)
     with pytest.raises(ValueError, match=r"continuation_attribution: unknown method 'saliancy'.*'saliency'"):
         tx.continuation_attribution(fn, params, prompt, cont, method="saliancy")
+    with pytest.raises(ValueError, match=r"continuation_attribution: unknown quadrature 'gauss'"):
+        tx.continuation_attribution(fn, params, prompt, cont, quadrature="gauss")
+    with pytest.raises(ValueError, match=r"continuation_attribution: unknown reduce 'l2'"):
+        tx.continuation_attribution(fn, params, prompt, cont, reduce="l2")
     with pytest.raises(ValueError, match=r"continuation_attribution: unknown layer 'transformer.wtf'"):
         tx.continuation_attribution(fn, params, prompt, cont, layer="transformer.wtf")
     with pytest.raises(TypeError, match=r"continuation_logprob: expected continuation_ids of an integer dtype"):

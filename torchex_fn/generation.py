@@ -389,10 +389,12 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
     if method not in GRADIENT_METHODS:
         raise _checks.unknown_name(fn, "method", method, GRADIENT_METHODS)
     _checks.check_positive_int(fn, "steps", steps)
-    if not isinstance(reduce, str) or reduce not in REDUCTIONS:
-        if not isinstance(reduce, str):
-            raise _checks.type_error(fn, f"reduce, one of {REDUCTIONS}", _checks.describe(reduce))
-        raise _checks.unknown_name(fn, "reduce", reduce, REDUCTIONS)
+    from .path import METHODS as QUADRATURES
+    for option, value, known in (("reduce", reduce, REDUCTIONS), ("quadrature", quadrature, QUADRATURES)):
+        if not isinstance(value, str):
+            raise _checks.type_error(fn, f"{option}, one of {known}", _checks.describe(value))
+        if value not in known:
+            raise _checks.unknown_name(fn, option, value, known)
     reference = _reference_ids(fn, baseline, prompt_ids, _vocab_size(model_fn))
     layer = _embedding_layer(fn, model_fn, layer)
     from .capture import resolve_layers
@@ -426,7 +428,7 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
             return chosen(logits_fn, params, g_ids, target, layer=names[0])
 
         maps = torch.func.vmap(attribute)(one_hot)                               # [T_out, size, T, D]
-        if maps.ndim < 3:
+        if maps.ndim < 4:
             raise _checks.value_error(fn, "a layer output [B, T, ...] (one vector per token)",
                                       f"a layer output of shape {tuple(maps.shape[1:])}")
         vectors = maps[:, :, :n_in].flatten(3)                                   # [T_out, size, T_in, D]
