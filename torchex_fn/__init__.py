@@ -1,11 +1,12 @@
 """torchex_fn: functional, stateless attribution methods for PyTorch, built on ``torch.func``."""
-from . import datasets, metrics, postprocess, targets, text, viz
+from . import datasets, generation, metrics, postprocess, targets, text, viz
 from .attention import attention_probabilities, attention_rollout, grad_rollout, legrad
 from .cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad_cam_pp, hires_cam, layer_cam, score_cam,
                   xgrad_cam)
 from .capture import capture, intermediates, layer_gradients, tap
 from .classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
 from .functional import functionalize, params_of
+from .generation import continuation_ablation, continuation_attribution, continuation_logprob
 from .gradient import input_x_gradient, saliency, smooth
 from .metrics import (deletion, energy_pointing_game, infidelity, insertion, pointing_game, randomization_check,
                       sensitivity_max)
@@ -28,4 +29,5 @@ __all__ = [
     "deletion", "insertion", "pointing_game", "energy_pointing_game", "randomization_check",
     "infidelity", "sensitivity_max",
     "datasets", "metrics", "postprocess", "targets", "text", "viz",
+    "generation", "continuation_logprob", "continuation_attribution", "continuation_ablation",
 ]
