@@ -3,6 +3,7 @@ from . import datasets, metrics, postprocess, targets, viz
 from .cam import cam, grad_cam, grad_cam_pp, score_cam
 from .capture import capture, intermediates, layer_gradients, tap
 from .classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
+from .dataset import Attributions, attribute_dataset, open_attributions
 from .functional import functionalize, params_of
 from .gradient import input_x_gradient, saliency, smooth
 from .metrics import (deletion, energy_pointing_game, infidelity, insertion, pointing_game, randomization_check,
@@ -20,6 +21,7 @@ __all__ = [
     "cam", "grad_cam", "grad_cam_pp", "score_cam",
     "deeplift", "deeplift_shap", "guided_backprop",
     "occlusion", "rise",
+    "attribute_dataset", "open_attributions", "Attributions",
     "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift",
     "deletion", "insertion", "pointing_game", "energy_pointing_game", "randomization_check",
     "infidelity", "sensitivity_max",
