@@ -263,8 +263,11 @@ class _Writer:
 class _Seen:
     """Predicted classes taken from a forward pass the method makes on the batch itself, if it makes one."""
 
-    def __init__(self, x: Any, output: Any):
-        self.x, self.output, self.pred = x, output, None
+    def __init__(self, output: Any):
+        self.x, self.output, self.pred = None, output, None
+
+    def reset(self, x: Any) -> None:
+        self.x, self.pred = x, None
 
     def see(self, xx: Any, out: Any) -> None:
         x = self.x
@@ -559,6 +562,8 @@ def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype,
                         pin_memory=cuda, **({"collate_fn": collate} if collate is not None else {}))
     seeds = _generator_seeds(options)
     output = _targets.selector(model_fn)
+    seen = _Seen(output)
+    fn = _seeing(model_fn, seen)  # one wrapper per call: plain-function models keep their layer-shape memo
     writer = _Writer(root)
     bar = tqdm(total=total, initial=done, unit="ex", desc=_FN, disable=not progress or rank != 0, smoothing=0.1)
     shape = None
@@ -571,8 +576,7 @@ def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype,
             rows = len(batches[b])
             t = _check_targets(t, rows)
             x = _to(x, device, cuda)
-            seen = _Seen(x, output)
-            fn = _seeing(model_fn, seen)
+            seen.reset(x)
             unknown = t < 0
             if bool(unknown.all()):
                 target = None  # the method picks the predicted class from its own forward pass
