@@ -279,12 +279,19 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(tmp_path, mode, 
 DISTRIBUTED = SETUP + textwrap.dedent('''
     import os, sys
     import torch.distributed as dist
+    from torchex_fn import dataset as ds
+    write, wrote = ds._write_atomic, []
+    def recording(path, t):
+        wrote.append(path.name)
+        write(path, t)
+    ds._write_atomic = recording
     torch.set_num_threads(1)
     fn, params = tx.functionalize(tiny_model())
     store = tx.attribute_dataset(tx.grad_cam, fn, params, Images(22, unlabeled=(3, 17)), out=sys.argv[1],
                                  batch_size=4, layer="features", progress=False)
     assert not dist.is_initialized()  # the group it created is gone again
     print(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: {len(store)} maps")
+    print(f"rank {os.environ['RANK']} wrote " + ",".join(sorted(n for n in wrote if n.endswith(".maps.npy"))))
 ''')
 
 
@@ -296,6 +303,10 @@ def test_two_gloo_processes_write_the_same_store_as_one(tmp_path):
                            str(script), str(out)], env=_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0 of 2: 22 maps" in done.stdout and "rank 1 of 2: 22 maps" in done.stdout
+    wrote = dict(line.split(" wrote ") for line in done.stdout.splitlines() if " wrote " in line)
+    assert sorted(wrote) == ["rank 0", "rank 1"]
+    assert wrote["rank 0"].split(",") == [f"{b:06d}.maps.npy" for b in (0, 2, 4)]  # disjoint, every other batch
+    assert wrote["rank 1"].split(",") == [f"{b:06d}.maps.npy" for b in (1, 3, 5)]
     two = tx.open_attributions(out)
     one = run(tmp_path / "one", Images(22, unlabeled=(3, 17)))
     assert torch.equal(two.maps[0:22], one.maps[0:22])
