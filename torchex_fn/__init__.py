@@ -5,6 +5,7 @@ from .cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad_cam_pp,
                   xgrad_cam)
 from .capture import capture, intermediates, layer_gradients, tap
 from .classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
+from .dataset import Attributions, attribute_dataset, open_attributions
 from .functional import functionalize, params_of
 from .generation import continuation_ablation, continuation_attribution, continuation_logprob
 from .gradient import input_x_gradient, saliency, smooth
@@ -25,6 +26,7 @@ __all__ = [
     "deeplift", "deeplift_shap", "guided_backprop",
     "occlusion", "rise",
     "attention_rollout", "grad_rollout", "legrad", "attention_probabilities",
+    "attribute_dataset", "open_attributions", "Attributions",
     "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift",
     "deletion", "insertion", "pointing_game", "energy_pointing_game", "randomization_check",
     "infidelity", "sensitivity_max",
