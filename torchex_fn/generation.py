@@ -326,7 +326,7 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
       quadrature error. Equal to captum's ``LLMGradientAttribution(LayerIntegratedGradients(model,
       model.transformer.wte), tokenizer)`` with ``TextTokenInput(..., baselines=baseline)``.
     * ``"saliency"``: the gradient at the layer (captum's ``LayerGradientXActivation(...,
-      multiply_by_inputs=False)``), summed over the embedding dimension.
+      multiply_by_inputs=False)``); take its norm over the embedding dimension (``reduce="norm"``).
     * ``"input_x_gradient"``: embedding times gradient (captum's ``LayerGradientXActivation``).
 
     Args:
