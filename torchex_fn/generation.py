@@ -466,8 +466,10 @@ def continuation_ablation(model_fn: ModelFn, params: Params, prompt_ids: Tensor,
     ``token_attr[b, j, i] = log p(c_j | p, c_<j) - log p(c_j | p with p_i := baseline_i, c_<j)``, one
     teacher-forced forward per ablated prompt token, and ``seq_attr[b, i]`` the same difference of
     the summed log-probability. Equal to captum's ``LLMAttribution(FeatureAblation(model), tokenizer)``
-    with ``TextTokenInput(..., baselines=baseline)`` and ``forward_in_tokens=False`` (its
-    token-by-token decoding with a cache gives the same numbers up to float rounding).
+    with ``TextTokenInput(..., baselines=baseline)`` and ``forward_in_tokens=False`` (teacher forcing), or
+    ``use_cached_outputs=False`` (token-by-token decoding). captum's default, token-by-token decoding
+    with its cache, gave other numbers with transformers 5.24 (30-60 % apart on a tiny GPT-2, whose
+    own cached decoding agrees with teacher forcing to float rounding).
 
     Args:
       model_fn: Pure ``(params, ids) -> out`` of a causal language model (logits or a ``ModelOutput``).
