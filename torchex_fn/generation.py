@@ -25,6 +25,7 @@ right-padded and marked by ``mask``.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -240,6 +241,28 @@ class _LogitsModel:
         return _logits(self._fn, self._model_fn(params, x), self._output)
 
 
+def _lm_input(model_fn: Any, ids: Tensor, keep: int) -> Any:
+    """``ids``, or for a HuggingFace causal LM ``{"input_ids": ids, "logits_to_keep": keep, "use_cache": False}``.
+
+    The continuation ends the sequence, so only the last ``T_out + 1`` positions' logits are needed:
+    a forward that takes ``logits_to_keep`` computes the vocabulary projection (and its backward)
+    there only, and ``use_cache=False`` builds no key/value cache.
+    """
+    forward = getattr(getattr(model_fn, "module", None), "forward", None)
+    try:
+        names = inspect.signature(forward).parameters if forward is not None else {}
+    except (TypeError, ValueError):
+        names = {}
+    if "input_ids" not in names:
+        return ids
+    x = {"input_ids": ids}
+    if "logits_to_keep" in names:
+        x["logits_to_keep"] = keep
+    if "use_cache" in names:
+        x["use_cache"] = False
+    return x
+
+
 def _check_common(fn: str, model_fn: Any, params: Any, prompt_ids: Any, continuation_ids: Any, mask: Any,
                   batch_size: Any):
     _checks.check_model_fn(fn, model_fn)
@@ -416,16 +439,18 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
     for g0, g1 in _groups(ids.shape[0], batch_size):
         g_ids, g_cont, g_weights = ids[g0:g1], cont[g0:g1], weights[g0:g1]
 
-        def attribute(w: Tensor, g_ids=g_ids, g_cont=g_cont, g_weights=g_weights, g0=g0, g1=g1) -> Tensor:
+        g_x = _lm_input(model_fn, g_ids, n_out + 1)
+        g_ref = reference[g0:g1] if isinstance(g_x, Tensor) else {"input_ids": reference[g0:g1]}
+
+        def attribute(w: Tensor, g_x=g_x, g_ref=g_ref, g_cont=g_cont, g_weights=g_weights) -> Tensor:
             def target(logits: Tensor) -> Tensor:   # [k * size, T, vocab], blocks of this group's examples
-                logp = _token_logprobs(fn, logits, g_cont, n_in, check=False)
+                logp = _token_logprobs(fn, logits, g_cont, None, check=False)   # the continuation ends x
                 return (logp * (g_weights * w).to(logp.dtype)).sum(-1)
             if method == "integrated_gradients":
-                return integrated_gradients(logits_fn, params, g_ids, target, layer=names[0],
-                                            baseline=reference[g0:g1], steps=steps, method=quadrature,
-                                            batch_size=path_cap)
+                return integrated_gradients(logits_fn, params, g_x, target, layer=names[0], baseline=g_ref,
+                                            steps=steps, method=quadrature, batch_size=path_cap)
             chosen = saliency if method == "saliency" else input_x_gradient
-            return chosen(logits_fn, params, g_ids, target, layer=names[0])
+            return chosen(logits_fn, params, g_x, target, layer=names[0])
 
         maps = torch.func.vmap(attribute)(one_hot)                               # [T_out, size, T, D]
         if maps.ndim < 4:
@@ -515,8 +540,8 @@ def continuation_ablation(model_fn: ModelFn, params: Params, prompt_ids: Tensor,
     first = True
     logp = []
     for start in range(0, full.shape[0], cap):
-        logits = logits_fn(params, full[start:start + cap])
-        logp.append(_token_logprobs(fn, logits, labels[start:start + cap], n_in, check=first))
+        logits = logits_fn(params, _lm_input(model_fn, full[start:start + cap], n_out + 1))
+        logp.append(_token_logprobs(fn, logits, labels[start:start + cap], None, check=first))
         first = False
     logp = torch.cat(logp).view(1 + n_in, batch, n_out) * weights.to(logits.dtype)  # [1 + T_in, B, T_out]
     diff = logp[:1] - logp[1:]                                                   # [T_in, B, T_out]
