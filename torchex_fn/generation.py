@@ -398,7 +398,9 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
     Cost: the method's forward passes once (integrated gradients: ``steps`` path points and two
       forwards for the path's ends) and its backward passes, to ``layer`` only, batched over the
       ``T_out`` output tokens (each backward ``T_out`` times as large; captum runs ``T_out`` whole
-      attributions). Memory: one forward of ``min(B * steps, batch_size)`` sequences and its backward
+      attributions). A model whose ``forward`` takes ``input_ids`` and ``logits_to_keep`` (HuggingFace
+      causal LMs) is called with ``logits_to_keep=T_out + 1`` and ``use_cache=False``: the vocabulary
+      projection and its backward run at the scored positions only. Memory: one forward of ``min(B * steps, batch_size)`` sequences and its backward
       ``T_out`` times at once. Models whose attention has no ``vmap``
       batching rule for its backward (``scaled_dot_product_attention`` on CPU) run its backward in a
       loop with a PyTorch performance warning: build them with ``attn_implementation="eager"``.
@@ -519,7 +521,8 @@ def continuation_ablation(model_fn: ModelFn, params: Params, prompt_ids: Tensor,
       >>> res = tx.continuation_ablation(fn, params, prompt, generated, batch_size=64)
       >>> res.token_attr.shape                                               # [2, 4, 8]
 
-    Cost: ``B * (T_in + 1)`` sequences forward, ``batch_size`` at a time; no backward pass.
+    Cost: ``B * (T_in + 1)`` sequences forward, ``batch_size`` at a time; no backward pass (a
+      HuggingFace causal LM projects the last ``T_out + 1`` positions to the vocabulary only, as above).
     References: Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014
       (occlusion); captum's ``LLMAttribution``.
     """
