@@ -173,9 +173,10 @@ def test_mask_gives_continuations_of_different_lengths():
                 lambda c, m: tx.continuation_ablation(fn, params, prompt[1:], c, mask=m)):
         short = run(cont[1:, :2], None)
         padded = run(cont[1:], mask[1:])
-        torch.testing.assert_close(padded.token_attr[:, :2], short.token_attr, rtol=1e-5, atol=1e-7)
+        # float32 log-probabilities near log(1/100) round at ~5e-7: the differences keep that absolute error
+        torch.testing.assert_close(padded.token_attr[:, :2], short.token_attr, rtol=1e-5, atol=3e-6)
         assert (padded.token_attr[:, 2:] == 0).all()
-        torch.testing.assert_close(padded.seq_attr, short.seq_attr, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(padded.seq_attr, short.seq_attr, rtol=1e-5, atol=3e-6)
     both = tx.continuation_attribution(fn, params, prompt, cont, method="saliency", mask=mask)
     assert (both.token_attr[1, 2:] == 0).all() and (both.token_attr[0, 2:] != 0).any()
 

@@ -25,6 +25,7 @@ right-padded and marked by ``mask``.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -240,6 +241,28 @@ class _LogitsModel:
         return _logits(self._fn, self._model_fn(params, x), self._output)
 
 
+def _lm_input(model_fn: Any, ids: Tensor, keep: int) -> Any:
+    """``ids``, or for a HuggingFace causal LM ``{"input_ids": ids, "logits_to_keep": keep, "use_cache": False}``.
+
+    The continuation ends the sequence, so only the last ``T_out + 1`` positions' logits are needed:
+    a forward that takes ``logits_to_keep`` computes the vocabulary projection (and its backward)
+    there only, and ``use_cache=False`` builds no key/value cache.
+    """
+    forward = getattr(getattr(model_fn, "module", None), "forward", None)
+    try:
+        names = inspect.signature(forward).parameters if forward is not None else {}
+    except (TypeError, ValueError):
+        names = {}
+    if "input_ids" not in names:
+        return ids
+    x = {"input_ids": ids}
+    if "logits_to_keep" in names:
+        x["logits_to_keep"] = keep
+    if "use_cache" in names:
+        x["use_cache"] = False
+    return x
+
+
 def _check_common(fn: str, model_fn: Any, params: Any, prompt_ids: Any, continuation_ids: Any, mask: Any,
                   batch_size: Any):
     _checks.check_model_fn(fn, model_fn)
@@ -326,7 +349,7 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
       quadrature error. Equal to captum's ``LLMGradientAttribution(LayerIntegratedGradients(model,
       model.transformer.wte), tokenizer)`` with ``TextTokenInput(..., baselines=baseline)``.
     * ``"saliency"``: the gradient at the layer (captum's ``LayerGradientXActivation(...,
-      multiply_by_inputs=False)``), summed over the embedding dimension.
+      multiply_by_inputs=False)``); take its norm over the embedding dimension (``reduce="norm"``).
     * ``"input_x_gradient"``: embedding times gradient (captum's ``LayerGradientXActivation``).
 
     Args:
@@ -375,7 +398,9 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
     Cost: the method's forward passes once (integrated gradients: ``steps`` path points and two
       forwards for the path's ends) and its backward passes, to ``layer`` only, batched over the
       ``T_out`` output tokens (each backward ``T_out`` times as large; captum runs ``T_out`` whole
-      attributions). Memory: one forward of ``min(B * steps, batch_size)`` sequences and its backward
+      attributions). A model whose ``forward`` takes ``input_ids`` and ``logits_to_keep`` (HuggingFace
+      causal LMs) is called with ``logits_to_keep=T_out + 1`` and ``use_cache=False``: the vocabulary
+      projection and its backward run at the scored positions only. Memory: one forward of ``min(B * steps, batch_size)`` sequences and its backward
       ``T_out`` times at once. Models whose attention has no ``vmap``
       batching rule for its backward (``scaled_dot_product_attention`` on CPU) run its backward in a
       loop with a PyTorch performance warning: build them with ``attn_implementation="eager"``.
@@ -416,16 +441,18 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
     for g0, g1 in _groups(ids.shape[0], batch_size):
         g_ids, g_cont, g_weights = ids[g0:g1], cont[g0:g1], weights[g0:g1]
 
-        def attribute(w: Tensor, g_ids=g_ids, g_cont=g_cont, g_weights=g_weights, g0=g0, g1=g1) -> Tensor:
+        g_x = _lm_input(model_fn, g_ids, n_out + 1)
+        g_ref = reference[g0:g1] if isinstance(g_x, Tensor) else {"input_ids": reference[g0:g1]}
+
+        def attribute(w: Tensor, g_x=g_x, g_ref=g_ref, g_cont=g_cont, g_weights=g_weights) -> Tensor:
             def target(logits: Tensor) -> Tensor:   # [k * size, T, vocab], blocks of this group's examples
-                logp = _token_logprobs(fn, logits, g_cont, n_in, check=False)
+                logp = _token_logprobs(fn, logits, g_cont, None, check=False)   # the continuation ends x
                 return (logp * (g_weights * w).to(logp.dtype)).sum(-1)
             if method == "integrated_gradients":
-                return integrated_gradients(logits_fn, params, g_ids, target, layer=names[0],
-                                            baseline=reference[g0:g1], steps=steps, method=quadrature,
-                                            batch_size=path_cap)
+                return integrated_gradients(logits_fn, params, g_x, target, layer=names[0], baseline=g_ref,
+                                            steps=steps, method=quadrature, batch_size=path_cap)
             chosen = saliency if method == "saliency" else input_x_gradient
-            return chosen(logits_fn, params, g_ids, target, layer=names[0])
+            return chosen(logits_fn, params, g_x, target, layer=names[0])
 
         maps = torch.func.vmap(attribute)(one_hot)                               # [T_out, size, T, D]
         if maps.ndim < 4:
@@ -466,8 +493,10 @@ def continuation_ablation(model_fn: ModelFn, params: Params, prompt_ids: Tensor,
     ``token_attr[b, j, i] = log p(c_j | p, c_<j) - log p(c_j | p with p_i := baseline_i, c_<j)``, one
     teacher-forced forward per ablated prompt token, and ``seq_attr[b, i]`` the same difference of
     the summed log-probability. Equal to captum's ``LLMAttribution(FeatureAblation(model), tokenizer)``
-    with ``TextTokenInput(..., baselines=baseline)`` and ``forward_in_tokens=False`` (its
-    token-by-token decoding with a cache gives the same numbers up to float rounding).
+    with ``TextTokenInput(..., baselines=baseline)`` and ``forward_in_tokens=False`` (teacher forcing), or
+    ``use_cached_outputs=False`` (token-by-token decoding). captum's default, token-by-token decoding
+    with its cache, gave other numbers with transformers 5.24 (30-60 % apart on a tiny GPT-2, whose
+    own cached decoding agrees with teacher forcing to float rounding).
 
     Args:
       model_fn: Pure ``(params, ids) -> out`` of a causal language model (logits or a ``ModelOutput``).
@@ -492,7 +521,8 @@ def continuation_ablation(model_fn: ModelFn, params: Params, prompt_ids: Tensor,
       >>> res = tx.continuation_ablation(fn, params, prompt, generated, batch_size=64)
       >>> res.token_attr.shape                                               # [2, 4, 8]
 
-    Cost: ``B * (T_in + 1)`` sequences forward, ``batch_size`` at a time; no backward pass.
+    Cost: ``B * (T_in + 1)`` sequences forward, ``batch_size`` at a time; no backward pass (a
+      HuggingFace causal LM projects the last ``T_out + 1`` positions to the vocabulary only, as above).
     References: Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014
       (occlusion); captum's ``LLMAttribution``.
     """
@@ -513,8 +543,8 @@ def continuation_ablation(model_fn: ModelFn, params: Params, prompt_ids: Tensor,
     first = True
     logp = []
     for start in range(0, full.shape[0], cap):
-        logits = logits_fn(params, full[start:start + cap])
-        logp.append(_token_logprobs(fn, logits, labels[start:start + cap], n_in, check=first))
+        logits = logits_fn(params, _lm_input(model_fn, full[start:start + cap], n_out + 1))
+        logp.append(_token_logprobs(fn, logits, labels[start:start + cap], None, check=first))
         first = False
     logp = torch.cat(logp).view(1 + n_in, batch, n_out) * weights.to(logits.dtype)  # [1 + T_in, B, T_out]
     diff = logp[:1] - logp[1:]                                                   # [T_in, B, T_out]
