@@ -440,3 +440,17 @@ def test_gradient_shap_on_token_ids_at_the_embeddings():
         tx.gradient_shap(fn, params, x["input_ids"], 1, baselines=pad[0], layer=layer)
     with pytest.raises(TypeError, match="gradient_shap: expected x of a floating-point dtype.*layer="):
         tx.gradient_shap(fn, params, x["input_ids"], 1, baselines=pad)
+
+
+def test_causal_lm_output_with_a_cache_works_with_layer_methods():
+    """GPT-2 returns a DynamicCache beside its logits: it must not reach torch.func's auxiliary outputs."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    fn, params = tx.functionalize(model, output=lambda out: out.logits[:, -1])
+    ids = torch.randint(1, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    without_cache = {"input_ids": ids, "use_cache": False}
+    for method in (tx.saliency, tx.input_x_gradient):
+        torch.testing.assert_close(method(fn, params, ids, 3, layer="transformer.wte"),
+                                   method(fn, params, without_cache, 3, layer="transformer.wte"), rtol=0, atol=0)

@@ -136,6 +136,22 @@ def split_output(out: Any, size: int) -> List[Any]:
     return [out]
 
 
+def tensors_only(out: Any) -> Any:
+    """``out`` without what is not a tensor (caches such as HuggingFace's ``DynamicCache``, flags).
+
+    Mappings become dicts and sequences tuples of what is left, so that the result can leave a
+    ``torch.func`` transform (its auxiliary outputs must be tensors).
+    """
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        kept = {k: tensors_only(v) for k, v in out.items()}
+        return {k: v for k, v in kept.items() if v is not None}
+    if isinstance(out, (tuple, list)):
+        return tuple(v for v in (tensors_only(item) for item in out) if v is not None)
+    return None
+
+
 def _splittable(v: Any) -> bool:
     return (isinstance(v, Tensor) and v.ndim > 0) or isinstance(v, (Mapping, tuple, list))
 

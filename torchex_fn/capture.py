@@ -247,7 +247,7 @@ class LayerGradients(NamedTuple):
     """What :func:`layer_gradients` returns; ``acts`` and ``grads`` are ``{name: tensor}``."""
 
     scores: Tensor          # [B] the target scores
-    out: Tensor             # the model's output
+    out: Any                # the model's output (its tensors: a ModelOutput becomes a dict without caches)
     acts: Dict[str, Tensor]
     grads: Dict[str, Tensor]
 
@@ -278,7 +278,7 @@ def _layer_gradients(model_fn, params, x, target, layers, fn, replace=None) -> L
         def score_fn(deltas):
             out, acts = intermediates(model_fn, layers=names, perturb=deltas, fn=fn, replace=replace)(params, x)
             scores = _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))
-            return scores.sum(), (scores, out, acts)
+            return scores.sum(), (scores, _inputs.tensors_only(out), acts)
 
         try:
             grads, (scores, out, acts) = grad_of_sum(score_fn, deltas, has_aux=True)
