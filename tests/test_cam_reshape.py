@@ -283,6 +283,37 @@ def test_1d_and_3d_conv_layers_keep_working(model_cls, shape, method):
     assert method(fn, params, x, torch.tensor([0, 2]), layer="features").shape == (2, 1, *shape[2:])
 
 
+class _Tokens1d(nn.Module):
+    """A sequence model on embeddings ``[B, T, E]``: a per-token linear layer, mean over tokens, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(32, 32), nn.Tanh())
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(self.proj(x).mean(1))
+
+
+def test_token_embeddings_are_refused_and_work_with_reshape():
+    torch.manual_seed(0)
+    model = _Tokens1d().double().eval()
+    fn, params = tx.functionalize(model)
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    target = torch.tensor([0, 2])
+    with pytest.raises(ValueError, match=r"^grad_cam: expected layer 'proj' to output \[B, K, length\] with K unlike "
+                                         r"x's 10 channels.*reshape=tx.postprocess.channels_last_to_first and "
+                                         r"upsample=False"):
+        tx.grad_cam(fn, params, x, target, layer="proj")
+    got = tx.grad_cam(fn, params, x, target, layer="proj", reshape=to_first, upsample=False, relu=False)
+    # By hand: h = proj(x) [B, T, D]; weights = mean over tokens of d score / d h; map = sum_d w_d h_d.
+    h = model.proj(x)
+    grad, = torch.autograd.grad(model.head(h.mean(1)).gather(1, target[:, None]).sum(), h)
+    expected = torch.einsum("bd,btd->bt", grad.mean(1), h)[:, None]
+    assert got.shape == (2, 1, 10)
+    torch.testing.assert_close(got, expected.detach())
+
+
 # --------------------------------------------------------------------------------------------
 # pytorch-grad-cam with its reshape_transform: raw maps (before its ReLU and scaling).
 

@@ -1,4 +1,22 @@
-"""Layer family: class activation maps (CAM, Grad-CAM, Grad-CAM++, Score-CAM)."""
+"""Layer family: class activation maps (CAM, Grad-CAM, Grad-CAM++, Score-CAM, Layer-CAM, XGrad-CAM,
+HiResCAM, Eigen-CAM, Ablation-CAM, FullGrad).
+
+Layouts. Every method reads a layer's output as ``[B, K, *grid]``. A layout is never guessed: an
+output is taken as it is only when it is clearly laid out like ``x`` (``[B, C, *spatial]``):
+
+* it has ``x``'s rank (so ViT tokens ``[B, N, D]`` for an image are refused);
+* each grid size is between 1 and ``x``'s matching size, and all of them are ``x``'s sizes divided
+  by one common factor, within ``1 + size / 4`` (rounding, valid convolutions and mildly
+  anisotropic strides pass; Swin's channels-last ``[B, 7, 7, 768]`` at 224 is refused as 768 >
+  224, its ``[B, 56, 56, 96]`` because 56 and 96 imply different factors);
+* a 1-D output does not keep ``x``'s second axis (``[B, T, D]`` from embeddings ``[B, T, E]``).
+
+Anything else raises a ValueError naming ``reshape=``: a callable to ``[B, K, *grid]``, such as
+``postprocess.tokens_to_grid`` or ``postprocess.channels_last_to_first``, applied to activations
+and gradients alike; ``reshape=lambda a: a`` accepts an output as it is. Channels-last outputs
+whose channel count happens to fit the rule (``[B, 8, 8, 8]`` for a 64 x 64 image) cannot be told
+apart from ``[B, K, h, w]`` by shape and are read as the latter.
+"""
 from __future__ import annotations
 
 import functools
@@ -64,7 +82,8 @@ def _to_grid(fn: str, name: str, act: Tensor, x: Tensor, reshape) -> Tensor:
     """Layer ``name``'s output as ``[B, K, *grid]``: ``reshape(act)``, or ``act`` when its layout is clear.
 
     Without ``reshape`` the layout is never guessed: the output must have ``x``'s rank and a grid
-    that is ``x``'s grid down-sampled (see :func:`_clear_layout`); anything else is refused.
+    that is ``x``'s grid down-sampled (see :func:`_clear_layout`), and a 1-D output must not keep
+    x's second axis (token embeddings ``[B, T, E]`` give ``[B, T, D]``); anything else is refused.
     """
     if reshape is not None:
         grid = reshape(act)
@@ -79,6 +98,15 @@ def _to_grid(fn: str, name: str, act: Tensor, x: Tensor, reshape) -> Tensor:
         raise _checks.value_error(
             fn, f"layer {name!r} to output [B, K, *spatial] laid out like x of shape {tuple(x.shape)} (the same rank, "
             "a grid down-sampled from x's by one factor)", _checks.describe(act), _LAYOUT_HINT)
+    if act.ndim == 3 and act.shape[1] == x.shape[1]:
+        # [B, T, E] embeddings through a sequence model give [B, T, D]: read as [B, K, grid] that is
+        # K = T tokens as channels and the features as the grid. A 1-D convolution rarely keeps
+        # x's channel count, so the shared axis is taken as a sign of tokens and refused.
+        raise _checks.value_error(
+            fn, f"layer {name!r} to output [B, K, length] with K unlike x's {x.shape[1]} channels (a 1-D layer that "
+            "keeps x's second axis looks like a sequence model's tokens [B, T, D])", _checks.describe(act),
+            "For tokens pass reshape=tx.postprocess.channels_last_to_first and upsample=False (x has no grid of "
+            "tokens to resize to); for a 1-D convolution that keeps the channel count pass reshape=lambda a: a.")
     return act
 
 
