@@ -454,3 +454,33 @@ def test_causal_lm_output_with_a_cache_works_with_layer_methods():
     for method in (tx.saliency, tx.input_x_gradient):
         torch.testing.assert_close(method(fn, params, ids, 3, layer="transformer.wte"),
                                    method(fn, params, without_cache, 3, layer="transformer.wte"), rtol=0, atol=0)
+
+
+def test_cam_family_on_token_states_and_dict_images():
+    """Token ids: the map lives on the tokens ([B, 1, T]); a dict with pixel_values resizes to the image."""
+    model, _ = _bert()
+    fn, params = tx.functionalize(model)
+    x = _tokens()
+    layer = "bert.encoder.layer.1"
+    ours = tx.grad_cam(fn, params, x, 2, layer=layer, reshape=tx.postprocess.channels_last_to_first, upsample=False)
+    res = tx.layer_gradients(fn, params, x, 2, layers=[layer])
+    act, grad = res.acts[layer], res.grads[layer]                    # [B, T, D]
+    expected = torch.relu((grad.mean(1, keepdim=True) * act).sum(2))[:, None]
+    torch.testing.assert_close(ours, expected)
+    with pytest.raises(ValueError, match="grad_cam: expected reshape= for layer 'bert.encoder.layer.1'"):
+        tx.grad_cam(fn, params, x, 2, layer=layer)
+    with pytest.raises(ValueError, match="grad_cam: expected an image x to upsample.*upsample=False"):
+        tx.grad_cam(fn, params, x, 2, layer=layer, reshape=tx.postprocess.channels_last_to_first)
+    with pytest.raises(TypeError, match="score_cam: expected x, a floating-point tensor"):
+        tx.score_cam(fn, params, x, 2, layer=layer)
+    torch.manual_seed(0)
+    vit = transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=16, patch_size=8, num_labels=3, num_hidden_layers=1, num_attention_heads=2, hidden_size=16,
+        intermediate_size=32)).eval()
+    vfn, vparams = tx.functionalize(vit)
+    pixels = torch.randn(2, 3, 16, 16)
+    grid = tx.postprocess.tokens_to_grid(prefix_tokens=1)
+    by_dict = tx.grad_cam(vfn, vparams, {"pixel_values": pixels}, 1, layer="vit.layers.0", reshape=grid)
+    by_tensor = tx.grad_cam(vfn, vparams, pixels, 1, layer="vit.layers.0", reshape=grid)
+    assert by_dict.shape == (2, 1, 16, 16)
+    torch.testing.assert_close(by_dict, by_tensor, rtol=0, atol=0)

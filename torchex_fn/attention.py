@@ -417,7 +417,7 @@ def grad_rollout(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
     def run(deltas):
         def total(deltas):
             out, calls = _run(model_fn, params, x, deltas, fn=fn)
-            scores = _targets.resolve(out, target, fn=fn)
+            scores = _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))
             return scores.sum(), [c.probs for c in calls]
         grads, probs = grad_of_sum(total, deltas, has_aux=True)
         return (grads, probs), len(probs)
@@ -531,7 +531,7 @@ def legrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, 
         def totals(deltas):
             out, acts, calls = _blocks_run(fn, model_fn, params, x, names, deltas)
             index = None if callable(target) and not isinstance(target, Tensor) else \
-                _targets.resolve_index(out, target, fn=fn)
+                _targets.resolve_index(out, target, fn=fn, output=_targets.selector(model_fn))
             scores = []
             for name in order:
                 logits = project(pooled(acts[name]))

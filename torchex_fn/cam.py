@@ -36,18 +36,38 @@ __all__ = ["cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_ca
            "ablation_cam", "fullgrad"]
 
 
-def _check_common(fn: str, model_fn, params, x, target, relu, upsample, reshape=None) -> None:
-    _checks.check_call(fn, model_fn, params, x, target, min_ndim=3)
+def _check_common(fn: str, model_fn, params, x, target, relu, upsample, reshape=None, *,
+                  images_only: bool = False) -> None:
+    """The checks of every CAM method. A layer is always named, so ``x`` may be token ids or a dict
+    of named inputs (the map then lives on the layer's grid: ``reshape=`` and ``upsample=False``),
+    except for the methods that mask or differentiate the image itself (``images_only``)."""
+    if images_only and not isinstance(x, Tensor):
+        raise _checks.type_error(fn, "x, a floating-point tensor [B, C, *spatial] (this method masks or "
+                                 "differentiates the input itself)", _checks.describe(x))
+    _checks.check_call(fn, model_fn, params, x, target, min_ndim=3, layer=None if images_only else True)
     _checks.check_bool(fn, "relu", relu)
     _checks.check_bool(fn, "upsample", upsample)
     _checks.check_optional_callable(fn, "reshape", reshape)
 
 
-def _finish(fn: str, maps: Tensor, x: Tensor, relu: bool, upsample: bool) -> Tensor:
+def _image_of(x: Any) -> Optional[Tensor]:
+    """The input whose grid a map is laid out on and resized to: ``x``, the one floating-point entry
+    of a dict ``x`` (``pixel_values``), or ``None`` for token ids (they have no grid)."""
+    if isinstance(x, Tensor):
+        return x if x.is_floating_point() or x.is_complex() else None
+    floats = [v for v in x.values() if isinstance(v, Tensor) and v.is_floating_point()]
+    return floats[0] if len(floats) == 1 else None
+
+
+def _finish(fn: str, maps: Tensor, x: Any, relu: bool, upsample: bool) -> Tensor:
     """ReLU and resize a ``[B, 1, *spatial]`` map to ``x``'s spatial size."""
     maps = torch.relu(maps) if relu else maps
     if not upsample:
         return maps
+    x = _image_of(x)
+    if x is None:
+        raise _checks.value_error(fn, "an image x to upsample the map to", "token ids (no grid to resize to)",
+                                  "Pass upsample=False: the map stays on the layer's grid [B, 1, *grid].")
     if maps.ndim != x.ndim or maps.ndim - 2 not in (1, 2, 3):
         raise _checks.value_error(fn, f"a layer map with as many spatial dims as x ({x.ndim - 2}) to upsample",
                                   f"a map of shape {tuple(maps.shape)}", "Pass upsample=False.")
@@ -85,6 +105,12 @@ def _to_grid(fn: str, name: str, act: Tensor, x: Tensor, reshape) -> Tensor:
     that is ``x``'s grid down-sampled (see :func:`_clear_layout`), and a 1-D output must not keep
     x's second axis (token embeddings ``[B, T, E]`` give ``[B, T, D]``); anything else is refused.
     """
+    image = _image_of(x)
+    if reshape is None and image is None:
+        raise _checks.value_error(fn, f"reshape= for layer {name!r} of a model of token ids", _checks.describe(act),
+                                  "Token states [B, T, D] have no grid of x to check a layout against: pass "
+                                  "reshape=tx.postprocess.channels_last_to_first and upsample=False.")
+    x = image if image is not None else x
     if reshape is not None:
         grid = reshape(act)
         if not isinstance(grid, Tensor) or grid.ndim < 3 or grid.shape[0] != act.shape[0]:
@@ -186,7 +212,7 @@ def cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, 
     if act.shape[1] != weight.shape[1]:
         raise _checks.value_error(fn, f"layer channels K equal to the fc weight's {weight.shape[1]}",
                                   f"K = {act.shape[1]}", "Name the layer that feeds the pooling and fc.")
-    index = _targets.resolve_index(out, target, fn=fn)
+    index = _targets.resolve_index(out, target, fn=fn, output=_targets.selector(model_fn))
     maps = torch.einsum("bk,bk...->b...", weight[index], act).unsqueeze(1)
     return _finish(fn, maps, x, relu, upsample)
 
@@ -497,7 +523,7 @@ def eigen_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
     names, rebuild = resolve_layers(fn, model_fn, layer)
     out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
-    _targets.resolve(out, target, fn=fn)  # validated (a class out of range is an error), then unused
+    _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))  # validated (a class out of range is an error), then unused
     maps: Dict[str, Tensor] = {}
     for name in dict.fromkeys(names):
         act = _to_grid(fn, name, acts[name], x, reshape)
@@ -563,7 +589,7 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
     Network via Gradient-free Localization", WACV 2020.
     """
     fn = "ablation_cam"
-    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True)
     _checks.check_positive_int(fn, "batch_size", batch_size)
     if isinstance(layer, (list, tuple, dict)):
         raise _checks.type_error(fn, "layer, one dotted name or module (Ablation-CAM takes one layer per call)",
@@ -575,8 +601,10 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
     act = _to_grid(fn, name, raw, x, reshape)
     batch, channels = act.shape[:2]
     call_target = callable(target) and not isinstance(target, Tensor)
-    index = None if call_target else _targets.resolve_index(out, target, fn=fn)
-    base = _targets.resolve(out, target, fn=fn) if call_target else out.gather(1, index[:, None]).squeeze(1)
+    chosen = _targets.selector(model_fn)
+    index = None if call_target else _targets.resolve_index(out, target, fn=fn, output=chosen)
+    base = (_targets.resolve(out, target, fn=fn) if call_target
+            else _targets.select_output(out, chosen, fn=fn).gather(1, index[:, None]).squeeze(1))
 
     # Row r of the flattened work is image r // K with its channel r % K zeroed.
     image_of = torch.arange(batch, device=x.device).repeat_interleave(channels)
@@ -597,7 +625,8 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
         if call_target:
             scores.append(_targets.resolve(masked_out, target, fn=fn))
         else:
-            scores.append(masked_out.gather(1, index.index_select(0, rows)[:, None]).squeeze(1))
+            picked = _targets.select_output(masked_out, chosen, fn=fn)
+            scores.append(picked.gather(1, index.index_select(0, rows)[:, None]).squeeze(1))
     ablated = torch.cat(scores).reshape(batch, channels)
     weights = (base[:, None] - ablated) / base[:, None]
     maps = torch.einsum("bk,bk...->b...", weights.to(act.dtype), act).unsqueeze(1)
@@ -716,7 +745,7 @@ def fullgrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     Visualization", NeurIPS 2019.
     """
     fn = "fullgrad"
-    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True)
     if not upsample:
         raise _checks.value_error(fn, "upsample=True (FullGrad sums maps resized to x's size)", "False")
     names = _bias_layers(fn, model_fn, x) if layer is None else list(dict.fromkeys(resolve_layers(fn, model_fn,
@@ -806,7 +835,7 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     Neural Networks", CVPR Workshops 2020.
     """
     fn = "score_cam"
-    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True)
     _checks.check_positive_int(fn, "batch_size", batch_size)
     _checks.check_bool(fn, "align_corners", align_corners)
     if weights not in _SCORE_CAM_WEIGHTS:
@@ -824,8 +853,9 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
                                   "Name a 2-d convolutional layer.")
     batch, channels = act.shape[:2]
     index = None
+    chosen_output = _targets.selector(model_fn)
     if not (callable(target) and not isinstance(target, Tensor)):
-        index = _targets.resolve_index(out, target, fn=fn)
+        index = _targets.resolve_index(out, target, fn=fn, output=chosen_output)
 
     # Row r of the flattened work is image r // K masked by its channel r % K. Masks are made one
     # chunk at a time: all B K of them at the input's size would not fit (8 x 512 x 224 x 224 floats).
@@ -844,6 +874,7 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
             scores.append(_targets.resolve(masked_out, target, fn=fn))
         else:
             chosen = index.index_select(0, rows)
+            masked_out = _targets.select_output(masked_out, chosen_output, fn=fn)
             if weights == "prob":
                 masked_out = torch.softmax(masked_out, dim=1)
             scores.append(masked_out.gather(1, chosen[:, None]).squeeze(1))
