@@ -127,7 +127,7 @@ def test_predicted_class_for_unlabeled_examples(tmp_path):
 def test_input_space_method_and_a_dataloader(tmp_path):
     data = Images(7)
     loader = torch.utils.data.DataLoader(data, batch_size=3, shuffle=True)  # batch size and order are ignored
-    store = run(tmp_path / "s", loader, method=tx.saliency, batch_size=4, layer=None)
+    store = run(tmp_path / "s", loader, method=tx.saliency, batch_size=4, layer=None, num_workers=1)
     want, pred = per_batch(data, 4, method=tx.saliency)
     assert store.map_shape == (3, 16, 16) and torch.equal(store.maps[0:7], want)
     assert torch.equal(store.predictions, pred)  # taken from saliency's own forward pass
@@ -197,6 +197,23 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="open_attributions: expected a folder written by attribute_dataset"):
         tx.open_attributions(tmp_path / "other")
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.cuda
+def test_cuda_params_pinned_copies_and_the_same_maps_as_the_method(tmp_path):
+    fn, params = tx.functionalize(tiny_model().cuda())
+    data = Images(9, unlabeled=(2,))
+    store = tx.attribute_dataset(tx.grad_cam, fn, params, data, out=tmp_path / "s", batch_size=4,
+                                 layer="features", progress=False)
+    for start in range(0, 9, 4):
+        items = [data[i] for i in range(start, min(start + 4, 9))]
+        x = torch.stack([a for a, _ in items]).cuda()
+        t = torch.tensor([b for _, b in items]).cuda()
+        with torch.no_grad():
+            pred = fn(params, x).argmax(1)
+        want = tx.grad_cam(fn, params, x, torch.where(t < 0, pred, t), layer="features")
+        assert torch.equal(store.maps[start:start + len(items)], want.cpu())
+        assert torch.equal(store.predictions[start:start + len(items)], pred.cpu())
 
 
 # ------------------------------------------------------------------------------- killed mid-run
