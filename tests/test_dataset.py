@@ -168,7 +168,7 @@ def test_a_rerun_with_other_arguments_is_refused_never_mixed(tmp_path):
         run(out, Images(9))
     fn, params = tx.functionalize(tiny_model())
     params = {k: v + 1 if k == "fc.bias" else v for k, v in params.items()}
-    with pytest.raises(ValueError, match="a different params"):
+    with pytest.raises(ValueError, match="got different params"):
         tx.attribute_dataset(tx.grad_cam, fn, params, Images(8), out=out, batch_size=4, layer="features",
                              progress=False)
     assert torch.equal(tx.open_attributions(out).maps[0:8], per_batch(Images(8), 4, layer="features")[0])

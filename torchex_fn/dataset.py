@@ -397,7 +397,7 @@ def _check_store(root: Path, manifest: Dict[str, Any]) -> bool:
         diff = _differences(old, manifest)
         if diff:
             raise _checks.value_error(
-                _FN, f"the same arguments as the run that created out={str(root)!r}", f"a different {', '.join(diff)}",
+                _FN, f"the same arguments as the run that created out={str(root)!r}", f"different {', '.join(diff)}",
                 "Results of different runs are never mixed: choose another out folder, or delete this one to "
                 "start over.")
         return False
@@ -773,7 +773,8 @@ def open_attributions(out: Union[str, os.PathLike]) -> Attributions:
     index_path, manifest_path = root / "index.json", root / "manifest.json"
     if not index_path.is_file():
         hint = ("It holds a manifest but no index: an interrupted run; call attribute_dataset again with the "
-                "same arguments to finish it." if manifest_path.is_file() else "Pass the out folder of attribute_dataset.")
+                "same arguments to finish it." if manifest_path.is_file() else
+                "Pass the out folder of attribute_dataset.")
         raise _checks.value_error("open_attributions", "a folder written by attribute_dataset, with index.json",
                                   repr(str(root)), hint)
     with open(index_path) as f:
