@@ -446,10 +446,11 @@ def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, dat
         fixed for a run to resume (``batch_size`` here decides).
       out: The store's folder (created; an interrupted run's folder is resumed).
       batch_size: Examples per call of ``method`` and per shard.
-      progress: A tqdm bar (examples/s, ETA) on rank 0. Default: True.
+      progress: A tqdm bar (examples/s, ETA) on rank 0, counting rank 0's share of the data. Default: True.
       dtype: ``torch.float16`` / ``float32`` / ``float64`` for the stored maps; ``None`` keeps the
         method's output dtype.
-      num_workers: ``DataLoader`` worker processes for loading (0: load in this process).
+      num_workers: ``DataLoader`` worker processes for loading beside the computation (0: load in this
+        process, between batches).
       **options: Passed to ``method`` unchanged, except that a ``torch.Generator`` is replaced, for each
         batch, by a generator seeded from its state and the batch number, so that every batch draws
         the same numbers whichever rank computes it and wherever a run resumed.
