@@ -151,6 +151,17 @@ def test_generator_options_are_reseeded_per_batch_so_a_resumed_run_is_identical(
     assert not torch.equal(other.maps[0:9], full.maps[0:9])
 
 
+def test_a_truncated_shard_is_computed_again(tmp_path):
+    # a file under its final name is whole unless the disk lost it (power cut): its length is checked
+    out = tmp_path / "s"
+    want = run(out, Images(8)).maps[0:8]
+    shard = out / "shards" / "000001.maps.npy"
+    shard.write_bytes(shard.read_bytes()[:200])
+    (out / "index.json").unlink()
+    assert torch.equal(run(out, Images(8)).maps[0:8], want)
+    assert len(shard.read_bytes()) > 200
+
+
 def test_a_rerun_with_other_arguments_is_refused_never_mixed(tmp_path):
     out = tmp_path / "s"
     run(out, Images(8))
