@@ -151,6 +151,23 @@ def test_generator_options_are_reseeded_per_batch_so_a_resumed_run_is_identical(
     assert not torch.equal(other.maps[0:9], full.maps[0:9])
 
 
+class Broken(Images):
+    def __getitem__(self, i):
+        if i == 5:
+            raise ValueError("unreadable example 5")
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_failing_example_stops_the_run_with_its_error_and_keeps_the_stored_batches(tmp_path, workers):
+    out = tmp_path / "s"
+    with pytest.raises(ValueError, match="unreadable example 5"):
+        run(out, Broken(10), num_workers=workers)
+    assert (out / "shards" / "000000.maps.npy").exists() and not (out / "index.json").exists()
+    with pytest.raises(ValueError, match="interrupted run"):
+        tx.open_attributions(out)
+
+
 def test_a_truncated_shard_is_computed_again(tmp_path):
     # a file under its final name is whole unless the disk lost it (power cut): its length is checked
     out = tmp_path / "s"

@@ -259,6 +259,50 @@ class _Writer:
             self._check()
 
 
+class _Prefetch:
+    """Iterates ``loader`` in a thread, a bounded queue ahead: loading beside the computation without workers."""
+
+    _END = object()
+
+    def __init__(self, loader: Any, depth: int = 2):
+        self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(loader,), name="torchex_fn-loader", daemon=True)
+        self.thread.start()
+
+    def _offer(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, loader: Any) -> None:
+        try:
+            for item in loader:
+                if not self._offer((True, item)):
+                    return
+        except BaseException as err:  # raised again in the computing thread
+            self._offer((False, err))
+        self._offer(self._END)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                return
+            ok, value = item
+            if not ok:
+                raise value
+            yield value
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 # ------------------------------------------------------------------------- predictions, for free
 class _Seen:
     """Predicted classes taken from a forward pass the method makes on the batch itself, if it makes one."""
@@ -432,9 +476,10 @@ def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, dat
     ``index.json``, and every rank returns the finished store. Because batches do not depend on
     ``N``, a run may be resumed with another number of processes.
 
-    Loading, computing and writing overlap: a ``DataLoader`` with ``num_workers`` workers (pinned
-    memory and ``non_blocking`` copies when params are on CUDA) feeds the method, and a writer
-    thread with a bounded queue commits shards. Memory stays flat in the size of the data.
+    Loading, computing and writing overlap: a ``DataLoader`` with ``num_workers`` workers (or, with
+    none, a loading thread; pinned memory and ``non_blocking`` copies when params are on CUDA) feeds
+    the method, and a writer thread with a bounded queue commits shards. Memory stays flat in the
+    size of the data.
 
     Args:
       method: A public attribution function, e.g. ``torchex_fn.grad_cam`` (or a ``functools.partial`` of one).
@@ -449,8 +494,8 @@ def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, dat
       progress: A tqdm bar (examples/s, ETA) on rank 0, counting rank 0's share of the data. Default: True.
       dtype: ``torch.float16`` / ``float32`` / ``float64`` for the stored maps; ``None`` keeps the
         method's output dtype.
-      num_workers: ``DataLoader`` worker processes for loading beside the computation (0: load in this
-        process, between batches).
+      num_workers: ``DataLoader`` worker processes for loading (0: a thread of this process loads the
+        next batches while the current one is explained; the data must then allow reads from a thread).
       **options: Passed to ``method`` unchanged, except that a ``torch.Generator`` is replaced, for each
         batch, by a generator seeded from its state and the batch number, so that every batch draws
         the same numbers whichever rank computes it and wherever a run resumed.
@@ -561,6 +606,8 @@ def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype,
     cuda = device.type == "cuda"
     loader = DataLoader(dataset, batch_sampler=[list(batches[b]) for b in todo], num_workers=num_workers,
                         pin_memory=cuda, **({"collate_fn": collate} if collate is not None else {}))
+    if num_workers == 0:  # no worker processes: a thread loads the next batches meanwhile
+        loader = _Prefetch(loader)
     seeds = _generator_seeds(options)
     output = _targets.selector(model_fn)
     seen = _Seen(output)
@@ -622,6 +669,9 @@ def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype,
         writer.close(check=False)
         bar.close()
         raise
+    finally:
+        if isinstance(loader, _Prefetch):
+            loader.close()
     writer.close()
     bar.close()
 
