@@ -9,7 +9,8 @@ disk would be), grad_cam on a random-weight torchvision resnet18 at layer4, batc
 baseline calls ``grad_cam`` on the same batches already stacked in memory; ``attribute_dataset``
 loads, explains, writes shards (fsync'd) and records predictions. Runs alternate and the medians
 are reported, as wall-clock throughput and as images per CPU-second of the process (all threads:
-the writer's and the loader's work counts), which other processes on a shared machine disturb less. RSS: one subprocess per data-set size runs ``attribute_dataset`` and reports its
+the writer's and the loader's work counts), which other processes on a shared machine disturb less.
+RSS: one subprocess per data-set size runs ``attribute_dataset`` and reports its
 ``ru_maxrss``; a flat peak means nothing grows with the number of examples.
 """
 from __future__ import annotations
@@ -127,7 +128,8 @@ def main() -> None:
     print(f"| grad_cam on batches in memory | {args.n / statistics.median(m[0] for m in memory):.1f} | "
           f"{args.n / statistics.median(m[1] for m in memory):.1f} |")
     print(f"| attribute_dataset (load + explain + write + predictions) | "
-          f"{args.n / statistics.median(s[0] for s in store):.1f} | {args.n / statistics.median(s[1] for s in store):.1f} |")
+          f"{args.n / statistics.median(s[0] for s in store):.1f} | "
+          f"{args.n / statistics.median(s[1] for s in store):.1f} |")
     print(f"| ratio, median of per-repeat ratios (goal >= 0.90) | {wall:.3f} | {cpu:.3f} |")
     del batches
 

@@ -127,7 +127,7 @@ def test_predicted_class_for_unlabeled_examples(tmp_path):
 def test_input_space_method_and_a_dataloader(tmp_path):
     data = Images(7)
     loader = torch.utils.data.DataLoader(data, batch_size=3, shuffle=True)  # batch size and order are ignored
-    store = run(tmp_path / "s", loader, method=tx.saliency, batch_size=4, layer=None)
+    store = run(tmp_path / "s", loader, method=tx.saliency, batch_size=4, layer=None, num_workers=1)
     want, pred = per_batch(data, 4, method=tx.saliency)
     assert store.map_shape == (3, 16, 16) and torch.equal(store.maps[0:7], want)
     assert torch.equal(store.predictions, pred)  # taken from saliency's own forward pass
@@ -151,6 +151,34 @@ def test_generator_options_are_reseeded_per_batch_so_a_resumed_run_is_identical(
     assert not torch.equal(other.maps[0:9], full.maps[0:9])
 
 
+class Broken(Images):
+    def __getitem__(self, i):
+        if i == 5:
+            raise ValueError("unreadable example 5")
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_failing_example_stops_the_run_with_its_error_and_keeps_the_stored_batches(tmp_path, workers):
+    out = tmp_path / "s"
+    with pytest.raises(ValueError, match="unreadable example 5"):
+        run(out, Broken(10), num_workers=workers)
+    assert (out / "shards" / "000000.maps.npy").exists() and not (out / "index.json").exists()
+    with pytest.raises(ValueError, match="interrupted run"):
+        tx.open_attributions(out)
+
+
+def test_a_truncated_shard_is_computed_again(tmp_path):
+    # a file under its final name is whole unless the disk lost it (power cut): its length is checked
+    out = tmp_path / "s"
+    want = run(out, Images(8)).maps[0:8]
+    shard = out / "shards" / "000001.maps.npy"
+    shard.write_bytes(shard.read_bytes()[:200])
+    (out / "index.json").unlink()
+    assert torch.equal(run(out, Images(8)).maps[0:8], want)
+    assert len(shard.read_bytes()) > 200
+
+
 def test_a_rerun_with_other_arguments_is_refused_never_mixed(tmp_path):
     out = tmp_path / "s"
     run(out, Images(8))
@@ -168,7 +196,7 @@ def test_a_rerun_with_other_arguments_is_refused_never_mixed(tmp_path):
         run(out, Images(9))
     fn, params = tx.functionalize(tiny_model())
     params = {k: v + 1 if k == "fc.bias" else v for k, v in params.items()}
-    with pytest.raises(ValueError, match="a different params"):
+    with pytest.raises(ValueError, match="got different params"):
         tx.attribute_dataset(tx.grad_cam, fn, params, Images(8), out=out, batch_size=4, layer="features",
                              progress=False)
     assert torch.equal(tx.open_attributions(out).maps[0:8], per_batch(Images(8), 4, layer="features")[0])
@@ -197,6 +225,23 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="open_attributions: expected a folder written by attribute_dataset"):
         tx.open_attributions(tmp_path / "other")
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.cuda
+def test_cuda_params_pinned_copies_and_the_same_maps_as_the_method(tmp_path):
+    fn, params = tx.functionalize(tiny_model().cuda())
+    data = Images(9, unlabeled=(2,))
+    store = tx.attribute_dataset(tx.grad_cam, fn, params, data, out=tmp_path / "s", batch_size=4,
+                                 layer="features", progress=False)
+    for start in range(0, 9, 4):
+        items = [data[i] for i in range(start, min(start + 4, 9))]
+        x = torch.stack([a for a, _ in items]).cuda()
+        t = torch.tensor([b for _, b in items]).cuda()
+        with torch.no_grad():
+            pred = fn(params, x).argmax(1)
+        want = tx.grad_cam(fn, params, x, torch.where(t < 0, pred, t), layer="features")
+        assert torch.equal(store.maps[start:start + len(items)], want.cpu())
+        assert torch.equal(store.predictions[start:start + len(items)], pred.cpu())
 
 
 # ------------------------------------------------------------------------------- killed mid-run

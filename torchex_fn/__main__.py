@@ -395,7 +395,7 @@ def _method_options(name: str, method: Callable, args: argparse.Namespace) -> Di
     options: Dict[str, object] = {}
     if "layer" in keywords and ("layer" in required or args.layer is not None):
         options["layer"] = args.layer if args.layer is not None else "layer4"
-    if "fc" in keywords and ("fc" in required or args.fc is not None or name == "cam"):
+    if "fc" in keywords and ("fc" in required or args.fc is not None):  # else the method finds the last linear
         options["fc"] = args.fc if args.fc is not None else "fc"
     if "num_masks" in keywords:
         options["num_masks"] = args.rise_masks
@@ -555,7 +555,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
     d.set_defaults(handler=demo)
 
-    e = commands.add_parser("explain", help="explain images with a torchvision or timm classifier; write maps and overlays",
+    e = commands.add_parser("explain", help="explain images with a torchvision or timm classifier; write maps, overlays",
                             description="Explain image files (--image, in memory, one overlay PNG each) or a whole "
                                         "folder or glob (--data, through attribute_dataset into a resumable store "
                                         "in --out, overlays optional) with a torchvision or timm classifier (random "
@@ -576,7 +576,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a keyword option of the method, e.g. --option steps=32 --option relu=False (repeatable; "
                         "values are Python literals, else strings)")
     e.add_argument("--layer", default=None, help="layer of layer methods (default: layer4 where a layer is required)")
-    e.add_argument("--fc", default=None, help="final linear layer of cam (default: fc)")
+    e.add_argument("--fc", default=None, help="final linear layer of cam (default: the model's last linear layer)")
     e.add_argument("--target", type=int, default=None, help="class index (default: the predicted class)")
     e.add_argument("--size", type=int, default=224, help="images are resized to SIZE x SIZE (default: 224)")
     e.add_argument("--out", default="torchex_fn_explain",

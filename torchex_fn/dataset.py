@@ -259,6 +259,50 @@ class _Writer:
             self._check()
 
 
+class _Prefetch:
+    """Iterates ``loader`` in a thread, a bounded queue ahead: loading beside the computation without workers."""
+
+    _END = object()
+
+    def __init__(self, loader: Any, depth: int = 2):
+        self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(loader,), name="torchex_fn-loader", daemon=True)
+        self.thread.start()
+
+    def _offer(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, loader: Any) -> None:
+        try:
+            for item in loader:
+                if not self._offer((True, item)):
+                    return
+        except BaseException as err:  # raised again in the computing thread
+            self._offer((False, err))
+        self._offer(self._END)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                return
+            ok, value = item
+            if not ok:
+                raise value
+            yield value
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 # ------------------------------------------------------------------------- predictions, for free
 class _Seen:
     """Predicted classes taken from a forward pass the method makes on the batch itself, if it makes one."""
@@ -397,7 +441,7 @@ def _check_store(root: Path, manifest: Dict[str, Any]) -> bool:
         diff = _differences(old, manifest)
         if diff:
             raise _checks.value_error(
-                _FN, f"the same arguments as the run that created out={str(root)!r}", f"a different {', '.join(diff)}",
+                _FN, f"the same arguments as the run that created out={str(root)!r}", f"different {', '.join(diff)}",
                 "Results of different runs are never mixed: choose another out folder, or delete this one to "
                 "start over.")
         return False
@@ -432,9 +476,10 @@ def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, dat
     ``index.json``, and every rank returns the finished store. Because batches do not depend on
     ``N``, a run may be resumed with another number of processes.
 
-    Loading, computing and writing overlap: a ``DataLoader`` with ``num_workers`` workers (pinned
-    memory and ``non_blocking`` copies when params are on CUDA) feeds the method, and a writer
-    thread with a bounded queue commits shards. Memory stays flat in the size of the data.
+    Loading, computing and writing overlap: a ``DataLoader`` with ``num_workers`` workers (or, with
+    none, a loading thread; pinned memory and ``non_blocking`` copies when params are on CUDA) feeds
+    the method, and a writer thread with a bounded queue commits shards. Memory stays flat in the
+    size of the data.
 
     Args:
       method: A public attribution function, e.g. ``torchex_fn.grad_cam`` (or a ``functools.partial`` of one).
@@ -446,10 +491,11 @@ def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, dat
         fixed for a run to resume (``batch_size`` here decides).
       out: The store's folder (created; an interrupted run's folder is resumed).
       batch_size: Examples per call of ``method`` and per shard.
-      progress: A tqdm bar (examples/s, ETA) on rank 0. Default: True.
+      progress: A tqdm bar (examples/s, ETA) on rank 0, counting rank 0's share of the data. Default: True.
       dtype: ``torch.float16`` / ``float32`` / ``float64`` for the stored maps; ``None`` keeps the
         method's output dtype.
-      num_workers: ``DataLoader`` worker processes for loading (0: load in this process).
+      num_workers: ``DataLoader`` worker processes for loading (0: a thread of this process loads the
+        next batches while the current one is explained; the data must then allow reads from a thread).
       **options: Passed to ``method`` unchanged, except that a ``torch.Generator`` is replaced, for each
         batch, by a generator seeded from its state and the batch number, so that every batch draws
         the same numbers whichever rank computes it and wherever a run resumed.
@@ -560,6 +606,8 @@ def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype,
     cuda = device.type == "cuda"
     loader = DataLoader(dataset, batch_sampler=[list(batches[b]) for b in todo], num_workers=num_workers,
                         pin_memory=cuda, **({"collate_fn": collate} if collate is not None else {}))
+    if num_workers == 0:  # no worker processes: a thread loads the next batches meanwhile
+        loader = _Prefetch(loader)
     seeds = _generator_seeds(options)
     output = _targets.selector(model_fn)
     seen = _Seen(output)
@@ -621,6 +669,9 @@ def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype,
         writer.close(check=False)
         bar.close()
         raise
+    finally:
+        if isinstance(loader, _Prefetch):
+            loader.close()
     writer.close()
     bar.close()
 
@@ -773,7 +824,8 @@ def open_attributions(out: Union[str, os.PathLike]) -> Attributions:
     index_path, manifest_path = root / "index.json", root / "manifest.json"
     if not index_path.is_file():
         hint = ("It holds a manifest but no index: an interrupted run; call attribute_dataset again with the "
-                "same arguments to finish it." if manifest_path.is_file() else "Pass the out folder of attribute_dataset.")
+                "same arguments to finish it." if manifest_path.is_file() else
+                "Pass the out folder of attribute_dataset.")
         raise _checks.value_error("open_attributions", "a folder written by attribute_dataset, with index.json",
                                   repr(str(root)), hint)
     with open(index_path) as f:
