@@ -344,8 +344,17 @@ def test_two_gloo_processes_write_the_same_store_as_one(tmp_path):
     script = tmp_path / "dist.py"
     script.write_text(DISTRIBUTED)
     out = tmp_path / "two"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(out)], env=_env(), capture_output=True, text=True, timeout=240)
+    # A session of its own, so that a time-out ends the launcher *and* its workers (they would outlive it).
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(out)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0 of 2: 22 maps" in done.stdout and "rank 1 of 2: 22 maps" in done.stdout
     wrote = dict(line.split(" wrote ") for line in done.stdout.splitlines() if " wrote " in line)
