@@ -137,17 +137,30 @@ def test_equals_captum(act, kind):
 
 
 def test_softmax_equals_captum_per_example():
-    # captum centres softmax multipliers over the whole batch; we centre per example (= captum at B=1)
+    # softmax="captum" reproduces captum's (non-conserving) rule; captum centres its multipliers over
+    # the whole batch, we centre per example (= captum at B=1)
     model = SoftmaxNet().eval()
     fn, params = tx.functionalize(model)
     x, baseline = torch.randn(3, 6), 0.5 * torch.randn(3, 6)
     target = torch.tensor([0, 3, 1])
-    ours = deeplift(fn, params, x, target, baseline=baseline)
+    ours = deeplift(fn, params, x, target, baseline=baseline, softmax="captum")
     for i in range(3):
         theirs = captum_deeplift(model, x[i:i + 1], baseline[i:i + 1], target[i:i + 1])
         torch.testing.assert_close(ours[i:i + 1], theirs, rtol=1e-5, atol=1e-7)
-    loop = torch.cat([deeplift(fn, params, x[i:i + 1], target[i:i + 1], baseline=baseline[i:i + 1]) for i in range(3)])
+    loop = torch.cat([deeplift(fn, params, x[i:i + 1], target[i:i + 1], baseline=baseline[i:i + 1], softmax="captum")
+                      for i in range(3)])
     torch.testing.assert_close(ours, loop)
+
+
+def test_softmax_conserves_by_default_and_captums_rule_does_not():
+    model = SoftmaxNet().double().eval()
+    fn, params = tx.functionalize(model)
+    x, baseline = torch.randn(3, 6, dtype=torch.float64), 0.5 * torch.randn(3, 6, dtype=torch.float64)
+    target = torch.tensor([0, 3, 1])
+    assert_complete(model, deeplift(fn, params, x, target, baseline=baseline), x, baseline, target, atol=1e-12)
+    with pytest.raises(AssertionError):
+        assert_complete(model, deeplift(fn, params, x, target, baseline=baseline, softmax="captum"), x, baseline,
+                        target, atol=1e-4)
 
 
 def _fixed_linear(weight):
@@ -169,7 +182,7 @@ def test_equal_differences_in_pool_and_softmax_follow_captum(head):
         model = nn.Sequential(_fixed_linear([[1.0, -1.0], [1.0, 1.0]]), nn.Softmax(dim=1)).eval()
     fn, params = tx.functionalize(model)
     x, baseline, target = torch.tensor([[2.0, 2.0]]), torch.zeros(1, 2), torch.tensor([1])
-    ours = deeplift(fn, params, x, target, baseline=baseline)
+    ours = deeplift(fn, params, x, target, baseline=baseline, softmax="captum")
     torch.testing.assert_close(ours, captum_deeplift(model, x, baseline, target), rtol=1e-5, atol=1e-7)
     if head == "maxpool":
         w = model[4].weight[1, 0].item()

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, List, NamedTuple, Optional, Sequence
+from typing import Any, List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -66,6 +66,18 @@ def _check_backend(fn: str, backend: Any) -> None:
         raise _checks.type_error(fn, "backend, 'native' or 'captum'", _checks.describe(backend))
     if backend not in _BACKENDS:
         raise _checks.value_error(fn, "backend 'native' or 'captum'", _checks.describe(backend))
+
+
+_SOFTMAX_RULES = ("conserving", "captum")
+
+
+def _check_softmax(fn: str, softmax: Any):
+    """The rule table for ``softmax=``: ``"conserving"`` (default) or ``"captum"``."""
+    if not isinstance(softmax, str):
+        raise _checks.type_error(fn, "softmax, 'conserving' or 'captum'", _checks.describe(softmax))
+    if softmax not in _SOFTMAX_RULES:
+        raise _checks.value_error(fn, "softmax 'conserving' or 'captum'", _checks.describe(softmax))
+    return _RULES if softmax == "conserving" else _CAPTUM_RULES
 
 
 def _broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
@@ -102,10 +114,10 @@ def _check_baseline(fn: str, baseline: Any, x: Tensor, name: str = "baseline") -
 # The rules: what the gradient pass returns in place of each intercepted call.
 
 class _Record(NamedTuple):
-    """One call of a pass: the op's name, input ``z`` and full output (``(y, indices)`` for max pooling)."""
+    """One call of a pass: the op's name, its tainted inputs and full output (``(y, indices)`` for max pooling)."""
 
     name: str
-    z: Tensor
+    inputs: tuple
     out: Any
 
 
@@ -121,7 +133,7 @@ def _returned(call: _rewrite.Call, out: Any) -> Any:
 
 
 def _derivative(call: _rewrite.Call, z: Tensor, y: Tensor) -> Tensor:
-    """``g'(z)`` of an elementwise op, as autograd defines it (used where ``|z_x - z_0| < eps``)."""
+    """``g'(z)`` of an elementwise op, shaped like ``y`` (used where ``|z_x - z_0| < eps``)."""
     if call.name == "relu":
         return (z > 0).to(z.dtype)
     if call.name == "sigmoid":
@@ -129,36 +141,96 @@ def _derivative(call: _rewrite.Call, z: Tensor, y: Tensor) -> Tensor:
     if call.name == "tanh":
         return 1 - y * y
     # elementwise: the Jacobian is diagonal, so a vector-Jacobian product with ones is g'(z). (vjp,
-    # not jvp: torch.func.jvp's first use imports decompositions that warn under recent torch.)
-    y_again, pullback = torch.func.vjp(call.apply, z)
+    # not jvp: torch.func.jvp's first use imports decompositions that warn under recent torch.) An
+    # op that broadcasts z against a larger fixed argument gets z expanded first.
+    zb = z if z.shape == y.shape else z.expand(y.shape).contiguous()
+    y_again, pullback = torch.func.vjp(call.apply, zb)
     return pullback(torch.ones_like(y_again))[0]
 
 
 def _differences(z_x: Tensor, z_0: Tensor, eps: float):
-    """``dz = z_x - z_0``, the mask ``|dz| < eps``, and ``dz`` made safe to divide by (1 where small).
+    """``dz = z_x - z_0``, the mask ``|dz| < eps`` (or NaN), and ``dz`` made safe to divide by (1 where small).
 
     The safe denominator keeps every derivative finite, so that a ``where`` choosing the other
-    branch cannot receive NaN from the unused one.
+    branch cannot receive NaN from the unused one. ``dz`` is NaN where both passes hold the same
+    infinity (a masked attention score): such an element counts as unchanged.
     """
     dz = z_x - z_0
-    small = dz.abs() < eps
+    small = ~(dz.abs() >= eps)
     return dz, small, torch.where(small, 1.0, dz)
 
 
 class _Elementwise:
-    """``y = g(z)`` element by element; surrogate ``y_x + m * (z - z_x)``."""
+    """``y = g(z)`` element by element (the Rescale rule); surrogate ``y_x + m * (z - z_x)``."""
 
     def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
-        dz, small, safe = _differences(x.z, base.z, eps)
-        self.z_x, self.y_x = x.z, x.out
-        self.m = torch.where(small, _derivative(call, x.z, x.out), (x.out - base.out) / safe)
+        (z_x,), (z_0,) = x.inputs, base.inputs
+        dz, small, safe = _differences(z_x, z_0, eps)
+        self.z_x, self.y_x = z_x, x.out
+        self.shapes = (z_x.shape,)
+        self.m = torch.where(small, _derivative(call, z_x, x.out), (x.out - base.out) / safe)
 
-    def __call__(self, z: Tensor) -> Tensor:
-        return torch.addcmul(self.y_x, self.m, z - self.z_x)
+    def __call__(self, call: _rewrite.Call) -> Tensor:
+        return self.y_x + self.m * (call.input - self.z_x)
+
+
+class _Bilinear:
+    """``t = f(a, b)`` linear in each argument: the difference's joint term split evenly.
+
+    ``f(a_x, b_x) - f(a_0, b_0) = f(a_x - a_0, (b_x + b_0) / 2) + f((a_x + a_0) / 2, b_x - b_0)``
+    exactly, for every bilinear ``f`` (products, matrix products, einsum, ...): ``a`` passes back
+    through ``f(., b_mean)`` and ``b`` through ``f(a_mean, .)``. The surrogate
+    ``t_x + f(a - a_x, b_mean) + f(a_mean, b - b_x)`` has the value ``t_x`` and these derivatives.
+    For ``a * b`` this is the Shapley value of the two-factor product (each factor's effect averaged
+    over the other factor at its input and at its baseline value).
+    """
+
+    def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
+        (a_x, b_x), (a_0, b_0) = x.inputs, base.inputs
+        self.a_x, self.b_x, self.t_x = a_x, b_x, x.out
+        self.a_mean, self.b_mean = 0.5 * (a_x + a_0), 0.5 * (b_x + b_0)
+        self.shapes = (a_x.shape, b_x.shape)
+
+    def __call__(self, call: _rewrite.Call) -> Tensor:
+        a, b = call.inputs
+        return self.t_x + call.apply(a - self.a_x, self.b_mean) + call.apply(self.a_mean, b - self.b_x)
 
 
 class _Softmax:
-    """Softmax as captum's rule treats it, for one example at a time.
+    """Softmax as exp, sum, reciprocal and product, each with its conserving rule (the default).
+
+    With ``e = exp(z - c)``, ``S = sum(e)`` and ``y = e / S``: ``exp`` gets the Rescale multiplier
+    ``m = (e_x - e_0) / (z_x - z_0)`` (``e_x`` where ``|dz| < eps``), ``1 / S`` its secant
+    ``-1 / (S_x S_0)``, and ``e * (1 / S)`` the product rule. Their chain maps a change ``v`` of
+    ``z`` to ``r_mean * m * v - e_mean * sum(m * v) / (S_x S_0)`` with ``r_mean`` the mean of
+    ``1 / S_x`` and ``1 / S_0``, which sends ``z_x - z_0`` to ``y_x - y_0`` exactly. The map does
+    not depend on the shift ``c``; ``c`` is the mean of both passes' ``logsumexp``, which makes
+    ``S_x S_0 = 1`` and keeps every exponential bounded.
+    """
+
+    def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
+        (z_x,), (z_0,) = x.inputs, base.inputs
+        self.dim = call.options["dim"]
+        dz, small, safe = _differences(z_x, z_0, eps)
+        lse_x = torch.logsumexp(z_x, self.dim, keepdim=True)
+        lse_0 = torch.logsumexp(z_0, self.dim, keepdim=True)
+        c, half = 0.5 * (lse_x + lse_0), 0.5 * (lse_x - lse_0)
+        e_x, e_0 = torch.exp(z_x - c), torch.exp(z_0 - c)
+        self.m = torch.where(small, e_x, (e_x - e_0) / safe)
+        self.r_mean = torch.cosh(half)               # (1 / S_x + 1 / S_0) / 2 with S_x = exp(half), S_0 = 1 / S_x
+        self.e_mean = 0.5 * (e_x + e_0)
+        self.dead = small & ~torch.isfinite(z_x)      # -inf in both passes (masked): no contribution
+        self.z_x, self.y_x = z_x, x.out
+        self.shapes = (z_x.shape,)
+
+    def __call__(self, call: _rewrite.Call) -> Tensor:
+        v = torch.where(self.dead, 0.0, call.input - self.z_x)
+        mv = self.m * v
+        return self.y_x + self.r_mean * mv - self.e_mean * mv.sum(dim=self.dim, keepdim=True)
+
+
+class _SoftmaxCaptum:
+    """Softmax as captum's rule treats it, for one example at a time (``softmax="captum"``).
 
     captum's backward: ``u = where(|dz| < eps, J^T g, g * dy/dz)`` element by element, minus the
     mean of ``u`` over the input *and* the baseline copy (captum runs both as one batch, and the
@@ -166,23 +238,25 @@ class _Softmax:
     is ``y_x + L(z - z_x)`` with ``L`` the transpose of that map:
     ``L v = J_x(s v) + m v - [(J_x + J_0)(s mean(v)) / 2 + m mean(v)]``, ``s`` the small-difference
     mask and ``mean`` over the example. captum takes that mean over the whole batch instead, which
-    couples the examples; here each example is its own.
+    couples the examples; here each example is its own. This rule does not conserve the difference.
     """
 
     def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
-        dz, small, safe = _differences(x.z, base.z, eps)
+        (z_x,), (z_0,) = x.inputs, base.inputs
+        dz, small, safe = _differences(z_x, z_0, eps)
         self.dim = call.options["dim"]
-        self.z_x, self.y_x, self.y_0 = x.z, x.out, base.out
+        self.z_x, self.y_x, self.y_0 = z_x, x.out, base.out
         self.m = torch.where(small, torch.zeros_like(dz), (x.out - base.out) / safe)
         self.small = small.to(dz.dtype)
         self.reduce = tuple(range(1, dz.ndim)) if dz.ndim > 1 else tuple(range(dz.ndim))
+        self.shapes = (z_x.shape,)
 
     def _jvp(self, y: Tensor, t: Tensor) -> Tensor:
         """The softmax Jacobian at output ``y`` times ``t`` (the Jacobian is symmetric)."""
         return y * (t - (y * t).sum(dim=self.dim, keepdim=True))
 
-    def __call__(self, z: Tensor) -> Tensor:
-        v = z - self.z_x
+    def __call__(self, call: _rewrite.Call) -> Tensor:
+        v = call.input - self.z_x
         mean = v.mean(dim=self.reduce, keepdim=True)
         sv, smean = self.small * v, self.small * mean
         centre = 0.5 * (self._jvp(self.y_x, smean) + self._jvp(self.y_0, smean)) + self.m * mean
@@ -208,18 +282,20 @@ class _MaxPool:
     """
 
     def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
-        dz, small, safe = _differences(x.z, base.z, eps)
+        (z_x,), (z_0,) = x.inputs, base.inputs
+        dz, small, safe = _differences(z_x, z_0, eps)
         (o_x, self.i_x), (o_0, i_0) = x.out, base.out
         top = torch.maximum(o_x, o_0)
         self.spatial = call.options["spatial"]
-        self.z_x, self.o_x = x.z, o_x
+        self.z_x, self.o_x = z_x, o_x
         self.i_0 = i_0.expand(o_x.shape)
         self.a, self.c = top - o_0, o_x - top
         self.small = small.to(dz.dtype)
         self.inv = (1 - self.small) / safe
+        self.shapes = (z_x.shape,)
 
-    def __call__(self, z: Tensor) -> Any:
-        v = z - self.z_x
+    def __call__(self, call: _rewrite.Call) -> Any:
+        v = call.input - self.z_x
         w = v * self.inv
         n = self.spatial
         y = (self.o_x + self.a * _gather(w, self.i_x, n) + self.c * _gather(w, self.i_0, n)
@@ -227,23 +303,25 @@ class _MaxPool:
         return y, self.i_x
 
 
-_RULES = {"elementwise": _Elementwise, "softmax": _Softmax, "maxpool": _MaxPool}
+_RULES = {"elementwise": _Elementwise, "bilinear": _Bilinear, "softmax": _Softmax, "maxpool": _MaxPool}
+_CAPTUM_RULES = dict(_RULES, softmax=_SoftmaxCaptum)
 
 
-def _describe_call(name: str, shape: Sequence[int]) -> str:
-    return f"{name} on {list(shape)}"
+def _describe_call(name: str, inputs: Sequence[Tensor]) -> str:
+    return f"{name} on " + " and ".join(str(list(t.shape)) for t in inputs)
 
 
 def _pair(records: List[_Record], call: _rewrite.Call) -> _Record:
     """The baseline record paired with ``call`` of the input side (the k-th with the k-th)."""
     k = call.index
     if k >= len(records):
-        raise _Mismatch(f"{_describe_call(call.name, call.input.shape)} at call {k} for the input and only "
+        raise _Mismatch(f"{_describe_call(call.name, call.inputs)} at call {k} for the input and only "
                         f"{len(records)} calls for the baseline")
     rec = records[k]
-    if rec.name != call.name or not _broadcasts_to(rec.z.shape, call.input.shape):
-        raise _Mismatch(f"{_describe_call(call.name, call.input.shape)} at call {k} for the input and "
-                        f"{_describe_call(rec.name, rec.z.shape)} for the baseline")
+    if (rec.name != call.name or len(rec.inputs) != len(call.inputs)
+            or not all(_broadcasts_to(r.shape, c.shape) for r, c in zip(rec.inputs, call.inputs))):
+        raise _Mismatch(f"{_describe_call(call.name, call.inputs)} at call {k} for the input and "
+                        f"{_describe_call(rec.name, rec.inputs)} for the baseline")
     return rec
 
 
@@ -252,23 +330,36 @@ def _baseline_pass(model_fn, params, base: Tensor):
     records: List[_Record] = []
 
     def on_baseline(call: _rewrite.Call) -> Any:
-        out = call.apply(call.input)
-        records.append(_Record(call.name, call.input, out))
+        out = call.apply(*call.inputs)
+        records.append(_Record(call.name, call.inputs, out))
         return _returned(call, out)
 
-    out0, _ = _rewrite.run(model_fn, on_baseline, params, base)
-    base_tracked = any(tracked(r.z) for r in records)
+    out0, _ = _rewrite.run(model_fn, on_baseline, params, base, tainted=[base])
+    base_tracked = any(tracked(t) for r in records for t in r.inputs)
     return records, out0, base_tracked
 
 
-def _rescale(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor, eps: float) -> Tensor:
+def _no_rule(fn: str, err: _rewrite.NoRule) -> NotImplementedError:
+    detail = f" ({err.detail})" if err.detail else ""
+    return NotImplementedError(_checks.message(
+        fn, "operations with a DeepLIFT rule on input-dependent tensors",
+        f"'{err.op}'{detail}, which has no rule and is not known to be linear",
+        "DeepLIFT never treats an unknown operation as linear, since that would break completeness silently; "
+        "rewrite that part of the model with supported operations (see torchex_fn._rewrite)."))
+
+
+def _rescale(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor, eps: float,
+             rules: Mapping[str, Any] = None) -> Tensor:
     """The native Rescale rule; arguments already checked (see the module docstring for the passes)."""
+    rules = _RULES if rules is None else rules
     shared = baseline.ndim < x.ndim or baseline.shape[0] == 1
     batches = [1, x.shape[0]] if shared and x.shape[0] > 1 else [x.shape[0]]
     for batch in batches:
         base = torch.broadcast_to(baseline, x.shape)[:batch].contiguous()
         try:
-            return _rescale_once(fn, model_fn, params, x, target, baseline, base, eps)
+            return _rescale_once(fn, model_fn, params, x, target, baseline, base, eps, rules)
+        except _rewrite.NoRule as err:
+            raise _no_rule(fn, err) from None
         except _Mismatch as err:
             if batch != x.shape[0]:
                 continue  # the baseline alone did not behave like one example of the batch: run it in full
@@ -280,7 +371,7 @@ def _rescale(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor
 
 
 def _rescale_once(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor, base: Tensor,
-                  eps: float) -> Tensor:
+                  eps: float, rule_set: Mapping[str, Any]) -> Tensor:
     records0, out0, base_tracked = _baseline_pass(model_fn, params, base)
     by_index = target is None or isinstance(target, (int, Tensor))
     if base_tracked or tracked(x) or tracked(baseline):
@@ -290,11 +381,11 @@ def _rescale_once(fn: str, model_fn, params, x: Tensor, target: Any, baseline: T
 
         def on_input(call: _rewrite.Call) -> Any:
             rec0 = _pair(records0, call)
-            out = call.apply(call.input)
-            rules.append(_RULES[call.kind](call, _Record(call.name, call.input, out), rec0, eps))
+            out = call.apply(*call.inputs)
+            rules.append(rule_set[call.kind](call, _Record(call.name, call.inputs, out), rec0, eps))
             return _returned(call, out)
 
-        out_x, count = _rewrite.run(model_fn, on_input, params, x)
+        out_x, count = _rewrite.run(model_fn, on_input, params, x, tainted=[x])
         _check_count(count, len(records0), out_x, out0)
         choice = _targets.resolve_index(out_x, target, fn=fn) if by_index else target
         del out_x
@@ -302,11 +393,11 @@ def _rescale_once(fn: str, model_fn, params, x: Tensor, target: Any, baseline: T
         def on_gradient(call: _rewrite.Call) -> Any:
             k = call.index
             rule = rules[k] if k < len(rules) else None
-            if rule is None or rule.z_x.shape != call.input.shape:
+            if rule is None or rule.shapes != tuple(t.shape for t in call.inputs):
                 raise _checks.value_error(fn, "the gradient pass to repeat the input pass's nonlinear calls",
-                                          f"{_describe_call(call.name, call.input.shape)} at call {k}",
+                                          f"{_describe_call(call.name, call.inputs)} at call {k}",
                                           "The model must be deterministic and must not branch on its input's values.")
-            return _returned(call, rule(call.input))
+            return _returned(call, rule(call))
     else:
         # Nothing outside this call is differentiated (no autograd, no torch.func transform, no
         # dual tensor reaches a nonlinearity): the multipliers may be computed inside the gradient
@@ -315,14 +406,14 @@ def _rescale_once(fn: str, model_fn, params, x: Tensor, target: Any, baseline: T
 
         def on_gradient(call: _rewrite.Call) -> Any:
             rec0 = _pair(records0, call)
-            z = call.input.detach()
-            rule = _RULES[call.kind](call, _Record(call.name, z, call.apply(z)), rec0, eps)
-            return _returned(call, rule(call.input))
+            zs = tuple(t.detach() for t in call.inputs)
+            rule = rule_set[call.kind](call, _Record(call.name, zs, call.apply(*zs)), rec0, eps)
+            return _returned(call, rule(call))
 
     expected = len(records0)
 
     def total(xi: Tensor) -> Tensor:
-        out, count = _rewrite.run(model_fn, on_gradient, params, xi)
+        out, count = _rewrite.run(model_fn, on_gradient, params, xi, tainted=[xi])
         _check_count(count, expected, out, out0)
         return _targets.resolve(out, choice, fn=fn).sum()
 
@@ -395,7 +486,7 @@ def _captum(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor,
 # Public functions.
 
 def deeplift(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
-             baseline: Any = 0.0, eps: float = 1e-10, backend: str = "native") -> Tensor:
+             baseline: Any = 0.0, eps: float = 1e-10, backend: str = "native", softmax: str = "conserving") -> Tensor:
     """DeepLIFT with the Rescale rule: ``(x - baseline) * m``, ``m`` the multipliers of the score.
 
     Every nonlinear operation ``y = g(z)`` on the way from ``x`` to the score gets the multiplier
@@ -461,13 +552,14 @@ def deeplift(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     base = _check_baseline(fn, baseline, x)
     _check_eps(fn, eps)
     _check_backend(fn, backend)
+    rules = _check_softmax(fn, softmax)
     if backend == "captum":
         return _captum(fn, model_fn, params, x, target, base, float(eps))
-    return _rescale(fn, model_fn, params, x, target, base, float(eps))
+    return _rescale(fn, model_fn, params, x, target, base, float(eps), rules)
 
 
 def deeplift_shap(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, baselines: Tensor,
-                  eps: float = 1e-10, batch_size: Optional[int] = None) -> Tensor:
+                  eps: float = 1e-10, batch_size: Optional[int] = None, softmax: str = "conserving") -> Tensor:
     """DeepLIFT-SHAP: the mean of :func:`deeplift` over a set of baselines.
 
     ``mean_n deeplift(model_fn, params, x, target, baseline=baselines[n])``. Each baseline is shared
@@ -514,12 +606,13 @@ def deeplift_shap(model_fn: ModelFn, params: Params, x: Tensor, target: Target =
                                   _checks.describe(baselines), "Stack the baselines along a new first dimension.")
     _checks.check_positive_int(fn, "batch_size", batch_size, allow_none=True)
     _check_eps(fn, eps)
+    rules = _check_softmax(fn, softmax)
     bases = _check_baseline(fn, baselines, x[:1].expand(baselines.shape[0], *x.shape[1:]), name="baselines")
     count = bases.shape[0]
     step = count if batch_size is None else batch_size
 
     def one(b: Tensor) -> Tensor:
-        return _rescale(fn, model_fn, params, x, target, b, float(eps))
+        return _rescale(fn, model_fn, params, x, target, b, float(eps), rules)
 
     total = None
     for start in range(0, count, step):
@@ -569,7 +662,7 @@ def _guided(call: _rewrite.Call) -> Any:
     """ReLU calls get the guided rule; every other intercepted operation runs unchanged."""
     if call.name == "relu":
         return _GuidedReLU.apply(call.input)
-    return _returned(call, call.apply(call.input))
+    return _returned(call, call.apply(*call.inputs))
 
 
 def guided_backprop(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None) -> Tensor:
