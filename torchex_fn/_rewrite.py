@@ -566,12 +566,31 @@ def _instance_norm_entry(mode, func, args, kwargs):
 # --------------------------------------------------------------------------------------------
 # Decompositions (run with the mode active: every piece below is linear or has a rule).
 
+def scale(d: Tensor, r: Tensor) -> Tensor:
+    """``d * r`` where ``r`` is a normaliser's scale (``rsqrt(var + eps)``) and ``d`` what it scales.
+
+    The value is the product; the mode hands it over as a call of kind ``"scale"``, whose rule
+    credits the product differently from a plain ``"bilinear"`` product (see ``propagation``).
+    """
+    if torch.overrides.has_torch_function((d, r)):
+        return torch.overrides.handle_torch_function(scale, (d, r), d, r)
+    return d * r
+
+
+def _scale_entry(mode: "_Mode", func, args, kwargs):
+    st = mode.state
+    d, r = args
+    if not (st.tainted(d) and st.tainted(r)):
+        return _run_linear(mode, torch.mul, args, kwargs)
+    return st.hand("scale", "scale", (d, r), torch.mul, {})
+
+
 def _norm_by_stats(x: Tensor, dims: Sequence[int], weight, bias, eps: float, channel: bool = False) -> Tensor:
     """``(x - mean) * rsqrt(var + eps) * weight + bias`` over ``dims`` (biased variance)."""
     dims = tuple(dims)
     d = x - x.mean(dims, keepdim=True)
     var = (d * d).mean(dims, keepdim=True)
-    y = d * torch.rsqrt(var + eps)
+    y = scale(d, torch.rsqrt(var + eps))
     shape = (-1,) + (1,) * (x.ndim - 2) if channel else None
     if weight is not None:
         y = y * (weight.reshape(shape) if channel else weight)
@@ -601,7 +620,7 @@ def _rms_norm(input, normalized_shape, weight=None, eps=None):
     n = len(normalized_shape) if isinstance(normalized_shape, (list, tuple, torch.Size)) else 1
     dims = tuple(range(input.ndim - n, input.ndim))
     eps = torch.finfo(input.dtype).eps if eps is None else eps
-    y = input * torch.rsqrt((input * input).mean(dims, keepdim=True) + eps)
+    y = scale(input, torch.rsqrt((input * input).mean(dims, keepdim=True) + eps))
     return y * weight if weight is not None else y
 
 
@@ -894,6 +913,7 @@ def _tracking_table() -> Dict[Any, Callable[..., Any]]:
     for name in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
         put(_bilinear_or_linear((0, 1), name, _conv_with_weight), _funcs(name))
     # normalisation, attention and other compositions
+    put(_scale_entry, [scale])
     put(_decompose(_layer_norm), [F.layer_norm, torch.layer_norm])
     put(_decompose(_group_norm), [F.group_norm, torch.group_norm])
     put(_decompose(_rms_norm), [getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)])
