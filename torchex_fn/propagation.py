@@ -162,29 +162,15 @@ def _differences(z_x: Tensor, z_0: Tensor, eps: float):
     return dz, small, torch.where(small, 1.0, dz)
 
 
-def _near(z_x: Tensor, z_0: Tensor, dz: Tensor, small: Tensor) -> Tensor:
-    """``small``, or ``|dz|`` below ``eps_machine^(1/3)`` of ``|z_x| + |z_0|``: where the secant loses its digits.
-
-    There ``(g(z_x) - g(z_0)) / dz`` is mostly round-off (an error ``eps_machine |g| / |dz|``), and
-    a multiplier that large amplifies the round-off of everything upstream; the derivative at the
-    midpoint differs from the exact secant by ``O(dz^2)``, below round-off at this threshold.
-    """
-    tol = torch.finfo(dz.dtype).eps ** (1.0 / 3.0)
-    return small | (dz.abs() <= tol * (z_x.abs() + z_0.abs()))
-
-
 class _Elementwise:
     """``y = g(z)`` element by element (the Rescale rule); surrogate ``y_x + m * (z - z_x)``.
 
-    ``m = (g(z_x) - g(z_0)) / (z_x - z_0)``; where ``z_x`` and ``z_0`` (nearly) coincide,
-    ``g'((z_x + z_0) / 2)`` (see :func:`_near`).
+    ``m = (g(z_x) - g(z_0)) / (z_x - z_0)``; where ``|z_x - z_0| < eps``, ``g'((z_x + z_0) / 2)``.
     """
 
     def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
         (z_x,), (z_0,) = x.inputs, base.inputs
-        dz, small, _ = _differences(z_x, z_0, eps)
-        small = _near(z_x, z_0, dz, small)
-        safe = torch.where(small, 1.0, dz)
+        dz, small, safe = _differences(z_x, z_0, eps)
         self.z_x, self.y_x = z_x, x.out
         self.shapes = (z_x.shape,)
         mid = torch.where(small, 0.5 * (z_x + z_0), z_x)
