@@ -753,3 +753,26 @@ def test_softmax_option_errors():
         deeplift(fn, params, torch.randn(2, 6), 0, softmax="exact")
     with pytest.raises(TypeError, match="deeplift_shap: expected softmax, 'conserving' or 'captum'"):
         deeplift_shap(fn, params, torch.randn(2, 6), 0, baselines=torch.zeros(2, 6), softmax=None)
+
+
+def test_attention_vmap_shap_and_gradcheck():
+    torch.manual_seed(0)
+    model = Attention().double().eval()
+    with torch.no_grad():  # (a layer norm at its init makes the RMS norm after it see variance 1 in both
+        model.ln.weight.uniform_(0.5, 1.5)  # passes: a tie where the map is computed from round-off)
+        model.ln.bias.uniform_(-0.3, 0.3)
+    fn, params = tx.functionalize(model)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    baselines = torch.randn(3, 5, 8, dtype=torch.float64)
+    shap = deeplift_shap(fn, params, x, 1, baselines=baselines)
+    loop = torch.stack([deeplift(fn, params, x, 1, baseline=b) for b in baselines]).mean(0)
+    torch.testing.assert_close(shap, loop)
+    xs = torch.randn(2, 2, 5, 8, dtype=torch.float64)
+    batched = torch.func.vmap(lambda xb: deeplift(fn, params, xb, 1, baseline=0.0))(xs)
+    torch.testing.assert_close(batched, torch.stack([deeplift(fn, params, xb, 1, baseline=0.0) for xb in xs]))
+
+    def attribution(w, g):
+        return deeplift(fn, dict(params, **{"out.weight": w, "ln.weight": g}), x, 1, baseline=baselines[0])
+    w = params["out.weight"].clone().requires_grad_()
+    g = params["ln.weight"].clone().requires_grad_()
+    assert torch.autograd.gradcheck(attribution, (w, g), eps=1e-6, atol=1e-6)

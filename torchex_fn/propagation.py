@@ -65,6 +65,7 @@ import warnings
 from typing import Any, List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
@@ -189,15 +190,31 @@ def _differences(z_x: Tensor, z_0: Tensor, eps: float):
     return dz, small, torch.where(small, 1.0, dz)
 
 
+def _near(z_x: Tensor, z_0: Tensor, dz: Tensor, small: Tensor) -> Tensor:
+    """``small``, or ``|dz|`` within ``sqrt(eps_machine)`` of ``|z_x| + |z_0|``: where the secant is round-off.
+
+    There ``(g(z_x) - g(z_0)) / dz`` keeps at most half of its digits (its error is
+    ``eps_machine |g| / |dz|``), and where ``z_x`` and ``z_0`` agree up to round-off (a norm of a
+    normalised vector, whose variance is 1 in both passes) it is noise: a map that jumps with every
+    change of the parameters. The derivative at the midpoint differs from the exact secant by
+    ``O(dz^2)``, below round-off here.
+    """
+    tol = torch.finfo(dz.dtype).eps ** 0.5
+    return small | (dz.abs() <= tol * (z_x.abs() + z_0.abs()))
+
+
 class _Elementwise:
     """``y = g(z)`` element by element (the Rescale rule); surrogate ``y_x + m * (z - z_x)``.
 
-    ``m = (g(z_x) - g(z_0)) / (z_x - z_0)``; where ``|z_x - z_0| < eps``, ``g'((z_x + z_0) / 2)``.
+    ``m = (g(z_x) - g(z_0)) / (z_x - z_0)``; where ``|z_x - z_0| < eps`` or the two agree up to
+    round-off (see :func:`_near`), ``g'((z_x + z_0) / 2)``.
     """
 
     def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
         (z_x,), (z_0,) = x.inputs, base.inputs
-        dz, small, safe = _differences(z_x, z_0, eps)
+        dz, small, _ = _differences(z_x, z_0, eps)
+        small = _near(z_x, z_0, dz, small)
+        safe = torch.where(small, 1.0, dz)
         self.z_x, self.y_x = z_x, x.out
         self.shapes = (z_x.shape,)
         mid = torch.where(small, 0.5 * (z_x + z_0), z_x)
@@ -230,27 +247,29 @@ class _Bilinear:
 
 
 class _Scale:
-    """``y = d * r`` inside a normalisation, ``r = rsqrt(var(d) + eps)``: the change of scale credited at the smaller ``d``.
+    """``y = d * r`` inside a normalisation, ``r = rsqrt(var(d) + eps)``: a product split by the variances.
 
-    Any split ``Δ(d r) = Δd * r_w + d_w' * Δr`` with ``r_w = β r_x + (1 - β) r_0`` and
-    ``d_w' = (1 - β) d_x + β d_0`` is exact for every ``β`` in [0, 1]. ``β = 1/2`` (the product rule)
-    is badly conditioned at the usual baselines: a zero or constant baseline has ``var_0 ≈ 0``, where
-    ``r_0 = eps^-1/2`` is large and the secant of ``rsqrt`` huge, so that two large terms cancel at
-    every normalisation and float32 round-off grows layer after layer (measured on timm's
-    convnext_atto with a zero baseline: a completeness error 7e4 times the output difference in
-    float32, 5e-5 in float64). Here ``β`` is 1 where the baseline's variance is the smaller
-    (``r_0 >= r_x``) and 0 elsewhere: ``Δy = min(r_x, r_0) Δd + d_lo Δr`` with ``d_lo`` the centred
-    vector of the pass with the smaller variance. For a baseline with ``d_0 = 0`` (zero, constant)
-    the scale's path carries nothing and the normalisation passes differences back as the linear map
+    Every split ``Δ(d r) = Δd * r_w + d_w * Δr`` with ``r_w = β r_x + (1 - β) r_0`` and
+    ``d_w = (1 - β) d_x + β d_0`` is exact, for any ``β`` (per element). The even split
+    ``β = 1/2`` (the product rule) is badly conditioned at the usual baselines: a zero or constant
+    baseline has ``var_0 ≈ 0``, where ``r_0 = eps^-1/2`` is large and the secant of ``rsqrt`` huge,
+    so that two large terms cancel at every normalisation and float32 round-off grows layer after
+    layer (measured on timm's convnext_atto at its initialisation with a zero baseline: a
+    completeness error 7e4 times the output difference in float32, 5e-5 in float64). Here
+    ``β = (var_x + eps) / (var_x + var_0 + 2 eps)``: 1/2 (the product rule) when the two variances
+    agree, and the change of scale credited at the centred vector of the pass with the smaller
+    variance as they part (``β -> 1`` as ``var_0 -> 0``), which keeps every multiplier bounded; ``β``
+    is continuous, so the map is a smooth function of the parameters. For a baseline with
+    ``d_0 = 0`` (zero, constant) the normalisation passes differences back as nearly the linear map
     ``Δz -> r_x (Δz - mean Δz)``, the treatment of layer norm as linear of Ali et al., "XAI for
     Transformers: Better Explanations through Conservative Propagation", ICML 2022.
     """
 
     def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
         (d_x, r_x), (d_0, r_0) = x.inputs, base.inputs
-        lower = r_0 >= r_x                                   # the baseline has the smaller variance
-        self.r_w = torch.where(lower, r_x, r_0)
-        self.d_w = torch.where(lower, d_0, d_x)
+        beta = torch.reciprocal(1 + (r_x / r_0) ** 2)        # (var_x + eps) / (var_x + var_0 + 2 eps)
+        self.r_w = beta * r_x + (1 - beta) * r_0
+        self.d_w = (1 - beta) * d_x + beta * d_0
         self.d_x, self.r_x, self.t_x = d_x, r_x, x.out
         self.shapes = (d_x.shape, r_x.shape)
 
@@ -264,14 +283,15 @@ class _Softmax:
 
     With ``e = exp(z - c)``, ``S = sum(e)`` and ``y = e * (1 / S)``: ``exp`` gets the Rescale
     multiplier ``m = (e_x - e_0) / (z_x - z_0)`` (computed as ``exp(mid - c) sinh(dz/2) / (dz/2)``,
-    free of cancellation, for moderate ``dz``; ``exp(z_x - c)`` where ``dz = 0``), the sum is linear, ``1 / S`` gets its secant ``-1 / (S_x S_0)``, and the
-    product the split of :class:`_Scale`: the change of the normaliser ``1 / S`` is credited at the
-    exponentials of the pass with the smaller sum ("lo", per row), the change of ``e`` at the other
-    pass's ``1 / S``. With ``c`` the larger of the two passes' ``logsumexp`` this chain is
-    ``L v = m v - y_lo sum(m v)``, with every coefficient in [0, 1] (``y_lo`` the softmax of the "lo"
-    pass), and ``L (z_x - z_0) = y_x - y_0`` exactly. The even product split would give
-    coefficients that grow like ``exp |logsumexp_x - logsumexp_0|`` and cancel (overflowing float32
-    for attention scores that move by ~90 between the input and the baseline).
+    free of cancellation, for moderate ``dz``; ``exp(z_x - c)`` where ``dz = 0``), the sum is
+    linear, ``1 / S`` gets its secant ``-1 / (S_x S_0)``, and the product ``e * (1 / S)`` the split of
+    :class:`_Scale` with ``β = sigmoid(lse_x - lse_0)`` (``lse`` the log-sum-exp of a row): the even
+    split when the two sums agree, the normaliser's change credited at the exponentials of the pass
+    with the smaller sum as they part. The chain is ``L v = (a_x + a_0) m v - (a_0 y_x + a_x y_0)
+    sum(m v)`` with ``a_x = β / S_x`` and ``a_0 = (1 - β) / S_0`` (each at most 1 with ``c`` the
+    larger ``lse``, computed in log space), and ``L (z_x - z_0) = y_x - y_0`` exactly. The even split
+    alone would give coefficients that grow like ``exp |lse_x - lse_0|`` and cancel (overflowing
+    float32 for attention scores that move by ~90 between the input and the baseline).
     """
 
     def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
@@ -291,14 +311,18 @@ class _Softmax:
         sinhc = torch.where(close & ~small, torch.sinh(h) / h, 1.0)
         near = torch.exp(0.5 * (z_x + z_0) - c) * sinhc
         self.m = torch.where(close, near, (e_x - e_0) / safe)
-        self.y_lo = torch.where(lse_x >= lse_0, base.out, x.out)
+        delta = lse_x - lse_0
+        a_x = torch.exp(F.logsigmoid(delta) + c - lse_x)       # β / S_x
+        a_0 = torch.exp(F.logsigmoid(-delta) + c - lse_0)      # (1 - β) / S_0
+        self.r_w = a_x + a_0
+        self.e_w = a_0 * x.out + a_x * base.out
         self.z_x, self.y_x = z_x, x.out
         self.shapes = (z_x.shape,)
 
     def __call__(self, call: _rewrite.Call) -> Tensor:
         v = torch.where(self.dead, 0.0, call.input - self.z_x)
         mv = self.m * v
-        return self.y_x + mv - self.y_lo * mv.sum(dim=self.dim, keepdim=True)
+        return self.y_x + self.r_w * mv - self.e_w * mv.sum(dim=self.dim, keepdim=True)
 
 
 class _SoftmaxCaptum:
