@@ -1,13 +1,17 @@
 """torchex_fn: functional, stateless attribution methods for PyTorch, built on ``torch.func``."""
-from . import datasets, metrics, postprocess, targets, viz
-from .cam import cam, grad_cam, grad_cam_pp, score_cam
+from . import datasets, generation, metrics, postprocess, targets, text, viz
+from .attention import attention_probabilities, attention_rollout, grad_rollout, legrad
+from .cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad_cam_pp, hires_cam, layer_cam, score_cam,
+                  xgrad_cam)
 from .capture import capture, intermediates, layer_gradients, tap
 from .classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
+from .dataset import Attributions, attribute_dataset, open_attributions
 from .functional import functionalize, params_of
+from .generation import continuation_ablation, continuation_attribution, continuation_logprob
 from .gradient import input_x_gradient, saliency, smooth
 from .metrics import (deletion, energy_pointing_game, infidelity, insertion, pointing_game, randomization_check,
                       sensitivity_max)
-from .path import integrated_gradients
+from .path import gradient_shap, integrated_gradients
 from .perturbation import occlusion, rise
 from .propagation import deeplift, deeplift_shap, guided_backprop
 
@@ -16,12 +20,16 @@ __version__ = "0.1.0"
 __all__ = [
     "functionalize", "params_of",
     "capture", "intermediates", "layer_gradients", "tap",
-    "saliency", "input_x_gradient", "smooth", "integrated_gradients",
-    "cam", "grad_cam", "grad_cam_pp", "score_cam",
+    "saliency", "input_x_gradient", "smooth", "integrated_gradients", "gradient_shap",
+    "cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam", "ablation_cam",
+    "fullgrad",
     "deeplift", "deeplift_shap", "guided_backprop",
     "occlusion", "rise",
+    "attention_rollout", "grad_rollout", "legrad", "attention_probabilities",
+    "attribute_dataset", "open_attributions", "Attributions",
     "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift",
     "deletion", "insertion", "pointing_game", "energy_pointing_game", "randomization_check",
     "infidelity", "sensitivity_max",
-    "datasets", "metrics", "postprocess", "targets", "viz",
+    "datasets", "metrics", "postprocess", "targets", "text", "viz",
+    "generation", "continuation_logprob", "continuation_attribution", "continuation_ablation",
 ]

@@ -69,7 +69,9 @@ def check_input(fn: str, x: Any, *, ndim: Optional[int] = None, min_ndim: int = 
         raise type_error(fn, f"{name}, a floating-point tensor of shape [B, ...]", describe(x))
     if not (x.is_floating_point() or x.is_complex()):
         raise type_error(fn, f"{name} of a floating-point dtype", describe(x),
-                         "Convert integer images first, e.g. `x.float() / 255`.")
+                         "Token ids: attribute the embedding layer's output with `layer=` (e.g. "
+                         "`layer='bert.embeddings'`, a name from `model.named_modules()`); the map then has that "
+                         "layer's shape. Integer images: convert first, e.g. `x.float() / 255`.")
     if ndim is not None and x.ndim != ndim:
         raise value_error(fn, f"{name} of rank {ndim} ([B, C, H, W])" if ndim == 4 else f"{name} of rank {ndim}",
                           describe(x), "A single example is `x[None]`." if x.ndim == ndim - 1 else "")
@@ -120,11 +122,27 @@ def unknown_name(fn: str, what: str, name: str, known: Iterable[str]) -> ValueEr
 
 
 def check_call(fn: str, model_fn: Any, params: Any, x: Any, target: Any, *, min_ndim: int = 2,
-               ndim: Optional[int] = None) -> None:
-    """The checks every method shares: ``model_fn``, ``params``, ``x`` (see :func:`check_input`) and ``target``."""
-    from . import targets  # targets imports this module
+               ndim: Optional[int] = None, layer: Any = None) -> None:
+    """The checks every method shares: ``model_fn``, ``params``, ``x`` and ``target``.
+
+    ``x`` is a floating-point batch (see :func:`check_input`) or a dict of named tensors batch first;
+    with a ``layer`` to attribute, ``x`` may also be an integer tensor (token ids) of rank >= 1, and a
+    dict needs no floating-point entry. Without one, a dict must have exactly one floating-point entry.
+    """
+    from . import _inputs, targets  # both import this module
 
     check_model_fn(fn, model_fn)
     check_params(fn, params)
-    check_input(fn, x, ndim=ndim, min_ndim=min_ndim)
-    targets.check(fn, target, x.shape[0])
+    if isinstance(x, Mapping):
+        _inputs.check_mapping(fn, x)
+        if layer is None:
+            _inputs.attributed_key(fn, x)
+        batch = _inputs.batch_of(x)
+    elif layer is not None and isinstance(x, Tensor) and not (x.is_floating_point() or x.is_complex()):
+        if x.ndim < 1:
+            raise value_error(fn, "x of rank >= 1 with the batch first", describe(x))
+        batch = x.shape[0]
+    else:
+        check_input(fn, x, ndim=ndim, min_ndim=min_ndim)
+        batch = x.shape[0]
+    targets.check(fn, target, batch)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 from torch import Tensor, nn
 
-from . import _checks
+from . import _checks, _inputs
 from . import targets as _targets
 from ._autodiff import grad_of_sum
 
@@ -39,9 +39,11 @@ class _ShapeMismatch(Exception):
 class _Session:
     """What one call asked to capture, and what it found."""
 
-    def __init__(self, names: Sequence[str], perturb: Optional[Mapping[str, Tensor]], fn: str):
+    def __init__(self, names: Sequence[str], perturb: Optional[Mapping[str, Tensor]], fn: str,
+                 replace: Optional[Mapping[str, Tensor]] = None):
         self.names = tuple(dict.fromkeys(names))
         self.perturb = dict(perturb or {})
+        self.replace = dict(replace or {})
         self.acts: Dict[str, Tensor] = {}
         self.fn = fn
 
@@ -56,6 +58,12 @@ class _Session:
             raise _checks.type_error(self.fn, f"layer {name!r} to output a tensor", _checks.describe(value),
                                      "Name a layer whose output is a single tensor.")
         self.acts[name] = value
+        new = self.replace.get(name)
+        if new is not None:
+            if new.shape != value.shape:
+                raise _checks.value_error(self.fn, f"a replacement for layer {name!r} of its output's shape "
+                                          f"{list(value.shape)}", _checks.describe(new))
+            value = new
         delta = self.perturb.get(name)
         if delta is None:
             return value
@@ -92,8 +100,8 @@ def tap(name: str, value: Tensor) -> Tensor:
     return value if session is None else session.visit(name, value)
 
 
-def _run(model_fn, params, x, names: Sequence[str], perturb=None, fn: str = "capture"):
-    session = _Session(names, perturb, fn)
+def _run(model_fn, params, x, names: Sequence[str], perturb=None, fn: str = "capture", replace=None):
+    session = _Session(names, perturb, fn, replace)
     token = _ACTIVE.set(session)
     try:
         out = model_fn(params, x)
@@ -111,7 +119,7 @@ def _check_reached(fn: str, names: Sequence[str], acts: Mapping[str, Tensor]) ->
 
 
 def intermediates(model_fn, *, layers: Sequence[str], perturb: Optional[Mapping[str, Tensor]] = None,
-                  fn: str = "intermediates") -> Callable:
+                  fn: str = "intermediates", replace: Optional[Mapping[str, Tensor]] = None) -> Callable:
     """Wrap ``model_fn`` into ``(params, x) -> (out, {name: activation})`` for one call at a time.
 
     Args:
@@ -119,6 +127,9 @@ def intermediates(model_fn, *, layers: Sequence[str], perturb: Optional[Mapping[
         model or names passed to :func:`tap`.
       layers: The names to capture (already resolved, see :func:`resolve_layers`).
       perturb: Optional ``{name: delta}``; the model continues with ``activation + delta``.
+      replace: Optional ``{name: value}``; the model continues with ``value`` (of the activation's
+        shape) in place of the activation, whose own value is still returned in ``acts`` (the layer
+        attribution of integrated gradients runs the model from interpolated layer outputs).
 
     Raises:
       ValueError: right after the call, if a name was never reached.
@@ -126,7 +137,7 @@ def intermediates(model_fn, *, layers: Sequence[str], perturb: Optional[Mapping[
     names = tuple(layers)
 
     def wrapped(params, x):
-        out, acts = _run(model_fn, params, x, names, perturb, fn)
+        out, acts = _run(model_fn, params, x, names, perturb, fn, replace)
         _check_reached(fn, names, acts)
         return out, acts
 
@@ -205,8 +216,11 @@ def _memo_owner(model_fn):
     return getattr(model_fn, "module", model_fn)
 
 
-def _shapes_key(names, x: Tensor, params) -> tuple:
-    return (tuple(names), tuple(x.shape), x.dtype, x.device)
+def _shapes_key(names, x, params) -> tuple:
+    if isinstance(x, Tensor):
+        return (tuple(names), tuple(x.shape), x.dtype, x.device)
+    return (tuple(names),) + tuple((k, tuple(v.shape), v.dtype, v.device) if isinstance(v, Tensor) else (k, v)
+                                   for k, v in x.items())
 
 
 def _probe_shapes(model_fn, params, x, names, fn) -> Dict[str, Tuple[torch.Size, torch.dtype]]:
@@ -233,7 +247,7 @@ class LayerGradients(NamedTuple):
     """What :func:`layer_gradients` returns; ``acts`` and ``grads`` are ``{name: tensor}``."""
 
     scores: Tensor          # [B] the target scores
-    out: Tensor             # the model's output
+    out: Any                # the model's output (its tensors: a ModelOutput becomes a dict without caches)
     acts: Dict[str, Tensor]
     grads: Dict[str, Tensor]
 
@@ -245,20 +259,26 @@ def layer_gradients(model_fn, params, x: Tensor, target: Any = None, *, layers: 
     Each layer's output ``a`` is replaced by ``a + delta`` with ``delta = 0``; ``torch.func.vjp``
     of the summed target scores w.r.t. ``delta`` is ``d score / d a`` (examples are independent,
     so the gradient of the sum is every example's own gradient). Everything returned is a
-    differentiable function of ``params`` and ``x``.
+    differentiable function of ``params`` and ``x``. ``x`` may be a dict of named inputs; integer
+    and ``None`` targets index the output that ``functionalize(..., output=)`` selects.
 
     Cost: one forward, one backward from the output down to the deepest of ``layers`` only.
     The perturbation's shape comes from a memo (a forward pass without autograd on a miss).
     """
+    return _layer_gradients(model_fn, params, x, target, layers, fn)
+
+
+def _layer_gradients(model_fn, params, x, target, layers, fn, replace=None) -> LayerGradients:
     names = tuple(dict.fromkeys(layers))
     for attempt in range(2):
         shapes = _layer_shapes(model_fn, params, x, names, fn, refresh=attempt > 0)
-        deltas = {name: torch.zeros(shape, dtype=dtype, device=x.device) for name, (shape, dtype) in shapes.items()}
+        device = _inputs.device_of(x)
+        deltas = {name: torch.zeros(shape, dtype=dtype, device=device) for name, (shape, dtype) in shapes.items()}
 
         def score_fn(deltas):
-            out, acts = intermediates(model_fn, layers=names, perturb=deltas, fn=fn)(params, x)
-            scores = _targets.resolve(out, target, fn=fn)
-            return scores.sum(), (scores, out, acts)
+            out, acts = intermediates(model_fn, layers=names, perturb=deltas, fn=fn, replace=replace)(params, x)
+            scores = _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))
+            return scores.sum(), (scores, _inputs.tensors_only(out), acts)
 
         try:
             grads, (scores, out, acts) = grad_of_sum(score_fn, deltas, has_aux=True)

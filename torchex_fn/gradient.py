@@ -1,14 +1,16 @@
 """Input-gradient family: saliency (simple gradient), input x gradient, and ``smooth`` (SmoothGrad)."""
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+import contextlib
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _checks, _inputs
 from ._autodiff import grad_of_sum
 from . import targets as _targets
+from .capture import _layer_gradients, intermediates, resolve_layers
 from ._types import ModelFn, Params, Target
 
 __all__ = ["saliency", "input_x_gradient", "input_gradient", "smooth"]
@@ -16,32 +18,65 @@ __all__ = ["saliency", "input_x_gradient", "input_gradient", "smooth"]
 SMOOTH_KINDS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
-def input_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
+def input_gradient(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *,
                    fn: str = "input_gradient") -> Tensor:
     """``d score_b / d x_b`` for every example, ``[B, *input]``, by one ``torch.func.vjp`` call.
 
     Examples are independent, so the gradient of the summed scores is each example's gradient.
+    For a dict ``x``, the gradient w.r.t. its one floating-point entry.
     """
-    def total(x):
-        return _targets.resolve(model_fn(params, x), target, fn=fn).sum()
-    return grad_of_sum(total, x)
+    return attributed_gradient(fn, model_fn, params, x, target, None)[1]
 
 
-def saliency(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
+def attributed_gradient(fn: str, model_fn: ModelFn, params: Params, x: Any, target: Target, layer: Any):
+    """``(value, d score / d value)`` for what a method attributes, one forward and one backward.
+
+    ``value`` is ``x``, the floating-point entry of a dict ``x``, or (with ``layer``) the layer's
+    output, each a tensor, or ``layer``'s structure of them for several layers.
+    """
+    output = _targets.selector(model_fn)
+    if layer is not None:
+        names, rebuild = resolve_layers(fn, model_fn, layer)
+        result = _layer_gradients(model_fn, params, x, target, names, fn)
+        return rebuild(result.acts), rebuild(result.grads)
+    key = None if isinstance(x, Tensor) else _inputs.attributed_key(fn, x)
+    value = x if key is None else x[key]
+
+    def total(v: Tensor) -> Tensor:
+        return _targets.resolve(model_fn(params, _inputs.replace(x, key, v)), target, fn=fn, output=output).sum()
+    return value, grad_of_sum(total, value)
+
+
+def _map_structure(op: Callable[..., Tensor], *trees: Any) -> Any:
+    """``op`` applied leaf by leaf to tensors or to equal lists / dicts of them."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: op(*(t[k] for t in trees)) for k in first}
+    if isinstance(first, list):
+        return [op(*leaves) for leaves in zip(*trees)]
+    return op(*trees)
+
+
+def saliency(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Any = None,
              abs: bool = False, post_process: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Simple gradient (saliency): ``d out_c / d x``.
 
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, *input]``.
+      x: A batch ``[B, *input]``, or a dict of named inputs batch first (the map is w.r.t. its one
+        floating-point entry, e.g. ``pixel_values``). With ``layer``, ``x`` may be integer token ids.
       target: ``None`` (predicted class), int, ``[B]`` ints, or a callable ``out -> [B]``.
+      layer: Attribute w.r.t. this layer's output instead of the input (a dotted name or module, or a
+        list / dict of them; captum's ``LayerGradient``): the map has the layer output's shape, e.g.
+        ``[B, T, D]`` at an embedding layer. Default: None (the input).
       abs: Return ``|gradient|`` (captum's ``Saliency`` default is ``abs=True``; the seed's
         ``SimpleGradient`` and this function default to the signed gradient). Default: False.
       post_process: A callable applied to the ``[B, *input]`` map last (e.g. a normalisation).
 
     Returns:
-      ``[B, *input]`` gradients (whatever ``post_process`` returns, if given).
+      ``[B, *input]`` gradients (the layer output's shape with ``layer``; whatever ``post_process``
+      returns, if given).
 
     Raises:
       TypeError: non-float ``x``, a bad ``target`` type, a non-callable ``post_process``.
@@ -51,22 +86,23 @@ def saliency(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
       >>> saliency(fn, params, images, labels).shape              # [8, 3, 224, 224] -> [8, 3, 224, 224]
       >>> torch.func.vmap(lambda p: saliency(fn, p, images, labels))(stacked)   # ensemble [E, 8, 3, 224, 224]
 
-    Cost: one forward, one backward to the input (no parameter gradients).
+    Cost: one forward, one backward to the input (to the layer with ``layer``; no parameter gradients).
     References: Simonyan et al., "Deep Inside Convolutional Networks", ICLR workshop 2014.
     """
-    _checks.check_call("saliency", model_fn, params, x, target)
+    _checks.check_call("saliency", model_fn, params, x, target, layer=layer)
     _checks.check_bool("saliency", "abs", abs)
     _checks.check_optional_callable("saliency", "post_process", post_process)
-    grad = input_gradient(model_fn, params, x, target, fn="saliency")
-    grad = grad.abs() if abs else grad
+    _, grad = attributed_gradient("saliency", model_fn, params, x, target, layer)
+    grad = _map_structure(torch.abs, grad) if abs else grad
     return post_process(grad) if post_process is not None else grad
 
 
-def input_x_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
+def input_x_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Any = None,
                      post_process: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Input x gradient: ``x * d out_c / d x``, ``[B, *input]``.
 
-    Same arguments as :func:`saliency` (without ``abs``).
+    Same arguments as :func:`saliency` (without ``abs``). With ``layer``, the layer's activation times
+    the gradient w.r.t. it, in the layer output's shape (captum's ``LayerGradientXActivation``).
 
     Example:
       >>> input_x_gradient(fn, params, images, labels).shape   # [8, 3, 224, 224] -> [8, 3, 224, 224]
@@ -74,10 +110,77 @@ def input_x_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Targe
     Cost: one forward, one backward to the input.
     References: Shrikumar et al., "Not Just a Black Box", 2016.
     """
-    _checks.check_call("input_x_gradient", model_fn, params, x, target)
+    _checks.check_call("input_x_gradient", model_fn, params, x, target, layer=layer)
     _checks.check_optional_callable("input_x_gradient", "post_process", post_process)
-    attr = x * input_gradient(model_fn, params, x, target, fn="input_x_gradient")
+    value, grad = attributed_gradient("input_x_gradient", model_fn, params, x, target, layer)
+    attr = _map_structure(torch.mul, value, grad)
     return post_process(attr) if post_process is not None else attr
+
+
+def _noised_entry(x: Any) -> Tuple[Optional[str], Optional[Tensor]]:
+    """Where :func:`smooth` adds noise: ``(None, x)`` for a float tensor, ``(key, x[key])`` for a dict's
+    one floating-point entry, ``(None, None)`` for token ids (integer ``x`` or a dict without a float
+    entry; the noise then goes to the layer's output). A dict with several float entries is an error."""
+    if isinstance(x, Tensor):
+        return (None, x) if x.is_floating_point() else (None, None)
+    floats = [k for k, v in x.items() if isinstance(v, Tensor) and v.is_floating_point()]
+    if not floats:
+        return None, None
+    key = _inputs.attributed_key("smooth", x)
+    return key, x[key]
+
+
+def _noise_layer(fn: str, model_fn: ModelFn, layer: Any) -> str:
+    """The one layer whose output :func:`smooth` perturbs for integer inputs."""
+    if getattr(model_fn, "module", None) is None:
+        raise _checks.type_error(fn, "a model_fn from functionalize(model) for integer x (token ids)",
+                                 _checks.describe(model_fn),
+                                 "The noise goes to the layer's output through a forward hook on that module.")
+    names, _ = resolve_layers(fn, model_fn, layer)
+    if len(set(names)) != 1:
+        raise _checks.value_error(fn, "one layer for integer x (token ids), where the noise is added", f"{names}",
+                                  "Smooth one layer at a time.")
+    return names[0]
+
+
+class _LayerNoise:
+    """``model_fn`` with ``noise`` ``[n, *layer]`` added to one layer's output during each call.
+
+    A forward hook on that module, registered for the length of one call under the model's lock
+    (before the capture hooks, which therefore see the noisy output). A call of ``r * n`` examples
+    (a method repeating its input ``r`` times block after block, as integrated gradients' path
+    points do) gets the noise repeated ``r`` times; any other batch size is an error.
+    """
+
+    def __init__(self, model_fn: Any, name: str, noise: Tensor):
+        self.model_fn, self.name, self.noise = model_fn, name, noise
+        self.module = model_fn.module
+        self.output = getattr(model_fn, "output", None)
+
+    def layer_names(self):
+        return self.model_fn.layer_names()
+
+    def name_of(self, layer):
+        return self.model_fn.name_of(layer)
+
+    def _hook(self, module: Any, args: Any, out: Any) -> Tensor:
+        n = self.noise.shape[0]
+        if not isinstance(out, Tensor) or out.shape[0] % n or out.shape[1:] != self.noise.shape[1:]:
+            raise _checks.value_error(
+                "smooth", f"layer {self.name!r} to output [r * {n}, {', '.join(map(str, self.noise.shape[1:]))}] "
+                "(the noisy batch, possibly repeated)", _checks.describe(out),
+                "The wrapped method split the batch: leave its batch_size unset and cap memory with smooth's.")
+        reps = out.shape[0] // n
+        noise = self.noise if reps == 1 else self.noise.repeat(reps, *([1] * (self.noise.ndim - 1)))
+        return out + noise.to(out.dtype)
+
+    def __call__(self, params: Params, x: Any) -> Any:
+        with getattr(self.model_fn, "_lock", contextlib.nullcontext()):
+            handle = self.module.get_submodule(self.name).register_forward_hook(self._hook)
+            try:
+                return self.model_fn(params, x)
+            finally:
+                handle.remove()
 
 
 def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0.15, kind: str = "smoothgrad",
@@ -98,6 +201,26 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
     normal tensor ``[*input]`` from ``generator``, shared by all examples (each scaled by its own
     ``sigma_b``): an example's map depends only on the seed, never on ``batch_size`` or on the other
     examples in the batch (the batch gives the same maps as one example at a time).
+
+    Where the noise goes:
+
+    * ``x`` a float tensor: ``x`` itself.
+    * ``x`` a dict of named inputs: its one floating-point entry (``pixel_values`` of a HuggingFace
+      ViT; ``sigma_b`` from that entry's range); every other entry goes with its example into each
+      noisy batch. A dict with several float entries is an error.
+    * ``x`` token ids (an integer tensor, or a dict without a float entry) with ``layer=`` (one layer):
+      the output ``a`` of that layer (``sigma_b`` from the range of ``a`` on the clean input), i.e.
+      SmoothGrad on the embeddings: ``method`` runs on a model whose layer outputs ``a + eps_s``,
+      through a forward hook held for the length of each call. Noise on integer ids has no meaning
+      (rounding it back to ids swaps tokens), and the layer is where the map lives anyway, so this is
+      the one continuous space available; it equals input-space smoothing of the model that starts at
+      that layer. For ``integrated_gradients(layer=...)`` the noise shifts both ends of the path (the
+      layer's output on ``x`` and on the baseline) by the same ``eps_s``. ``method`` must call the model
+      on the whole noisy batch (leave its own ``batch_size`` unset; ``smooth``'s caps memory).
+
+    Structured outputs: ``target=None`` and integer targets index the tensor that
+    ``functionalize(model, output=)`` chooses; a callable target receives the raw output of one
+    sample's ``g`` examples at a time, in ``x``'s order.
 
     Args:
       method: Any method of this package, ``(model_fn, params, x, target=None, **options) -> map``
@@ -122,7 +245,8 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
       per-example tensors (e.g. a baseline ``[B, *input]``) a batch dimension of 1 or none.
       ``target=None`` is resolved to the class predicted for ``x`` (one extra forward), not for each
       noisy copy; a callable target receives the output of ``B`` (or ``batch_size``) noisy examples
-      at a time, in ``x``'s order.
+      of one sample at a time, in ``x``'s order. With ``layer=`` and token ids the map has the
+      layer output's shape.
 
     Raises:
       TypeError: a non-callable ``method``, bad option types (when ``smooth`` is called); the
@@ -136,6 +260,7 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
       >>> smoothgrad(fn, params, images, labels).shape                    # [8, 3, 224, 224]
       >>> smooth(grad_cam, kind="vargrad")(fn, params, images, labels, layer="layer4").shape  # [8, 1, 224, 224]
       >>> torch.func.vmap(lambda p: smoothgrad(fn, p, images, labels), randomness="same")(stacked)
+      >>> smoothgrad(bert_fn, bert_params, tokens, 1, layer="bert.embeddings").shape   # [B, T, hidden]
 
     Cost: ``samples`` calls of ``method`` on ``B`` examples (``ceil(samples / k)`` calls on ``k * B``
       with ``k = batch_size // B``), plus one forward for ``target=None``. Memory: one call of
@@ -161,23 +286,34 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
     _checks.check_generator(fn, generator)
     _checks.check_positive_int(fn, "batch_size", batch_size, allow_none=True)
 
-    def smoothed(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, **options: Any) -> Tensor:
-        _checks.check_call(fn, model_fn, params, x, target)
-        batch = x.shape[0]
+    def smoothed(model_fn: ModelFn, params: Params, x: Any, target: Target = None, **options: Any) -> Tensor:
+        layer = options.get("layer")
+        _checks.check_call(fn, model_fn, params, x, target, layer=layer)
+        output = _targets.selector(model_fn)
+        key, value = _noised_entry(x)
+        batch = _inputs.batch_of(x)
         cap = batch if batch_size is None else batch_size
         per_call = max(1, cap // batch)                                 # samples per call of method
         groups = [(start, min(start + cap, batch)) for start in range(0, batch, cap)]
-        if target is None:  # the class predicted for the clean input
-            out = torch.cat([model_fn(params, x[g0:g1]) for g0, g1 in groups])
-            target = _targets.resolve_index(out, None, fn=fn)
-        elif isinstance(target, Tensor):
-            target = target.to(device=x.device, dtype=torch.long).expand(batch)
-        by_callable = not isinstance(target, Tensor) and callable(target)
+        name = None
+        if value is None:  # token ids: the noise goes to the layer's output (SmoothGrad on embeddings)
+            name = _noise_layer(fn, model_fn, layer)
+            clean = [intermediates(model_fn, layers=[name], fn=fn)(params, _inputs.take(x, g0, g1))
+                     for g0, g1 in groups]
+            value = torch.cat([acts[name] for _, acts in clean])
+            if target is None:  # the class predicted for the clean input
+                target = torch.cat([_targets.resolve_index(out, None, fn=fn, output=output) for out, _ in clean])
+            del clean
+        elif target is None:  # the class predicted for the clean input
+            target = torch.cat([_targets.resolve_index(model_fn(params, _inputs.take(x, g0, g1)), None, fn=fn,
+                                                       output=output) for g0, g1 in groups])
+        if isinstance(target, Tensor):
+            target = target.to(device=value.device, dtype=torch.long).expand(batch)
 
-        ones = (1,) * (x.ndim - 1)
-        sigma = torch.as_tensor(float(stdev), dtype=x.dtype, device=x.device)
+        ones = (1,) * (value.ndim - 1)
+        sigma = torch.as_tensor(float(stdev), dtype=value.dtype, device=value.device)
         if stdev_spread:
-            flat = x.flatten(1)
+            flat = value.flatten(1)
             sigma = sigma * (flat.amax(dim=1) - flat.amin(dim=1)).view(batch, *ones)
 
         first: List[Optional[Tensor]] = [None] * len(groups)       # a shift that makes vargrad exact
@@ -187,19 +323,21 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
             k = min(per_call, samples - start)
             # One draw of [*input] per sample, shared by the examples (each scaled by its own sigma):
             # a map depends neither on batch_size nor on the other examples in the batch.
-            noise = torch.stack([torch.randn(x.shape[1:], generator=generator, dtype=x.dtype, device=x.device)
-                                 for _ in range(k)])                # [k, *input]
-            noisy = x + sigma * noise[:, None]                       # [k, B, *input]
+            noise = torch.stack([torch.randn(value.shape[1:], generator=generator, dtype=value.dtype,
+                                             device=value.device) for _ in range(k)])   # [k, *input]
+            noise = sigma * noise[:, None]                                               # [k, B, *input]
             for gi, (g0, g1) in enumerate(groups):
                 size = g1 - g0
-                if by_callable:
-                    def g_target(out: Tensor, size: int = size) -> Tensor:
-                        return torch.cat([target(piece) for piece in out.split(size)])
-                elif isinstance(target, Tensor):
-                    g_target = target[g0:g1].repeat(k)
+                index = target[g0:g1] if isinstance(target, Tensor) else None
+                g_target = _targets.for_blocks(target, k, size, index)
+                if name is None:
+                    noisy = (value[g0:g1][None] + noise[:, g0:g1]).flatten(0, 1)          # [k * g, *input]
+                    xs = noisy if key is None else _inputs.replace(
+                        _inputs.repeat(_inputs.take(x, g0, g1), k), key, noisy)
+                    maps = method(model_fn, params, xs, g_target, **options)
                 else:
-                    g_target = target
-                maps = method(model_fn, params, noisy[:, g0:g1].flatten(0, 1), g_target, **options)
+                    noisy_fn = _LayerNoise(model_fn, name, noise[:, g0:g1].flatten(0, 1))
+                    maps = method(noisy_fn, params, _inputs.repeat(_inputs.take(x, g0, g1), k), g_target, **options)
                 if not isinstance(maps, Tensor):
                     raise _checks.type_error(fn, "method to return one tensor [B, ...]", _checks.describe(maps),
                                              "Wrap methods that return a list or dict of maps.")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from . import _checks
+from . import _checks, _inputs
 from . import targets as _targets
 from ._types import ModelFn, Params, Target
 
@@ -81,6 +81,29 @@ def _check_generator_device(fn: str, generator: Optional[torch.Generator], x: Te
                                   f"Create it with `torch.Generator(device={str(dev)!r}).manual_seed(seed)`.")
 
 
+def _entry(fn: str, x: Any) -> Tuple[Optional[str], Tensor]:
+    """The entry a forward-only method perturbs: ``x`` itself, or a dict's one floating-point tensor."""
+    if isinstance(x, Tensor):
+        return None, x
+    key = _inputs.attributed_key(fn, x)
+    return key, x[key]
+
+
+def _rows_with(x: Any, key: Optional[str], g0: int, g1: int, k: int, value: Tensor) -> Any:
+    """Examples ``g0:g1`` of ``x`` repeated ``k`` times block after block, with ``value`` ``[k * g, ...]``
+    as the perturbed entry (every other entry of a dict follows the batch)."""
+    if key is None:
+        return value
+    return _inputs.replace(_inputs.repeat(_inputs.take(x, g0, g1), k), key, value)
+
+
+def _group_target(target: Any, batch: int, g0: int, g1: int) -> Any:
+    """``target`` for examples ``g0:g1``: a tensor is expanded to ``[B]`` and sliced; the others pass."""
+    if isinstance(target, Tensor):
+        return target.expand(batch)[g0:g1] if target.ndim == 0 else target[g0:g1]
+    return target
+
+
 def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, num_masks: int = 8000,
          cell_size: int = 7, probability: float = 0.5, batch_size: int = 256,
          generator: Optional[torch.Generator] = None, progress: bool = False,
@@ -117,11 +140,15 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
       x: A batch of images ``[B, C, H, W]``, floating point. The masks multiply it, so masked
-        pixels become 0 (the mean colour for normalised images).
+        pixels become 0 (the mean colour for normalised images). Or a dict of named inputs batch
+        first (e.g. ``{"pixel_values": ...}`` for a HuggingFace ViT): the masks multiply its one
+        floating-point entry, which must be ``[B, C, H, W]``; every other entry (integer or
+        non-tensor) goes with its example into each masked batch.
       target: ``None`` (the class that ``score(model(x))`` ranks first for the unmasked image:
-        one extra forward pass over ``x``), an int, ``[B]`` ints, or a callable ``out -> [n]``
-        applied to the output of each masked forward batch (``n`` rows, one per masked image,
-        images and masks interleaved: it must act row by row).
+        one extra forward pass over ``x``), an int, ``[B]`` ints (these index the tensor that
+        ``functionalize(model, output=)`` chooses from a structured output), or a callable
+        ``out -> [g]`` that receives the model's raw output for the ``g`` images of one chunk
+        under one mask at a time, in ``x``'s order (so it may close over per-example data).
       num_masks: ``N``, the number of masks. Default: 8000 (the paper's).
       cell_size: The grid has ``cell_size x cell_size`` cells (``s`` in the paper; each cell covers
         ``ceil(H / cell_size) x ceil(W / cell_size)`` pixels before the random shift). Default: 7.
@@ -134,7 +161,8 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
         same device and with the same ``batch_size`` and batch. ``None`` draws from the global
         generator of ``x``'s device. Default: None.
       progress: Show a tqdm bar over the masks. Default: False.
-      score: A transform of the model output before ``target`` picks a value (e.g.
+      score: A transform of the model output (of the tensor ``output=`` chooses, for index
+        targets; of the raw output for a callable target) before ``target`` picks a value (e.g.
         ``torch.sigmoid`` for multi-label models, ``lambda out: out`` for logits). ``None`` (the
         paper): ``softmax(out, dim=1)`` for None / int / tensor targets, and the raw output for a
         callable target, which then is the whole score (e.g. ``tx.targets.prob(3)``). Default: None.
@@ -171,35 +199,45 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     """
     fn = "rise"
     _checks.check_call(fn, model_fn, params, x, target, ndim=4)
-    if x.is_complex():
-        raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(x))
+    key, value = _entry(fn, x)
+    if key is not None:
+        _checks.check_input(fn, value, ndim=4, name=f"x[{key!r}]")
+    if value.is_complex():
+        raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(value))
     _checks.check_positive_int(fn, "num_masks", num_masks)
     _checks.check_positive_int(fn, "cell_size", cell_size)
     _checks.check_positive_int(fn, "batch_size", batch_size)
     _checks.check_probability(fn, "probability", probability)
     _checks.check_generator(fn, generator)
-    _check_generator_device(fn, generator, x)
+    _check_generator_device(fn, generator, value)
     _checks.check_bool(fn, "progress", progress)
     _checks.check_optional_callable(fn, "score", score)
     if normalization not in _NORMALIZATIONS:
         raise _checks.value_error(fn, f"normalization in {_NORMALIZATIONS}", _checks.describe(normalization))
 
-    batch, _, height, width = x.shape
-    by_index = not (callable(target) and not isinstance(target, Tensor))
-    transform = score if score is not None else (
-        (lambda out: torch.softmax(out, dim=1)) if by_index else (lambda out: out))
+    batch, _, height, width = value.shape
+    output = _targets.selector(model_fn)
+    by_index = not _targets.is_callable(target)
+    if by_index:  # score the tensor that functionalize's output= chooses (softmax by default)
+        transform = score if score is not None else (lambda out: torch.softmax(out, dim=1))
+
+        def scored(out: Any) -> Tensor:
+            return transform(_targets.select_output(out, output, fn=fn))
+    else:  # a callable target is the whole score, on the raw output (after ``score``, if given)
+        def scored(out: Any) -> Any:
+            return score(out) if score is not None else out
     # Masks per forward, and groups of images: each forward holds at most max(batch_size, 1) images.
     per_forward = max(1, batch_size // batch)
     groups = [(start, min(start + batch_size, batch)) for start in range(0, batch, batch_size)]
 
     index: Optional[Tensor] = None
-    if target is None:  # the predicted class of the unmasked images
-        out = torch.cat([model_fn(params, x[g0:g1]) for g0, g1 in groups])
-        index = _targets.resolve_index(transform(out), None, fn=fn)
+    if target is None:  # the predicted class of the unmasked images, chunk by chunk
+        index = torch.cat([_targets.resolve_index(scored(model_fn(params, _inputs.take(x, g0, g1))), None, fn=fn)
+                           for g0, g1 in groups])
 
-    acc_dtype = torch.promote_types(x.dtype, torch.float32)
-    rows = _interpolation_matrix(cell_size, (cell_size + 1) * math.ceil(height / cell_size), acc_dtype, x.device)
-    cols = _interpolation_matrix(cell_size, (cell_size + 1) * math.ceil(width / cell_size), acc_dtype, x.device)
+    acc_dtype = torch.promote_types(value.dtype, torch.float32)
+    rows = _interpolation_matrix(cell_size, (cell_size + 1) * math.ceil(height / cell_size), acc_dtype, value.device)
+    cols = _interpolation_matrix(cell_size, (cell_size + 1) * math.ceil(width / cell_size), acc_dtype, value.device)
 
     def draw(count: int) -> Tensor:
         return _draw_masks(count, cell_size, probability, (height, width), rows, cols, generator)
@@ -210,17 +248,18 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
         for masks in _mask_pieces(num_masks, per_forward, draw):            # [m, H, W]
             m = masks.shape[0]
             for gi, (g0, g1) in enumerate(groups):
-                masked = (x[g0:g1, None] * masks[None, :, None].to(x.dtype)).flatten(0, 1)  # [g * m, C, H, W]
-                scored = transform(model_fn(params, masked))
+                size = g1 - g0
+                # mask after mask, each over all images of the group: [m * g, C, H, W]
+                masked = (value[g0:g1][None] * masks[:, None, None].to(value.dtype)).flatten(0, 1)
+                out = scored(model_fn(params, _rows_with(x, key, g0, g1, m, masked)))
                 if not by_index:
-                    scores = _targets.resolve(scored, target, fn=fn)
+                    scores = _targets.resolve(out, _targets.for_blocks(target, m, size), fn=fn)
                 else:
                     if index is None:  # an int / tensor target, checked against the first output
-                        probe = scored[:1].expand(batch, *scored.shape[1:]) if scored.ndim == 2 else scored
+                        probe = out[:1].expand(batch, *out.shape[1:]) if out.ndim == 2 else out
                         index = _targets.resolve_index(probe, target, fn=fn)
-                    pairs = index[g0:g1, None].expand(g1 - g0, m).reshape(-1)
-                    scores = scored.gather(1, pairs[:, None]).squeeze(1)
-                contribution = torch.einsum("gm,mhw->ghw", scores.reshape(g1 - g0, m).to(acc_dtype), masks)
+                    scores = out.gather(1, index[g0:g1].repeat(m)[:, None]).squeeze(1)
+                contribution = torch.einsum("mg,mhw->ghw", scores.reshape(m, size).to(acc_dtype), masks)
                 sums[gi] = contribution if sums[gi] is None else sums[gi] + contribution
             if normalization == "per_pixel":
                 piece_sum = masks.sum(dim=0)
@@ -232,7 +271,7 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
         maps = total / (num_masks * probability)
     else:
         maps = total / mask_sum.clamp_min(torch.finfo(acc_dtype).tiny)
-    return maps.unsqueeze(1).to(x.dtype)
+    return maps.unsqueeze(1).to(value.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,10 +339,15 @@ def occlusion(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, *input]``, floating point.
+      x: A batch ``[B, *input]``, floating point, or a dict of named inputs batch first (e.g.
+        ``{"pixel_values": ..., "attention_mask": ...}``): the windows slide over its one
+        floating-point entry (the one float tensor of the dict; a dict with none or several is an
+        error), and every other entry goes with its example into each occluded batch.
       target: ``None`` (the class the model ranks first for the unoccluded input), an int, ``[B]``
-        ints, or a callable ``out -> [n]`` applied to each forward batch (``n`` rows, one per
-        occluded example, windows and examples interleaved: it must act row by row).
+        ints (these index the tensor that ``functionalize(model, output=)`` chooses from a
+        structured output such as a HuggingFace ``ModelOutput``), or a callable ``out -> [g]``
+        that receives the model's raw output for the ``g`` examples of one chunk under one window
+        position at a time, in ``x``'s order (so it may close over per-example data).
       window: The window's shape, a tuple with one size per dimension of an example, or an int
         ``k``: ``(C, k, k, ...)`` for examples of rank >= 2 (all channels, ``k`` along the others),
         ``(k,)`` for rank 1. Default: 8 (``(3, 8, 8)`` for RGB images).
@@ -319,7 +363,8 @@ def occlusion(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
         (results agree up to float rounding). Default: 64.
 
     Returns:
-      ``[B, *input]`` attributions on ``x``'s device and dtype.
+      ``[B, *input]`` attributions on ``x``'s device and dtype (of the floating-point entry's shape
+      for a dict ``x``).
 
     Raises:
       ValueError: ``occlusion: expected window no larger than an example [3, 8, 8], got ...``;
@@ -344,12 +389,13 @@ def occlusion(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     """
     fn = "occlusion"
     _checks.check_call(fn, model_fn, params, x, target)
-    if x.is_complex():
-        raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(x))
+    key, value = _entry(fn, x)
+    if value.is_complex():
+        raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(value))
     from .propagation import _check_baseline  # the baseline rules that deeplift uses
-    base = _check_baseline(fn, baseline, x)
+    base = _check_baseline(fn, baseline, value)
     _checks.check_positive_int(fn, "batch_size", batch_size)
-    shape = tuple(x.shape[1:])
+    shape = tuple(value.shape[1:])
     win = _as_window(fn, "window", window, shape, whole_first=True)
     steps = win if stride is None else _as_window(fn, "stride", stride, shape, whole_first=False)
     if any(w > s for w, s in zip(win, shape)):
@@ -359,18 +405,20 @@ def occlusion(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
         raise _checks.value_error(fn, f"stride at most the window {list(win)} where it is shorter than the input",
                                   f"{list(steps)}", "Larger steps would leave elements that no window covers.")
 
-    batch = x.shape[0]
+    batch = value.shape[0]
+    device = value.device
+    output = _targets.selector(model_fn)
     counts = [len(_starts(s, w, st)) for s, w, st in zip(shape, win, steps)]
     positions = math.prod(counts)
-    by_index = not (callable(target) and not isinstance(target, Tensor))
+    by_index = not _targets.is_callable(target)
     per_forward = max(1, batch_size // batch)
     groups = [(start, min(start + batch_size, batch)) for start in range(0, batch, batch_size)]
-    acc_dtype = torch.promote_types(x.dtype, torch.float32)
-    covers = [_cover(s, w, st, acc_dtype, x.device) for s, w, st in zip(shape, win, steps)]  # [K_d, size_d]
+    acc_dtype = torch.promote_types(value.dtype, torch.float32)
+    covers = [_cover(s, w, st, acc_dtype, device) for s, w, st in zip(shape, win, steps)]  # [K_d, size_d]
 
     def masks_of(first: int, last: int) -> Tensor:
         """Masks ``[last - first, *input]`` of the windows numbered ``first .. last - 1`` (row-major)."""
-        index = torch.arange(first, last, device=x.device)
+        index = torch.arange(first, last, device=device)
         mask = None
         for d in range(len(shape)):
             stride_d = math.prod(counts[d + 1:])
@@ -379,29 +427,36 @@ def occlusion(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
             mask = rows if mask is None else mask * rows
         return mask.expand(last - first, *shape)
 
-    full = torch.cat([model_fn(params, x[g0:g1]) for g0, g1 in groups])
-    if by_index:
-        index = _targets.resolve_index(full, target, fn=fn)
-        reference = full.gather(1, index[:, None]).squeeze(1)
-    else:
-        reference = _targets.resolve(full, target, fn=fn)
+    # Scores of the unoccluded examples, chunk by chunk (any output structure; see targets.resolve).
+    indices: List[Tensor] = []
+    references: List[Tensor] = []
+    for g0, g1 in groups:
+        out = model_fn(params, _inputs.take(x, g0, g1))
+        if by_index:
+            chosen = _targets.select_output(out, output, fn=fn)
+            g_index = _targets.resolve_index(chosen, _group_target(target, batch, g0, g1), fn=fn)
+            indices.append(g_index)
+            references.append(chosen.gather(1, g_index[:, None]).squeeze(1))
+        else:
+            references.append(_targets.resolve(out, target, fn=fn))
 
     drops: List[List[Tensor]] = [[] for _ in groups]
     for first in range(0, positions, per_forward):
         last = min(first + per_forward, positions)
         m = last - first
-        mask = masks_of(first, last).to(x.dtype)[None]                                # [1, m, *input]
+        mask = masks_of(first, last).to(value.dtype)[:, None]                        # [m, 1, *input]
         for gi, (g0, g1) in enumerate(groups):
-            xs = x[g0:g1, None]
-            bs = base.expand(x.shape)[g0:g1, None] if base.ndim == x.ndim else base
-            occluded = (xs * (1 - mask) + bs * mask).flatten(0, 1)                      # [g * m, *input]
-            out = model_fn(params, occluded)
+            size = g1 - g0
+            vs = value[g0:g1][None]
+            bs = base.expand(value.shape)[g0:g1][None] if base.ndim == value.ndim else base
+            occluded = (vs * (1 - mask) + bs * mask).flatten(0, 1)                      # [m * g, *input]
+            out = model_fn(params, _rows_with(x, key, g0, g1, m, occluded))
             if by_index:
-                pairs = index[g0:g1, None].expand(g1 - g0, m).reshape(-1)
-                scores = out.gather(1, pairs[:, None]).squeeze(1)
+                chosen = _targets.select_output(out, output, fn=fn)
+                scores = chosen.gather(1, indices[gi].repeat(m)[:, None]).squeeze(1)
             else:
-                scores = _targets.resolve(out, target, fn=fn)
-            drops[gi].append(reference[g0:g1, None] - scores.reshape(g1 - g0, m))
+                scores = _targets.resolve(out, _targets.for_blocks(target, m, size), fn=fn)
+            drops[gi].append(references[gi][:, None] - scores.reshape(m, size).T)
     diff = torch.cat([torch.cat(d, dim=1) for d in drops]).to(acc_dtype)              # [B, P]
     total = diff.reshape(batch, *counts)
     weight = None
@@ -409,4 +464,4 @@ def occlusion(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
         total = torch.tensordot(total, cover, dims=([1], [0]))  # the window axis moves to the end
         per_dim = cover.sum(0).reshape(*([1] * d), shape[d], *([1] * (len(shape) - d - 1)))
         weight = per_dim if weight is None else weight * per_dim
-    return (total / weight).to(x.dtype)
+    return (total / weight).to(value.dtype)

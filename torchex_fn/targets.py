@@ -7,12 +7,17 @@ A target picks one scalar per example from the model's output:
 * an integer tensor of shape ``[B]`` (or a 0-d one): one class per example;
 * a callable ``out -> [B]``: any score (segmentation, detection, margins, ...).
 
-Integer targets need an output of shape ``[B, classes]``; use a callable for anything else.
+Integer targets need an output of shape ``[B, classes]``; use a callable for anything else. When the
+model returns more than a tensor (a HuggingFace ``ModelOutput``, a dict, a tuple), integer and
+``None`` targets index the tensor chosen by ``functionalize(model, output=...)``; by default that is
+the output itself when it is a tensor, and its ``logits`` entry when it is a mapping that has one. A
+callable target always receives the raw output.
 Ranges are checked as soon as the output exists, before any backward pass, without ``.item()``
 (under ``vmap`` values are not available and the gather kernel reports bad indices instead).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch
@@ -20,7 +25,47 @@ from torch import Tensor
 
 from . import _checks
 
-__all__ = ["resolve", "resolve_index", "check", "log_prob", "prob", "logit"]
+__all__ = ["resolve", "resolve_index", "check", "log_prob", "prob", "logit", "select_output", "selector"]
+
+
+def select_output(out: Any, output: Any = None, *, fn: str = "resolve") -> Tensor:
+    """The tensor of a model's output that integer and ``None`` targets index.
+
+    ``output``: ``None`` (the output itself if it is a tensor, else its ``"logits"`` entry), a key or
+    attribute name (``"logits"``), an index into a tuple, or a callable ``out -> tensor``.
+    """
+    if output is None:
+        if isinstance(out, Tensor):
+            return out
+        if isinstance(out, Mapping) and "logits" in out:
+            return out["logits"]
+        raise _checks.value_error(
+            fn, "model output of shape [B, classes] (a tensor) for an integer or None target", _checks.describe(out),
+            "Choose the tensor with `functionalize(model, output='logits')` (a key, attribute, tuple index or "
+            "callable), or pass a callable target `out -> [B]`.")
+    if callable(output):
+        chosen = output(out)
+    elif isinstance(output, str):
+        if isinstance(out, Mapping) and output in out:
+            chosen = out[output]
+        elif hasattr(out, output):
+            chosen = getattr(out, output)
+        else:
+            keys = list(out.keys()) if isinstance(out, Mapping) else [k for k in dir(out) if not k.startswith("_")]
+            raise _checks.unknown_name(fn, "model output entry (functionalize's output=)", output, keys)
+    else:  # an int: a tuple index
+        if not isinstance(out, (tuple, list)) or not -len(out) <= output < len(out):
+            raise _checks.value_error(fn, f"a tuple model output with an element {output} (functionalize's output=)",
+                                      _checks.describe(out))
+        chosen = out[output]
+    if not isinstance(chosen, Tensor):
+        raise _checks.type_error(fn, "functionalize's output= to choose a tensor", _checks.describe(chosen))
+    return chosen
+
+
+def selector(model_fn: Any) -> Any:
+    """The ``output=`` choice a ``model_fn`` from :func:`torchex_fn.functionalize` carries (else ``None``)."""
+    return getattr(model_fn, "output", None)
 
 
 def check(fn: str, target: Any, batch: Optional[int] = None) -> None:
@@ -42,11 +87,15 @@ def check(fn: str, target: Any, batch: Optional[int] = None) -> None:
                                   _checks.describe(target))
 
 
-def resolve_index(out: Tensor, target: Any, *, fn: str = "resolve") -> Tensor:
-    """The class index per example, ``[B]`` (int64), for ``None`` / int / tensor targets."""
+def resolve_index(out: Any, target: Any, *, fn: str = "resolve", output: Any = None) -> Tensor:
+    """The class index per example, ``[B]`` (int64), for ``None`` / int / tensor targets.
+
+    ``output`` is ``functionalize``'s ``output=`` choice (see :func:`select_output`).
+    """
     if callable(target) and not isinstance(target, Tensor):
         raise _checks.type_error(fn, "target: None, an int or an integer tensor (a class index is needed)",
                                  "a callable")
+    out = select_output(out, output, fn=fn)
     if not isinstance(out, Tensor) or out.ndim != 2:
         raise _checks.value_error(fn, "model output of shape [B, classes] for an integer or None target",
                                   _checks.describe(out), "Pass a callable target `out -> [B]`.")
@@ -65,8 +114,11 @@ def resolve_index(out: Tensor, target: Any, *, fn: str = "resolve") -> Tensor:
     return index
 
 
-def resolve(out: Tensor, target: Any, *, fn: str = "resolve") -> Tensor:
-    """Scores ``[B]`` picked from ``out`` by ``target`` (see the module docstring)."""
+def resolve(out: Any, target: Any, *, fn: str = "resolve", output: Any = None) -> Tensor:
+    """Scores ``[B]`` picked from ``out`` by ``target`` (see the module docstring).
+
+    ``output`` is ``functionalize``'s ``output=`` choice for integer and ``None`` targets.
+    """
     if callable(target) and not isinstance(target, Tensor):
         scores = target(out)
         expected = list(out.shape[:1]) if isinstance(out, Tensor) else None
@@ -74,8 +126,34 @@ def resolve(out: Tensor, target: Any, *, fn: str = "resolve") -> Tensor:
             raise _checks.value_error(fn, f"the target callable to return scores of shape [B] = {expected or '[B]'}",
                                       _checks.describe(scores))
         return scores
-    index = resolve_index(out, target, fn=fn)
-    return out.gather(1, index[:, None]).squeeze(1)
+    chosen = select_output(out, output, fn=fn)
+    index = resolve_index(chosen, target, fn=fn)
+    return chosen.gather(1, index[:, None]).squeeze(1)
+
+
+def is_callable(target: Any) -> bool:
+    """Whether ``target`` is a callable target (not an index)."""
+    return callable(target) and not isinstance(target, Tensor)
+
+
+def for_blocks(target: Any, k: int, size: int, index: Optional[Tensor] = None) -> Any:
+    """A target for an output of ``k`` blocks of the same ``size`` examples, block after block.
+
+    ``index`` ``[size]`` (the resolved classes) is repeated ``k`` times; a callable receives one block's
+    output at a time (so it sees the examples it was written for, e.g. per-example labels it closes
+    over), whatever the output's structure; an ``int`` target is returned as it is.
+    """
+    if index is not None:
+        return index.repeat(k)
+    if is_callable(target):
+        if k == 1:
+            return target
+        from ._inputs import split_output
+
+        def blocks(out: Any) -> Tensor:
+            return torch.cat([target(piece) for piece in split_output(out, size)])
+        return blocks
+    return target
 
 
 def logit(target: Any = None) -> Callable[[Tensor], Tensor]:
