@@ -137,17 +137,30 @@ def test_equals_captum(act, kind):
 
 
 def test_softmax_equals_captum_per_example():
-    # captum centres softmax multipliers over the whole batch; we centre per example (= captum at B=1)
+    # softmax="captum" reproduces captum's (non-conserving) rule; captum centres its multipliers over
+    # the whole batch, we centre per example (= captum at B=1)
     model = SoftmaxNet().eval()
     fn, params = tx.functionalize(model)
     x, baseline = torch.randn(3, 6), 0.5 * torch.randn(3, 6)
     target = torch.tensor([0, 3, 1])
-    ours = deeplift(fn, params, x, target, baseline=baseline)
+    ours = deeplift(fn, params, x, target, baseline=baseline, softmax="captum")
     for i in range(3):
         theirs = captum_deeplift(model, x[i:i + 1], baseline[i:i + 1], target[i:i + 1])
         torch.testing.assert_close(ours[i:i + 1], theirs, rtol=1e-5, atol=1e-7)
-    loop = torch.cat([deeplift(fn, params, x[i:i + 1], target[i:i + 1], baseline=baseline[i:i + 1]) for i in range(3)])
+    loop = torch.cat([deeplift(fn, params, x[i:i + 1], target[i:i + 1], baseline=baseline[i:i + 1], softmax="captum")
+                      for i in range(3)])
     torch.testing.assert_close(ours, loop)
+
+
+def test_softmax_conserves_by_default_and_captums_rule_does_not():
+    model = SoftmaxNet().double().eval()
+    fn, params = tx.functionalize(model)
+    x, baseline = torch.randn(3, 6, dtype=torch.float64), 0.5 * torch.randn(3, 6, dtype=torch.float64)
+    target = torch.tensor([0, 3, 1])
+    assert_complete(model, deeplift(fn, params, x, target, baseline=baseline), x, baseline, target, atol=1e-12)
+    with pytest.raises(AssertionError):
+        assert_complete(model, deeplift(fn, params, x, target, baseline=baseline, softmax="captum"), x, baseline,
+                        target, atol=1e-4)
 
 
 def _fixed_linear(weight):
@@ -169,7 +182,7 @@ def test_equal_differences_in_pool_and_softmax_follow_captum(head):
         model = nn.Sequential(_fixed_linear([[1.0, -1.0], [1.0, 1.0]]), nn.Softmax(dim=1)).eval()
     fn, params = tx.functionalize(model)
     x, baseline, target = torch.tensor([[2.0, 2.0]]), torch.zeros(1, 2), torch.tensor([1])
-    ours = deeplift(fn, params, x, target, baseline=baseline)
+    ours = deeplift(fn, params, x, target, baseline=baseline, softmax="captum")
     torch.testing.assert_close(ours, captum_deeplift(model, x, baseline, target), rtol=1e-5, atol=1e-7)
     if head == "maxpool":
         w = model[4].weight[1, 0].item()
@@ -581,3 +594,185 @@ def test_shap_errors():
         deeplift_shap(fn, params, x, 0, baselines=0.0)
     with pytest.raises(TypeError, match="deeplift_shap: expected batch_size, a positive int"):
         deeplift_shap(fn, params, x, 0, baselines=torch.zeros(2, 3, 8, 8), batch_size=1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# (i) products, normalisations, attention and the operations without a rule.
+
+def _delta(model_fn, params, x, baseline, target):
+    with torch.no_grad():
+        out = model_fn(params, x)[:, target] - model_fn(params, torch.broadcast_to(baseline, x.shape))[:, target]
+    return out
+
+
+def test_groupnorm_repro_is_complete():
+    # the issue's three-layer repro (a factor of 29 off when GroupNorm passed as linear)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(1, 8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 5)).double().eval()
+    fn, params = tx.functionalize(model)
+    x, baseline = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.zeros(1, 3, 8, 8, dtype=torch.float64)
+    target = torch.tensor([1, 2])
+    assert_complete(model, deeplift(fn, params, x, target, baseline=baseline), x, baseline, target, atol=1e-12)
+
+
+def test_product_rule_by_hand():
+    # f(x) = (x1 + x2) * (x1 - x2): a = x1 + x2, b = x1 - x2 both depend on x. The product rule gives a
+    # the multiplier mean(b) and b the multiplier mean(a): with x = [3, 1] and the baseline [1, 0],
+    # a: 4 vs 1, b: 2 vs 1, so dF/dx1 = 1.5 + 2.5 = 4, dF/dx2 = 1.5 - 2.5 = -1 and the map is
+    # [4 * 2, -1 * 1] = [8, -1], summing to f(x) - f(b) = 8 - 1 = 7.
+    def model_fn(params, x):
+        a = x[:, :1] + x[:, 1:]
+        b = x[:, :1] - x[:, 1:]
+        return a * b
+    x = torch.tensor([[3.0, 1.0]], dtype=torch.float64)
+    attr = deeplift(model_fn, {}, x, 0, baseline=torch.tensor([1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(attr, torch.tensor([[8.0, -1.0]], dtype=torch.float64))
+
+
+def test_a_parameter_times_the_input_stays_linear():
+    # w * x with w a parameter is linear: no rule is applied and the map is (x - b) * w exactly
+    calls = []
+
+    def model_fn(params, x):
+        return (params["w"] * x).sum(1, keepdim=True) + params["w"].sum()
+    params = {"w": torch.tensor([2.0, -3.0], dtype=torch.float64)}
+    x = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    torch.testing.assert_close(deeplift(model_fn, params, x, 0, baseline=0.5),
+                               (x - 0.5) * params["w"])
+    _, count = _rewrite.run(model_fn, lambda c: calls.append(c) or c.apply(*c.inputs), params, x, tainted=[x])
+    assert count == 0 and not calls
+
+
+class ManyOps(nn.Module):
+    """Elementwise functions, divisions, powers, extrema, a hand-written norm, matmul of two activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        a, b = self.fc1(x), self.fc2(x)
+        h = a * torch.sigmoid(b) + torch.exp(-a.abs()) / (1 + b.pow(2)) + torch.maximum(a, b) - a.clamp(-0.5, 0.5)
+        h = h + torch.log1p(b * b).sqrt() + F.hardswish(a) * F.mish(b) + torch.erf(a) + 1 / (2 + torch.tanh(b))
+        u = h - h.mean(-1, keepdim=True)                           # a LayerNorm written by hand
+        h = u / torch.sqrt(u.pow(2).mean(-1, keepdim=True) + 1e-5)
+        gram = torch.einsum("bi,bj->bij", h, a).softmax(-1) @ b.unsqueeze(-1)
+        return self.fc3(F.gelu(gram.squeeze(-1), approximate="tanh") + torch.rsqrt(1 + h * h) + (2.0 ** a) * 0.1)
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention with a padding mask, SDPA with a causal mask, a layer norm and RMS norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.ln, self.rms, self.out = nn.LayerNorm(8), nn.RMSNorm(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        pad = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+        pad[:, -1] = True
+        h, _ = self.mha(x, x, x, key_padding_mask=pad)
+        h = self.ln(h + x)
+        q = self.rms(h).unflatten(-1, (2, 4)).transpose(1, 2)
+        h = h + F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).flatten(2)
+        return self.out(h.mean(1))
+
+
+@pytest.mark.parametrize("model_cls, shape", [(ManyOps, (3, 6)), (Attention, (3, 5, 8))])
+@pytest.mark.parametrize("baseline", ["zero", "random"])
+def test_completeness_float64_many_ops(model_cls, shape, baseline):
+    torch.manual_seed(0)
+    model = model_cls().double().eval()
+    fn, params = tx.functionalize(model)
+    x = torch.randn(shape, dtype=torch.float64)
+    base = torch.zeros(shape[1:], dtype=torch.float64) if baseline == "zero" else torch.randn(shape, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    attr = deeplift(fn, params, x, target, baseline=base)
+    assert_complete(model, attr, x, base, target, atol=1e-10)
+    tracked = deeplift(fn, params, x.clone().requires_grad_(), target, baseline=base)  # the general path
+    torch.testing.assert_close(tracked.detach(), attr)
+
+
+def test_batch_norm_with_batch_statistics_is_complete():
+    # (nn.BatchNorm in training mode also increments a buffer in place, which torch.func.grad refuses
+    # for any method; the functional form with batch statistics is what a functional model writes)
+    torch.manual_seed(0)
+    params = {"w1": torch.randn(6, 4, dtype=torch.float64), "g": torch.rand(6, dtype=torch.float64) + 0.5,
+              "b": torch.randn(6, dtype=torch.float64), "w2": torch.randn(2, 6, dtype=torch.float64)}
+
+    def model_fn(p, x):
+        h = F.batch_norm(x @ p["w1"].T, None, None, p["g"], p["b"], training=True)
+        return torch.tanh(h) @ p["w2"].T
+    x, baseline = torch.randn(5, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    attr = deeplift(model_fn, params, x, 1, baseline=baseline)
+    # batch statistics couple the examples (each one moves the others' scores), so completeness holds
+    # for the batch: the map sums to the total difference from a batch of baselines
+    torch.testing.assert_close(attr.sum(), _delta(model_fn, params, x, baseline, 1).sum(), rtol=0, atol=1e-10)
+
+
+def test_unknown_operation_raises_instead_of_passing_as_linear():
+    def model_fn(params, x):
+        return torch.cumprod(torch.tanh(x), dim=1)
+    with pytest.raises(NotImplementedError, match=r"deeplift: expected operations with a DeepLIFT rule on "
+                                                  r"input-dependent tensors, got 'cumprod'"):
+        deeplift(model_fn, {}, torch.randn(2, 3), 0)
+    assert not _mode_active()
+
+    def fine(params, x):  # the same operation on a tensor that does not depend on x is fine
+        return torch.tanh(x) * torch.cumprod(params["w"], dim=0)
+    attr = deeplift(fine, {"w": torch.tensor([1.0, 2.0, 3.0])}, torch.randn(2, 3), 0)
+    assert attr.shape == (2, 3)
+
+
+def test_dropout_in_training_mode_raises():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)).train()
+    fn, params = tx.functionalize(model)
+    with pytest.raises(NotImplementedError, match="dropout in training mode"):
+        deeplift(fn, params, torch.randn(2, 4), 0)
+
+
+def test_inplace_write_of_an_input_dependent_value_taints_its_target():
+    # (torch.func.grad refuses writes into tensors created inside the function, so this checks the
+    # tracking itself: the product of the written buffer with itself is handed over as a product)
+    def model_fn(params, x):
+        buf = torch.zeros(x.shape[0], 2, dtype=x.dtype)
+        buf[:, 0] = torch.tanh(x[:, 0])            # __setitem__: buf now depends on x
+        buf += params["w"]                           # an in-place linear op keeps it so
+        return buf * buf
+    calls = []
+    x = torch.randn(3, 2)
+    _rewrite.run(model_fn, lambda c: calls.append((c.kind, c.name)) or c.apply(*c.inputs), {"w": torch.ones(2)}, x,
+                 tainted=[x])
+    assert calls == [("elementwise", "tanh"), ("bilinear", "mul")]
+
+
+def test_softmax_option_errors():
+    fn, params = tx.functionalize(SoftmaxNet().eval())
+    with pytest.raises(ValueError, match="deeplift: expected softmax 'conserving' or 'captum', got str 'exact'"):
+        deeplift(fn, params, torch.randn(2, 6), 0, softmax="exact")
+    with pytest.raises(TypeError, match="deeplift_shap: expected softmax, 'conserving' or 'captum'"):
+        deeplift_shap(fn, params, torch.randn(2, 6), 0, baselines=torch.zeros(2, 6), softmax=None)
+
+
+def test_attention_vmap_shap_and_gradcheck():
+    torch.manual_seed(0)
+    model = Attention().double().eval()
+    with torch.no_grad():  # (a layer norm at its init makes the RMS norm after it see variance 1 in both
+        model.ln.weight.uniform_(0.5, 1.5)  # passes: a tie where the map is computed from round-off)
+        model.ln.bias.uniform_(-0.3, 0.3)
+    fn, params = tx.functionalize(model)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    baselines = torch.randn(3, 5, 8, dtype=torch.float64)
+    shap = deeplift_shap(fn, params, x, 1, baselines=baselines)
+    loop = torch.stack([deeplift(fn, params, x, 1, baseline=b) for b in baselines]).mean(0)
+    torch.testing.assert_close(shap, loop)
+    xs = torch.randn(2, 2, 5, 8, dtype=torch.float64)
+    batched = torch.func.vmap(lambda xb: deeplift(fn, params, xb, 1, baseline=0.0))(xs)
+    torch.testing.assert_close(batched, torch.stack([deeplift(fn, params, xb, 1, baseline=0.0) for xb in xs]))
+
+    def attribution(w, g):
+        return deeplift(fn, dict(params, **{"out.weight": w, "ln.weight": g}), x, 1, baseline=baselines[0])
+    w = params["out.weight"].clone().requires_grad_()
+    g = params["ln.weight"].clone().requires_grad_()
+    assert torch.autograd.gradcheck(attribution, (w, g), eps=1e-6, atol=1e-6)
