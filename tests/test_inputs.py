@@ -484,3 +484,54 @@ def test_cam_family_on_token_states_and_dict_images():
     by_tensor = tx.grad_cam(vfn, vparams, pixels, 1, layer="vit.layers.0", reshape=grid)
     assert by_dict.shape == (2, 1, 16, 16)
     torch.testing.assert_close(by_dict, by_tensor, rtol=0, atol=0)
+
+
+class _EmbedMLP(nn.Module):
+    """Token ids -> embedding -> Linear -> ReLU -> Linear, summed over tokens: captum's DeepLift rules
+    (Rescale on the ReLU module, every other op linear) are DeepLIFT's own here."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.l1 = nn.Linear(6, 8)
+        self.act = nn.ReLU()
+        self.l2 = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.l2(self.act(self.l1(self.emb(ids)))).sum(1)
+
+
+def test_layer_deeplift_equals_captum_where_its_rules_are_deeplifts():
+    torch.manual_seed(0)
+    net = _EmbedMLP().eval()
+    fn, params = tx.functionalize(net)
+    ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(1))
+    reference_ids = torch.full_like(ids, 4)
+    ours = tx.deeplift(fn, params, ids, torch.tensor([0, 1, 2]), layer="emb", baseline=reference_ids)
+    ref = captum_attr.LayerDeepLift(net, net.emb).attribute(ids, baselines=reference_ids, target=torch.tensor([0, 1, 2]))
+    assert ours.shape == (3, 5, 6)
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert not torch.allclose(ours, tx.input_x_gradient(fn, params, ids, torch.tensor([0, 1, 2]), layer="emb")
+                              - tx.input_x_gradient(fn, params, reference_ids, torch.tensor([0, 1, 2]), layer="emb"))
+
+
+@pytest.mark.parametrize("distil", [False, True])
+def test_layer_deeplift_is_complete_on_bert_embeddings(distil):
+    """captum's LayerDeepLift treats LayerNorm, softmax and attention products as linear on BERT, so its
+    maps do not sum to f(x) - f(x0); ours do (float64, 1e-8), at the embeddings of token ids."""
+    model, layer = _bert(distil=distil)
+    model = model.double()
+    fn, params = tx.functionalize(model)
+    x = _tokens()
+    reference = {"input_ids": torch.zeros_like(x["input_ids"])}
+    attr = tx.deeplift(fn, params, x, torch.tensor([0, 2]), layer=layer, baseline=reference)
+    assert attr.shape == (2, 7, 32)
+    with torch.no_grad():
+        out = fn(params, x).logits
+        out0 = fn(params, {**x, **reference}).logits
+    gap = out[[0, 1], [0, 2]] - out0[[0, 1], [0, 2]]
+    assert (attr.sum((1, 2)) - gap).abs().max() <= 1e-8 * gap.abs().max()
+    with pytest.raises(TypeError, match="deeplift: expected layer, one dotted name or module"):
+        tx.deeplift(fn, params, x, 0, layer=[layer, layer])
+    with pytest.raises(TypeError, match="deeplift: expected x of a floating-point dtype.*layer="):
+        tx.deeplift(fn, params, x["input_ids"], 0)

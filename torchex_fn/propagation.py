@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks
+from . import _checks, _inputs
 from . import _rewrite
 from ._autodiff import grad_of_sum, tracked
 from . import targets as _targets
@@ -425,20 +425,6 @@ def _pair(records: List[_Record], call: _rewrite.Call) -> _Record:
     return rec
 
 
-def _baseline_pass(model_fn, params, base: Tensor):
-    """Run the baseline; return its records, its output, and whether anything in it is tracked."""
-    records: List[_Record] = []
-
-    def on_baseline(call: _rewrite.Call) -> Any:
-        out = call.apply(*call.inputs)
-        records.append(_Record(call.name, call.inputs, out))
-        return _returned(call, out)
-
-    out0, _ = _rewrite.run(model_fn, on_baseline, params, base, tainted=[base])
-    base_tracked = any(tracked(t) for r in records for t in r.inputs)
-    return records, out0, base_tracked
-
-
 def _no_rule(fn: str, err: _rewrite.NoRule) -> NotImplementedError:
     detail = f" ({err.detail})" if err.detail else ""
     return NotImplementedError(_checks.message(
@@ -470,11 +456,58 @@ def _rescale(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor
     raise AssertionError("unreachable")
 
 
+class _Wrt:
+    """What DeepLIFT attributes, and how a pass reaches it.
+
+    ``run(handler, inp, v)`` runs the model on ``inp`` under :func:`_rewrite.run` with input
+    dependence tracked from ``v`` and returns ``(out, value, count)``: for the input itself ``v`` is
+    the input and ``value`` is ``v``; for a layer, ``v`` is a perturbation of the layer's output (zero;
+    the gradient pass differentiates w.r.t. it, which gives the gradient w.r.t. the layer's output) and
+    ``value`` is that output, so only what follows the layer gets DeepLIFT's rules.
+    """
+
+    def __init__(self, fn: str, model_fn, params, layer: Optional[str] = None, key: Optional[str] = None):
+        self.fn, self.model_fn, self.params, self.layer, self.key = fn, model_fn, params, layer, key
+
+    def start(self, inp: Any) -> Tensor:
+        """The tensor the tracking starts from: the (attributed entry of the) input, or a zero perturbation."""
+        if self.layer is None:
+            return inp if self.key is None else inp[self.key]
+        from .capture import _layer_shapes  # capture imports targets, which imports nothing of ours
+        shape, dtype = _layer_shapes(self.model_fn, self.params, inp, [self.layer], self.fn)[self.layer]
+        return torch.zeros(shape, dtype=dtype, device=_inputs.device_of(inp))
+
+    def run(self, handler, inp: Any, v: Tensor):
+        if self.layer is None:
+            def forward(params, v):
+                return self.model_fn(params, _inputs.replace(inp, self.key, v)), v
+        else:
+            from .capture import intermediates
+            step = intermediates(self.model_fn, layers=[self.layer], perturb={self.layer: v}, fn=self.fn)
+
+            def forward(params, v):
+                out, acts = step(params, inp)
+                return out, acts[self.layer]
+        (out, value), count = _rewrite.run(forward, handler, self.params, v, tainted=[v])
+        return out, value, count
+
+
 def _rescale_once(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor, base: Tensor,
-                  eps: float, rule_set: Mapping[str, Any]) -> Tensor:
-    records0, out0, base_tracked = _baseline_pass(model_fn, params, base)
+                  eps: float, rule_set: Mapping[str, Any], wrt: Optional[_Wrt] = None) -> Tensor:
+    wrt = _Wrt(fn, model_fn, params) if wrt is None else wrt
+    output = _targets.selector(model_fn)
+    records0: List[_Record] = []
+
+    def on_baseline(call: _rewrite.Call) -> Any:
+        out = call.apply(*call.inputs)
+        records0.append(_Record(call.name, call.inputs, out))
+        return _returned(call, out)
+
+    out0, value0, _ = wrt.run(on_baseline, base, wrt.start(base))
+    base_tracked = any(tracked(t) for r in records0 for t in r.inputs)
     by_index = target is None or isinstance(target, (int, Tensor))
-    if base_tracked or tracked(x) or tracked(baseline):
+    x_value = wrt.start(x)
+    if base_tracked or tracked(x_value) or tracked(value0) or (isinstance(baseline, Tensor) and tracked(baseline)):
         # General path: an input pass outside the gradient, so that the multipliers stay
         # differentiable for the caller's transforms while constant for the inner gradient.
         rules: list = []
@@ -485,9 +518,9 @@ def _rescale_once(fn: str, model_fn, params, x: Tensor, target: Any, baseline: T
             rules.append(rule_set[call.kind](call, _Record(call.name, call.inputs, out), rec0, eps))
             return _returned(call, out)
 
-        out_x, count = _rewrite.run(model_fn, on_input, params, x, tainted=[x])
+        out_x, _, count = wrt.run(on_input, x, x_value)
         _check_count(count, len(records0), out_x, out0)
-        choice = _targets.resolve_index(out_x, target, fn=fn) if by_index else target
+        choice = _targets.resolve_index(out_x, target, fn=fn, output=output) if by_index else target
         del out_x
 
         def on_gradient(call: _rewrite.Call) -> Any:
@@ -512,13 +545,15 @@ def _rescale_once(fn: str, model_fn, params, x: Tensor, target: Any, baseline: T
 
     expected = len(records0)
 
-    def total(xi: Tensor) -> Tensor:
-        out, count = _rewrite.run(model_fn, on_gradient, params, xi, tainted=[xi])
+    def total(v: Tensor):
+        out, value, count = wrt.run(on_gradient, x, v)
         _check_count(count, expected, out, out0)
-        return _targets.resolve(out, choice, fn=fn).sum()
+        return _targets.resolve(out, choice, fn=fn, output=output).sum(), value
 
-    grads = grad_of_sum(total, x)
-    return (x - baseline) * grads
+    grads, value_x = grad_of_sum(total, x_value, has_aux=True)
+    if wrt.layer is None:
+        value_x = x_value  # the caller's own tensor, with whatever derivatives it carries
+    return (value_x - value0) * grads
 
 
 def _check_count(count: int, expected: int, out: Any, out0: Any) -> None:
@@ -585,7 +620,7 @@ def _captum(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor,
 # --------------------------------------------------------------------------------------------
 # Public functions.
 
-def deeplift(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
+def deeplift(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Any = None,
              baseline: Any = 0.0, eps: float = 1e-10, backend: str = "native", softmax: str = "conserving") -> Tensor:
     """DeepLIFT with the Rescale rule: ``(x - baseline) * m``, ``m`` the multipliers of the score.
 
@@ -614,10 +649,19 @@ def deeplift(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
         input and the baseline (no branching on input values), and it must run on a batch of one
         unless the baseline has one row per example.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, *input]``.
+      x: A batch ``[B, *input]``, or a dict of named inputs batch first (its one floating-point entry
+        is attributed). With ``layer``, token ids or a tokenizer's dict.
       target: ``None`` (predicted class), int, ``[B]`` ints, or a callable ``out -> [B]``.
-      baseline: The reference input: a float, or a tensor broadcastable to ``[B, *input]`` (one per
-        example ``[B, *input]``, or one for all ``[*input]`` / ``[1, *input]``). Default: 0.0.
+      layer: Attribute to this layer's output instead (a dotted name or module; captum's
+        ``LayerDeepLift``): ``(a_x - a_0) * m`` with ``a`` the layer's output on the input and on the
+        baseline and ``m`` the multipliers of every operation after the layer. It sums to
+        ``f(x) - f(baseline)``. captum's ``LayerDeepLift`` agrees where its module hooks are DeepLIFT's
+        rules; on transformers it treats LayerNorm, softmax and attention's products as linear and
+        does not sum to the difference. Default: None (the input).
+      baseline: The reference input, always in the input's space: a float, or a tensor broadcastable
+        to ``[B, *input]`` (one per example ``[B, *input]``, or one for all ``[*input]`` /
+        ``[1, *input]``); reference token ids (an int or an integer tensor) for token ids; for a dict
+        ``x`` a dict of the entries to replace. Default: 0.0.
       eps: Input differences below this keep the ordinary gradient. Default: 1e-10 (as captum).
       backend: ``"native"`` (this implementation) or ``"captum"`` (``captum.attr.DeepLift``, for
         comparison only: it needs a ``model_fn`` from ``functionalize``, hooks the module's
@@ -670,14 +714,41 @@ def deeplift(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
        operations without a rule raise instead of passing as linear.
     """
     fn = "deeplift"
-    _checks.check_call(fn, model_fn, params, x, target)
-    base = _check_baseline(fn, baseline, x)
+    _checks.check_call(fn, model_fn, params, x, target, layer=layer)
     _check_eps(fn, eps)
     _check_backend(fn, backend)
     rules = _check_softmax(fn, softmax)
+    if layer is None and isinstance(x, Tensor):
+        base = _check_baseline(fn, baseline, x)
+        if backend == "captum":
+            return _captum(fn, model_fn, params, x, target, base, float(eps))
+        return _rescale(fn, model_fn, params, x, target, base, float(eps), rules)
     if backend == "captum":
-        return _captum(fn, model_fn, params, x, target, base, float(eps))
-    return _rescale(fn, model_fn, params, x, target, base, float(eps), rules)
+        raise _checks.value_error(fn, "backend='native' for layer= or a dict x", "backend='captum'")
+    # A layer (captum's LayerDeepLift: (a_x - a_0) times the multipliers of the layer's output, every
+    # operation after the layer under DeepLIFT's rules), or a dict x's floating-point entry: the
+    # baseline is an input of the full batch, in the input's space.
+    if layer is not None:
+        from .capture import resolve_layers
+        names, _ = resolve_layers(fn, model_fn, layer)
+        if len(names) != 1 or isinstance(layer, (list, tuple, dict)):
+            raise _checks.type_error(fn, "layer, one dotted name or module", _checks.describe(layer),
+                                     "Call deeplift once per layer.")
+        wrt = _Wrt(fn, model_fn, params, layer=names[0])
+        base = _inputs.baseline_input(fn, baseline, x)
+    else:
+        key = _inputs.attributed_key(fn, x)
+        wrt = _Wrt(fn, model_fn, params, key=key)
+        base = _inputs.baseline_input(fn, baseline, x, key)
+    try:
+        return _rescale_once(fn, model_fn, params, x, target, base, base, float(eps), rules, wrt)
+    except _rewrite.NoRule as err:
+        raise _no_rule(fn, err) from None
+    except _Mismatch as err:
+        raise _checks.value_error(
+            fn, "the baseline pass to make the same nonlinear calls as the input pass", str(err),
+            "DeepLIFT pairs the k-th nonlinearity of both passes, so the model must not branch on its "
+            "input's values (data-dependent control flow).") from None
 
 
 def deeplift_shap(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, baselines: Tensor,
