@@ -31,11 +31,7 @@ import torchex_fn as tx  # noqa: E402
 import _zoo  # noqa: E402
 
 
-def _float_params(params):
-    return {k: v for k, v in params.items() if v.is_floating_point()}
-
-
-def _case(arch, fn, params, x, y) -> Dict[str, Callable[[], Any]]:
+def _case(arch, model, fn, params, x, y) -> Dict[str, Callable[[], Any]]:
     """method name -> a call as a user writes it for this architecture."""
     text = arch.kind != "image"
     lay = {"layer": arch.embeddings} if text else {}
@@ -64,7 +60,7 @@ def _case(arch, fn, params, x, y) -> Dict[str, Callable[[], Any]]:
         return torch.func.vmap(lambda q: tx.saliency(fn, q, x, y, **lay))(stacked)
 
     def meta_grad():
-        floats = _float_params(params)
+        floats = {k: params[k] for k, _ in model.named_parameters()}
         def loss(sub):
             return tx.grad_cam(fn, {**params, **sub}, x, y, **cam).square().sum()
         return torch.func.grad(loss)(floats)
@@ -104,7 +100,7 @@ def run(arch) -> Dict[str, Tuple[bool, str]]:
     x = _zoo.inputs(arch)
     y = torch.tensor([1, 3])
     cells: Dict[str, Tuple[bool, str]] = {}
-    for name, call in _case(arch, fn, params, x, y).items():
+    for name, call in _case(arch, model, fn, params, x, y).items():
         if call is None:
             cells[name] = (None, "no blocks named")
             continue

@@ -233,11 +233,13 @@ def test_other_dict_entries_follow_their_example_through_chunks(name):
     net = Scaled().double().eval()
     fn, params = tx.functionalize(net)
     x = {"pixels": torch.randn(3, 1, 3, 4, dtype=torch.float64), "scale": torch.tensor([1, -2, 3])}
-    options = {"occlusion": (tx.occlusion, {"window": (1, 2, 2), "batch_size": 4}),
+    # batch_size 2 < B = 3: the examples are split into chunks [0, 1] and [2]
+    options = {"occlusion": (tx.occlusion, {"window": (1, 2, 2), "batch_size": 2}),
                "integrated_gradients": (tx.integrated_gradients, {"steps": 3, "batch_size": 2}),
-               "smoothgrad": (VIT_METHODS["smoothgrad"][0], {"generator": None}),
+               "smoothgrad": (lambda *a, generator, **o: tx.smooth(tx.saliency, samples=3, generator=generator,
+                                                                   batch_size=2)(*a, **o), {"generator": None}),
                "gradient_shap": (tx.gradient_shap, {"baselines": torch.zeros(2, 1, 3, 4, dtype=torch.float64),
-                                                    "samples": 2, "batch_size": 5, "generator": None})}[name]
+                                                    "samples": 2, "batch_size": 2, "generator": None})}[name]
     method, kw = options
     target = torch.tensor([2, 0, 1])
     whole = method(fn, params, x, target, **_seeded(**kw))

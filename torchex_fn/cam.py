@@ -154,6 +154,8 @@ def _fc_weight(fn: str, model_fn, params, fc: Any) -> Tensor:
         if not isinstance(fc, str):
             raise _checks.type_error(fn, "fc: a layer name, an nn.Linear, a weight tensor or None", _checks.describe(fc))
         key = fc if fc in params else f"{fc}.weight"
+        tied = dict(getattr(model_fn, "_aliases", ()))  # a weight tied to another module's (GPT-2's lm_head)
+        key = tied.get(key, key) if key not in params else key
         if key not in params:
             raise _checks.unknown_name(fn, "fc parameter", key, params.keys())
         weight = params[key]
