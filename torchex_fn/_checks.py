@@ -126,8 +126,9 @@ def check_call(fn: str, model_fn: Any, params: Any, x: Any, target: Any, *, min_
     """The checks every method shares: ``model_fn``, ``params``, ``x`` and ``target``.
 
     ``x`` is a floating-point batch (see :func:`check_input`) or a dict of named tensors batch first;
-    with a ``layer`` to attribute, ``x`` may also be an integer tensor (token ids) of rank >= 1, and a
-    dict needs no floating-point entry. Without one, a dict must have exactly one floating-point entry.
+    with a ``layer`` to attribute, ``x`` may also be an integer tensor of rank 1 or 2 (token ids
+    ``[B, T]``; integer images ``[B, C, H, W]`` are refused with a hint to convert them), and a dict
+    needs no floating-point entry. Without one, a dict must have exactly one floating-point entry.
     """
     from . import _inputs, targets  # both import this module
 
@@ -138,7 +139,9 @@ def check_call(fn: str, model_fn: Any, params: Any, x: Any, target: Any, *, min_
         if layer is None:
             _inputs.attributed_key(fn, x)
         batch = _inputs.batch_of(x)
-    elif layer is not None and isinstance(x, Tensor) and not (x.is_floating_point() or x.is_complex()):
+    elif (layer is not None and isinstance(x, Tensor) and not (x.is_floating_point() or x.is_complex())
+          and x.ndim <= 2 and x.dtype != torch.bool):
+        # token ids [B, T] (or categorical codes [B, F]); an integer tensor of higher rank is an image
         if x.ndim < 1:
             raise value_error(fn, "x of rank >= 1 with the batch first", describe(x))
         batch = x.shape[0]

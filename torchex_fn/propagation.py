@@ -911,5 +911,5 @@ def guided_backprop(model_fn: ModelFn, params: Params, x: Tensor, target: Target
 
     def total(xi: Tensor) -> Tensor:
         out, _ = _rewrite.run(model_fn, _guided, params, xi)
-        return _targets.resolve(out, target, fn=fn).sum()
+        return _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn)).sum()
     return grad_of_sum(total, x)
