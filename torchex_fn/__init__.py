@@ -15,7 +15,7 @@ from .path import gradient_shap, integrated_gradients
 from .perturbation import occlusion, rise
 from .propagation import deeplift, deeplift_shap, guided_backprop
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "functionalize", "params_of",
