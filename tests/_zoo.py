@@ -29,12 +29,16 @@ class Arch:
     blocks: Sequence[str] = field(default_factory=tuple)
     embeddings: Optional[str] = None          # text models: the layer that input-space methods attribute
     package: str = "torchvision"
+    head: Any = None                          # LeGrad's projection from pooled tokens to logits, where not torchvision's
 
 
 def _tv(name, **kwargs):
     def build():
         import torchvision
-        return getattr(torchvision.models, name)(num_classes=10, **kwargs)
+        model = getattr(torchvision.models, name)(num_classes=10, **kwargs)
+        if hasattr(model, "heads"):  # torchvision's ViT starts its head at zero: every gradient would be 0
+            nn.init.normal_(model.heads.head.weight, std=0.02)
+        return model
     return build
 
 
@@ -98,9 +102,10 @@ ARCHS = [
     Arch("timm/swin_tiny", _timm("swin_tiny_patch4_window7_224", img_size=56, depths=(1, 1, 1, 1)), (3, 56, 56),
          cam_layer="layers", reshape=last, package="timm"),
     Arch("timm/vit_tiny", _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), IMG32,
-         cam_layer="blocks", reshape=tokens1, prefix_tokens=1, blocks=("blocks.0", "blocks.1"), package="timm"),
+         cam_layer="blocks", reshape=tokens1, prefix_tokens=1, blocks=("blocks.0", "blocks.1"), package="timm", head=["norm", "head"]),
     Arch("timm/deit_tiny", _timm("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=2), IMG32,
-         cam_layer="blocks", reshape=tokens2, prefix_tokens=2, blocks=("blocks.0", "blocks.1"), package="timm"),
+         cam_layer="blocks", reshape=tokens2, prefix_tokens=2, blocks=("blocks.0", "blocks.1"), package="timm",
+         head=["norm", "head"]),
     Arch("timm/levit_128s", _timm("levit_128s", img_size=64), IMG64, cam_layer="stages.1",
          reshape=tokens0, package="timm"),
     Arch("timm/coat_lite_tiny", _timm("coat_lite_tiny", img_size=32), IMG32, cam_layer="serial_blocks4.1",
@@ -115,7 +120,7 @@ ARCHS = [
     Arch("hf/gpt2", _hf("gpt2"), (8,), kind="causal", cam_layer="transformer.h.1", reshape=_tokens_last,
          embeddings="transformer.wte", package="transformers"),
     Arch("hf/vit", _hf("vit"), IMG32, cam_layer="vit.layers.1", reshape=tokens1, prefix_tokens=1,
-         blocks=("vit.layers.0", "vit.layers.1"), package="transformers"),
+         blocks=("vit.layers.0", "vit.layers.1"), package="transformers", head=["vit.layernorm", "classifier"]),
 ]
 BY_NAME = {a.name: a for a in ARCHS}
 

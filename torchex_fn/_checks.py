@@ -63,15 +63,18 @@ def check_params(fn: str, params: Any) -> None:
                          "Use the dict returned by `torchex_fn.functionalize(model)`.")
 
 
-def check_input(fn: str, x: Any, *, ndim: Optional[int] = None, min_ndim: int = 1, name: str = "x") -> None:
+def check_input(fn: str, x: Any, *, ndim: Optional[int] = None, min_ndim: int = 1, name: str = "x",
+                layer_option: bool = True) -> None:
     """``x`` is a floating-point batch of the expected rank without NaN."""
     if not isinstance(x, Tensor):
         raise type_error(fn, f"{name}, a floating-point tensor of shape [B, ...]", describe(x))
     if not (x.is_floating_point() or x.is_complex()):
+        tokens = ("Token ids: attribute the embedding layer's output with `layer=` (e.g. `layer='bert.embeddings'`, "
+                  "a name from `model.named_modules()`); the map then has that layer's shape." if layer_option else
+                  f"Token ids: {fn} has no layer= option; use saliency, integrated_gradients or deeplift with "
+                  "layer=.")
         raise type_error(fn, f"{name} of a floating-point dtype", describe(x),
-                         "Token ids: attribute the embedding layer's output with `layer=` (e.g. "
-                         "`layer='bert.embeddings'`, a name from `model.named_modules()`); the map then has that "
-                         "layer's shape. Integer images: convert first, e.g. `x.float() / 255`.")
+                         f"{tokens} Integer images: convert first, e.g. `x.float() / 255`.")
     if ndim is not None and x.ndim != ndim:
         raise value_error(fn, f"{name} of rank {ndim} ([B, C, H, W])" if ndim == 4 else f"{name} of rank {ndim}",
                           describe(x), "A single example is `x[None]`." if x.ndim == ndim - 1 else "")
@@ -122,7 +125,7 @@ def unknown_name(fn: str, what: str, name: str, known: Iterable[str]) -> ValueEr
 
 
 def check_call(fn: str, model_fn: Any, params: Any, x: Any, target: Any, *, min_ndim: int = 2,
-               ndim: Optional[int] = None, layer: Any = None) -> None:
+               ndim: Optional[int] = None, layer: Any = None, layer_option: bool = True) -> None:
     """The checks every method shares: ``model_fn``, ``params``, ``x`` and ``target``.
 
     ``x`` is a floating-point batch (see :func:`check_input`) or a dict of named tensors batch first;
@@ -137,7 +140,7 @@ def check_call(fn: str, model_fn: Any, params: Any, x: Any, target: Any, *, min_
     if isinstance(x, Mapping):
         _inputs.check_mapping(fn, x)
         if layer is None:
-            _inputs.attributed_key(fn, x)
+            _inputs.attributed_key(fn, x, layer_option=layer_option)
         batch = _inputs.batch_of(x)
     elif (layer is not None and isinstance(x, Tensor) and not (x.is_floating_point() or x.is_complex())
           and x.ndim <= 2 and x.dtype != torch.bool):
@@ -146,6 +149,6 @@ def check_call(fn: str, model_fn: Any, params: Any, x: Any, target: Any, *, min_
             raise value_error(fn, "x of rank >= 1 with the batch first", describe(x))
         batch = x.shape[0]
     else:
-        check_input(fn, x, ndim=ndim, min_ndim=min_ndim)
+        check_input(fn, x, ndim=ndim, min_ndim=min_ndim, layer_option=layer_option)
         batch = x.shape[0]
     targets.check(fn, target, batch)

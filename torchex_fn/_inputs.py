@@ -90,16 +90,23 @@ def check_mapping(fn: str, x: Mapping, name: str = "x") -> None:
             raise _checks.value_error(fn, f"{name}[{k!r}] without NaN", f"{int(torch.isnan(v).sum())} NaN values")
 
 
-def attributed_key(fn: str, x: Mapping) -> str:
-    """The entry of a dict ``x`` that an input-space method attributes: its one floating-point tensor."""
+_NO_LAYER_HINT = ("{fn} works on a floating-point input itself and has no layer= option: pass the model's "
+                  "floating-point input (e.g. inputs_embeds or pixel_values); for token ids use a method with "
+                  "layer= (saliency, integrated_gradients, deeplift, ...).")
+
+
+def attributed_key(fn: str, x: Mapping, *, layer_option: bool = True) -> str:
+    """The entry of a dict ``x`` that an input-space method attributes: its one floating-point tensor.
+
+    ``layer_option``: whether the method could attribute a layer instead (the error's hint says so).
+    """
     floats = [k for k, v in x.items() if isinstance(v, Tensor) and v.is_floating_point()]
     if len(floats) != 1:
         got = (f"{len(floats)} floating-point entries {floats}" if floats
                else f"only integer entries {[k for k, v in x.items() if isinstance(v, Tensor)]}")
-        raise _checks.value_error(
-            fn, "a dict x with exactly one floating-point entry to attribute", got,
-            "Attribute a layer instead, e.g. `layer='bert.embeddings'` for token ids (the map then has the "
-            "layer output's shape), or pass that entry alone.")
+        hint = ("Attribute a layer instead, e.g. `layer='bert.embeddings'` for token ids (the map then has the "
+                "layer output's shape), or pass that entry alone." if layer_option else _NO_LAYER_HINT.format(fn=fn))
+        raise _checks.value_error(fn, "a dict x with exactly one floating-point entry to attribute", got, hint)
     return floats[0]
 
 

@@ -193,7 +193,7 @@ def attention_probabilities(model_fn: ModelFn, params: Params, x: Tensor) -> Tup
 # Shared checks and helpers.
 
 def _check_options(fn: str, model_fn, params, x, target, *, layers, token, prefix_tokens, grid, upsample) -> None:
-    _checks.check_call(fn, model_fn, params, x, target, min_ndim=2)
+    _checks.check_call(fn, model_fn, params, x, target, min_ndim=2, layer_option=False)
     if layers is not None:
         if isinstance(layers, bool) or not isinstance(layers, (int, list, tuple)) or \
                 (isinstance(layers, (list, tuple)) and not all(isinstance(i, int) and not isinstance(i, bool)

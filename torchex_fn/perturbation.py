@@ -198,7 +198,7 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     Black-box Models", BMVC 2018.
     """
     fn = "rise"
-    _checks.check_call(fn, model_fn, params, x, target, ndim=4)
+    _checks.check_call(fn, model_fn, params, x, target, ndim=4, layer_option=False)
     key, value = _entry(fn, x)
     if key is not None:
         _checks.check_input(fn, value, ndim=4, name=f"x[{key!r}]")
@@ -388,7 +388,7 @@ def occlusion(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
       Zeiler and Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014.
     """
     fn = "occlusion"
-    _checks.check_call(fn, model_fn, params, x, target)
+    _checks.check_call(fn, model_fn, params, x, target, layer_option=False)
     key, value = _entry(fn, x)
     if value.is_complex():
         raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(value))

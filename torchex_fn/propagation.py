@@ -907,7 +907,7 @@ def guided_backprop(model_fn: ModelFn, params: Params, x: Tensor, target: Target
       Convolutional Net", ICLR 2015 workshop.
     """
     fn = "guided_backprop"
-    _checks.check_call(fn, model_fn, params, x, target)
+    _checks.check_call(fn, model_fn, params, x, target, layer_option=False)
 
     def total(xi: Tensor) -> Tensor:
         out, _ = _rewrite.run(model_fn, _guided, params, xi)
