@@ -11,6 +11,17 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored after it: for tiny models a second thread buys
+    nothing, and on a shared 2-core machine its spin-waiting made some files 5-20x slower.
+    A file opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

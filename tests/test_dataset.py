@@ -48,12 +48,7 @@ SETUP = textwrap.dedent('''
 exec(SETUP)  # defines tiny_model, Images
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(out, data, **kw):

@@ -18,14 +18,7 @@ with warnings.catch_warnings():  # captum's import warns about torch.jit.script 
     from captum.attr import DeepLift as CaptumDeepLift
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: a second intra-op thread buys nothing, and on a shared 2-core machine
-    # its spin-waiting made this file 5-20x slower. Restored after each test.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def captum_deeplift(model, x, baseline, target):

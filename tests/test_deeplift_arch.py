@@ -18,38 +18,14 @@ from torch import nn
 import torchex_fn as tx
 from torchex_fn.propagation import deeplift
 
+import _zoo
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------
 # Model builders: () -> (module, input shape without the batch).
-
-def _tv(name, shape, **kwargs):
-    def build():
-        torchvision = pytest.importorskip("torchvision")
-        return getattr(torchvision.models, name)(num_classes=10, **kwargs), shape
-    return build
-
-
-def _tv_class(cls, shape, **kwargs):
-    def build():
-        torchvision = pytest.importorskip("torchvision")
-        return getattr(torchvision.models, cls)(num_classes=10, **kwargs), shape
-    return build
-
-
-def _timm(name, shape, **kwargs):
-    def build():
-        timm = pytest.importorskip("timm")
-        return timm.create_model(name, pretrained=False, num_classes=10, **kwargs), shape
-    return build
-
 
 class _Embeds(nn.Module):
     """A HuggingFace model as a function of ``inputs_embeds`` (or ``pixel_values``) returning ``.logits``."""
@@ -63,62 +39,35 @@ class _Embeds(nn.Module):
         return logits[:, -1] if self.last else logits
 
 
-def _hf(kind, attn="sdpa"):
+def _zoo_model(name, shape=None, attn=None):
+    """A model of ``tests/_zoo.py`` (the architecture table's), as a function of a float input.
+
+    ``shape`` overrides the zoo's input size for convolutional networks (smaller here, for time); text
+    models take ``inputs_embeds`` ``[6, 32]`` (DeepLIFT's completeness is about the float path through
+    the network; token ids reach it through ``layer=``, tested in test_inputs.py).
+    """
+    arch = _zoo.BY_NAME[name]
+
     def build():
-        transformers = pytest.importorskip("transformers")
-        common = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, hidden_size=32)
-        if kind == "bert":
-            config = transformers.BertConfig(vocab_size=50, max_position_embeddings=32, num_labels=4, **common)
-            model, shape = transformers.BertForSequenceClassification(config), (6, 32)
-        elif kind == "distilbert":
-            config = transformers.DistilBertConfig(vocab_size=50, max_position_embeddings=32, n_layers=2, n_heads=2,
-                                                   dim=32, hidden_dim=64, num_labels=4)
-            model, shape = transformers.DistilBertForSequenceClassification(config), (6, 32)
-        elif kind == "gpt2":
-            config = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2)
-            model, shape = transformers.GPT2LMHeadModel(config), (6, 32)
-        else:
-            config = transformers.ViTConfig(image_size=32, patch_size=8, num_labels=10, **common)
-            model, shape = transformers.ViTForImageClassification(config), (3, 32, 32)
-        model.config._attn_implementation = attn
-        key = "pixel_values" if kind == "vit" else "inputs_embeds"
-        return _Embeds(model, key, last=kind == "gpt2"), shape
+        pytest.importorskip(arch.package)
+        model = arch.build()
+        if arch.package != "transformers":
+            return model, shape or arch.shape
+        if attn is not None:
+            model.config._attn_implementation = attn
+        if arch.kind == "image":
+            return _Embeds(model, "pixel_values"), arch.shape
+        return _Embeds(model, last=arch.kind == "causal"), (6, 32)
     return build
 
 
-IMG32, IMG64 = (3, 32, 32), (3, 64, 64)
-MODELS = {
-    "tv/resnet50": _tv("resnet50", IMG32),
-    "tv/densenet121": _tv("densenet121", IMG32),
-    "tv/vgg11_bn": _tv("vgg11_bn", IMG32),
-    "tv/convnext_tiny": _tv("convnext_tiny", IMG32),
-    "tv/efficientnet_b0": _tv("efficientnet_b0", IMG64),
-    "tv/mobilenet_v3_small": _tv("mobilenet_v3_small", IMG64),
-    "tv/regnet_y_400mf": _tv("regnet_y_400mf", IMG32),
-    "tv/maxvit_t": _tv_class("MaxVit", IMG64, input_size=(64, 64), stem_channels=16, partition_size=2,
-                             block_channels=[16, 32], block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0),
-    "tv/swin_t": _tv("swin_t", IMG64),
-    "tv/vit_b_16": _tv_class("VisionTransformer", IMG32, image_size=32, patch_size=16, num_layers=2, num_heads=2,
-                             hidden_dim=32, mlp_dim=64),
-    "timm/resnet18": _timm("resnet18", IMG32),
-    "timm/regnetx_002": _timm("regnetx_002", IMG32),
-    "timm/convnext_atto": _timm("convnext_atto", IMG32),
-    "timm/efficientnet_b0": _timm("efficientnet_b0", IMG32),
-    "timm/mobilenetv3_small_050": _timm("mobilenetv3_small_050", IMG32),
-    "timm/swin_tiny": _timm("swin_tiny_patch4_window7_224", (3, 56, 56), img_size=56, depths=(1, 1, 1, 1)),
-    "timm/vit_tiny": _timm("vit_tiny_patch16_224", IMG32, img_size=32, depth=2),
-    "timm/deit_tiny": _timm("deit_tiny_distilled_patch16_224", IMG32, img_size=32, depth=2),
-    "timm/levit_128s": _timm("levit_128s", IMG64, img_size=64),
-    "timm/coat_lite_tiny": _timm("coat_lite_tiny", IMG32, img_size=32),
-    "timm/edgenext_xx_small": _timm("edgenext_xx_small", IMG64),
-    "timm/mobilevit_xxs": _timm("mobilevit_xxs", IMG64),
-    "timm/poolformer_s12": _timm("poolformer_s12", IMG32),
-    "hf/bert": _hf("bert"),
-    "hf/bert_eager": _hf("bert", attn="eager"),
-    "hf/distilbert": _hf("distilbert"),
-    "hf/gpt2": _hf("gpt2"),
-    "hf/vit": _hf("vit"),
-}
+IMG32 = (3, 32, 32)
+SMALLER = {"tv/resnet50": IMG32, "tv/densenet121": IMG32, "tv/vgg11_bn": IMG32, "tv/convnext_tiny": IMG32,
+           "tv/regnet_y_400mf": IMG32, "timm/resnet18": IMG32, "timm/regnetx_002": IMG32,
+           "timm/convnext_atto": IMG32, "timm/efficientnet_b0": IMG32, "timm/mobilenetv3_small_050": IMG32,
+           "timm/poolformer_s12": IMG32}
+MODELS = {arch.name: _zoo_model(arch.name, SMALLER.get(arch.name)) for arch in _zoo.ARCHS}
+MODELS["hf/bert_eager"] = _zoo_model("hf/bert", attn="eager")
 
 
 def _jitter(model: nn.Module, shape, generator: torch.Generator, gain: float = 1.2) -> nn.Module:
