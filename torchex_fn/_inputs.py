@@ -12,7 +12,7 @@ the examples it was written for.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Iterator, List, Optional, Union
+from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -108,6 +108,18 @@ def attributed_key(fn: str, x: Mapping, *, layer_option: bool = True) -> str:
                 "layer output's shape), or pass that entry alone." if layer_option else _NO_LAYER_HINT.format(fn=fn))
         raise _checks.value_error(fn, "a dict x with exactly one floating-point entry to attribute", got, hint)
     return floats[0]
+
+
+def noised_entry(fn: str, x: Input) -> Tuple[Optional[str], Optional[Tensor]]:
+    """Where a method adds input noise: ``(None, x)`` for a float tensor, ``(key, x[key])`` for a dict's
+    one floating-point entry, ``(None, None)`` for token ids (integer ``x`` or a dict without a float
+    entry; such methods then add the noise to the layer's output). Several float entries are an error."""
+    if isinstance(x, Tensor):
+        return (None, x) if x.is_floating_point() else (None, None)
+    if not any(isinstance(v, Tensor) and v.is_floating_point() for v in x.values()):
+        return None, None
+    key = attributed_key(fn, x)
+    return key, x[key]
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional
 
 import torch
 from torch import Tensor
@@ -115,19 +115,6 @@ def input_x_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Targe
     value, grad = attributed_gradient("input_x_gradient", model_fn, params, x, target, layer)
     attr = _map_structure(torch.mul, value, grad)
     return post_process(attr) if post_process is not None else attr
-
-
-def _noised_entry(x: Any) -> Tuple[Optional[str], Optional[Tensor]]:
-    """Where :func:`smooth` adds noise: ``(None, x)`` for a float tensor, ``(key, x[key])`` for a dict's
-    one floating-point entry, ``(None, None)`` for token ids (integer ``x`` or a dict without a float
-    entry; the noise then goes to the layer's output). A dict with several float entries is an error."""
-    if isinstance(x, Tensor):
-        return (None, x) if x.is_floating_point() else (None, None)
-    floats = [k for k, v in x.items() if isinstance(v, Tensor) and v.is_floating_point()]
-    if not floats:
-        return None, None
-    key = _inputs.attributed_key("smooth", x)
-    return key, x[key]
 
 
 def _noise_layer(fn: str, model_fn: ModelFn, layer: Any) -> str:
@@ -290,7 +277,7 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
         layer = options.get("layer")
         _checks.check_call(fn, model_fn, params, x, target, layer=layer)
         output = _targets.selector(model_fn)
-        key, value = _noised_entry(x)
+        key, value = _inputs.noised_entry("smooth", x)
         batch = _inputs.batch_of(x)
         cap = batch if batch_size is None else batch_size
         per_call = max(1, cap // batch)                                 # samples per call of method

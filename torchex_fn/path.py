@@ -227,22 +227,6 @@ def _shap_baselines(fn: str, baselines: Any, x: Any, layer: Any) -> Dict[Optiona
     return out
 
 
-def _noised_entry(x: Any) -> Tuple[Optional[str], Optional[Tensor]]:
-    """``(key, value)`` of the floating-point input that gets noise (``(None, None)`` for token ids)."""
-    if isinstance(x, Tensor):
-        return (None, x) if x.is_floating_point() else (None, None)
-    floats = [k for k, v in x.items() if isinstance(v, Tensor) and v.is_floating_point()]
-    if not floats:
-        return None, None
-    key = _inputs.attributed_key("gradient_shap", x)
-    return key, x[key]
-
-
-def _rows(t: Tensor, k: int) -> Tensor:
-    """``t`` ``[g, ...]`` repeated ``k`` times block after block, ``[k * g, ...]``."""
-    return t if k == 1 else t.repeat(k, *([1] * (t.ndim - 1)))
-
-
 def _column(a: Tensor, ndim: int) -> Tensor:
     return a.view(a.shape[0], *([1] * (ndim - 1)))
 
@@ -329,7 +313,7 @@ def gradient_shap(model_fn: ModelFn, params: Params, x: Any, target: Target = No
     _checks.check_positive_int(fn, "batch_size", batch_size, allow_none=True)
     entries = _shap_baselines(fn, baselines, x, layer)
     count = next(iter(entries.values())).shape[0]
-    key, value = _noised_entry(x)
+    key, value = _inputs.noised_entry("gradient_shap", x)
     device = _inputs.device_of(x)
     names = None if layer is None else list(dict.fromkeys(resolve_layers(fn, model_fn, layer)[0]))
     shapes: Dict[Any, Tuple[torch.Size, torch.dtype]] = {}
@@ -393,7 +377,7 @@ def _gradient_shap(fn, model_fn, params, x, target, entries, key, value, names, 
             a = alpha[:, g0:g1].reshape(-1)
             g_target = _targets.for_blocks(target, k, size, None if index is None else index[g0:g1])
             if value is not None:  # noise on the floating-point input
-                noisy = _rows(value[g0:g1], k) + stdev * noise["input"][:, g0:g1].flatten(0, 1)
+                noisy = _inputs.repeat(value[g0:g1], k) + stdev * noise["input"][:, g0:g1].flatten(0, 1)
                 xs = _inputs.replace(xs, key, noisy)
             if names is None:
                 start_point = base_x if key is None else base_x[key]
@@ -408,7 +392,7 @@ def _gradient_shap(fn, model_fn, params, x, target, entries, key, value, names, 
                 if value is not None:
                     _, ends = intermediates(model_fn, layers=names, fn=fn)(params, xs)
                 else:
-                    ends = {n: _rows(clean[gi][n], k) + stdev * noise[n][:, g0:g1].flatten(0, 1) for n in names}
+                    ends = {n: _inputs.repeat(clean[gi][n], k) + stdev * noise[n][:, g0:g1].flatten(0, 1) for n in names}
                 _, starts = intermediates(model_fn, layers=names, fn=fn)(params, base_x)
                 diffs = {n: ends[n] - starts[n] for n in names}
                 points = {n: starts[n] + _column(a.to(diffs[n].dtype), diffs[n].ndim) * diffs[n] for n in names}
