@@ -421,3 +421,13 @@ def test_superpixels_follow_colour_edges_and_are_deterministic():
     assert attr.shape == x.shape
     with pytest.raises(ValueError, match=r"^masks.superpixels: expected x of rank 4"):
         tx.masks.superpixels(x[0])
+
+
+def test_one_feature_is_the_whole_score_difference():
+    _, fn, params = _mlp(torch.float64)
+    x = torch.randn(2, 6, dtype=torch.float64)
+    whole = torch.zeros(6, dtype=torch.long)
+    gap = (fn(params, x)[:, 1] - fn(params, torch.zeros_like(x))[:, 1])[:, None].expand(2, 6)
+    for method, options in [(tx.feature_ablation, {}), (tx.shapley_values, {}),
+                            (tx.shapley_value_sampling, dict(samples=2)), (tx.kernel_shap, dict(samples=5))]:
+        torch.testing.assert_close(method(fn, params, x, 1, feature_mask=whole, **options), gap)
