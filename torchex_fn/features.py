@@ -453,6 +453,8 @@ kernel_shap.__doc__ = _doc("""Kernel SHAP: Shapley values as the coefficients of
     the features, alternating, from ``generator``), with its ``SkLearnLinearRegression`` solved in
     closed form (a minimum-norm weighted least-squares solve in float64). The draws cannot be
     vectorised without changing them, so they cost a few small tensor operations each.
+    With a single feature there is no size to draw: only the two fixed coalitions are evaluated
+    (captum fails there), which gives ``score(x) - score(baseline)`` exactly.
 
     {AUTOGRAD}
 
