@@ -92,7 +92,9 @@ class _Game:
         _checks.check_positive_int(fn, "batch_size", batch_size)
         _checks.check_generator(fn, generator)
         _check_generator_device(fn, generator, value)
-        self.fid, self.count = _feature_ids(fn, feature_mask, value)
+        fid, self.count = _feature_ids(fn, feature_mask, value)
+        self.fid = fid.contiguous()                                             # [1 or B, *input]
+        self.fid_flat = self.fid.reshape(-1)
         self.fn, self.model_fn, self.params, self.x, self.key, self.value = fn, model_fn, params, x, key, value
         self.target = target
         self.batch = batch = value.shape[0]
@@ -122,9 +124,17 @@ class _Game:
         return chosen.gather(1, self.index[gi].repeat(m)[:, None]).squeeze(1)
 
     def __call__(self, z: Tensor) -> Tensor:
+        return self.rows(z.shape[0], lambda first, last: z[first:last])
+
+    def rows(self, count: int, make: Callable[[int, int], Tensor]) -> Tensor:
+        """Scores ``[B, count]`` of coalitions built a forward's worth at a time by ``make(first, last)``
+        (``[last - first, K]`` bool), so that ``count x K`` coalitions are never held at once."""
+        if count == 0:
+            return self.value.new_zeros(self.batch, 0)
         parts: List[List[Tensor]] = [[] for _ in self.groups]
-        for first in range(0, z.shape[0], self.per_forward):
-            present = z[first:first + self.per_forward][:, self.fid]             # [m, 1 or B, *input]
+        for first in range(0, count, self.per_forward):
+            z = make(first, min(first + self.per_forward, count))
+            present = z.index_select(1, self.fid_flat).reshape(z.shape[0], *self.fid.shape)  # [m, 1|B, *input]
             m = present.shape[0]
             for gi, (g0, g1) in enumerate(self.groups):
                 size = g1 - g0
@@ -132,7 +142,23 @@ class _Game:
                 inputs = torch.where(keep, self.value[g0:g1][None], self.base[g0:g1][None]).flatten(0, 1)
                 out = self.model_fn(self.params, _rows_with(self.x, self.key, g0, g1, m, inputs))
                 parts[gi].append(self._scores(out, gi, m, size).reshape(m, size).T)
-        return torch.cat([torch.cat(p, dim=1) for p in parts])                    # [B, n]
+        return torch.cat([torch.cat(p, dim=1) for p in parts])                    # [B, count]
+
+    def per_feature(self, values: Tensor) -> Tensor:
+        """Sums ``[B, K]`` of ``values`` ``[B, *input]`` over the elements of each feature.
+
+        Deterministic on every device (a cumulative sum over the elements sorted by feature, where a
+        scatter-add would use atomics on a GPU); the sort depends only on the mask."""
+        batch = values.shape[0]
+        fid = self.fid.reshape(self.fid.shape[0], -1)                            # [1 or B, E]
+        ordered, order = fid.sort(dim=1, stable=True)
+        ids = torch.arange(self.count, device=fid.device).expand(fid.shape[0], -1).contiguous()
+        starts = torch.searchsorted(ordered, ids)                                # [1 or B, K]
+        ends = torch.searchsorted(ordered, ids, right=True)
+        flat = values.reshape(batch, -1)
+        sums = flat.gather(1, order.expand(batch, -1)).cumsum(1)
+        sums = torch.cat([torch.zeros_like(sums[:, :1]), sums], dim=1)           # [B, E + 1]
+        return sums.gather(1, ends.expand(batch, -1)) - sums.gather(1, starts.expand(batch, -1))
 
 
 def _check_samples(fn: str, samples: Any, least: int = 1) -> None:
@@ -214,8 +240,11 @@ def feature_ablation(model_fn: ModelFn, params: Params, x: Any, target: Target =
                      baseline: Any = 0.0, batch_size: int = 64) -> Tensor:
     game = _Game("feature_ablation", model_fn, params, x, target, feature_mask=feature_mask, baseline=baseline,
                  batch_size=batch_size, reference=True)
-    z = ~torch.eye(game.count, dtype=torch.bool, device=game.value.device)      # all features but k
-    drops = game.reference[:, None] - game(z)                                   # [B, K], the model's dtype
+    features = torch.arange(game.count, device=game.value.device)
+
+    def all_but(first: int, last: int) -> Tensor:                               # row k: every feature but k
+        return features[None] != features[first:last, None]
+    drops = game.reference[:, None] - game.rows(game.count, all_but)            # [B, K], the model's dtype
     return _to_elements(drops.to(game.acc), game.fid, game.value)
 
 
@@ -337,7 +366,6 @@ def shapley_value_sampling(model_fn: ModelFn, params: Params, x: Any, target: Ta
     count, device, batch = game.count, game.value.device, game.batch
     start = game(torch.zeros(1, count, dtype=torch.bool, device=device))       # v(none), [B, 1]
     end = game.reference[:, None, None]                                         # v(all) ends every ordering
-    positions = torch.arange(count, device=device)
     # permutations per block: whole forwards of per_forward coalitions where K allows
     steps = max(count - 1, 1)
     per_block = game.per_forward // math.gcd(game.per_forward, steps)
@@ -347,13 +375,15 @@ def shapley_value_sampling(model_fn: ModelFn, params: Params, x: Any, target: Ta
         p = min(per_block, samples - done)
         order = torch.stack([torch.randperm(count, generator=generator, device=device) for _ in range(p)])
         rank = order.argsort(1)                                                 # [p, K] position of feature i
-        z = (rank[:, None, :] <= positions[None, :count - 1, None]).flatten(0, 1)   # proper prefixes [p (K-1), K]
-        values = game(z).reshape(batch, p, count - 1) if count > 1 else start.new_zeros(batch, p, 0)
-        values = torch.cat([values, end.expand(batch, p, 1)], dim=2)            # [B, p, K]
+
+        def prefixes(first: int, last: int, rank: Tensor = rank) -> Tensor:     # proper prefixes, row q (K-1) + j
+            row = torch.arange(first, last, device=device)
+            return rank[row // steps] <= (row % steps)[:, None]
+        values = game.rows(p * (count - 1), prefixes).reshape(batch, p, count - 1)
+        values = torch.cat([values, end.expand(batch, p, 1)], dim=2)            # [B, p, K] in order
         before = torch.cat([start[:, None].expand(batch, p, 1), values[:, :, :-1]], dim=2)
-        gains = (values - before).to(game.acc)                                  # [B, p, K] in order
-        onehot = (order[:, :, None] == positions).to(game.acc)                  # [p, K (step), K (feature)]
-        part = torch.einsum("bqj,qji->bi", gains, onehot)
+        gains = (values - before).to(game.acc)                                  # [B, p, K] step j adds order[q, j]
+        part = gains.gather(2, rank.expand(batch, p, count)).sum(1)             # [B, K] by feature
         phi = part if phi is None else phi + part
         done += p
     return _to_elements(phi / samples, game.fid, game.value)
@@ -527,13 +557,8 @@ def lime(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, fe
     z = torch.cat(blocks).to(acc)                                               # [n, K]
     values = game(z.bool()).to(acc)                                             # [B, n]
     # distance of each perturbed input to x, from per-feature sums (no perturbed input is kept)
-    batch = game.batch
-    index = game.fid.expand(batch, *game.value.shape[1:]).reshape(batch, -1)
-    xv = game.value.reshape(batch, -1).to(acc)
-    bv = game.base.reshape(batch, -1).to(acc)
-
-    def per_feature(values_: Tensor) -> Tensor:                                  # [B, E] -> [B, K]
-        return torch.zeros(batch, count, dtype=acc, device=device).scatter_add(1, index, values_)
+    xv, bv = game.value.to(acc), game.base.to(acc)
+    per_feature = game.per_feature
     if distance == "cosine":
         xx, xb, bb = per_feature(xv * xv), per_feature(xv * bv), per_feature(bv * bv)
         dot = xx @ z.T + xb @ (1 - z).T                                          # [B, n]
