@@ -375,15 +375,16 @@ def test_errors(name, options, error, match):
         return x.flatten(1)[:, :5]
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(error, match=match):
-        getattr(tx, name)(fn, {}, x, 0, **options)
+        getattr(tx, name)(fn, {}, x, None, **options)                           # None: the first forward is x's
     assert not calls                                                             # raised before any forward
 
 
 def test_too_many_features_for_a_regression_and_target_out_of_range():
     def fn(params, x):
         return x.flatten(1)[:, :5]
-    with pytest.raises(ValueError, match=r"^kernel_shap: expected at most 10000 features .*got 12288 features"):
-        tx.kernel_shap(fn, {}, torch.randn(1, 3, 64, 64), 0)
+    for method in (tx.kernel_shap, tx.lime):
+        with pytest.raises(ValueError, match=r"^(kernel_shap|lime): expected at most 10000 features .*got 12288 features"):
+            method(fn, {}, torch.randn(1, 3, 64, 64), None)
     with pytest.raises(ValueError, match=r"^feature_ablation: expected target in \[0, 5\)"):
         tx.feature_ablation(fn, {}, torch.randn(2, 3, 4, 4), 7, feature_mask=tx.masks.grid((4, 4), 2))
 

@@ -83,7 +83,7 @@ class _Game:
     """
 
     def __init__(self, fn: str, model_fn: ModelFn, params: Params, x: Any, target: Any, *, feature_mask: Any,
-                 baseline: Any, batch_size: int, generator: Any = None, reference: bool = False) -> None:
+                 baseline: Any, batch_size: int, generator: Any = None) -> None:
         _checks.check_call(fn, model_fn, params, x, target, layer_option=False)
         key, value = _entry(fn, x)
         if value.is_complex():
@@ -105,10 +105,14 @@ class _Game:
         self.groups = [(start, min(start + batch_size, batch)) for start in range(0, batch, batch_size)]
         self.index: List[Optional[Tensor]] = [None] * len(self.groups)
         self.reference: Optional[Tensor] = None
-        if reference or target is None:  # scores of x itself (and the predicted class for target=None)
+
+    def begin(self, reference: bool = False) -> None:
+        """The first forward, after every check: the scores of ``x`` itself (``self.reference``, ``[B]``),
+        when asked for or when ``target=None`` needs the predicted class."""
+        if reference or self.target is None:
             parts = []
             for gi, (g0, g1) in enumerate(self.groups):
-                out = model_fn(params, _inputs.take(x, g0, g1))
+                out = self.model_fn(self.params, _inputs.take(self.x, g0, g1))
                 parts.append(self._scores(out, gi, 1, g1 - g0))
             self.reference = torch.cat(parts)                                     # [B]
 
@@ -239,7 +243,8 @@ def _doc(text: str) -> str:
 def feature_ablation(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, feature_mask: Any = None,
                      baseline: Any = 0.0, batch_size: int = 64) -> Tensor:
     game = _Game("feature_ablation", model_fn, params, x, target, feature_mask=feature_mask, baseline=baseline,
-                 batch_size=batch_size, reference=True)
+                 batch_size=batch_size)
+    game.begin(reference=True)
     features = torch.arange(game.count, device=game.value.device)
 
     def all_but(first: int, last: int) -> Tensor:                               # row k: every feature but k
@@ -300,6 +305,7 @@ def shapley_values(model_fn: ModelFn, params: Params, x: Any, target: Target = N
             f"{count} features" + (" (feature_mask=None makes every element a feature)" if feature_mask is None else ""),
             "Group elements with feature_mask= (e.g. `tx.masks.grid((H, W), 56)`), or estimate them with "
             "shapley_value_sampling or kernel_shap.")
+    game.begin()
     device = game.value.device
     # phi_i = sum_S v(S) c_i(S): c_i(S) = w(|S| - 1) if i in S else -w(|S|), w(s) = s! (K - 1 - s)! / K!
     weight = torch.tensor([1.0 / (count * math.comb(count - 1, s)) for s in range(count)] + [0.0],
@@ -362,7 +368,8 @@ def shapley_value_sampling(model_fn: ModelFn, params: Params, x: Any, target: Ta
     fn = "shapley_value_sampling"
     _check_samples(fn, samples)
     game = _Game(fn, model_fn, params, x, target, feature_mask=feature_mask, baseline=baseline,
-                 batch_size=batch_size, generator=generator, reference=True)
+                 batch_size=batch_size, generator=generator)
+    game.begin(reference=True)
     count, device, batch = game.count, game.value.device, game.batch
     start = game(torch.zeros(1, count, dtype=torch.bool, device=device))       # v(none), [B, 1]
     end = game.reference[:, None, None]                                         # v(all) ends every ordering
@@ -464,6 +471,7 @@ def kernel_shap(model_fn: ModelFn, params: Params, x: Any, target: Target = None
     game = _Game(fn, model_fn, params, x, target, feature_mask=feature_mask, baseline=baseline,
                  batch_size=batch_size, generator=generator)
     _check_regression_size(fn, game.count, feature_mask is None)
+    game.begin()
     z = _kernel_shap_coalitions(game.count, samples, generator, game.value.device)
     size = z.sum(1)
     weight = torch.where((size == 0) | (size == game.count), _INF_WEIGHT, 1.0).to(game.acc)
@@ -550,6 +558,7 @@ def lime(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, fe
                  batch_size=batch_size, generator=generator)
     count, device, acc = game.count, game.value.device, game.acc
     _check_regression_size(fn, count, feature_mask is None)
+    game.begin()
     # coalitions: every feature present with probability 1/2, drawn in fixed blocks (captum draws one
     # row at a time; the stream of a block is the same as that of its rows one after the other)
     blocks = [torch.bernoulli(torch.full((min(_DRAW_BLOCK, samples - first), count), 0.5, device=device),
