@@ -212,7 +212,7 @@ class _Writer:
 
     def __init__(self, root: Path, depth: int = 4):
         self.root = root
-        self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self.error: Optional[BaseException] = None
         self.thread = threading.Thread(target=self._run, name="torchex_fn-writer", daemon=True)
         self.thread.start()
@@ -265,7 +265,7 @@ class _Prefetch:
     _END = object()
 
     def __init__(self, loader: Any, depth: int = 2):
-        self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(loader,), name="torchex_fn-loader", daemon=True)
         self.thread.start()
@@ -455,7 +455,7 @@ def _check_store(root: Path, manifest: Dict[str, Any]) -> bool:
 
 def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, data: Any, *,
                       out: Union[str, os.PathLike], batch_size: int, progress: bool = True,
-                      dtype: Optional[torch.dtype] = None, num_workers: int = 0, **options: Any) -> "Attributions":
+                      dtype: Optional[torch.dtype] = None, num_workers: int = 0, **options: Any) -> Attributions:
     """Explain every example of a data set with ``method``; store the maps on disk, resumably.
 
     The data is cut into fixed batches (batch ``b`` is examples ``[b * batch_size, (b + 1) * batch_size)``),
@@ -700,7 +700,7 @@ def _write_index(root: Path, n: int, batch_size: int) -> None:
 class _Maps(Sequence):
     """``store.maps[i]`` / ``store.maps[a:b]``: read from the shard files on access, never all at once."""
 
-    def __init__(self, store: "Attributions"):
+    def __init__(self, store: Attributions):
         self._store = store
 
     def __len__(self) -> int:
