@@ -555,7 +555,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
     d.set_defaults(handler=demo)
 
-    e = commands.add_parser("explain", help="explain images with a torchvision or timm classifier; write maps, overlays",
+    e = commands.add_parser("explain",
+                            help="explain images with a torchvision or timm classifier; write maps, overlays",
                             description="Explain image files (--image, in memory, one overlay PNG each) or a whole "
                                         "folder or glob (--data, through attribute_dataset into a resumable store "
                                         "in --out, overlays optional) with a torchvision or timm classifier (random "

@@ -99,7 +99,8 @@ class NoRule(NotImplementedError):
     def __init__(self, op: str, detail: str = ""):
         self.op = op
         self.detail = detail
-        super().__init__(f"no rule for operation '{op}' on an input-dependent tensor" + (f" ({detail})" if detail else ""))
+        super().__init__(f"no rule for operation '{op}' on an input-dependent tensor"
+                         + (f" ({detail})" if detail else ""))
 
 
 Handler = Callable[[Call], Any]

@@ -152,7 +152,8 @@ def _fc_weight(fn: str, model_fn, params, fc: Any) -> Tensor:
         elif isinstance(fc, nn.Module):
             fc = resolve_layers(fn, model_fn, fc)[0][0]
         if not isinstance(fc, str):
-            raise _checks.type_error(fn, "fc: a layer name, an nn.Linear, a weight tensor or None", _checks.describe(fc))
+            raise _checks.type_error(fn, "fc: a layer name, an nn.Linear, a weight tensor or None",
+                                     _checks.describe(fc))
         key = fc if fc in params else f"{fc}.weight"
         tied = dict(getattr(model_fn, "_aliases", ()))  # a weight tied to another module's (GPT-2's lm_head)
         key = tied.get(key, key) if key not in params else key
@@ -525,7 +526,8 @@ def eigen_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
     names, rebuild = resolve_layers(fn, model_fn, layer)
     out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
-    _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))  # validated (a class out of range is an error), then unused
+    # validated (a class out of range is an error), then unused
+    _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))
     maps: Dict[str, Tensor] = {}
     for name in dict.fromkeys(names):
         act = _to_grid(fn, name, acts[name], x, reshape)

@@ -392,7 +392,8 @@ def _gradient_shap(fn, model_fn, params, x, target, entries, key, value, names, 
                 if value is not None:
                     _, ends = intermediates(model_fn, layers=names, fn=fn)(params, xs)
                 else:
-                    ends = {n: _inputs.repeat(clean[gi][n], k) + stdev * noise[n][:, g0:g1].flatten(0, 1) for n in names}
+                    ends = {n: _inputs.repeat(clean[gi][n], k) + stdev * noise[n][:, g0:g1].flatten(0, 1)
+                            for n in names}
                 _, starts = intermediates(model_fn, layers=names, fn=fn)(params, base_x)
                 diffs = {n: ends[n] - starts[n] for n in names}
                 points = {n: starts[n] + _column(a.to(diffs[n].dtype), diffs[n].ndim) * diffs[n] for n in names}
