@@ -60,7 +60,7 @@ def _raw(t: Tensor) -> Tuple[memoryview, Tensor]:
 def _npy_header(t: Tensor) -> bytes:
     """Version 1.0 header of NumPy's ``.npy`` format (data aligned to 64 bytes)."""
     shape = tuple(t.shape)
-    text = "{'descr': '%s%s', 'fortran_order': False, 'shape': %r, }" % (_ORDER, _NPY_DTYPES[t.dtype], shape)
+    text = f"{{'descr': '{_ORDER}{_NPY_DTYPES[t.dtype]}', 'fortran_order': False, 'shape': {shape!r}, }}"
     pad = -(10 + len(text) + 1) % 64
     text = text + " " * pad + "\n"
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")

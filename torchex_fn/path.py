@@ -160,7 +160,7 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
     alphas, weights = quadrature(method, steps)
     deltas = {n: ends[n] - starts[n] for n in names}
     sums: Dict[str, List[Tensor]] = {n: [] for n in names}
-    for gi, (g0, g1) in enumerate(groups):
+    for g0, g1 in groups:
         size = g1 - g0
         acc: Dict[str, Optional[Tensor]] = {n: None for n in names}
         for first in range(0, steps, per_forward):

@@ -435,7 +435,7 @@ def _no_rule(fn: str, err: _rewrite.NoRule) -> NotImplementedError:
 
 
 def _rescale(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor, eps: float,
-             rules: Mapping[str, Any] = None) -> Tensor:
+             rules: Optional[Mapping[str, Any]] = None) -> Tensor:
     """The native Rescale rule; arguments already checked (see the module docstring for the passes)."""
     rules = _RULES if rules is None else rules
     shared = baseline.ndim < x.ndim or baseline.shape[0] == 1
