@@ -80,7 +80,7 @@ class Call(NamedTuple):
         (what the model asked for) for max pooling.
     """
 
-    index: int
+    index: int  # type: ignore[assignment]  # a field named like tuple.index, as intended
     kind: str
     name: str
     inputs: Tuple[Tensor, ...]
@@ -276,7 +276,7 @@ class _State:
 
     def tainted(self, t: Any) -> bool:
         if isinstance(t, Tensor):
-            return id(t) in self.ids
+            return id(t) in self.ids  # type: ignore[operator]  # only asked while tracking
         if isinstance(t, (tuple, list)):
             return any(self.tainted(item) for item in t)
         return False
@@ -375,9 +375,10 @@ def _without_inplace(func, args, kwargs):
             _SIGNATURES[func] = sig if "inplace" in sig.parameters else None
         except (TypeError, ValueError):
             _SIGNATURES[func] = None
-    sig = _SIGNATURES[func]
-    if sig is None:
+    maybe = _SIGNATURES[func]
+    if maybe is None:
         return args, kwargs
+    sig = maybe
     bound = sig.bind(*args, **kwargs)
     bound.arguments["inplace"] = False
     return bound.args, bound.kwargs
@@ -503,7 +504,7 @@ def _div_entry(mode, func, args, kwargs):
 def _pow_entry(mode, func, args, kwargs):
     st = mode.state
     name = getattr(func, "__name__", "")
-    base, exp = (1, 0) if name == "__rpow__" else (0, 1)
+    base, exp = (1, 0) if name == "__rpow__" else (0, 1)  # type: Tuple[Any, Any]
     if len(args) < 2:
         base, exp = "input", "exponent"
     if st.tainted(_get(args, kwargs, base)) and st.tainted(_get(args, kwargs, exp)):

@@ -371,7 +371,7 @@ def attention_rollout(model_fn: ModelFn, params: Params, x: Tensor, target: Targ
     probs = [calls[i].probs for i in chosen]
     _check_square(fn, probs)
     eye = torch.eye(probs[0].shape[-1], dtype=probs[0].dtype, device=probs[0].device)
-    rollout = None
+    rollout: Any = None
     for p in probs:
         a = _fuse_heads(p, head_fusion) + eye
         a = a / a.sum(dim=-1, keepdim=True)

@@ -606,7 +606,7 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
     batch, channels = act.shape[:2]
     call_target = callable(target) and not isinstance(target, Tensor)
     chosen = _targets.selector(model_fn)
-    index = None if call_target else _targets.resolve_index(out, target, fn=fn, output=chosen)
+    index: Any = None if call_target else _targets.resolve_index(out, target, fn=fn, output=chosen)
     base = (_targets.resolve(out, target, fn=fn) if call_target
             else _targets.select_output(out, chosen, fn=fn).gather(1, index[:, None]).squeeze(1))
 
@@ -622,7 +622,7 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
         if reshape is None:
             keep_out = onehot.reshape(*onehot.shape, *([1] * (raw.ndim - 2)))
         else:  # the entries of the raw output that reshape sends to channel k: its transpose applied to a one-hot
-            mapped, transpose = torch.func.vjp(reshape, chunk)
+            mapped, transpose = torch.func.vjp(reshape, chunk)  # type: ignore[misc]  # 2 values without has_aux
             (keep_out,) = transpose(onehot.reshape(*onehot.shape, *([1] * (mapped.ndim - 2))).expand_as(mapped))
         masked_out, _ = intermediates(model_fn, layers=names, perturb={name: -chunk * keep_out}, fn=fn)(
             params, x.index_select(0, rows))

@@ -209,7 +209,8 @@ def capture(model_fn, params, x: Tensor, layers: Any) -> Tuple[Any, Any]:
 
 # Memo of layer output shapes, so that a layer gradient needs no extra forward pass to learn the
 # perturbation's shape. Keyed weakly by the module (or model_fn); checked on every use.
-_SHAPES: weakref.WeakKeyDictionary[Any, Dict[tuple, Tuple[torch.Size, torch.dtype]]] = weakref.WeakKeyDictionary()
+_SHAPES: weakref.WeakKeyDictionary[Any, Dict[tuple, Dict[str, Tuple[torch.Size, torch.dtype]]]] = \
+    weakref.WeakKeyDictionary()
 
 
 def _memo_owner(model_fn):

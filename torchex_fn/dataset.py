@@ -308,7 +308,8 @@ class _Seen:
     """Predicted classes taken from a forward pass the method makes on the batch itself, if it makes one."""
 
     def __init__(self, output: Any):
-        self.x, self.output, self.pred = None, output, None
+        self.x, self.output = None, output
+        self.pred: Optional[Tensor] = None
 
     def reset(self, x: Any) -> None:
         self.x, self.pred = x, None
@@ -607,7 +608,7 @@ def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype,
     loader = DataLoader(dataset, batch_sampler=[list(batches[b]) for b in todo], num_workers=num_workers,
                         pin_memory=cuda, **({"collate_fn": collate} if collate is not None else {}))
     if num_workers == 0:  # no worker processes: a thread loads the next batches meanwhile
-        loader = _Prefetch(loader)
+        loader = _Prefetch(loader)  # type: ignore[assignment]  # iterates like the loader
     seeds = _generator_seeds(options)
     output = _targets.selector(model_fn)
     seen = _Seen(output)
@@ -677,7 +678,9 @@ def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype,
 
 
 def _write_index(root: Path, n: int, batch_size: int) -> None:
-    shards, shape, dtype = [], None, None
+    shards: List[Dict[str, Any]] = []
+    shape: Any = None
+    dtype: Any = None
     for b, rows in enumerate(_batches(n, batch_size)):
         maps_name, meta_name = _shard_names(b)
         if not _stored(root, b, len(rows)):
@@ -706,7 +709,7 @@ class _Maps(Sequence):
     def __len__(self) -> int:
         return len(self._store)
 
-    def __getitem__(self, key: Any) -> Tensor:
+    def __getitem__(self, key: Any) -> Tensor:  # type: ignore[override]  # a slice reads a tensor too
         store = self._store
         if isinstance(key, slice):
             start, stop, step = key.indices(len(store))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -255,7 +255,7 @@ def _lm_input(model_fn: Any, ids: Tensor, keep: int) -> Any:
         names = {}
     if "input_ids" not in names:
         return ids
-    x = {"input_ids": ids}
+    x: Dict[str, Any] = {"input_ids": ids}
     if "logits_to_keep" in names:
         x["logits_to_keep"] = keep
     if "use_cache" in names:
