@@ -1,9 +1,9 @@
 """float16 and bfloat16 on CUDA against float64 on CUDA, every method and rank (skipped without CUDA).
 
-The same nets, metric and tolerances as tests/test_dtypes.py (float16 carries 3 more mantissa
-bits than bfloat16, so bfloat16's tolerance bounds it too). The masks, noise and maps stay on
-the device. Not run on the development machine (no CUDA there): the tolerances are bfloat16's
-CPU measurements, not CUDA measurements.
+The same nets and metric as tests/test_dtypes.py; bfloat16's tolerance is the CPU one, float16's
+twice the CPU one (CUDA kernels may accumulate in other orders). The masks, noise and maps stay on
+the device. Not run on the development machine (no CUDA there): the tolerances come from CPU
+measurements, not CUDA measurements.
 """
 import pytest
 import torch
@@ -31,4 +31,5 @@ def test_half_precision_on_cuda_close_to_float64(name, rank, dtype):
         ref = CALLS[name](fn64, p64, x64, target)
     scale = model64(x64).gather(1, target[:, None]).abs().max() if name in SCORE_SCALED else ref.abs().max()
     err = ((got.double() - ref).abs().max() / scale).item()
-    assert err <= EXCEPTIONS.get((name, torch.bfloat16, rank), TOLERANCE[torch.bfloat16]), err
+    tolerance = 2 * TOLERANCE[dtype] if dtype == torch.float16 else TOLERANCE[dtype]
+    assert err <= EXCEPTIONS.get((name, dtype, rank), tolerance), err

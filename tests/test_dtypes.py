@@ -1,7 +1,8 @@
 """dtypes and memory layouts: every method in float32 and bfloat16 against float64 with stated
 tolerances (docs/input_ranks.md, "dtypes"); channels_last and strided views give the maps of
 contiguous inputs; inputs and params that require grad give the same maps, keep their
-``requires_grad`` and get no ``.grad``. float16 runs only on CUDA (tests/test_cuda_dtypes.py).
+``requires_grad`` and get no ``.grad``. float16 runs here on the CPU (torch 2.14 has CPU kernels
+for every operation these nets use) and on CUDA in tests/test_cuda_dtypes.py.
 
 Models: Softplus nets (smooth, so that a difference measures rounding, not a ReLU unit whose
 pre-activation rounds across 0), ReLU nets for the methods whose rules are written for ReLU
@@ -26,7 +27,7 @@ RANDOM = {"smooth", "gradient_shap"}        # noise drawn in x's dtype: compared
 SCORE_SCALED = {"occlusion"}
 
 # max |map_d - map_64| / scale, the scale being max |map_64| (max |score| for SCORE_SCALED).
-TOLERANCE = {torch.float32: 5e-6, torch.bfloat16: 4e-2}
+TOLERANCE = {torch.float32: 5e-6, torch.bfloat16: 4e-2, torch.float16: 5e-3}
 # Measured exceptions (seed 0 nets; see docs/input_ranks.md): bfloat16 flips ReLU units of the
 # 3-d ReLU net (pre-activations within bfloat16 rounding of 0), which moves guided back-propagation.
 EXCEPTIONS = {("guided_backprop", torch.bfloat16, "volume"): 0.25}
@@ -56,11 +57,26 @@ def _error(name, rank, dtype):
     return ((got.double() - ref).abs().max() / scale).item()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("name, rank", _cells())
 def test_low_precision_close_to_float64(name, rank, dtype):
     err = _error(name, rank, dtype)
     assert err <= EXCEPTIONS.get((name, dtype, rank), TOLERANCE[dtype]), err
+
+
+def test_score_cam_float16_constant_channel_gives_a_zero_mask_not_nan():
+    """A channel that ReLU zeroes everywhere: (A - min) / (max - min + 1e-8) is 0 / 0 if the 1e-8
+    is rounded to float16 (0); the masks are normalised in float32."""
+    model = model_for("image", torch.float16)
+    with torch.no_grad():
+        model.features.bias[0] = -100.0
+    fn, params = tx.functionalize(model)
+    x = input_for("image", torch.float16)
+    _, acts = tx.intermediates(fn, layers=["act2"])(params, x)
+    assert (acts["act2"][:, 0] == 0).all()
+    out = tx.score_cam(fn, params, x, TARGET, layer="act2", relu=False)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
 
 
 # --------------------------------------------------------------------------------------------

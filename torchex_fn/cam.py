@@ -187,13 +187,14 @@ def cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, 
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
       target: ``None`` (predicted class), int, or ``[B]`` ints (a class index is needed).
       layer: The feature layer feeding the pooling (dotted name or module), output ``[B, K, h, w]``.
       fc: The linear layer: name, module, or its weight ``[classes, K]``. Default: the model's
         last ``nn.Linear``.
       relu: Keep only positive evidence (Zhou et al. and torchcam do not). Default: False.
-      upsample: Resize to ``x``'s spatial size (bilinear). Default: True.
+      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear). Default: True.
       reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
         ``reshape_transform``), e.g. ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT
         tokens or ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the
@@ -241,12 +242,14 @@ def grad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
       target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
       layer: Dotted module name or the module; a list / tuple / dict of them gives a list / dict
         of maps.
       relu: Keep only positive evidence, as in the paper. Default: True.
-      upsample: Resize to ``x``'s spatial size (bilinear, ``align_corners=False``). Default: True.
+      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear for 1, 2 or 3 grid
+        axes, ``align_corners=False``). Default: True.
       reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
         ``reshape_transform``), applied to the activation and to its gradient alike, e.g.
         ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT tokens or
@@ -333,12 +336,14 @@ def grad_cam_pp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = N
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
       target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
       layer: Dotted module name or the module; a list / tuple / dict of them gives a list / dict
         of maps.
       relu: Keep only positive evidence, as in the paper. Default: True.
-      upsample: Resize to ``x``'s spatial size (bilinear, ``align_corners=False``). Default: True.
+      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear for 1, 2 or 3 grid
+        axes, ``align_corners=False``). Default: True.
       reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
         ``reshape_transform``), applied to the activation and to its gradient alike, e.g.
         ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT tokens or
@@ -379,12 +384,14 @@ def _grad_cam_pp_weights(act: Tensor, grad: Tensor) -> Tensor:
 
 _ARGS_DOC = """      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
       target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
       layer: Dotted module name or the module; a list / tuple / dict of them gives a list / dict
         of maps.
       relu: Keep only positive evidence, as in the paper. Default: True.
-      upsample: Resize to ``x``'s spatial size (bilinear, ``align_corners=False``). Default: True.
+      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear for 1, 2 or 3 grid
+        axes, ``align_corners=False``). Default: True.
       reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
         ``reshape_transform``), applied to the activation and to its gradient alike, e.g.
         ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT tokens or
@@ -585,14 +592,16 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
       target: ``None`` (the class predicted for the unablated image), int, ``[B]`` ints, or a
         callable ``out -> [n]`` applied to each chunk of ``n`` ablated images (row by row).
       layer: One dotted module name or module.
       batch_size: The most ablated images in one forward (a memory cap; it changes the result
         only by float rounding). Default: 32.
       relu: Keep only positive evidence, as in the paper. Default: True.
-      upsample: Resize to ``x``'s spatial size (bilinear, ``align_corners=False``). Default: True.
+      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear for 1, 2 or 3 grid
+        axes, ``align_corners=False``). Default: True.
       reshape: A callable from the layer's output to ``[B, K, *grid]``, as in :func:`grad_cam`.
         Default: ``None`` (the output must already be ``[B, K, *grid]``, see :func:`grad_cam`).
 
@@ -743,7 +752,8 @@ def fullgrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
       target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
       layer: The layers whose biases count: ``None`` (default) for every convolution and batch
         norm with a bias of ``x``'s spatial rank (as pytorch-grad-cam), or names / modules.
@@ -805,7 +815,8 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
               align_corners: bool = False, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Score-CAM: each channel is weighted by the model's score for the input masked by that channel.
 
-    Each activation channel ``A_k`` is resized to ``x``'s size (bilinear) and min-max normalised
+    Each activation channel ``A_k`` is resized to ``x``'s size (linear, bilinear or trilinear for
+    sequences, images or volumes) and min-max normalised
     to ``M_k = (A_k - min) / (max - min + 1e-8)`` (a constant channel gives ``M_k = 0``); the
     model scores ``x * M_k``, and ``map = relu(sum_k w_k A_k)`` at the layer's resolution. The
     channel weights ``w_k`` come from the scores of the ``K`` masked copies of each image:
@@ -825,35 +836,38 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch of images ``[B, C, H, W]``.
+      x: A batch ``[B, C, *grid]`` with 1 to 3 grid axes: sequences ``[B, C, T]``, images
+        ``[B, C, H, W]``, volumes ``[B, C, D, H, W]``.
       target: ``None`` (the class predicted for the unmasked image), int, ``[B]`` ints, or a
         callable ``out -> [n]`` applied to each batch of ``n`` masked images (it must act row by row).
-      layer: One dotted module name or module with output ``[B, K, h, w]``.
+      layer: One dotted module name or module with output ``[B, K, *grid]`` (``x``'s grid axes).
       batch_size: The most masked images in one forward pass (memory cap; it does not change the
         result beyond float rounding). Default: 32.
-      upsample: Resize the map to ``x``'s spatial size (bilinear, ``align_corners=False``). Default: True.
+      upsample: Resize the map to ``x``'s spatial size (linear, bilinear or trilinear,
+        ``align_corners=False``). Default: True.
       relu: Keep only positive evidence, as in the paper. Default: True.
       weights: ``"prob"`` or ``"softmax"``, see above. Default: ``"prob"``.
       align_corners: How the activations are resized into masks. Default: False (the authors'
         code); pytorch-grad-cam uses True.
-      reshape: A callable from the layer's output to ``[B, K, h, w]`` (pytorch-grad-cam's
+      reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
         ``reshape_transform``), e.g. ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT
         tokens or ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the
         output must already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from
         ``x``'s by one factor; any other layout is refused, never guessed.
 
     Returns:
-      ``[B, 1, H, W]`` (``[B, 1, h, w]`` with ``upsample=False``).
+      ``[B, 1, *grid]`` of ``x``'s grid, e.g. ``[B, 1, H, W]`` (the layer's grid with ``upsample=False``).
 
     Raises:
-      ValueError: an unknown layer, a layer never reached or without a 2-d grid, ``batch_size``
-        below 1, an unknown ``weights``, ``x`` not of rank 4, a target out of range, NaN input.
+      ValueError: an unknown layer, a layer never reached or without ``x``'s grid axes, ``batch_size``
+        below 1, an unknown ``weights``, ``x`` not of rank 3, 4 or 5, a target out of range, NaN input.
       TypeError: several layers (Score-CAM takes one), a bad ``batch_size``, target or layer type.
 
     Example:
       >>> score_cam(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
       >>> with torch.no_grad():
       ...     maps = score_cam(fn, params, images, layer=model.layer3, batch_size=128)
+      >>> score_cam(fn1d, params1d, audio, labels, layer="features").shape   # [8, 2, 16000] -> [8, 1, 16000]
 
     Cost: one forward over ``x`` to capture the layer, then ``ceil(B K / batch_size)`` forward
     passes of up to ``batch_size`` masked images; no backward. Memory: one such forward and its
