@@ -122,7 +122,7 @@ def test_strided_views_give_the_same_maps(name, rank):
 # --------------------------------------------------------------------------------------------
 # Inputs and params that require grad: the same maps, requires_grad kept, no .grad filled.
 
-@pytest.mark.parametrize("name, rank", [(n, r) for n, r in _cells() if r in ("tabular", "sequence")])
+@pytest.mark.parametrize("name, rank", _cells())
 def test_inputs_and_params_that_require_grad(name, rank):
     model, fn, params = functional(rank)
     x = input_for(rank)
