@@ -804,6 +804,9 @@ def deeplift_shap(model_fn: ModelFn, params: Params, x: Tensor, target: Target =
     bases = _check_baseline(fn, baselines, x[:1].expand(baselines.shape[0], *x.shape[1:]), name="baselines")
     count = bases.shape[0]
     step = count if batch_size is None else batch_size
+    # vmap has no batching rule for the as_strided_ that pooling takes on channels_last tensors
+    # (a slow per-example fallback): the baselines are batched in the ordinary layout.
+    x, bases = x.contiguous(), bases.contiguous()
 
     def one(b: Tensor) -> Tensor:
         return _rescale(fn, model_fn, params, x, target, b, float(eps), rules)
