@@ -69,7 +69,8 @@ def _draw_masks_nd(count: int, cells: int, probability: float, size: Tuple[int, 
     rank = len(size)
     grid = torch.rand(count, *([cells] * rank), generator=generator, device=device, dtype=torch.float32) < probability
     offsets = [torch.randint(math.ceil(n / cells), (count,), generator=generator, device=device) for n in size]
-    picked = [w[o[:, None] + torch.arange(n, device=device)] for w, o, n in zip(weights, offsets, size)]  # [count, n, cells]
+    # [count, n, cells]
+    picked = [w[o[:, None] + torch.arange(n, device=device)] for w, o, n in zip(weights, offsets, size)]
     if rank == 2:
         return picked[0] @ grid.to(dtype) @ picked[1].transpose(1, 2)         # [count, H, W]
     masks = grid.to(dtype)
