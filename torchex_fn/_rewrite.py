@@ -80,7 +80,7 @@ class Call(NamedTuple):
         (what the model asked for) for max pooling.
     """
 
-    index: int
+    index: int  # type: ignore[assignment]  # a field named like tuple.index, as intended
     kind: str
     name: str
     inputs: Tuple[Tensor, ...]
@@ -99,7 +99,8 @@ class NoRule(NotImplementedError):
     def __init__(self, op: str, detail: str = ""):
         self.op = op
         self.detail = detail
-        super().__init__(f"no rule for operation '{op}' on an input-dependent tensor" + (f" ({detail})" if detail else ""))
+        super().__init__(f"no rule for operation '{op}' on an input-dependent tensor"
+                         + (f" ({detail})" if detail else ""))
 
 
 Handler = Callable[[Call], Any]
@@ -275,7 +276,7 @@ class _State:
 
     def tainted(self, t: Any) -> bool:
         if isinstance(t, Tensor):
-            return id(t) in self.ids
+            return id(t) in self.ids  # type: ignore[operator]  # only asked while tracking
         if isinstance(t, (tuple, list)):
             return any(self.tainted(item) for item in t)
         return False
@@ -330,7 +331,7 @@ def _substitute(args, kwargs, pos, value):
 # Entries of the tracking table: (mode, func, args, kwargs) -> result, called when at least one
 # argument is tainted.
 
-def _run_linear(mode: "_Mode", func, args, kwargs):
+def _run_linear(mode: _Mode, func, args, kwargs):
     out = func(*args, **kwargs)
     st = mode.state
     st.mark(out)
@@ -343,11 +344,11 @@ def _run_linear(mode: "_Mode", func, args, kwargs):
     return out
 
 
-def _run_query(mode: "_Mode", func, args, kwargs):
+def _run_query(mode: _Mode, func, args, kwargs):
     return func(*args, **kwargs)
 
 
-def _run_property(mode: "_Mode", func, args, kwargs):
+def _run_property(mode: _Mode, func, args, kwargs):
     name = _name(func)
     if name in ("T", "mT", "H", "mH", "data", "real"):
         return _run_linear(mode, func, args, kwargs)
@@ -356,7 +357,7 @@ def _run_property(mode: "_Mode", func, args, kwargs):
     return func(*args, **kwargs)
 
 
-def _run_detach(mode: "_Mode", func, args, kwargs):
+def _run_detach(mode: _Mode, func, args, kwargs):
     # DeepLIFT explains values, and detaching does not change a value: an alias that keeps the path
     out = args[0].view_as(args[0])
     mode.state.mark(out)
@@ -374,9 +375,10 @@ def _without_inplace(func, args, kwargs):
             _SIGNATURES[func] = sig if "inplace" in sig.parameters else None
         except (TypeError, ValueError):
             _SIGNATURES[func] = None
-    sig = _SIGNATURES[func]
-    if sig is None:
+    maybe = _SIGNATURES[func]
+    if maybe is None:
         return args, kwargs
+    sig = maybe
     bound = sig.bind(*args, **kwargs)
     bound.arguments["inplace"] = False
     return bound.args, bound.kwargs
@@ -384,7 +386,7 @@ def _without_inplace(func, args, kwargs):
 
 def _unary(oop: Callable[..., Any], name: Optional[str] = None):
     """Elementwise in its one tainted argument (at any position; the others fixed): the Rescale rule."""
-    def entry(mode: "_Mode", func, args, kwargs):
+    def entry(mode: _Mode, func, args, kwargs):
         st = mode.state
         pos = _tensor_positions(st, args, kwargs)
         if len(pos) != 1 or not isinstance(_get(args, kwargs, pos[0]), Tensor):
@@ -401,7 +403,7 @@ def _unary(oop: Callable[..., Any], name: Optional[str] = None):
 
 def _activation(binder):
     """The binders of the activations-only registry, inside the tracking mode."""
-    def entry(mode: "_Mode", func, args, kwargs):
+    def entry(mode: _Mode, func, args, kwargs):
         st = mode.state
         pos = _tensor_positions(st, args, kwargs)
         if pos not in ([0], ["input"]):
@@ -415,7 +417,7 @@ def _activation(binder):
 
 def _decompose(body: Callable[..., Any]):
     """Run ``body`` (plain torch code) with the mode active, so that its pieces get their rules."""
-    def entry(mode: "_Mode", func, args, kwargs):
+    def entry(mode: _Mode, func, args, kwargs):
         with _Mode(mode.state):
             return body(*args, **kwargs)
     return entry
@@ -427,7 +429,7 @@ def _bilinear_or_linear(positions: Sequence[Any], name: str, decompose: Optional
     ``decompose(mode, func, args, kwargs)``, if given, handles the two-tainted case instead (used
     where the operation also adds a term, e.g. ``F.linear``'s bias or ``addmm``'s input).
     """
-    def entry(mode: "_Mode", func, args, kwargs):
+    def entry(mode: _Mode, func, args, kwargs):
         st = mode.state
         tainted = [p for p in positions if _has(args, kwargs, p) and st.tainted(_get(args, kwargs, p))]
         if len(tainted) < 2:
@@ -502,7 +504,7 @@ def _div_entry(mode, func, args, kwargs):
 def _pow_entry(mode, func, args, kwargs):
     st = mode.state
     name = getattr(func, "__name__", "")
-    base, exp = (1, 0) if name == "__rpow__" else (0, 1)
+    base, exp = (1, 0) if name == "__rpow__" else (0, 1)  # type: Tuple[Any, Any]
     if len(args) < 2:
         base, exp = "input", "exponent"
     if st.tainted(_get(args, kwargs, base)) and st.tainted(_get(args, kwargs, exp)):
@@ -577,7 +579,7 @@ def scale(d: Tensor, r: Tensor) -> Tensor:
     return d * r
 
 
-def _scale_entry(mode: "_Mode", func, args, kwargs):
+def _scale_entry(mode: _Mode, func, args, kwargs):
     st = mode.state
     d, r = args
     if not (st.tainted(d) and st.tainted(r)):

@@ -164,7 +164,8 @@ def _fc_weight(fn: str, model_fn, params, fc: Any) -> Tensor:
         elif isinstance(fc, nn.Module):
             fc = resolve_layers(fn, model_fn, fc)[0][0]
         if not isinstance(fc, str):
-            raise _checks.type_error(fn, "fc: a layer name, an nn.Linear, a weight tensor or None", _checks.describe(fc))
+            raise _checks.type_error(fn, "fc: a layer name, an nn.Linear, a weight tensor or None",
+                                     _checks.describe(fc))
         key = fc if fc in params else f"{fc}.weight"
         tied = dict(getattr(model_fn, "_aliases", ()))  # a weight tied to another module's (GPT-2's lm_head)
         key = tied.get(key, key) if key not in params else key
@@ -554,7 +555,8 @@ def eigen_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
     names, rebuild = resolve_layers(fn, model_fn, layer)
     out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
-    _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))  # validated (a class out of range is an error), then unused
+    # validated (a class out of range is an error), then unused
+    _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))
     maps: Dict[str, Tensor] = {}
     for name in dict.fromkeys(names):
         act = _to_grid(fn, name, acts[name], x, reshape)
@@ -637,7 +639,7 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
     batch, channels = act.shape[:2]
     call_target = callable(target) and not isinstance(target, Tensor)
     chosen = _targets.selector(model_fn)
-    index = None if call_target else _targets.resolve_index(out, target, fn=fn, output=chosen)
+    index: Any = None if call_target else _targets.resolve_index(out, target, fn=fn, output=chosen)
     base = (_targets.resolve(out, target, fn=fn) if call_target
             else _targets.select_output(out, chosen, fn=fn).gather(1, index[:, None]).squeeze(1))
 
@@ -653,7 +655,7 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
         if reshape is None:
             keep_out = onehot.reshape(*onehot.shape, *([1] * (raw.ndim - 2)))
         else:  # the entries of the raw output that reshape sends to channel k: its transpose applied to a one-hot
-            mapped, transpose = torch.func.vjp(reshape, chunk)
+            mapped, transpose = torch.func.vjp(reshape, chunk)  # type: ignore[misc]  # 2 values without has_aux
             (keep_out,) = transpose(onehot.reshape(*onehot.shape, *([1] * (mapped.ndim - 2))).expand_as(mapped))
         masked_out, _ = intermediates(model_fn, layers=names, perturb={name: -chunk * keep_out}, fn=fn)(
             params, x.index_select(0, rows))

@@ -69,7 +69,8 @@ def _draw_masks_nd(count: int, cells: int, probability: float, size: Tuple[int, 
     rank = len(size)
     grid = torch.rand(count, *([cells] * rank), generator=generator, device=device, dtype=torch.float32) < probability
     offsets = [torch.randint(math.ceil(n / cells), (count,), generator=generator, device=device) for n in size]
-    picked = [w[o[:, None] + torch.arange(n, device=device)] for w, o, n in zip(weights, offsets, size)]  # [count, n, cells]
+    # [count, n, cells]
+    picked = [w[o[:, None] + torch.arange(n, device=device)] for w, o, n in zip(weights, offsets, size)]
     if rank == 2:
         return picked[0] @ grid.to(dtype) @ picked[1].transpose(1, 2)         # [count, H, W]
     masks = grid.to(dtype)
@@ -255,7 +256,7 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     if by_index:  # score the tensor that functionalize's output= chooses (softmax by default)
         transform = score if score is not None else (lambda out: torch.softmax(out, dim=1))
 
-        def scored(out: Any) -> Tensor:
+        def scored(out: Any) -> Any:
             return transform(_targets.select_output(out, output, fn=fn))
     else:  # a callable target is the whole score, on the raw output (after ``score``, if given)
         def scored(out: Any) -> Any:
@@ -277,8 +278,8 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     def draw(count: int) -> Tensor:
         return _draw_masks_nd(count, cell_size, probability, grid, weights, generator)
 
-    sums: List[Optional[Tensor]] = [None] * len(groups)
-    mask_sum: Optional[Tensor] = None
+    sums: List[Any] = [None] * len(groups)
+    mask_sum: Any = None
     with tqdm(total=num_masks, desc=fn, unit="mask", disable=not progress) as bar:
         for masks in _mask_pieces(num_masks, per_forward, draw):            # [m, *grid]
             m = masks.shape[0]
@@ -454,7 +455,7 @@ def occlusion(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     def masks_of(first: int, last: int) -> Tensor:
         """Masks ``[last - first, *input]`` of the windows numbered ``first .. last - 1`` (row-major)."""
         index = torch.arange(first, last, device=device)
-        mask = None
+        mask: Any = None
         for d in range(len(shape)):
             stride_d = math.prod(counts[d + 1:])
             rows = covers[d][(index // stride_d) % counts[d]]                       # [m, size_d]
@@ -494,7 +495,7 @@ def occlusion(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
             drops[gi].append(references[gi][:, None] - scores.reshape(m, size).T)
     diff = torch.cat([torch.cat(d, dim=1) for d in drops]).to(acc_dtype)              # [B, P]
     total = diff.reshape(batch, *counts)
-    weight = None
+    weight: Any = None
     for d, cover in enumerate(covers):                          # contract window index d with cover d
         total = torch.tensordot(total, cover, dims=([1], [0]))  # the window axis moves to the end
         per_dim = cover.sum(0).reshape(*([1] * d), shape[d], *([1] * (len(shape) - d - 1)))

@@ -36,7 +36,10 @@ def normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 def channel_reduce(maps: Tensor, how: str = "sum") -> Tensor:
-    """Reduce ``[B, C, *spatial]`` over channels to ``[B, 1, *spatial]`` (``sum``, ``mean``, ``abs_sum``, ``max_abs``)."""
+    """Reduce ``[B, C, *spatial]`` over channels to ``[B, 1, *spatial]``.
+
+    ``how`` is ``sum``, ``mean``, ``abs_sum`` or ``max_abs``.
+    """
     if how == "sum":
         return maps.sum(dim=1, keepdim=True)
     if how == "mean":
