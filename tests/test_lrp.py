@@ -73,6 +73,32 @@ def test_equals_zennit_in_float64_to_rounding(one_thread):
     assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-12  # measured 8e-15
 
 
+@pytest.mark.parametrize("rule", ["wsquare", "gamma", "flat", "zbox", "alpha1_beta0", "epsilon"])
+def test_rules_by_name_equal_zennit(rule):
+    """A rule given to chosen modules with ``rules=``, against zennit's NameLayerMapComposite."""
+    composites = pytest.importorskip("zennit.composites")
+    from zennit import rules as zr
+    from zennit.types import Convolution
+
+    model = _cnn(bias=True)
+    fn, params = tx.functionalize(model)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    target = torch.tensor([2, 0])
+    zennit_rule = {"wsquare": zr.WSquare(), "gamma": zr.Gamma(gamma=0.5), "flat": zr.Flat(),
+                   "zbox": zr.ZBox(low=-4.0, high=4.0), "alpha1_beta0": zr.AlphaBeta(alpha=1, beta=0),
+                   "epsilon": zr.Epsilon(epsilon=0.25)}[rule]
+    layer_map = composites.layer_map_base() + [(Convolution, zr.ZPlus()), (nn.Linear, zr.Epsilon())]
+    comp = composites.NameLayerMapComposite(name_map=[(("0", "6", "10"), zennit_rule)], layer_map=layer_map)
+    xx = x.clone().requires_grad_(True)
+    with comp.context(model) as m:
+        out = m(xx)
+        seed = torch.zeros_like(out).scatter_(1, target[:, None], out.gather(1, target[:, None]))
+        (ref,) = torch.autograd.grad(out, xx, grad_outputs=seed)
+    ours = tx.lrp(fn, params, x, target, composite="epsilon_plus", rules={"0": rule, "6": rule, "10": rule},
+                  gamma=0.5, epsilon=0.25, low=-4.0, high=4.0)
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-12
+
+
 # --------------------------------------------------------------------------------------------
 # Closed forms and conservation on hand-weighted models.
 
