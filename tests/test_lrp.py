@@ -316,6 +316,8 @@ def test_errors():
         tx.lrp(fn, params, x, 5)
     with pytest.raises(TypeError, match="lrp: expected x of a floating-point dtype"):
         tx.lrp(fn, params, x.long())
+    with pytest.raises(TypeError, match="lrp: expected x, a floating-point tensor"):
+        tx.lrp(fn, params, {"pixel_values": x})
 
 
 def test_layers_without_a_rule_raise_before_any_forward():

@@ -105,6 +105,7 @@ _NONNEGATIVE = frozenset(("relu", "relu6", "sigmoid", "softplus", "hardsigmoid")
 _POOLS = frozenset(("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
                     "adaptive_avg_pool3d", "mean", "sum"))
 _HANDED = tuple(name for name in _rewrite.LINEAR)
+_USES_OUTPUT = frozenset(("epsilon", "zero", "gamma", "zbox"))  # rules that need the layer's own output
 
 # Leaf modules that need no rule of their own (their operations are handled one by one).
 _PLAIN_LEAVES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
@@ -359,7 +360,7 @@ class _Propagate(torch.autograd.Function):
 
     @staticmethod
     def forward(v: Tensor, y: Tensor, rule: Any, *tensors: Tensor) -> Tensor:
-        return y.clone()
+        return y.view_as(y)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
@@ -395,7 +396,7 @@ def _layer_terms(rule: str, geometry: _Geometry, a: Tensor, w: Tensor, b: Option
         terms.add(1.0, a, w, torch.reciprocal(_stab(z, opt.epsilon if rule == "epsilon" else 0.0)))
     elif rule in ("zplus", "alpha1_beta0", "alpha2_beta1"):
         alpha, beta = (2.0, 1.0) if rule == "alpha2_beta1" else (1.0, 0.0)
-        wp, wn = pos(w), neg(w)
+        wp, wn = pos(w), (neg(w) if beta or not nonneg else None)  # w- is unused by z-plus on inputs >= 0
         ap, an = (a, None) if nonneg else (pos(a), neg(a))
         zp = fwd(ap, wp, pos(b)) if nonneg else fwd(ap, wp, pos(b)) + fwd(an, wn, None)
         sp = torch.reciprocal(_stab(zp, eps))
@@ -544,12 +545,12 @@ class _Recorder:
         z = y
         merged = self.plan.merges.get(owner)
         if merged is not None:
-            w, b, z = self._merge(merged, w, b, y, name)
+            w, b, z = self._merge(merged, w, b, y, name, rule in _USES_OUTPUT)
         geometry = _Geometry(name, call.options["args"], call.options["kwargs"], a.shape)
         terms = _layer_terms(rule, geometry, a, w, b, z, self._is_nonneg(a), self.opt)
         return _Record(name, y, terms), y
 
-    def _merge(self, bn: str, w: Tensor, b: Optional[Tensor], y: Tensor, name: str):
+    def _merge(self, bn: str, w: Tensor, b: Optional[Tensor], y: Tensor, name: str, output: bool):
         """zennit's batch-norm merge, on this call's tensors: weights, bias and the merged output."""
         p = self.params
         module = self.plan.modules[bn]
@@ -561,9 +562,10 @@ class _Recorder:
         shape = (-1,) + (1,) * (w.ndim - 1)
         w_merged = w * scale.reshape(shape)
         b_merged = shift if b is None else b * scale + shift
+        if not output:
+            return w_merged, b_merged, y  # the rule does not use the merged layer's output
         out_shape = (-1,) if name == "linear" else (-1,) + (1,) * (y.ndim - 2)
-        z = y * scale.reshape(out_shape) + shift.reshape(out_shape)
-        return w_merged, b_merged, z
+        return w_merged, b_merged, y * scale.reshape(out_shape) + shift.reshape(out_shape)
 
 
 def _relevance_handler(records: List[_Record]):
@@ -665,6 +667,9 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
       Explanations to Global Insights with Zennit, CoRelAy, and ViRelAy", 2021 (the composites).
     """
     _checks.check_call(FN, model_fn, params, x, target, layer_option=False)
+    if not isinstance(x, Tensor):
+        raise _checks.type_error(FN, "x, a floating-point tensor [B, *input]", _checks.describe(x),
+                                 "LRP follows one input tensor through the model; a dict of inputs is not supported.")
     module = getattr(model_fn, "module", None)
     if not isinstance(module, nn.Module):
         raise _checks.type_error(FN, "model_fn from functionalize(model), which knows its modules",
