@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Call", "NoRule", "run", "supported"]
+__all__ = ["Call", "NoRule", "run", "supported", "LINEAR"]
 
 
 class Call(NamedTuple):
@@ -70,7 +70,8 @@ class Call(NamedTuple):
       index: Position of the call among the intercepted calls of this run (0, 1, ...).
       kind: ``"elementwise"`` (``y = f(z)`` element by element, ``y`` possibly broadcast to a larger
         shape than ``z``), ``"bilinear"`` (``y = f(a, b)``, linear in each of ``a`` and ``b``),
-        ``"softmax"`` or ``"maxpool"``.
+        ``"softmax"``, ``"maxpool"``, or ``"linear"`` (only the linear operations a caller asked for
+        with ``run(..., linear=...)``).
       name: The operation's canonical name (``"relu"``, ``"mul"``, ``"softmax"``, ``"max_pool2d"``,
         ...), the same for every spelling (module, function, method, in-place variant).
       inputs: The tainted tensor inputs: ``(z,)``, or ``(a, b)`` for ``"bilinear"``.
@@ -253,10 +254,11 @@ def supported() -> Tuple[str, ...]:
 # Input tracking: state shared by a mode and the modes nested in it for decompositions.
 
 class _State:
-    def __init__(self, handler: Handler, tracking: bool):
+    def __init__(self, handler: Handler, tracking: bool, linear: Sequence[str] = ()):
         self.handler = handler
         self.count = 0
         self.ids: Optional[Dict[int, Any]] = {} if tracking else None
+        self.linear = frozenset(linear)  # canonical names of linear operations handed over as kind "linear"
 
     def mark(self, t: Any) -> None:
         """Taint ``t`` (a tensor, or the floating-point tensors of a tuple / list)."""
@@ -941,6 +943,60 @@ def _tracking_table() -> Dict[Any, Callable[..., Any]]:
 _TABLE = _tracking_table()
 
 
+# Linear operations that a caller may ask to see (``run(..., linear=names)``), by canonical name.
+_LINEAR_KINDS = {
+    "conv1d": ("conv1d",), "conv2d": ("conv2d",), "conv3d": ("conv3d",),
+    "conv_transpose1d": ("conv_transpose1d",), "conv_transpose2d": ("conv_transpose2d",),
+    "conv_transpose3d": ("conv_transpose3d",),
+    "avg_pool1d": ("avg_pool1d",), "avg_pool2d": ("avg_pool2d",), "avg_pool3d": ("avg_pool3d",),
+    "adaptive_avg_pool1d": ("adaptive_avg_pool1d",), "adaptive_avg_pool2d": ("adaptive_avg_pool2d",),
+    "adaptive_avg_pool3d": ("adaptive_avg_pool3d",),
+    "add": ("add", "__add__", "__radd__", "__iadd__", "add_"),
+    "sub": ("sub", "subtract", "__sub__", "__rsub__", "__isub__", "sub_", "subtract_", "rsub"),
+    "mean": ("mean",), "sum": ("sum",),
+}
+
+
+def _linear_calls() -> Dict[Any, str]:
+    table: Dict[Any, str] = {}
+    for canonical, spellings in _LINEAR_KINDS.items():
+        for spelling in spellings:
+            for f in _funcs(spelling):
+                table.setdefault(f, canonical)
+    for f in (F.linear, getattr(torch._C._nn, "linear", None)):
+        if f is not None:
+            table[f] = "linear"
+    table[F.batch_norm] = "batch_norm"
+    return table
+
+
+_LINEAR_CALLS = _linear_calls()
+LINEAR = tuple(sorted(set(_LINEAR_CALLS.values())))
+"""Canonical names of the linear operations that ``run(..., linear=...)`` can hand over."""
+
+
+def _hand_linear(mode: "_Mode", func, name: str, args, kwargs):
+    """A linear operation the caller asked for, as a :class:`Call` of kind ``"linear"``.
+
+    ``inputs`` are its input-dependent tensor arguments; ``options`` holds ``args`` and ``kwargs``
+    (the call as made, in-place spellings made out of place) and the ``positions`` of ``inputs`` there.
+    """
+    st = mode.state
+    oop = _out_of_place(func)
+    pos = _tensor_positions(st, args, kwargs)
+    if not all(isinstance(_get(args, kwargs, p), Tensor) for p in pos):
+        return _run_linear(mode, func, args, kwargs)  # a tainted list argument: not one of ours
+
+    def apply(*values):
+        aa, kk = args, kwargs
+        for p, v in zip(pos, values):
+            aa, kk = _substitute(aa, kk, p, v)
+        return oop(*aa, **kk)
+    inputs = tuple(_get(args, kwargs, p) for p in pos)
+    return st.hand("linear", name, inputs, apply, {"args": args, "kwargs": kwargs, "positions": tuple(pos),
+                                                    "func": oop})
+
+
 class _Mode(TorchFunctionMode):
     """Hands operations to ``state.handler`` (see the module docstring); everything else runs unchanged.
 
@@ -965,6 +1021,10 @@ class _Mode(TorchFunctionMode):
             return func(*args, **kwargs)
         if not (any(st.tainted(a) for a in args) or any(st.tainted(a) for a in kwargs.values())):
             return func(*args, **kwargs)
+        if st.linear:
+            linear = _LINEAR_CALLS.get(func)
+            if linear is not None and linear in st.linear:
+                return _hand_linear(self, func, linear, args, kwargs)
         entry = _TABLE.get(func)
         if entry is None:
             if getattr(func, "__name__", "") == "__get__":
@@ -973,8 +1033,8 @@ class _Mode(TorchFunctionMode):
         return entry(self, func, args, kwargs)
 
 
-def run(fn: Callable[..., Any], handler: Handler, *args: Any, tainted: Optional[Sequence[Tensor]] = None
-        ) -> Tuple[Any, int]:
+def run(fn: Callable[..., Any], handler: Handler, *args: Any, tainted: Optional[Sequence[Tensor]] = None,
+        linear: Sequence[str] = ()) -> Tuple[Any, int]:
     """Call ``fn(*args)`` with operations handed to ``handler`` (see the module docstring).
 
     Args:
@@ -985,6 +1045,9 @@ def run(fn: Callable[..., Any], handler: Handler, *args: Any, tainted: Optional[
       tainted: ``None``: hand over the known activations, softmax and max pooling only. Tensors:
         track what depends on them and hand over every nonlinear operation on it; operations
         without a rule raise :class:`NoRule`.
+      linear: With ``tainted``, canonical names (see :data:`LINEAR`: ``"conv2d"``, ``"linear"``,
+        ``"batch_norm"``, ``"avg_pool2d"``, ``"add"``, ...) of linear operations to hand over too, as
+        calls of kind ``"linear"`` (layer-wise relevance propagation gives them rules). Default: none.
 
     Returns:
       ``(fn's result, number of intercepted calls)``.
@@ -995,7 +1058,7 @@ def run(fn: Callable[..., Any], handler: Handler, *args: Any, tainted: Optional[
     Example:
       >>> out, n = run(model_fn, lambda call: call.apply(*call.inputs), params, x)   # an unchanged run
     """
-    state = _State(handler, tracking=tainted is not None)
+    state = _State(handler, tracking=tainted is not None, linear=linear)
     for t in tainted or ():
         state.mark(t)
     mode = _Mode(state)
