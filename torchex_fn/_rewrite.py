@@ -975,7 +975,7 @@ LINEAR = tuple(sorted(set(_LINEAR_CALLS.values())))
 """Canonical names of the linear operations that ``run(..., linear=...)`` can hand over."""
 
 
-def _hand_linear(mode: "_Mode", func, name: str, args, kwargs):
+def _hand_linear(mode: _Mode, func, name: str, args, kwargs):
     """A linear operation the caller asked for, as a :class:`Call` of kind ``"linear"``.
 
     ``inputs`` are its input-dependent tensor arguments; ``options`` holds ``args`` and ``kwargs``

@@ -230,7 +230,7 @@ class _Geometry:
             else:  # "same" (stride 1): torch pads total = d (k - 1), the left half rounded down
                 total = tuple(d * (k - 1) for d, k in zip(self.dilation, self.kernel))
                 left = tuple(t // 2 for t in total)
-                right = tuple(t - l for t, l in zip(total, left))
+                right = tuple(t - lo for t, lo in zip(total, left))
         else:
             left = right = _tuple(padding, n)
         self.left, self.right = left, right
@@ -330,10 +330,12 @@ class _Terms:
             w = next(it) if has_w else None
             s = next(it)
             gs = g * s
-            back = self.geometry.transpose(gs, w) if w is not None else self.geometry.transpose_ones(gs, w_shape)
+            back = (self.geometry.transpose(gs, w) if w is not None
+                    else self.geometry.transpose_ones(gs, w_shape))  # type: ignore[arg-type]  # set without w
             term = back if inp is None else inp * back
             term = term if coef == 1 else coef * term
             total = term if total is None else total + term
+        assert total is not None  # every layer adds at least one term
         return total
 
 
@@ -383,13 +385,13 @@ def _layer_terms(rule: str, geometry: _Geometry, a: Tensor, w: Tensor, b: Option
                  nonneg: bool, opt: _Options) -> _Terms:
     """The rule ``rule`` of a layer ``z = forward(a, w, b)`` (``w``, ``b`` merged with a batch norm if any)."""
     terms = _Terms(geometry)
-    fwd = geometry.forward
+    fwd: Any = geometry.forward  # called with the optional halves of a and w the rules build
     eps = opt.stabilizer
 
-    def pos(t):
+    def pos(t: Any) -> Any:
         return None if t is None else t.clamp(min=0)
 
-    def neg(t):
+    def neg(t: Any) -> Any:
         return None if t is None else t.clamp(max=0)
 
     if rule in ("epsilon", "zero"):
@@ -425,8 +427,9 @@ def _layer_terms(rule: str, geometry: _Geometry, a: Tensor, w: Tensor, b: Option
             terms.add(1.0, an, w_dn, s_up)
             terms.add(1.0, an, w_up, s_dn)
     elif rule == "zbox":
-        low = opt.low.expand(a.shape) if opt.low.shape != a.shape else opt.low
-        high = opt.high.expand(a.shape) if opt.high.shape != a.shape else opt.high
+        bounds: Any = (opt.low, opt.high)  # set for z-box by lrp()
+        low = bounds[0].expand(a.shape) if bounds[0].shape != a.shape else bounds[0]
+        high = bounds[1].expand(a.shape) if bounds[1].shape != a.shape else bounds[1]
         wp, wn = pos(w), neg(w)
         s = torch.reciprocal(_stab(z - fwd(low, wp, pos(b)) - fwd(high, wn, neg(b)), eps))
         terms.add(1.0, a, w, s)
@@ -556,7 +559,7 @@ class _Recorder:
         module = self.plan.modules[bn]
         mean, var = p[f"{bn}.running_mean"], p[f"{bn}.running_var"]
         gamma, beta = p.get(f"{bn}.weight"), p.get(f"{bn}.bias")
-        scale = torch.rsqrt(var + module.eps)
+        scale = torch.rsqrt(var + float(module.eps))  # type: ignore[arg-type]  # a BatchNorm's float eps
         scale = scale if gamma is None else gamma * scale
         shift = -mean * scale if beta is None else beta - mean * scale
         shape = (-1,) + (1,) * (w.ndim - 1)
@@ -594,7 +597,7 @@ def _relevance_handler(records: List[_Record]):
     return handler
 
 
-def _leaves_dot(out: Any, cot: Any) -> Tensor:
+def _leaves_dot(out: Any, cot: Any) -> Any:
     if isinstance(out, Tensor):
         return (out * cot).sum()
     if isinstance(out, Mapping):
@@ -720,7 +723,7 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
 
         def choice(o):
             return _targets.resolve(o, index, fn=FN, output=output)
-    scores, pullback = torch.func.vjp(choice, out)
+    scores, pullback = torch.func.vjp(choice, out)  # type: ignore[misc]  # 2 values without has_aux
     (cotangent,) = pullback(scores)  # score * d score / d out: the relevance entering the network
     handler = _relevance_handler(records)
 
