@@ -201,5 +201,5 @@ def test_score_cam_errors():
         score_cam(fn, params, x, layer=["conv1", "features"])
     with pytest.raises(ValueError, match="^score_cam: expected weights in"):
         score_cam(fn, params, x, layer="features", weights="logit")
-    with pytest.raises(ValueError, match="^score_cam: expected x of rank 4"):
-        score_cam(fn, params, x[:, :, 0], layer="features")
+    with pytest.raises(ValueError, match=r"^score_cam: expected x of rank 3, 4 or 5 \(\[B, C, T\]"):
+        score_cam(fn, params, x[:, 0, 0], layer="features")

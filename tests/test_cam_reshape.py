@@ -216,7 +216,7 @@ def test_reshape_errors():
     with pytest.raises(ValueError, match=r"^grad_cam_pp: expected reshape to map layer 'tokens'.s output of shape "
                                          r"\(2, 65, 16\) to \[B, K, \*grid\] with B = 2"):
         tx.grad_cam_pp(fn, params, x, layer="tokens", reshape=lambda a: a[0])
-    with pytest.raises(ValueError, match=r"^score_cam: expected layer 'features' to output \[B, K, h, w\]"):
+    with pytest.raises(ValueError, match=r"^score_cam: expected layer 'features' to output \[B, K, \*grid\] with x's 2 grid axes"):
         tx.score_cam(fn, params, x, layer="features", reshape=lambda a: a.flatten(2))
     # The escape hatch: reshape=lambda a: a accepts a layout the rule refuses.
     got = tx.grad_cam(fn, params, x, layer="last", reshape=lambda a: a, upsample=False)

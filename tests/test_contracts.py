@@ -74,6 +74,7 @@ METHODS = {
     "occlusion": (tx.occlusion, {"window": (3, 4, 4), "stride": 2, "batch_size": 8}, lambda s: s),
     "guided_backprop": (tx.guided_backprop, {}, lambda s: s),
     "deeplift": (tx.deeplift, {"baseline": 0.1}, lambda s: s),
+    "lrp": (tx.lrp, {"composite": "epsilon_alpha2_beta1_flat"}, lambda s: s),
     "rise": (_rise, {"num_masks": 24, "cell_size": 3, "batch_size": 16}, lambda s: (s[0], 1, *s[2:])),
     "gradient_shap": (_gradient_shap, {"samples": 3, "stdev": 0.1, "batch_size": 6}, lambda s: s),
     "feature_ablation": (tx.feature_ablation, {"feature_mask": _CELLS8, "baseline": 0.1, "batch_size": 8}, lambda s: s),
@@ -87,6 +88,7 @@ DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_s
                   "layer_cam", "xgrad_cam", "hires_cam", "ablation_cam", "fullgrad",  # eigen_cam: no fc dependence (test_cam_zoo)
                   "integrated_gradients", "integrated_gradients_chunked", "smoothgrad", "vargrad_grad_cam",
                   "occlusion", "guided_backprop", "deeplift", "rise", "gradient_shap",
+                  "lrp",
                   "feature_ablation", "shapley_values", "shapley_value_sampling", "kernel_shap", "lime"]
 
 

@@ -13,6 +13,7 @@ from .generation import continuation_ablation, continuation_attribution, continu
 from .gradient import input_x_gradient, saliency, smooth
 from .metrics import (deletion, energy_pointing_game, infidelity, insertion, pointing_game, randomization_check,
                       sensitivity_max)
+from .lrp import lrp
 from .path import gradient_shap, integrated_gradients
 from .perturbation import occlusion, rise
 from .propagation import deeplift, deeplift_shap, guided_backprop
@@ -26,6 +27,7 @@ __all__ = [
     "cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam", "ablation_cam",
     "fullgrad",
     "deeplift", "deeplift_shap", "guided_backprop",
+    "lrp",
     "occlusion", "rise",
     "feature_ablation", "shapley_values", "shapley_value_sampling", "kernel_shap", "lime", "masks",
     "attention_rollout", "grad_rollout", "legrad", "attention_probabilities",

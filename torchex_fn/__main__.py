@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -187,7 +187,7 @@ _NOT_METHODS = ("layer_gradients",)  # (model_fn, params, x, target, ...) but re
 
 def _explain_methods(tx) -> Dict[str, Callable]:
     """Name -> method for ``explain``: every public function ``method(model_fn, params, x, target, ...)``."""
-    methods = {}
+    methods: Dict[str, Callable[..., Any]] = {}
     for name in tx.__all__:
         obj = getattr(tx, name)
         if not inspect.isfunction(obj) or name in _NOT_METHODS:
@@ -204,7 +204,7 @@ def _build_model(spec: str, fail: Callable[[str], None], seed: int,
     source, _, name = spec.partition(":")
     if source not in ("torchvision", "timm") or not name:
         fail(f"--model: expected 'torchvision:<name>' or 'timm:<name>' (e.g. torchvision:resnet50), got {spec!r}")
-    extra = {} if num_classes is None else {"num_classes": num_classes}
+    extra: Dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if source == "timm":
         try:
             import timm
@@ -295,7 +295,7 @@ def _read_image(path: Path, size: int) -> Tensor:
     """``[3, size, size]`` floats in [0, 1] (RGB, bilinear resize). Raises OSError for unreadable files."""
     from PIL import Image
     with Image.open(path) as img:
-        rgb = img.convert("RGB").resize((size, size), Image.BILINEAR)
+        rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
         data = bytearray(rgb.tobytes())
     pixels = torch.frombuffer(data, dtype=torch.uint8).view(size, size, 3)
     return pixels.permute(2, 0, 1).float() / 255
@@ -386,13 +386,13 @@ def _parse_option(text: str, fail: Callable[[str], None]) -> Tuple[str, object]:
     return key, value
 
 
-def _method_options(name: str, method: Callable, args: argparse.Namespace) -> Dict[str, object]:
+def _method_options(name: str, method: Callable, args: argparse.Namespace) -> Dict[str, Any]:
     """``method``'s keyword options from the flags: --layer, --fc, --rise-masks, --seed, then --option."""
     fail = args.fail
     signature = inspect.signature(method).parameters
     keywords = {k: p for k, p in signature.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
     required = {k for k, p in keywords.items() if p.default is inspect.Parameter.empty}
-    options: Dict[str, object] = {}
+    options: Dict[str, Any] = {}
     if "layer" in keywords and ("layer" in required or args.layer is not None):
         options["layer"] = args.layer if args.layer is not None else "layer4"
     if "fc" in keywords and ("fc" in required or args.fc is not None):  # else the method finds the last linear
@@ -459,7 +459,7 @@ def _check_target(args: argparse.Namespace, out: Tensor) -> None:
         args.fail(f"--target: expected a class index in [0, {classes}), got {args.target}")
 
 
-def _explain_files(args: argparse.Namespace, method: Callable, options: Dict[str, object]) -> int:
+def _explain_files(args: argparse.Namespace, method: Callable, options: Dict[str, Any]) -> int:
     """``--image``: a few files, one batch in memory, one overlay per file."""
     import torchex_fn as tx
 
@@ -486,7 +486,7 @@ def _explain_files(args: argparse.Namespace, method: Callable, options: Dict[str
     return 0
 
 
-def _explain_data(args: argparse.Namespace, method: Callable, options: Dict[str, object]) -> int:
+def _explain_data(args: argparse.Namespace, method: Callable, options: Dict[str, Any]) -> int:
     """``--data``: a folder or glob, through ``attribute_dataset`` into ``--out`` (resumable), overlays optional."""
     import torchex_fn as tx
 
@@ -555,7 +555,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
     d.set_defaults(handler=demo)
 
-    e = commands.add_parser("explain", help="explain images with a torchvision or timm classifier; write maps, overlays",
+    e = commands.add_parser("explain",
+                            help="explain images with a torchvision or timm classifier; write maps, overlays",
                             description="Explain image files (--image, in memory, one overlay PNG each) or a whole "
                                         "folder or glob (--data, through attribute_dataset into a resumable store "
                                         "in --out, overlays optional) with a torchvision or timm classifier (random "

@@ -122,7 +122,8 @@ class _Hold:
     """A process-global setting held by reference count: the first holder sets it, the last restores it."""
 
     def __init__(self, make: Callable[[], Any]):
-        self.make, self.count, self.ctx = make, 0, None
+        self.make, self.count = make, 0
+        self.ctx: Any = None
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
@@ -165,7 +166,7 @@ class _Inner:
 
     def __init__(self, math: bool):
         self.math = math      # the whole forward holds the math backend
-        self.root = None      # the inner output's autograd node (to look for fused attention)
+        self.root: Any = None  # the inner output's autograd node (to look for fused attention)
 
 
 _INNER: contextvars.ContextVar[Optional[_Inner]] = contextvars.ContextVar("torchex_fn_inner_gradient", default=None)

@@ -152,3 +152,27 @@ def check_call(fn: str, model_fn: Any, params: Any, x: Any, target: Any, *, min_
         check_input(fn, x, ndim=ndim, min_ndim=min_ndim, layer_option=layer_option)
         batch = x.shape[0]
     targets.check(fn, target, batch)
+
+
+GRID_LAYOUTS = "[B, C, T], [B, C, H, W] or [B, C, D, H, W]"
+
+
+def check_grid_rank(fn: str, x: Tensor, *, name: str = "x", low: int = 3, high: Optional[int] = 5,
+                    tabular_hint: str = "") -> None:
+    """``x`` has a channel axis and a grid of 1 to 3 axes (``high=None``: any number of grid axes).
+
+    Methods that resize maps to ``x``'s grid or draw masks on it need 1 to 3 grid axes
+    (``F.interpolate``'s linear, bilinear and trilinear modes). Rank 2 gets ``tabular_hint``.
+    """
+    if low <= x.ndim and (high is None or x.ndim <= high):
+        return
+    expected = (f"{name} of rank 3, 4 or 5 ({GRID_LAYOUTS}: channels and 1 to 3 grid axes)" if high == 5
+                else f"{name} of rank >= 3 ([B, C, *grid]: channels and grid axes)")
+    if x.ndim < low:
+        hint = f"A single example is `{name}[None]`."
+        if x.ndim == 2 and tabular_hint:
+            hint = f"{hint} Tabular features [B, F] have no grid: {tabular_hint}"
+    else:
+        hint = ("Grids of more than 3 axes cannot be resized (F.interpolate): fold the extra axes into the batch "
+                "or the channels.")
+    raise value_error(fn, expected, describe(x), hint)

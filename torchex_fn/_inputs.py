@@ -138,7 +138,7 @@ def split_output(out: Any, size: int) -> List[Any]:
         keys = list(out.keys())
         parts = [split_output(out[k], size) if _splittable(out[k]) else None for k in keys]
         count = _count(parts)
-        blocks = []
+        blocks: List[Any] = []
         for i in range(count):
             fields = {k: (p[i] if p is not None else out[k]) for k, p in zip(keys, parts)}
             blocks.append(_rebuild_mapping(out, fields))

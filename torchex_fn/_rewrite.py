@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Call", "NoRule", "run", "supported"]
+__all__ = ["Call", "NoRule", "run", "supported", "LINEAR"]
 
 
 class Call(NamedTuple):
@@ -70,7 +70,8 @@ class Call(NamedTuple):
       index: Position of the call among the intercepted calls of this run (0, 1, ...).
       kind: ``"elementwise"`` (``y = f(z)`` element by element, ``y`` possibly broadcast to a larger
         shape than ``z``), ``"bilinear"`` (``y = f(a, b)``, linear in each of ``a`` and ``b``),
-        ``"softmax"`` or ``"maxpool"``.
+        ``"softmax"``, ``"maxpool"``, or ``"linear"`` (only the linear operations a caller asked for
+        with ``run(..., linear=...)``).
       name: The operation's canonical name (``"relu"``, ``"mul"``, ``"softmax"``, ``"max_pool2d"``,
         ...), the same for every spelling (module, function, method, in-place variant).
       inputs: The tainted tensor inputs: ``(z,)``, or ``(a, b)`` for ``"bilinear"``.
@@ -80,7 +81,7 @@ class Call(NamedTuple):
         (what the model asked for) for max pooling.
     """
 
-    index: int
+    index: int  # type: ignore[assignment]  # a field named like tuple.index, as intended
     kind: str
     name: str
     inputs: Tuple[Tensor, ...]
@@ -99,7 +100,8 @@ class NoRule(NotImplementedError):
     def __init__(self, op: str, detail: str = ""):
         self.op = op
         self.detail = detail
-        super().__init__(f"no rule for operation '{op}' on an input-dependent tensor" + (f" ({detail})" if detail else ""))
+        super().__init__(f"no rule for operation '{op}' on an input-dependent tensor"
+                         + (f" ({detail})" if detail else ""))
 
 
 Handler = Callable[[Call], Any]
@@ -252,10 +254,11 @@ def supported() -> Tuple[str, ...]:
 # Input tracking: state shared by a mode and the modes nested in it for decompositions.
 
 class _State:
-    def __init__(self, handler: Handler, tracking: bool):
+    def __init__(self, handler: Handler, tracking: bool, linear: Sequence[str] = ()):
         self.handler = handler
         self.count = 0
         self.ids: Optional[Dict[int, Any]] = {} if tracking else None
+        self.linear = frozenset(linear)  # canonical names of linear operations handed over as kind "linear"
 
     def mark(self, t: Any) -> None:
         """Taint ``t`` (a tensor, or the floating-point tensors of a tuple / list)."""
@@ -275,7 +278,7 @@ class _State:
 
     def tainted(self, t: Any) -> bool:
         if isinstance(t, Tensor):
-            return id(t) in self.ids
+            return id(t) in self.ids  # type: ignore[operator]  # only asked while tracking
         if isinstance(t, (tuple, list)):
             return any(self.tainted(item) for item in t)
         return False
@@ -330,7 +333,7 @@ def _substitute(args, kwargs, pos, value):
 # Entries of the tracking table: (mode, func, args, kwargs) -> result, called when at least one
 # argument is tainted.
 
-def _run_linear(mode: "_Mode", func, args, kwargs):
+def _run_linear(mode: _Mode, func, args, kwargs):
     out = func(*args, **kwargs)
     st = mode.state
     st.mark(out)
@@ -343,11 +346,11 @@ def _run_linear(mode: "_Mode", func, args, kwargs):
     return out
 
 
-def _run_query(mode: "_Mode", func, args, kwargs):
+def _run_query(mode: _Mode, func, args, kwargs):
     return func(*args, **kwargs)
 
 
-def _run_property(mode: "_Mode", func, args, kwargs):
+def _run_property(mode: _Mode, func, args, kwargs):
     name = _name(func)
     if name in ("T", "mT", "H", "mH", "data", "real"):
         return _run_linear(mode, func, args, kwargs)
@@ -356,7 +359,7 @@ def _run_property(mode: "_Mode", func, args, kwargs):
     return func(*args, **kwargs)
 
 
-def _run_detach(mode: "_Mode", func, args, kwargs):
+def _run_detach(mode: _Mode, func, args, kwargs):
     # DeepLIFT explains values, and detaching does not change a value: an alias that keeps the path
     out = args[0].view_as(args[0])
     mode.state.mark(out)
@@ -374,9 +377,10 @@ def _without_inplace(func, args, kwargs):
             _SIGNATURES[func] = sig if "inplace" in sig.parameters else None
         except (TypeError, ValueError):
             _SIGNATURES[func] = None
-    sig = _SIGNATURES[func]
-    if sig is None:
+    maybe = _SIGNATURES[func]
+    if maybe is None:
         return args, kwargs
+    sig = maybe
     bound = sig.bind(*args, **kwargs)
     bound.arguments["inplace"] = False
     return bound.args, bound.kwargs
@@ -384,7 +388,7 @@ def _without_inplace(func, args, kwargs):
 
 def _unary(oop: Callable[..., Any], name: Optional[str] = None):
     """Elementwise in its one tainted argument (at any position; the others fixed): the Rescale rule."""
-    def entry(mode: "_Mode", func, args, kwargs):
+    def entry(mode: _Mode, func, args, kwargs):
         st = mode.state
         pos = _tensor_positions(st, args, kwargs)
         if len(pos) != 1 or not isinstance(_get(args, kwargs, pos[0]), Tensor):
@@ -401,7 +405,7 @@ def _unary(oop: Callable[..., Any], name: Optional[str] = None):
 
 def _activation(binder):
     """The binders of the activations-only registry, inside the tracking mode."""
-    def entry(mode: "_Mode", func, args, kwargs):
+    def entry(mode: _Mode, func, args, kwargs):
         st = mode.state
         pos = _tensor_positions(st, args, kwargs)
         if pos not in ([0], ["input"]):
@@ -415,7 +419,7 @@ def _activation(binder):
 
 def _decompose(body: Callable[..., Any]):
     """Run ``body`` (plain torch code) with the mode active, so that its pieces get their rules."""
-    def entry(mode: "_Mode", func, args, kwargs):
+    def entry(mode: _Mode, func, args, kwargs):
         with _Mode(mode.state):
             return body(*args, **kwargs)
     return entry
@@ -427,7 +431,7 @@ def _bilinear_or_linear(positions: Sequence[Any], name: str, decompose: Optional
     ``decompose(mode, func, args, kwargs)``, if given, handles the two-tainted case instead (used
     where the operation also adds a term, e.g. ``F.linear``'s bias or ``addmm``'s input).
     """
-    def entry(mode: "_Mode", func, args, kwargs):
+    def entry(mode: _Mode, func, args, kwargs):
         st = mode.state
         tainted = [p for p in positions if _has(args, kwargs, p) and st.tainted(_get(args, kwargs, p))]
         if len(tainted) < 2:
@@ -502,7 +506,7 @@ def _div_entry(mode, func, args, kwargs):
 def _pow_entry(mode, func, args, kwargs):
     st = mode.state
     name = getattr(func, "__name__", "")
-    base, exp = (1, 0) if name == "__rpow__" else (0, 1)
+    base, exp = (1, 0) if name == "__rpow__" else (0, 1)  # type: Tuple[Any, Any]
     if len(args) < 2:
         base, exp = "input", "exponent"
     if st.tainted(_get(args, kwargs, base)) and st.tainted(_get(args, kwargs, exp)):
@@ -577,7 +581,7 @@ def scale(d: Tensor, r: Tensor) -> Tensor:
     return d * r
 
 
-def _scale_entry(mode: "_Mode", func, args, kwargs):
+def _scale_entry(mode: _Mode, func, args, kwargs):
     st = mode.state
     d, r = args
     if not (st.tainted(d) and st.tainted(r)):
@@ -939,6 +943,60 @@ def _tracking_table() -> Dict[Any, Callable[..., Any]]:
 _TABLE = _tracking_table()
 
 
+# Linear operations that a caller may ask to see (``run(..., linear=names)``), by canonical name.
+_LINEAR_KINDS = {
+    "conv1d": ("conv1d",), "conv2d": ("conv2d",), "conv3d": ("conv3d",),
+    "conv_transpose1d": ("conv_transpose1d",), "conv_transpose2d": ("conv_transpose2d",),
+    "conv_transpose3d": ("conv_transpose3d",),
+    "avg_pool1d": ("avg_pool1d",), "avg_pool2d": ("avg_pool2d",), "avg_pool3d": ("avg_pool3d",),
+    "adaptive_avg_pool1d": ("adaptive_avg_pool1d",), "adaptive_avg_pool2d": ("adaptive_avg_pool2d",),
+    "adaptive_avg_pool3d": ("adaptive_avg_pool3d",),
+    "add": ("add", "__add__", "__radd__", "__iadd__", "add_"),
+    "sub": ("sub", "subtract", "__sub__", "__rsub__", "__isub__", "sub_", "subtract_", "rsub"),
+    "mean": ("mean",), "sum": ("sum",),
+}
+
+
+def _linear_calls() -> Dict[Any, str]:
+    table: Dict[Any, str] = {}
+    for canonical, spellings in _LINEAR_KINDS.items():
+        for spelling in spellings:
+            for f in _funcs(spelling):
+                table.setdefault(f, canonical)
+    for f in (F.linear, getattr(torch._C._nn, "linear", None)):
+        if f is not None:
+            table[f] = "linear"
+    table[F.batch_norm] = "batch_norm"
+    return table
+
+
+_LINEAR_CALLS = _linear_calls()
+LINEAR = tuple(sorted(set(_LINEAR_CALLS.values())))
+"""Canonical names of the linear operations that ``run(..., linear=...)`` can hand over."""
+
+
+def _hand_linear(mode: _Mode, func, name: str, args, kwargs):
+    """A linear operation the caller asked for, as a :class:`Call` of kind ``"linear"``.
+
+    ``inputs`` are its input-dependent tensor arguments; ``options`` holds ``args`` and ``kwargs``
+    (the call as made, in-place spellings made out of place) and the ``positions`` of ``inputs`` there.
+    """
+    st = mode.state
+    oop = _out_of_place(func)
+    pos = _tensor_positions(st, args, kwargs)
+    if not all(isinstance(_get(args, kwargs, p), Tensor) for p in pos):
+        return _run_linear(mode, func, args, kwargs)  # a tainted list argument: not one of ours
+
+    def apply(*values):
+        aa, kk = args, kwargs
+        for p, v in zip(pos, values):
+            aa, kk = _substitute(aa, kk, p, v)
+        return oop(*aa, **kk)
+    inputs = tuple(_get(args, kwargs, p) for p in pos)
+    return st.hand("linear", name, inputs, apply, {"args": args, "kwargs": kwargs, "positions": tuple(pos),
+                                                    "func": oop})
+
+
 class _Mode(TorchFunctionMode):
     """Hands operations to ``state.handler`` (see the module docstring); everything else runs unchanged.
 
@@ -963,6 +1021,10 @@ class _Mode(TorchFunctionMode):
             return func(*args, **kwargs)
         if not (any(st.tainted(a) for a in args) or any(st.tainted(a) for a in kwargs.values())):
             return func(*args, **kwargs)
+        if st.linear:
+            linear = _LINEAR_CALLS.get(func)
+            if linear is not None and linear in st.linear:
+                return _hand_linear(self, func, linear, args, kwargs)
         entry = _TABLE.get(func)
         if entry is None:
             if getattr(func, "__name__", "") == "__get__":
@@ -971,8 +1033,8 @@ class _Mode(TorchFunctionMode):
         return entry(self, func, args, kwargs)
 
 
-def run(fn: Callable[..., Any], handler: Handler, *args: Any, tainted: Optional[Sequence[Tensor]] = None
-        ) -> Tuple[Any, int]:
+def run(fn: Callable[..., Any], handler: Handler, *args: Any, tainted: Optional[Sequence[Tensor]] = None,
+        linear: Sequence[str] = ()) -> Tuple[Any, int]:
     """Call ``fn(*args)`` with operations handed to ``handler`` (see the module docstring).
 
     Args:
@@ -983,6 +1045,9 @@ def run(fn: Callable[..., Any], handler: Handler, *args: Any, tainted: Optional[
       tainted: ``None``: hand over the known activations, softmax and max pooling only. Tensors:
         track what depends on them and hand over every nonlinear operation on it; operations
         without a rule raise :class:`NoRule`.
+      linear: With ``tainted``, canonical names (see :data:`LINEAR`: ``"conv2d"``, ``"linear"``,
+        ``"batch_norm"``, ``"avg_pool2d"``, ``"add"``, ...) of linear operations to hand over too, as
+        calls of kind ``"linear"`` (layer-wise relevance propagation gives them rules). Default: none.
 
     Returns:
       ``(fn's result, number of intercepted calls)``.
@@ -993,7 +1058,7 @@ def run(fn: Callable[..., Any], handler: Handler, *args: Any, tainted: Optional[
     Example:
       >>> out, n = run(model_fn, lambda call: call.apply(*call.inputs), params, x)   # an unchanged run
     """
-    state = _State(handler, tracking=tainted is not None)
+    state = _State(handler, tracking=tainted is not None, linear=linear)
     for t in tainted or ():
         state.mark(t)
     mode = _Mode(state)

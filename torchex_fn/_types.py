@@ -5,7 +5,7 @@ Shape vocabulary used in docstrings: ``b`` batch, ``c h w`` an input image, ``*i
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -15,8 +15,9 @@ __all__ = ["Params", "ModelFn", "Target", "LayerSpec", "Layer"]
 Params = Mapping[str, Tensor]
 """Name -> tensor mapping accepted by ``torch.func.functional_call`` (parameters and buffers)."""
 
-ModelFn = Callable[[Params, Tensor], Tensor]
-"""A pure ``(params, x) -> out`` function."""
+ModelFn = Callable[[Params, Any], Any]
+"""A pure ``(params, x) -> out`` function; ``x`` a tensor or a mapping of named inputs, ``out`` a tensor,
+a mapping (``logits``) or a tuple."""
 
 Target = Union[None, int, Tensor, Callable[[Tensor], Tensor]]
 """``None`` (argmax per example), an ``int``, an integer ``[B]`` tensor, or ``out -> [B]``."""

@@ -265,12 +265,12 @@ def _check_square(fn: str, probs: Sequence[Tensor]) -> None:
 
 
 # Memo of attention probability shapes (to build the zero perturbations without an extra forward).
-_SHAPES: "weakref.WeakKeyDictionary[Any, Dict[tuple, List[Tuple[torch.Size, torch.dtype]]]]" = \
+_SHAPES: weakref.WeakKeyDictionary[Any, Dict[tuple, List[Tuple[torch.Size, torch.dtype]]]] = \
     weakref.WeakKeyDictionary()
 
 
 # legrad's memo: (blocks in output order, after_layers of each attention call, their shapes).
-_LAYOUTS: "weakref.WeakKeyDictionary[Any, Dict[tuple, tuple]]" = weakref.WeakKeyDictionary()
+_LAYOUTS: weakref.WeakKeyDictionary[Any, Dict[tuple, tuple]] = weakref.WeakKeyDictionary()
 
 
 def _probe(fn: str, model_fn, params, x, refresh: bool) -> List[Tuple[torch.Size, torch.dtype]]:
@@ -371,7 +371,7 @@ def attention_rollout(model_fn: ModelFn, params: Params, x: Tensor, target: Targ
     probs = [calls[i].probs for i in chosen]
     _check_square(fn, probs)
     eye = torch.eye(probs[0].shape[-1], dtype=probs[0].dtype, device=probs[0].device)
-    rollout = None
+    rollout: Any = None
     for p in probs:
         a = _fuse_heads(p, head_fusion) + eye
         a = a / a.sum(dim=-1, keepdim=True)

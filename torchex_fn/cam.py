@@ -36,18 +36,30 @@ __all__ = ["cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_ca
            "ablation_cam", "fullgrad"]
 
 
+_CAM_TABULAR_HINT = ("a class activation map needs a layer with a grid; use saliency, integrated_gradients, "
+                     "deeplift or occlusion.")
+
+
 def _check_common(fn: str, model_fn, params, x, target, relu, upsample, reshape=None, *,
-                  images_only: bool = False) -> None:
+                  images_only: bool = False, resizes_x: bool = False) -> None:
     """The checks of every CAM method. A layer is always named, so ``x`` may be token ids or a dict
     of named inputs (the map then lives on the layer's grid: ``reshape=`` and ``upsample=False``),
-    except for the methods that mask or differentiate the image itself (``images_only``)."""
+    except for the methods that mask or differentiate the image itself (``images_only``).
+
+    A floating-point ``x`` is ``[B, C, *grid]``: 1 to 3 grid axes when the map or masks are
+    resized to ``x``'s grid (``upsample=True``, or ``resizes_x``), any number otherwise."""
     if images_only and not isinstance(x, Tensor):
         raise _checks.type_error(fn, "x, a floating-point tensor [B, C, *spatial] (this method masks or "
                                  "differentiates the input itself)", _checks.describe(x))
+    floating = isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex())
+    if floating and x.ndim < 3:
+        _checks.check_grid_rank(fn, x, high=5 if resizes_x else None, tabular_hint=_CAM_TABULAR_HINT)
     _checks.check_call(fn, model_fn, params, x, target, min_ndim=3, layer=None if images_only else True)
     _checks.check_bool(fn, "relu", relu)
     _checks.check_bool(fn, "upsample", upsample)
     _checks.check_optional_callable(fn, "reshape", reshape)
+    if floating and (upsample or resizes_x):
+        _checks.check_grid_rank(fn, x, high=5, tabular_hint=_CAM_TABULAR_HINT)
 
 
 def _image_of(x: Any) -> Optional[Tensor]:
@@ -152,7 +164,8 @@ def _fc_weight(fn: str, model_fn, params, fc: Any) -> Tensor:
         elif isinstance(fc, nn.Module):
             fc = resolve_layers(fn, model_fn, fc)[0][0]
         if not isinstance(fc, str):
-            raise _checks.type_error(fn, "fc: a layer name, an nn.Linear, a weight tensor or None", _checks.describe(fc))
+            raise _checks.type_error(fn, "fc: a layer name, an nn.Linear, a weight tensor or None",
+                                     _checks.describe(fc))
         key = fc if fc in params else f"{fc}.weight"
         tied = dict(getattr(model_fn, "_aliases", ()))  # a weight tied to another module's (GPT-2's lm_head)
         key = tied.get(key, key) if key not in params else key
@@ -175,13 +188,14 @@ def cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, 
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
       target: ``None`` (predicted class), int, or ``[B]`` ints (a class index is needed).
       layer: The feature layer feeding the pooling (dotted name or module), output ``[B, K, h, w]``.
       fc: The linear layer: name, module, or its weight ``[classes, K]``. Default: the model's
         last ``nn.Linear``.
       relu: Keep only positive evidence (Zhou et al. and torchcam do not). Default: False.
-      upsample: Resize to ``x``'s spatial size (bilinear). Default: True.
+      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear). Default: True.
       reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
         ``reshape_transform``), e.g. ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT
         tokens or ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the
@@ -229,12 +243,14 @@ def grad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
       target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
       layer: Dotted module name or the module; a list / tuple / dict of them gives a list / dict
         of maps.
       relu: Keep only positive evidence, as in the paper. Default: True.
-      upsample: Resize to ``x``'s spatial size (bilinear, ``align_corners=False``). Default: True.
+      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear for 1, 2 or 3 grid
+        axes, ``align_corners=False``). Default: True.
       reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
         ``reshape_transform``), applied to the activation and to its gradient alike, e.g.
         ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT tokens or
@@ -279,6 +295,9 @@ def _gradient_weighted(fn: str, channel_weights, model_fn, params, x, target, la
     ``reshape`` re-indexes the activation and its gradient alike: for a re-indexing ``R`` (tokens
     to a grid, a permutation) ``R(d score / d a)`` is the gradient w.r.t. the kept entries of
     ``R(a)``, exactly, and both stay differentiable functions of ``params`` and ``x``.
+
+    Weights and maps are computed in at least float32 and rounded to the layer's dtype once at
+    the end: in float16, Grad-CAM++'s ``g ** 3`` and XGrad-CAM's ``eps`` would underflow.
     """
     _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
     names, rebuild = resolve_layers(fn, model_fn, layer)
@@ -287,9 +306,16 @@ def _gradient_weighted(fn: str, channel_weights, model_fn, params, x, target, la
     for name in dict.fromkeys(names):
         act = _to_grid(fn, name, result.acts[name], x, reshape)
         grad = result.grads[name] if reshape is None else reshape(result.grads[name])
+        dtype = act.dtype
+        act, grad = _at_least_float32(act), _at_least_float32(grad)
         weights = channel_weights(act, grad)
-        maps[name] = _finish(fn, (weights * act).sum(dim=1, keepdim=True), x, relu, upsample)
+        maps[name] = _finish(fn, (weights * act).sum(dim=1, keepdim=True), x, relu, upsample).to(dtype)
     return rebuild(maps)
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    """``t`` in float32 if its dtype is a 16-bit float (bfloat16, float16); as it is otherwise."""
+    return t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t
 
 
 # Grad-CAM++'s alpha denominator gets this added, as pytorch-grad-cam does, so that a position
@@ -311,12 +337,14 @@ def grad_cam_pp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = N
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
       target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
       layer: Dotted module name or the module; a list / tuple / dict of them gives a list / dict
         of maps.
       relu: Keep only positive evidence, as in the paper. Default: True.
-      upsample: Resize to ``x``'s spatial size (bilinear, ``align_corners=False``). Default: True.
+      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear for 1, 2 or 3 grid
+        axes, ``align_corners=False``). Default: True.
       reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
         ``reshape_transform``), applied to the activation and to its gradient alike, e.g.
         ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT tokens or
@@ -357,12 +385,14 @@ def _grad_cam_pp_weights(act: Tensor, grad: Tensor) -> Tensor:
 
 _ARGS_DOC = """      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
       target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
       layer: Dotted module name or the module; a list / tuple / dict of them gives a list / dict
         of maps.
       relu: Keep only positive evidence, as in the paper. Default: True.
-      upsample: Resize to ``x``'s spatial size (bilinear, ``align_corners=False``). Default: True.
+      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear for 1, 2 or 3 grid
+        axes, ``align_corners=False``). Default: True.
       reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
         ``reshape_transform``), applied to the activation and to its gradient alike, e.g.
         ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT tokens or
@@ -525,17 +555,20 @@ def eigen_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
     names, rebuild = resolve_layers(fn, model_fn, layer)
     out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
-    _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))  # validated (a class out of range is an error), then unused
+    # validated (a class out of range is an error), then unused
+    _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))
     maps: Dict[str, Tensor] = {}
     for name in dict.fromkeys(names):
         act = _to_grid(fn, name, acts[name], x, reshape)
+        dtype = act.dtype
+        act = _at_least_float32(act)  # no SVD for 16-bit floats (and too few digits for one)
         points = act.flatten(2).transpose(1, 2)                      # [B, n, K]
         points = points - points.mean(dim=1, keepdim=True)
         _, _, vh = torch.linalg.svd(points, full_matrices=False)
         direction = vh[:, 0, :]                                       # [B, K]
         sign = torch.where(direction.sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(direction.dtype)
         projection = (points @ (direction * sign).unsqueeze(2)).squeeze(2)   # [B, n]
-        maps[name] = _finish(fn, projection.reshape(act.shape[0], 1, *act.shape[2:]), x, relu, upsample)
+        maps[name] = _finish(fn, projection.reshape(act.shape[0], 1, *act.shape[2:]), x, relu, upsample).to(dtype)
     return rebuild(maps)
 
 
@@ -561,14 +594,16 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
       target: ``None`` (the class predicted for the unablated image), int, ``[B]`` ints, or a
         callable ``out -> [n]`` applied to each chunk of ``n`` ablated images (row by row).
       layer: One dotted module name or module.
       batch_size: The most ablated images in one forward (a memory cap; it changes the result
         only by float rounding). Default: 32.
       relu: Keep only positive evidence, as in the paper. Default: True.
-      upsample: Resize to ``x``'s spatial size (bilinear, ``align_corners=False``). Default: True.
+      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear for 1, 2 or 3 grid
+        axes, ``align_corners=False``). Default: True.
       reshape: A callable from the layer's output to ``[B, K, *grid]``, as in :func:`grad_cam`.
         Default: ``None`` (the output must already be ``[B, K, *grid]``, see :func:`grad_cam`).
 
@@ -604,7 +639,7 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
     batch, channels = act.shape[:2]
     call_target = callable(target) and not isinstance(target, Tensor)
     chosen = _targets.selector(model_fn)
-    index = None if call_target else _targets.resolve_index(out, target, fn=fn, output=chosen)
+    index: Any = None if call_target else _targets.resolve_index(out, target, fn=fn, output=chosen)
     base = (_targets.resolve(out, target, fn=fn) if call_target
             else _targets.select_output(out, chosen, fn=fn).gather(1, index[:, None]).squeeze(1))
 
@@ -620,7 +655,7 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
         if reshape is None:
             keep_out = onehot.reshape(*onehot.shape, *([1] * (raw.ndim - 2)))
         else:  # the entries of the raw output that reshape sends to channel k: its transpose applied to a one-hot
-            mapped, transpose = torch.func.vjp(reshape, chunk)
+            mapped, transpose = torch.func.vjp(reshape, chunk)  # type: ignore[misc]  # 2 values without has_aux
             (keep_out,) = transpose(onehot.reshape(*onehot.shape, *([1] * (mapped.ndim - 2))).expand_as(mapped))
         masked_out, _ = intermediates(model_fn, layers=names, perturb={name: -chunk * keep_out}, fn=fn)(
             params, x.index_select(0, rows))
@@ -696,7 +731,7 @@ def _scaled_channel_sum(maps: Tensor, x: Tensor) -> Tensor:
     would otherwise be float rounding multiplied by 1e7 (a layer right before global average
     pooling has a constant gradient map).
     """
-    flat = maps.flatten(2)
+    flat = _at_least_float32(maps.flatten(2))
     flat = flat - flat.amin(dim=2, keepdim=True)
     top = flat.amax(dim=2, keepdim=True)
     flat = torch.where(top > 0, flat / (top + 1e-7), torch.zeros_like(flat))
@@ -719,7 +754,8 @@ def fullgrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
       target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
       layer: The layers whose biases count: ``None`` (default) for every convolution and batch
         norm with a bias of ``x``'s spatial rank (as pytorch-grad-cam), or names / modules.
@@ -747,7 +783,7 @@ def fullgrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     Visualization", NeurIPS 2019.
     """
     fn = "fullgrad"
-    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True)
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True, resizes_x=True)
     if not upsample:
         raise _checks.value_error(fn, "upsample=True (FullGrad sums maps resized to x's size)", "False")
     names = _bias_layers(fn, model_fn, x) if layer is None else list(dict.fromkeys(resolve_layers(fn, model_fn,
@@ -763,6 +799,7 @@ def fullgrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
             raise _checks.value_error(fn, f"layer {name!r}'s bias to have one entry per channel ({grid.shape[1]})",
                                       _checks.describe(bias))
         total = total + _scaled_channel_sum((grad * bias.reshape(1, -1, *([1] * (grad.ndim - 2)))).abs(), x)
+    total = total.to(x.dtype)
     return torch.relu(total) if relu else total
 
 
@@ -780,7 +817,8 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
               align_corners: bool = False, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Score-CAM: each channel is weighted by the model's score for the input masked by that channel.
 
-    Each activation channel ``A_k`` is resized to ``x``'s size (bilinear) and min-max normalised
+    Each activation channel ``A_k`` is resized to ``x``'s size (linear, bilinear or trilinear for
+    sequences, images or volumes) and min-max normalised
     to ``M_k = (A_k - min) / (max - min + 1e-8)`` (a constant channel gives ``M_k = 0``); the
     model scores ``x * M_k``, and ``map = relu(sum_k w_k A_k)`` at the layer's resolution. The
     channel weights ``w_k`` come from the scores of the ``K`` masked copies of each image:
@@ -800,35 +838,38 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch of images ``[B, C, H, W]``.
+      x: A batch ``[B, C, *grid]`` with 1 to 3 grid axes: sequences ``[B, C, T]``, images
+        ``[B, C, H, W]``, volumes ``[B, C, D, H, W]``.
       target: ``None`` (the class predicted for the unmasked image), int, ``[B]`` ints, or a
         callable ``out -> [n]`` applied to each batch of ``n`` masked images (it must act row by row).
-      layer: One dotted module name or module with output ``[B, K, h, w]``.
+      layer: One dotted module name or module with output ``[B, K, *grid]`` (``x``'s grid axes).
       batch_size: The most masked images in one forward pass (memory cap; it does not change the
         result beyond float rounding). Default: 32.
-      upsample: Resize the map to ``x``'s spatial size (bilinear, ``align_corners=False``). Default: True.
+      upsample: Resize the map to ``x``'s spatial size (linear, bilinear or trilinear,
+        ``align_corners=False``). Default: True.
       relu: Keep only positive evidence, as in the paper. Default: True.
       weights: ``"prob"`` or ``"softmax"``, see above. Default: ``"prob"``.
       align_corners: How the activations are resized into masks. Default: False (the authors'
         code); pytorch-grad-cam uses True.
-      reshape: A callable from the layer's output to ``[B, K, h, w]`` (pytorch-grad-cam's
+      reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
         ``reshape_transform``), e.g. ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT
         tokens or ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the
         output must already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from
         ``x``'s by one factor; any other layout is refused, never guessed.
 
     Returns:
-      ``[B, 1, H, W]`` (``[B, 1, h, w]`` with ``upsample=False``).
+      ``[B, 1, *grid]`` of ``x``'s grid, e.g. ``[B, 1, H, W]`` (the layer's grid with ``upsample=False``).
 
     Raises:
-      ValueError: an unknown layer, a layer never reached or without a 2-d grid, ``batch_size``
-        below 1, an unknown ``weights``, ``x`` not of rank 4, a target out of range, NaN input.
+      ValueError: an unknown layer, a layer never reached or without ``x``'s grid axes, ``batch_size``
+        below 1, an unknown ``weights``, ``x`` not of rank 3, 4 or 5, a target out of range, NaN input.
       TypeError: several layers (Score-CAM takes one), a bad ``batch_size``, target or layer type.
 
     Example:
       >>> score_cam(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
       >>> with torch.no_grad():
       ...     maps = score_cam(fn, params, images, layer=model.layer3, batch_size=128)
+      >>> score_cam(fn1d, params1d, audio, labels, layer="features").shape   # [8, 2, 16000] -> [8, 1, 16000]
 
     Cost: one forward over ``x`` to capture the layer, then ``ceil(B K / batch_size)`` forward
     passes of up to ``batch_size`` masked images; no backward. Memory: one such forward and its
@@ -837,7 +878,7 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     Neural Networks", CVPR Workshops 2020.
     """
     fn = "score_cam"
-    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True)
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True, resizes_x=True)
     _checks.check_positive_int(fn, "batch_size", batch_size)
     _checks.check_bool(fn, "align_corners", align_corners)
     if weights not in _SCORE_CAM_WEIGHTS:
@@ -845,14 +886,12 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     if isinstance(layer, (list, tuple, dict)):
         raise _checks.type_error(fn, "layer, one dotted name or module (Score-CAM takes one layer per call)",
                                  _checks.describe(layer), "Call score_cam once per layer.")
-    if x.ndim != 4:
-        raise _checks.value_error(fn, "x of rank 4 ([B, C, H, W])", _checks.describe(x))
     names, _ = resolve_layers(fn, model_fn, layer)
     out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
     act = _to_grid(fn, names[0], acts[names[0]], x, reshape)
-    if act.ndim != 4:
-        raise _checks.value_error(fn, f"layer {names[0]!r} to output [B, K, h, w]", _checks.describe(act),
-                                  "Name a 2-d convolutional layer.")
+    if act.ndim != x.ndim:
+        raise _checks.value_error(fn, f"layer {names[0]!r} to output [B, K, *grid] with x's {x.ndim - 2} grid axes",
+                                  _checks.describe(act), f"Name a {x.ndim - 2}-d convolutional layer.")
     batch, channels = act.shape[:2]
     index = None
     chosen_output = _targets.selector(model_fn)
@@ -861,16 +900,21 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
 
     # Row r of the flattened work is image r // K masked by its channel r % K. Masks are made one
     # chunk at a time: all B K of them at the input's size would not fit (8 x 512 x 224 x 224 floats).
+    # Masks are normalised in at least float32: in float16 the 1e-8 would round to 0 (a constant
+    # channel would give 0 / 0), and bfloat16 would round the mask before the model sees it twice.
     channel_maps = act.reshape(batch * channels, 1, *act.shape[2:])
     image_of = torch.arange(batch, device=x.device).repeat_interleave(channels)
+    mode = _postprocess._MODES[x.ndim - 2]
+    grid_dims = tuple(range(2, x.ndim))
+    mask_dtype = torch.promote_types(act.dtype, torch.float32)
     scores: List[Tensor] = []
     for start in range(0, batch * channels, batch_size):
         rows = image_of[start:start + batch_size]
-        masks = F.interpolate(channel_maps[start:start + batch_size], size=x.shape[2:], mode="bilinear",
+        masks = F.interpolate(channel_maps[start:start + batch_size].to(mask_dtype), size=x.shape[2:], mode=mode,
                               align_corners=align_corners)
-        low = masks.amin(dim=(2, 3), keepdim=True)
-        high = masks.amax(dim=(2, 3), keepdim=True)
-        masks = (masks - low) / (high - low + 1e-8)
+        low = masks.amin(dim=grid_dims, keepdim=True)
+        high = masks.amax(dim=grid_dims, keepdim=True)
+        masks = ((masks - low) / (high - low + 1e-8)).to(x.dtype)
         masked_out = model_fn(params, x.index_select(0, rows) * masks)
         if index is None:
             scores.append(_targets.resolve(masked_out, target, fn=fn))
@@ -883,5 +927,5 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     channel_weights = torch.cat(scores).reshape(batch, channels)
     if weights == "softmax":
         channel_weights = torch.softmax(channel_weights, dim=1)
-    maps = torch.einsum("bk,bkhw->bhw", channel_weights.to(act.dtype), act).unsqueeze(1)
+    maps = torch.einsum("bk,bk...->b...", channel_weights.to(act.dtype), act).unsqueeze(1)
     return _finish(fn, maps, x, relu, upsample)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from . import _checks, _inputs
 from . import targets as _targets
 from ._autodiff import grad_of_sum
+from ._types import ModelFn
 
 __all__ = ["tap", "intermediates", "capture", "layer_gradients", "LayerGradients", "resolve_layers"]
 
@@ -118,7 +119,7 @@ def _check_reached(fn: str, names: Sequence[str], acts: Mapping[str, Tensor]) ->
                                   "Name a layer that the model's forward uses (check `model.named_modules()`).")
 
 
-def intermediates(model_fn, *, layers: Sequence[str], perturb: Optional[Mapping[str, Tensor]] = None,
+def intermediates(model_fn: ModelFn, *, layers: Sequence[str], perturb: Optional[Mapping[str, Tensor]] = None,
                   fn: str = "intermediates", replace: Optional[Mapping[str, Tensor]] = None) -> Callable:
     """Wrap ``model_fn`` into ``(params, x) -> (out, {name: activation})`` for one call at a time.
 
@@ -209,7 +210,8 @@ def capture(model_fn, params, x: Tensor, layers: Any) -> Tuple[Any, Any]:
 
 # Memo of layer output shapes, so that a layer gradient needs no extra forward pass to learn the
 # perturbation's shape. Keyed weakly by the module (or model_fn); checked on every use.
-_SHAPES: "weakref.WeakKeyDictionary[Any, Dict[tuple, Tuple[torch.Size, torch.dtype]]]" = weakref.WeakKeyDictionary()
+_SHAPES: weakref.WeakKeyDictionary[Any, Dict[tuple, Dict[str, Tuple[torch.Size, torch.dtype]]]] = \
+    weakref.WeakKeyDictionary()
 
 
 def _memo_owner(model_fn):

@@ -84,7 +84,9 @@ class InputXGradient(_Bound):
 
 
 class RISE(_Bound):
-    """``RISE(model, num_masks=8000, cell_size=7, probability=0.5, batch_size=256)(image, target=None)`` -> ``[B, 1, H, W]``.
+    """``RISE(model, num_masks=8000, cell_size=7, probability=0.5, batch_size=256)(image, target=None)``.
+
+    Returns ``[B, 1, H, W]``.
 
     A ``generator`` given here advances with each call, so repeated calls draw new masks.
     """

@@ -60,7 +60,7 @@ def _raw(t: Tensor) -> Tuple[memoryview, Tensor]:
 def _npy_header(t: Tensor) -> bytes:
     """Version 1.0 header of NumPy's ``.npy`` format (data aligned to 64 bytes)."""
     shape = tuple(t.shape)
-    text = "{'descr': '%s%s', 'fortran_order': False, 'shape': %r, }" % (_ORDER, _NPY_DTYPES[t.dtype], shape)
+    text = f"{{'descr': '{_ORDER}{_NPY_DTYPES[t.dtype]}', 'fortran_order': False, 'shape': {shape!r}, }}"
     pad = -(10 + len(text) + 1) % 64
     text = text + " " * pad + "\n"
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
@@ -212,7 +212,7 @@ class _Writer:
 
     def __init__(self, root: Path, depth: int = 4):
         self.root = root
-        self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self.error: Optional[BaseException] = None
         self.thread = threading.Thread(target=self._run, name="torchex_fn-writer", daemon=True)
         self.thread.start()
@@ -265,7 +265,7 @@ class _Prefetch:
     _END = object()
 
     def __init__(self, loader: Any, depth: int = 2):
-        self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(loader,), name="torchex_fn-loader", daemon=True)
         self.thread.start()
@@ -308,7 +308,8 @@ class _Seen:
     """Predicted classes taken from a forward pass the method makes on the batch itself, if it makes one."""
 
     def __init__(self, output: Any):
-        self.x, self.output, self.pred = None, output, None
+        self.x, self.output = None, output
+        self.pred: Optional[Tensor] = None
 
     def reset(self, x: Any) -> None:
         self.x, self.pred = x, None
@@ -455,7 +456,7 @@ def _check_store(root: Path, manifest: Dict[str, Any]) -> bool:
 
 def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, data: Any, *,
                       out: Union[str, os.PathLike], batch_size: int, progress: bool = True,
-                      dtype: Optional[torch.dtype] = None, num_workers: int = 0, **options: Any) -> "Attributions":
+                      dtype: Optional[torch.dtype] = None, num_workers: int = 0, **options: Any) -> Attributions:
     """Explain every example of a data set with ``method``; store the maps on disk, resumably.
 
     The data is cut into fixed batches (batch ``b`` is examples ``[b * batch_size, (b + 1) * batch_size)``),
@@ -607,7 +608,7 @@ def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype,
     loader = DataLoader(dataset, batch_sampler=[list(batches[b]) for b in todo], num_workers=num_workers,
                         pin_memory=cuda, **({"collate_fn": collate} if collate is not None else {}))
     if num_workers == 0:  # no worker processes: a thread loads the next batches meanwhile
-        loader = _Prefetch(loader)
+        loader = _Prefetch(loader)  # type: ignore[assignment]  # iterates like the loader
     seeds = _generator_seeds(options)
     output = _targets.selector(model_fn)
     seen = _Seen(output)
@@ -677,7 +678,9 @@ def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype,
 
 
 def _write_index(root: Path, n: int, batch_size: int) -> None:
-    shards, shape, dtype = [], None, None
+    shards: List[Dict[str, Any]] = []
+    shape: Any = None
+    dtype: Any = None
     for b, rows in enumerate(_batches(n, batch_size)):
         maps_name, meta_name = _shard_names(b)
         if not _stored(root, b, len(rows)):
@@ -700,13 +703,13 @@ def _write_index(root: Path, n: int, batch_size: int) -> None:
 class _Maps(Sequence):
     """``store.maps[i]`` / ``store.maps[a:b]``: read from the shard files on access, never all at once."""
 
-    def __init__(self, store: "Attributions"):
+    def __init__(self, store: Attributions):
         self._store = store
 
     def __len__(self) -> int:
         return len(self._store)
 
-    def __getitem__(self, key: Any) -> Tensor:
+    def __getitem__(self, key: Any) -> Tensor:  # type: ignore[override]  # a slice reads a tensor too
         store = self._store
         if isinstance(key, slice):
             start, stop, step = key.indices(len(store))

@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Union
+from typing import Any, Dict, NamedTuple, Union
 
 import torch
 from torch import Tensor
@@ -123,7 +123,7 @@ def shapes(
 
     device = torch.device(device if device is not None else "cpu")
     gen = torch.Generator(device=device).manual_seed(seed)
-    kw = dict(generator=gen, device=device)
+    kw: Dict[str, Any] = dict(generator=gen, device=device)
 
     def uniform(*shape, low=0.0, high=1.0):
         return torch.rand(*shape, **kw) * (high - low) + low

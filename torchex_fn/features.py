@@ -18,7 +18,7 @@ results of its examples one at a time under the same seed.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, cast
 
 import torch
 from torch import Tensor
@@ -88,7 +88,7 @@ class _Game:
         key, value = _entry(fn, x)
         if value.is_complex():
             raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(value))
-        self.base = _inputs.baseline_input(fn, baseline, value)                  # [B, *input]
+        self.base = cast(Tensor, _inputs.baseline_input(fn, baseline, value))    # [B, *input]
         _checks.check_positive_int(fn, "batch_size", batch_size)
         _checks.check_generator(fn, generator)
         _check_generator_device(fn, generator, value)
@@ -106,7 +106,7 @@ class _Game:
         self.index: List[Optional[Tensor]] = [None] * len(self.groups)
         self.reference: Optional[Tensor] = None
 
-    def begin(self, reference: bool = False) -> None:
+    def begin(self, reference: bool = False) -> Optional[Tensor]:
         """The first forward, after every check: the scores of ``x`` itself (``self.reference``, ``[B]``),
         when asked for or when ``target=None`` needs the predicted class."""
         if reference or self.target is None:
@@ -115,17 +115,19 @@ class _Game:
                 out = self.model_fn(self.params, _inputs.take(self.x, g0, g1))
                 parts.append(self._scores(out, gi, 1, g1 - g0))
             self.reference = torch.cat(parts)                                     # [B]
+        return self.reference
 
     def _scores(self, out: Any, gi: int, m: int, size: int) -> Tensor:
         """Scores ``[m * size]`` of an output of ``m`` blocks of the examples of group ``gi``."""
         if not self.by_index:
             return _targets.resolve(out, _targets.for_blocks(self.target, m, size), fn=self.fn)
         chosen = _targets.select_output(out, self.output, fn=self.fn)
-        if self.index[gi] is None:  # the first output of the group: check the target against it
+        index = self.index[gi]
+        if index is None:  # the first output of the group: check the target against it
             g0, g1 = self.groups[gi]
-            self.index[gi] = _targets.resolve_index(chosen[:size], _group_target(self.target, self.batch, g0, g1),
-                                                    fn=self.fn)
-        return chosen.gather(1, self.index[gi].repeat(m)[:, None]).squeeze(1)
+            index = _targets.resolve_index(chosen[:size], _group_target(self.target, self.batch, g0, g1), fn=self.fn)
+            self.index[gi] = index
+        return chosen.gather(1, index.repeat(m)[:, None]).squeeze(1)
 
     def __call__(self, z: Tensor) -> Tensor:
         return self.rows(z.shape[0], lambda first, last: z[first:last])
@@ -202,7 +204,24 @@ def _linear_fit(z: Tensor, y: Tensor, w: Tensor, alpha: Optional[float]) -> Tens
     return torch.linalg.solve(gram + alpha * eye, design.transpose(1, 2) @ rhs).squeeze(-1)
 
 
-_COMMON_ARGS = """model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+# --------------------------------------------------------------------------------------------
+# Feature ablation.
+
+def feature_ablation(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, feature_mask: Any = None,
+                     baseline: Any = 0.0, batch_size: int = 64) -> Tensor:
+    """Feature ablation: the drop of the score when one feature is set to the baseline.
+
+    For every feature ``k`` the elements with that id are replaced by the baseline and every element of
+    the feature gets ``score(x) - score(x with feature k ablated)``. This is captum's
+    ``FeatureAblation`` (its difference, original minus ablated, and its per-example masks).
+
+    Autograd is left as the caller has it: the result is an ordinary differentiable function of
+    ``params``, ``x`` and ``baseline`` (plain forwards and tensor algebra), and it works under
+    ``torch.func.vmap`` and ``torch.func.grad``. Wrap the call in ``torch.no_grad()`` when ``params``
+    require gradients but none is wanted: every forward pass is kept otherwise.
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
       x: A batch ``[B, *input]``, floating point, or a dict of named inputs batch first whose one
         floating-point entry is perturbed (every other entry goes with its example into each batch).
@@ -216,55 +235,13 @@ _COMMON_ARGS = """model_fn: Pure ``(params, x) -> out``, e.g. from ``functionali
         :func:`torchex_fn.masks.superpixels`). Elements with the same id form one feature. Ids need not
         be contiguous or start at 0: the features are the distinct ids of the whole mask (with
         per-example masks, an id missing from one example is a feature that does nothing there; it
-        gets no element of that example). ``None``: every element is its own feature."""
-
-_BASELINE_ARG = """baseline: The value of absent elements: a float, or a tensor broadcastable to ``[B, *input]``
-        (one per example or one for all; as ``baseline`` elsewhere in the package). Default: 0.0."""
-
-_BATCH_ARG = """batch_size: Memory cap: the most perturbed examples in one forward pass. With ``B`` examples a
+        gets no element of that example). ``None``: every element is its own feature.
+      baseline: The value of absent elements: a float, or a tensor broadcastable to ``[B, *input]``
+        (one per example or one for all; as ``baseline`` elsewhere in the package). Default: 0.0.
+      batch_size: Memory cap: the most perturbed examples in one forward pass. With ``B`` examples a
         forward holds ``max(1, batch_size // B)`` coalitions times all ``B`` examples, or one coalition
         times ``batch_size`` examples when ``B > batch_size``. It changes only the grouping (results
-        agree up to float rounding). Default: 64."""
-
-_AUTOGRAD_NOTE = """Autograd is left as the caller has it: the result is an ordinary differentiable function of
-    ``params``, ``x`` and ``baseline`` (plain forwards and tensor algebra), and it works under
-    ``torch.func.vmap`` and ``torch.func.grad``. Wrap the call in ``torch.no_grad()`` when ``params``
-    require gradients but none is wanted: every forward pass is kept otherwise."""
-
-
-def _doc(text: str) -> str:
-    return (text.replace("{COMMON}", _COMMON_ARGS).replace("{BASELINE}", _BASELINE_ARG)
-            .replace("{BATCH}", _BATCH_ARG).replace("{AUTOGRAD}", _AUTOGRAD_NOTE))
-
-
-# --------------------------------------------------------------------------------------------
-# Feature ablation.
-
-def feature_ablation(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, feature_mask: Any = None,
-                     baseline: Any = 0.0, batch_size: int = 64) -> Tensor:
-    game = _Game("feature_ablation", model_fn, params, x, target, feature_mask=feature_mask, baseline=baseline,
-                 batch_size=batch_size)
-    game.begin(reference=True)
-    features = torch.arange(game.count, device=game.value.device)
-
-    def all_but(first: int, last: int) -> Tensor:                               # row k: every feature but k
-        return features[None] != features[first:last, None]
-    drops = game.reference[:, None] - game.rows(game.count, all_but)            # [B, K], the model's dtype
-    return _to_elements(drops.to(game.acc), game.fid, game.value)
-
-
-feature_ablation.__doc__ = _doc("""Feature ablation: the drop of the score when one feature is set to the baseline.
-
-    For every feature ``k`` the elements with that id are replaced by the baseline and every element of
-    the feature gets ``score(x) - score(x with feature k ablated)``. This is captum's
-    ``FeatureAblation`` (its difference, original minus ablated, and its per-example masks).
-
-    {AUTOGRAD}
-
-    Args:
-      {COMMON}
-      {BASELINE}
-      {BATCH}
+        agree up to float rounding). Default: 64.
 
     Returns:
       ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's value).
@@ -287,7 +264,17 @@ feature_ablation.__doc__ = _doc("""Feature ablation: the drop of the score when 
     References:
       Zeiler and Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014; captum's
       ``FeatureAblation``.
-    """)
+    """
+    game = _Game("feature_ablation", model_fn, params, x, target, feature_mask=feature_mask, baseline=baseline,
+                 batch_size=batch_size)
+    reference = game.begin(reference=True)
+    assert reference is not None
+    features = torch.arange(game.count, device=game.value.device)
+
+    def all_but(first: int, last: int) -> Tensor:                               # row k: every feature but k
+        return features[None] != features[first:last, None]
+    drops = reference[:, None] - game.rows(game.count, all_but)            # [B, K], the model's dtype
+    return _to_elements(drops.to(game.acc), game.fid, game.value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,49 +282,41 @@ feature_ablation.__doc__ = _doc("""Feature ablation: the drop of the score when 
 
 def shapley_values(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, feature_mask: Any = None,
                    baseline: Any = 0.0, batch_size: int = 64) -> Tensor:
-    fn = "shapley_values"
-    game = _Game(fn, model_fn, params, x, target, feature_mask=feature_mask, baseline=baseline,
-                 batch_size=batch_size)
-    count = game.count
-    if count > MAX_EXACT_FEATURES:
-        raise _checks.value_error(
-            fn, f"at most {MAX_EXACT_FEATURES} features for exact Shapley values (2^K model evaluations per example)",
-            f"{count} features" + (" (feature_mask=None makes every element a feature)" if feature_mask is None else ""),
-            "Group elements with feature_mask= (e.g. `tx.masks.grid((H, W), 56)`), or estimate them with "
-            "shapley_value_sampling or kernel_shap.")
-    game.begin()
-    device = game.value.device
-    # phi_i = sum_S v(S) c_i(S): c_i(S) = w(|S| - 1) if i in S else -w(|S|), w(s) = s! (K - 1 - s)! / K!
-    weight = torch.tensor([1.0 / (count * math.comb(count - 1, s)) for s in range(count)] + [0.0],
-                          dtype=game.acc, device=device)
-    bits = torch.arange(count, device=device)
-    phi = None
-    total = 2 ** count
-    block = max(game.per_forward, 1) * 4
-    for first in range(0, total, block):
-        index = torch.arange(first, min(first + block, total), device=device)
-        z = ((index[:, None] >> bits) & 1).bool()                                # [n, K]
-        size = z.sum(1, keepdim=True)
-        coef = torch.where(z, weight[(size - 1).clamp_min(0)], -weight[size])    # [n, K]
-        part = game(z).to(game.acc) @ coef
-        phi = part if phi is None else phi + part
-    return _to_elements(phi, game.fid, game.value)
-
-
-shapley_values.__doc__ = _doc("""Exact Shapley values of the features, from all ``2^K`` coalitions.
+    """Exact Shapley values of the features, from all ``2^K`` coalitions.
 
     ``phi_k = sum_{S not containing k} |S|! (K - |S| - 1)! / K! (v(S + k) - v(S))``, where ``v(S)`` is
     the score of the input whose features in ``S`` are ``x`` and whose others are the baseline. The
     values add up to ``v(all) - v(none) = score(x) - score(baseline)``. This equals captum's
     ``ShapleyValues`` (which averages over all ``K!`` orderings, ``K K!`` forwards) with ``2^K`` forwards.
 
-    {AUTOGRAD}
+    Autograd is left as the caller has it: the result is an ordinary differentiable function of
+    ``params``, ``x`` and ``baseline`` (plain forwards and tensor algebra), and it works under
+    ``torch.func.vmap`` and ``torch.func.grad``. Wrap the call in ``torch.no_grad()`` when ``params``
+    require gradients but none is wanted: every forward pass is kept otherwise.
 
     Args:
-      {COMMON}
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, *input]``, floating point, or a dict of named inputs batch first whose one
+        floating-point entry is perturbed (every other entry goes with its example into each batch).
+      target: ``None`` (the class the model ranks first for the unperturbed input: one extra forward
+        of ``x``), an int, ``[B]`` ints (these index the tensor that ``functionalize(model, output=)``
+        chooses), or a callable ``out -> [g]`` that receives the raw output of the ``g`` examples of
+        one chunk under one coalition at a time, in ``x``'s order.
+      feature_mask: Integer feature ids, broadcastable to ``x``'s shape: one mask for the batch
+        (``[*input]`` or any shape that broadcasts, e.g. ``[H, W]`` for images ``[B, C, H, W]``, see
+        :func:`torchex_fn.masks.grid`) or one per example (``[B, *input]``, e.g. ``[B, 1, H, W]`` from
+        :func:`torchex_fn.masks.superpixels`). Elements with the same id form one feature. Ids need not
+        be contiguous or start at 0: the features are the distinct ids of the whole mask (with
+        per-example masks, an id missing from one example is a feature that does nothing there; it
+        gets no element of that example). ``None``: every element is its own feature.
         At most 20 features (``MAX_EXACT_FEATURES``).
-      {BASELINE}
-      {BATCH}
+      baseline: The value of absent elements: a float, or a tensor broadcastable to ``[B, *input]``
+        (one per example or one for all; as ``baseline`` elsewhere in the package). Default: 0.0.
+      batch_size: Memory cap: the most perturbed examples in one forward pass. With ``B`` examples a
+        forward holds ``max(1, batch_size // B)`` coalitions times all ``B`` examples, or one coalition
+        times ``batch_size`` examples when ``B > batch_size``. It changes only the grouping (results
+        agree up to float rounding). Default: 64.
 
     Returns:
       ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's value).
@@ -359,44 +338,42 @@ shapley_values.__doc__ = _doc("""Exact Shapley values of the features, from all 
     References:
       Shapley, "A Value for n-Person Games", 1953; Strumbelj and Kononenko, "Explaining prediction
       models and individual predictions with feature contributions", KAIS 2014.
-    """)
+    """
+    fn = "shapley_values"
+    game = _Game(fn, model_fn, params, x, target, feature_mask=feature_mask, baseline=baseline,
+                 batch_size=batch_size)
+    count = game.count
+    if count > MAX_EXACT_FEATURES:
+        raise _checks.value_error(
+            fn, f"at most {MAX_EXACT_FEATURES} features for exact Shapley values (2^K model evaluations per example)",
+            f"{count} features" + (" (feature_mask=None makes every element a feature)" if feature_mask is None
+                                   else ""),
+            "Group elements with feature_mask= (e.g. `tx.masks.grid((H, W), 56)`), or estimate them with "
+            "shapley_value_sampling or kernel_shap.")
+    game.begin()
+    device = game.value.device
+    # phi_i = sum_S v(S) c_i(S): c_i(S) = w(|S| - 1) if i in S else -w(|S|), w(s) = s! (K - 1 - s)! / K!
+    weight = torch.tensor([1.0 / (count * math.comb(count - 1, s)) for s in range(count)] + [0.0],
+                          dtype=game.acc, device=device)
+    bits = torch.arange(count, device=device)
+    phi: Optional[Tensor] = None
+    total = 2 ** count
+    block = max(game.per_forward, 1) * 4
+    for first in range(0, total, block):
+        index = torch.arange(first, min(first + block, total), device=device)
+        z = ((index[:, None] >> bits) & 1).bool()                                # [n, K]
+        size = z.sum(1, keepdim=True)
+        coef = torch.where(z, weight[(size - 1).clamp_min(0)], -weight[size])    # [n, K]
+        part = game(z).to(game.acc) @ coef
+        phi = part if phi is None else phi + part
+    assert phi is not None
+    return _to_elements(phi, game.fid, game.value)
 
 
 def shapley_value_sampling(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *,
                            feature_mask: Any = None, baseline: Any = 0.0, samples: int = 25, batch_size: int = 64,
                            generator: Optional[torch.Generator] = None) -> Tensor:
-    fn = "shapley_value_sampling"
-    _check_samples(fn, samples)
-    game = _Game(fn, model_fn, params, x, target, feature_mask=feature_mask, baseline=baseline,
-                 batch_size=batch_size, generator=generator)
-    game.begin(reference=True)
-    count, device, batch = game.count, game.value.device, game.batch
-    start = game(torch.zeros(1, count, dtype=torch.bool, device=device))       # v(none), [B, 1]
-    end = game.reference[:, None, None]                                         # v(all) ends every ordering
-    # permutations per block: whole forwards of per_forward coalitions where K allows
-    steps = max(count - 1, 1)
-    per_block = game.per_forward // math.gcd(game.per_forward, steps)
-    phi = None
-    done = 0
-    while done < samples:
-        p = min(per_block, samples - done)
-        order = torch.stack([torch.randperm(count, generator=generator, device=device) for _ in range(p)])
-        rank = order.argsort(1)                                                 # [p, K] position of feature i
-
-        def prefixes(first: int, last: int, rank: Tensor = rank) -> Tensor:     # proper prefixes, row q (K-1) + j
-            row = torch.arange(first, last, device=device)
-            return rank[row // steps] <= (row % steps)[:, None]
-        values = game.rows(p * (count - 1), prefixes).reshape(batch, p, count - 1)
-        values = torch.cat([values, end.expand(batch, p, 1)], dim=2)            # [B, p, K] in order
-        before = torch.cat([start[:, None].expand(batch, p, 1), values[:, :, :-1]], dim=2)
-        gains = (values - before).to(game.acc)                                  # [B, p, K] step j adds order[q, j]
-        part = gains.gather(2, rank.expand(batch, p, count)).sum(1)             # [B, K] by feature
-        phi = part if phi is None else phi + part
-        done += p
-    return _to_elements(phi / samples, game.fid, game.value)
-
-
-shapley_value_sampling.__doc__ = _doc("""Shapley values estimated from random orderings of the features.
+    """Shapley values estimated from random orderings of the features.
 
     For each of ``samples`` random permutations the features are added to the baseline one after the
     other, and each feature is credited with the change of the score it caused; the estimate is the
@@ -406,13 +383,34 @@ shapley_value_sampling.__doc__ = _doc("""Shapley values estimated from random or
     to float rounding. Every ordering ends at the full input ``x``, which is evaluated once instead of
     once per ordering (``samples (K - 1) + 2`` forwards per example against captum's ``samples K + 1``).
 
-    {AUTOGRAD}
+    Autograd is left as the caller has it: the result is an ordinary differentiable function of
+    ``params``, ``x`` and ``baseline`` (plain forwards and tensor algebra), and it works under
+    ``torch.func.vmap`` and ``torch.func.grad``. Wrap the call in ``torch.no_grad()`` when ``params``
+    require gradients but none is wanted: every forward pass is kept otherwise.
 
     Args:
-      {COMMON}
-      {BASELINE}
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, *input]``, floating point, or a dict of named inputs batch first whose one
+        floating-point entry is perturbed (every other entry goes with its example into each batch).
+      target: ``None`` (the class the model ranks first for the unperturbed input: one extra forward
+        of ``x``), an int, ``[B]`` ints (these index the tensor that ``functionalize(model, output=)``
+        chooses), or a callable ``out -> [g]`` that receives the raw output of the ``g`` examples of
+        one chunk under one coalition at a time, in ``x``'s order.
+      feature_mask: Integer feature ids, broadcastable to ``x``'s shape: one mask for the batch
+        (``[*input]`` or any shape that broadcasts, e.g. ``[H, W]`` for images ``[B, C, H, W]``, see
+        :func:`torchex_fn.masks.grid`) or one per example (``[B, *input]``, e.g. ``[B, 1, H, W]`` from
+        :func:`torchex_fn.masks.superpixels`). Elements with the same id form one feature. Ids need not
+        be contiguous or start at 0: the features are the distinct ids of the whole mask (with
+        per-example masks, an id missing from one example is a feature that does nothing there; it
+        gets no element of that example). ``None``: every element is its own feature.
+      baseline: The value of absent elements: a float, or a tensor broadcastable to ``[B, *input]``
+        (one per example or one for all; as ``baseline`` elsewhere in the package). Default: 0.0.
       samples: The number of permutations (captum's ``n_samples``). Default: 25.
-      {BATCH}
+      batch_size: Memory cap: the most perturbed examples in one forward pass. With ``B`` examples a
+        forward holds ``max(1, batch_size // B)`` coalitions times all ``B`` examples, or one coalition
+        times ``batch_size`` examples when ``B > batch_size``. It changes only the grouping (results
+        agree up to float rounding). Default: 64.
       generator: The source of the permutations, on ``x``'s device; the same seed gives the same
         result, bit for bit (on the same device, with the same ``batch_size`` and batch). ``None``
         draws from the global generator. Default: None.
@@ -438,7 +436,38 @@ shapley_value_sampling.__doc__ = _doc("""Shapley values estimated from random or
     References:
       Castro, Gomez and Tejada, "Polynomial calculation of the Shapley value based on sampling",
       Computers & Operations Research, 2009; captum's ``ShapleyValueSampling``.
-    """)
+    """
+    fn = "shapley_value_sampling"
+    _check_samples(fn, samples)
+    game = _Game(fn, model_fn, params, x, target, feature_mask=feature_mask, baseline=baseline,
+                 batch_size=batch_size, generator=generator)
+    reference = game.begin(reference=True)
+    assert reference is not None
+    count, device, batch = game.count, game.value.device, game.batch
+    start = game(torch.zeros(1, count, dtype=torch.bool, device=device))       # v(none), [B, 1]
+    end = reference[:, None, None]                                         # v(all) ends every ordering
+    # permutations per block: whole forwards of per_forward coalitions where K allows
+    steps = max(count - 1, 1)
+    per_block = game.per_forward // math.gcd(game.per_forward, steps)
+    phi: Optional[Tensor] = None
+    done = 0
+    while done < samples:
+        p = min(per_block, samples - done)
+        order = torch.stack([torch.randperm(count, generator=generator, device=device) for _ in range(p)])
+        rank = order.argsort(1)                                                 # [p, K] position of feature i
+
+        def prefixes(first: int, last: int, rank: Tensor = rank) -> Tensor:     # proper prefixes, row q (K-1) + j
+            row = torch.arange(first, last, device=device)
+            return rank[row // steps] <= (row % steps)[:, None]
+        values = game.rows(p * (count - 1), prefixes).reshape(batch, p, count - 1)
+        values = torch.cat([values, end.expand(batch, p, 1)], dim=2)            # [B, p, K] in order
+        before = torch.cat([start[:, None].expand(batch, p, 1), values[:, :, :-1]], dim=2)
+        gains = (values - before).to(game.acc)                                  # [B, p, K] step j adds order[q, j]
+        part = gains.gather(2, rank.expand(batch, p, count)).sum(1)             # [B, K] by feature
+        phi = part if phi is None else phi + part
+        done += p
+    assert phi is not None
+    return _to_elements(phi / samples, game.fid, game.value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,8 +478,8 @@ def _kernel_shap_coalitions(count: int, samples: int, generator: Optional[torch.
     """``[n, K]`` coalitions: the full one, the empty one, then captum's draws (a size ``s`` with
     probability proportional to ``(K - 1) / (s (K - s))``, then the ``s`` features with the largest of
     ``K`` normal draws). ``K = 1`` has no sizes to draw: the two fixed coalitions alone."""
-    rows = [torch.ones(1, count, dtype=torch.bool, device=device), torch.zeros(1, count, dtype=torch.bool, device=device)]
-    rows = rows[:samples]
+    full = torch.ones(1, count, dtype=torch.bool, device=device)
+    rows = [full, ~full][:samples]
     if count > 1 and samples > 2:
         sizes = torch.arange(count, dtype=torch.float32, device=device)
         probs = torch.tensor(count - 1, device=device) / (sizes * (count - sizes))
@@ -466,21 +495,7 @@ def _kernel_shap_coalitions(count: int, samples: int, generator: Optional[torch.
 def kernel_shap(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, feature_mask: Any = None,
                 baseline: Any = 0.0, samples: int = 25, batch_size: int = 64,
                 generator: Optional[torch.Generator] = None) -> Tensor:
-    fn = "kernel_shap"
-    _check_samples(fn, samples, least=2)
-    game = _Game(fn, model_fn, params, x, target, feature_mask=feature_mask, baseline=baseline,
-                 batch_size=batch_size, generator=generator)
-    _check_regression_size(fn, game.count, feature_mask is None)
-    game.begin()
-    z = _kernel_shap_coalitions(game.count, samples, generator, game.value.device)
-    size = z.sum(1)
-    weight = torch.where((size == 0) | (size == game.count), _INF_WEIGHT, 1.0).to(game.acc)
-    values = game(z).to(game.acc)                                               # [B, n]
-    phi = _linear_fit(z.to(game.acc), values, weight[None], None)
-    return _to_elements(phi, game.fid, game.value)
-
-
-kernel_shap.__doc__ = _doc("""Kernel SHAP: Shapley values as the coefficients of a weighted linear regression.
+    """Kernel SHAP: Shapley values as the coefficients of a weighted linear regression.
 
     Coalitions ``z`` are drawn with the Shapley kernel's distribution of sizes (size ``s`` with
     probability proportional to ``(K - 1) / (s (K - s))``, then ``s`` features uniformly), their scores
@@ -494,15 +509,36 @@ kernel_shap.__doc__ = _doc("""Kernel SHAP: Shapley values as the coefficients of
     With a single feature there is no size to draw: only the two fixed coalitions are evaluated
     (captum fails there), which gives ``score(x) - score(baseline)`` exactly.
 
-    {AUTOGRAD}
+    Autograd is left as the caller has it: the result is an ordinary differentiable function of
+    ``params``, ``x`` and ``baseline`` (plain forwards and tensor algebra), and it works under
+    ``torch.func.vmap`` and ``torch.func.grad``. Wrap the call in ``torch.no_grad()`` when ``params``
+    require gradients but none is wanted: every forward pass is kept otherwise.
 
     Args:
-      {COMMON}
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, *input]``, floating point, or a dict of named inputs batch first whose one
+        floating-point entry is perturbed (every other entry goes with its example into each batch).
+      target: ``None`` (the class the model ranks first for the unperturbed input: one extra forward
+        of ``x``), an int, ``[B]`` ints (these index the tensor that ``functionalize(model, output=)``
+        chooses), or a callable ``out -> [g]`` that receives the raw output of the ``g`` examples of
+        one chunk under one coalition at a time, in ``x``'s order.
+      feature_mask: Integer feature ids, broadcastable to ``x``'s shape: one mask for the batch
+        (``[*input]`` or any shape that broadcasts, e.g. ``[H, W]`` for images ``[B, C, H, W]``, see
+        :func:`torchex_fn.masks.grid`) or one per example (``[B, *input]``, e.g. ``[B, 1, H, W]`` from
+        :func:`torchex_fn.masks.superpixels`). Elements with the same id form one feature. Ids need not
+        be contiguous or start at 0: the features are the distinct ids of the whole mask (with
+        per-example masks, an id missing from one example is a feature that does nothing there; it
+        gets no element of that example). ``None``: every element is its own feature.
         At most 10000 features (``MAX_REGRESSION_FEATURES``).
-      {BASELINE}
+      baseline: The value of absent elements: a float, or a tensor broadcastable to ``[B, *input]``
+        (one per example or one for all; as ``baseline`` elsewhere in the package). Default: 0.0.
       samples: The number of coalitions, the two fixed ones included (captum's ``n_samples``); more
         than ``K + 1`` for a determined regression (a minimum-norm solution otherwise). Default: 25.
-      {BATCH}
+      batch_size: Memory cap: the most perturbed examples in one forward pass. With ``B`` examples a
+        forward holds ``max(1, batch_size // B)`` coalitions times all ``B`` examples, or one coalition
+        times ``batch_size`` examples when ``B > batch_size``. It changes only the grouping (results
+        agree up to float rounding). Default: 64.
       generator: The source of the coalitions, on ``x``'s device; the same seed gives the same result,
         bit for bit (on the same device, with the same ``batch_size`` and batch). ``None`` draws from
         the global generator. Default: None.
@@ -527,7 +563,19 @@ kernel_shap.__doc__ = _doc("""Kernel SHAP: Shapley values as the coefficients of
     References:
       Lundberg and Lee, "A Unified Approach to Interpreting Model Predictions", NeurIPS 2017; captum's
       ``KernelShap``.
-    """)
+    """
+    fn = "kernel_shap"
+    _check_samples(fn, samples, least=2)
+    game = _Game(fn, model_fn, params, x, target, feature_mask=feature_mask, baseline=baseline,
+                 batch_size=batch_size, generator=generator)
+    _check_regression_size(fn, game.count, feature_mask is None)
+    game.begin()
+    z = _kernel_shap_coalitions(game.count, samples, generator, game.value.device)
+    size = z.sum(1)
+    weight = torch.where((size == 0) | (size == game.count), _INF_WEIGHT, 1.0).to(game.acc)
+    values = game(z).to(game.acc)                                               # [B, n]
+    phi = _linear_fit(z.to(game.acc), values, weight[None], None)
+    return _to_elements(phi, game.fid, game.value)
 
 
 _DISTANCES = ("cosine", "euclidean")
@@ -538,6 +586,81 @@ def lime(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, fe
          baseline: Any = 0.0, samples: int = 25, batch_size: int = 64, generator: Optional[torch.Generator] = None,
          kernel_width: float = 1.0, distance: str = "cosine", regression: str = "linear",
          alpha: float = 1.0) -> Tensor:
+    """LIME: the coefficients of a linear model fitted to the scores of nearby perturbed inputs.
+
+    Coalitions ``z`` keep every feature with probability 1/2 (``torch.bernoulli``, as captum's default
+    ``perturb_func``); each perturbed input ``x_z`` is weighted by its closeness to ``x``,
+    ``exp(-d(x, x_z)^2 / (2 kernel_width^2))`` with ``d`` the cosine distance ``1 - cos(x, x_z)`` of the
+    flattened example (captum's ``get_exp_kernel_similarity_function()``) or the Euclidean one, and a
+    weighted linear regression of the scores on ``z`` (with an intercept) gives one coefficient per
+    feature. captum's ``Lime`` does the same with its default ``interpretable_model=SkLearnLasso(0.01)``;
+    a lasso needs an iterative solver and is refused here: ``regression="linear"`` equals captum's
+    ``Lime(..., interpretable_model=SkLearnLinearRegression())`` (a minimum-norm solve), and
+    ``regression="ridge"`` its ``SkLearnRidge(alpha=alpha)``, both in closed form in float64.
+
+    Autograd is left as the caller has it: the result is an ordinary differentiable function of
+    ``params``, ``x`` and ``baseline`` (plain forwards and tensor algebra), and it works under
+    ``torch.func.vmap`` and ``torch.func.grad``. Wrap the call in ``torch.no_grad()`` when ``params``
+    require gradients but none is wanted: every forward pass is kept otherwise.
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, *input]``, floating point, or a dict of named inputs batch first whose one
+        floating-point entry is perturbed (every other entry goes with its example into each batch).
+      target: ``None`` (the class the model ranks first for the unperturbed input: one extra forward
+        of ``x``), an int, ``[B]`` ints (these index the tensor that ``functionalize(model, output=)``
+        chooses), or a callable ``out -> [g]`` that receives the raw output of the ``g`` examples of
+        one chunk under one coalition at a time, in ``x``'s order.
+      feature_mask: Integer feature ids, broadcastable to ``x``'s shape: one mask for the batch
+        (``[*input]`` or any shape that broadcasts, e.g. ``[H, W]`` for images ``[B, C, H, W]``, see
+        :func:`torchex_fn.masks.grid`) or one per example (``[B, *input]``, e.g. ``[B, 1, H, W]`` from
+        :func:`torchex_fn.masks.superpixels`). Elements with the same id form one feature. Ids need not
+        be contiguous or start at 0: the features are the distinct ids of the whole mask (with
+        per-example masks, an id missing from one example is a feature that does nothing there; it
+        gets no element of that example). ``None``: every element is its own feature.
+        At most 10000 features (``MAX_REGRESSION_FEATURES``).
+      baseline: The value of absent elements: a float, or a tensor broadcastable to ``[B, *input]``
+        (one per example or one for all; as ``baseline`` elsewhere in the package). Default: 0.0.
+      samples: The number of perturbed inputs (captum's ``n_samples``); more than ``K + 1`` for a
+        determined linear regression. Default: 25.
+      batch_size: Memory cap: the most perturbed examples in one forward pass. With ``B`` examples a
+        forward holds ``max(1, batch_size // B)`` coalitions times all ``B`` examples, or one coalition
+        times ``batch_size`` examples when ``B > batch_size``. It changes only the grouping (results
+        agree up to float rounding). Default: 64.
+      generator: The source of the coalitions, on ``x``'s device; the same seed gives the same result,
+        bit for bit (on the same device, with the same ``batch_size`` and batch). ``None`` draws from
+        the global generator. Default: None.
+      kernel_width: The width of the exponential similarity kernel. Default: 1.0.
+      distance: ``"cosine"`` or ``"euclidean"``. Default: ``"cosine"``.
+      regression: ``"linear"`` (weighted least squares) or ``"ridge"``. ``"lasso"`` is refused.
+        Default: ``"linear"``.
+      alpha: The ridge penalty (``regression="ridge"`` only). Default: 1.0.
+
+    Returns:
+      ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's
+      coefficient; the intercept is dropped, as captum does).
+
+    Raises:
+      ValueError: ``lime: expected regression in ('linear', 'ridge'), got 'lasso'. ...``; ``samples``
+        or ``batch_size`` below 1; ``kernel_width`` not positive; an unknown ``distance``; more than
+        10000 features; a mask that does not broadcast to ``x``; a generator on another device; NaN
+        in ``x`` or ``baseline``; a target out of range.
+      TypeError: a float or bool ``feature_mask``; a non-``torch.Generator`` generator; a bad target.
+
+    Example:
+      >>> mask = tx.masks.superpixels(images, 50)                            # [8, 1, 224, 224]
+      >>> tx.lime(fn, params, images, labels, feature_mask=mask, samples=500,
+      ...         generator=torch.Generator().manual_seed(0))
+
+    Cost: ``samples`` perturbed forwards per example (plus one of ``x`` for ``target=None``), in
+    ``ceil(samples / max(1, batch_size // B))`` forward passes; one ``[samples, K]`` pseudo-inverse per
+    example; no backward. Memory: one forward batch, ``samples K`` coalitions and ``B samples`` scores.
+
+    References:
+      Ribeiro, Singh and Guestrin, "Why Should I Trust You?: Explaining the Predictions of Any
+      Classifier", KDD 2016; captum's ``Lime``.
+    """
     fn = "lime"
     _check_samples(fn, samples)
     if isinstance(kernel_width, bool) or not isinstance(kernel_width, (int, float)):
@@ -581,57 +704,3 @@ def lime(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, fe
     return _to_elements(phi, game.fid, game.value)
 
 
-lime.__doc__ = _doc("""LIME: the coefficients of a linear model fitted to the scores of nearby perturbed inputs.
-
-    Coalitions ``z`` keep every feature with probability 1/2 (``torch.bernoulli``, as captum's default
-    ``perturb_func``); each perturbed input ``x_z`` is weighted by its closeness to ``x``,
-    ``exp(-d(x, x_z)^2 / (2 kernel_width^2))`` with ``d`` the cosine distance ``1 - cos(x, x_z)`` of the
-    flattened example (captum's ``get_exp_kernel_similarity_function()``) or the Euclidean one, and a
-    weighted linear regression of the scores on ``z`` (with an intercept) gives one coefficient per
-    feature. captum's ``Lime`` does the same with its default ``interpretable_model=SkLearnLasso(0.01)``;
-    a lasso needs an iterative solver and is refused here: ``regression="linear"`` equals captum's
-    ``Lime(..., interpretable_model=SkLearnLinearRegression())`` (a minimum-norm solve), and
-    ``regression="ridge"`` its ``SkLearnRidge(alpha=alpha)``, both in closed form in float64.
-
-    {AUTOGRAD}
-
-    Args:
-      {COMMON}
-        At most 10000 features (``MAX_REGRESSION_FEATURES``).
-      {BASELINE}
-      samples: The number of perturbed inputs (captum's ``n_samples``); more than ``K + 1`` for a
-        determined linear regression. Default: 25.
-      {BATCH}
-      generator: The source of the coalitions, on ``x``'s device; the same seed gives the same result,
-        bit for bit (on the same device, with the same ``batch_size`` and batch). ``None`` draws from
-        the global generator. Default: None.
-      kernel_width: The width of the exponential similarity kernel. Default: 1.0.
-      distance: ``"cosine"`` or ``"euclidean"``. Default: ``"cosine"``.
-      regression: ``"linear"`` (weighted least squares) or ``"ridge"``. ``"lasso"`` is refused.
-        Default: ``"linear"``.
-      alpha: The ridge penalty (``regression="ridge"`` only). Default: 1.0.
-
-    Returns:
-      ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's
-      coefficient; the intercept is dropped, as captum does).
-
-    Raises:
-      ValueError: ``lime: expected regression in ('linear', 'ridge'), got 'lasso'. ...``; ``samples``
-        or ``batch_size`` below 1; ``kernel_width`` not positive; an unknown ``distance``; more than
-        10000 features; a mask that does not broadcast to ``x``; a generator on another device; NaN
-        in ``x`` or ``baseline``; a target out of range.
-      TypeError: a float or bool ``feature_mask``; a non-``torch.Generator`` generator; a bad target.
-
-    Example:
-      >>> mask = tx.masks.superpixels(images, 50)                            # [8, 1, 224, 224]
-      >>> tx.lime(fn, params, images, labels, feature_mask=mask, samples=500,
-      ...         generator=torch.Generator().manual_seed(0))
-
-    Cost: ``samples`` perturbed forwards per example (plus one of ``x`` for ``target=None``), in
-    ``ceil(samples / max(1, batch_size // B))`` forward passes; one ``[samples, K]`` pseudo-inverse per
-    example; no backward. Memory: one forward batch, ``samples K`` coalitions and ``B samples`` scores.
-
-    References:
-      Ribeiro, Singh and Guestrin, "Why Should I Trust You?: Explaining the Predictions of Any
-      Classifier", KDD 2016; captum's ``Lime``.
-    """)

@@ -14,7 +14,7 @@ from .capture import active as _active_capture
 
 __all__ = ["functionalize", "FunctionalModel", "params_of"]
 
-_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 

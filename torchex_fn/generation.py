@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -255,7 +255,7 @@ def _lm_input(model_fn: Any, ids: Tensor, keep: int) -> Any:
         names = {}
     if "input_ids" not in names:
         return ids
-    x = {"input_ids": ids}
+    x: Dict[str, Any] = {"input_ids": ids}
     if "logits_to_keep" in names:
         x["logits_to_keep"] = keep
     if "use_cache" in names:
@@ -302,7 +302,8 @@ def _reference_ids(fn: str, baseline: Any, prompt_ids: Tensor, vocab: Optional[i
     reference = _reference_ids_unchecked(fn, baseline, prompt_ids)
     if _checks.concrete_any(reference < 0) or (vocab is not None and _checks.concrete_any(reference >= vocab)):
         raise _checks.value_error(fn, "baseline token ids in [0, vocab)" if vocab is None
-                                  else f"baseline token ids in [0, {vocab}) (the vocabulary)", _checks.describe(baseline))
+                                  else f"baseline token ids in [0, {vocab}) (the vocabulary)",
+                                  _checks.describe(baseline))
     return reference
 
 
@@ -333,7 +334,8 @@ def _groups(batch: int, cap: Optional[int]):
 def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tensor, continuation_ids: Tensor, *,
                              method: str = "integrated_gradients", layer: Any = None, baseline: Any = 0,
                              steps: int = 50, quadrature: str = "gausslegendre", reduce: str = "sum",
-                             mask: Optional[Tensor] = None, batch_size: Optional[int] = None) -> ContinuationAttribution:
+                             mask: Optional[Tensor] = None,
+                             batch_size: Optional[int] = None) -> ContinuationAttribution:
     """Attribute every continuation token's log-probability to the prompt tokens, in one call.
 
     The model runs on ``[prompt; continuation]`` (teacher forcing). For output token ``j`` the score is
@@ -400,10 +402,11 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
       ``T_out`` output tokens (each backward ``T_out`` times as large; captum runs ``T_out`` whole
       attributions). A model whose ``forward`` takes ``input_ids`` and ``logits_to_keep`` (HuggingFace
       causal LMs) is called with ``logits_to_keep=T_out + 1`` and ``use_cache=False``: the vocabulary
-      projection and its backward run at the scored positions only. Memory: one forward of ``min(B * steps, batch_size)`` sequences and its backward
-      ``T_out`` times at once. Models whose attention has no ``vmap``
-      batching rule for its backward (``scaled_dot_product_attention`` on CPU) run its backward in a
-      loop with a PyTorch performance warning: build them with ``attn_implementation="eager"``.
+      projection and its backward run at the scored positions only. Memory: one forward of
+      ``min(B * steps, batch_size)`` sequences and its backward ``T_out`` times at once. Models whose
+      attention has no ``vmap`` batching rule for its backward (``scaled_dot_product_attention`` on
+      CPU) run its backward in a loop with a PyTorch performance warning: build them with
+      ``attn_implementation="eager"``.
     References: Sundararajan et al., "Axiomatic Attribution for Deep Networks", ICML 2017; captum's
       ``LLMGradientAttribution`` (Miglani et al., "Using Captum to Explain Generative Language Models", 2023).
     """

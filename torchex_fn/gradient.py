@@ -303,9 +303,9 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
             flat = value.flatten(1)
             sigma = sigma * (flat.amax(dim=1) - flat.amin(dim=1)).view(batch, *ones)
 
-        first: List[Optional[Tensor]] = [None] * len(groups)       # a shift that makes vargrad exact
-        sums: List[Optional[Tensor]] = [None] * len(groups)
-        squares: List[Optional[Tensor]] = [None] * len(groups)
+        first: List[Any] = [None] * len(groups)       # a shift that makes vargrad exact
+        sums: List[Any] = [None] * len(groups)
+        squares: List[Any] = [None] * len(groups)
         for start in range(0, samples, per_call):
             k = min(per_call, samples - start)
             # One draw of [*input] per sample, shared by the examples (each scaled by its own sigma):

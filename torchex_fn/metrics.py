@@ -77,7 +77,8 @@ class Randomization(NamedTuple):
 def _as_map(fn: str, name: str, attribution: Any, batch: int, size: Sequence[int]) -> Tensor:
     """``[B, 1, H, W]`` from ``[B, H, W]`` / ``[B, C, h, w]`` (channels summed, resized to ``size``)."""
     if not isinstance(attribution, Tensor):
-        raise _checks.type_error(fn, f"{name}, a tensor of shape [B, H, W] or [B, C, H, W]", _checks.describe(attribution))
+        raise _checks.type_error(fn, f"{name}, a tensor of shape [B, H, W] or [B, C, H, W]",
+                                 _checks.describe(attribution))
     if not attribution.is_floating_point():
         raise _checks.type_error(fn, f"{name} of a floating-point dtype", _checks.describe(attribution))
     if attribution.ndim == 3:
@@ -412,7 +413,8 @@ def randomization_check(method: Callable[..., Tensor], model_fn: ModelFn, params
     """
     fn = "randomization_check"
     if not callable(method):
-        raise _checks.type_error(fn, "method, a callable (model_fn, params, x, target) -> map", _checks.describe(method))
+        raise _checks.type_error(fn, "method, a callable (model_fn, params, x, target) -> map",
+                                 _checks.describe(method))
     _checks.check_model_fn(fn, model_fn)
     _checks.check_params(fn, params)
     _checks.check_input(fn, x, min_ndim=2)

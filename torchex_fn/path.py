@@ -33,8 +33,8 @@ def quadrature(method: str, steps: int) -> Tuple[List[float], List[float]]:
     """
     n = steps
     if method == "gausslegendre":
-        nodes, weights = np.polynomial.legendre.leggauss(n)
-        return [0.5 * (1.0 + a) for a in nodes.tolist()], [0.5 * w for w in weights.tolist()]
+        nodes, gauss = np.polynomial.legendre.leggauss(n)
+        return [0.5 * (1.0 + a) for a in nodes.tolist()], [0.5 * w for w in gauss.tolist()]
     if method == "riemann_trapezoid":
         weights = [1.0 / n] * n
         weights[0] /= 2
@@ -130,8 +130,8 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
     if layer is None:
         # The path runs in the input's space (x, or its floating-point entry).
         names, rebuild = ["input"], (lambda values: values["input"])
-        ends = {"input": x if key is None else x[key]}
-        starts = {"input": base_input if key is None else base_input[key]}
+        ends: Dict[str, Any] = {"input": x if key is None else x[key]}
+        starts: Dict[str, Any] = {"input": base_input if key is None else base_input[key]}
         if target is None:  # the class predicted for the input itself
             out = [model_fn(params, _inputs.take(x, g0, g1)) for g0, g1 in groups]
             index = torch.cat([_targets.resolve_index(o, None, fn=fn, output=output) for o in out])
@@ -160,9 +160,9 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
     alphas, weights = quadrature(method, steps)
     deltas = {n: ends[n] - starts[n] for n in names}
     sums: Dict[str, List[Tensor]] = {n: [] for n in names}
-    for gi, (g0, g1) in enumerate(groups):
+    for g0, g1 in groups:
         size = g1 - g0
-        acc: Dict[str, Optional[Tensor]] = {n: None for n in names}
+        acc: Dict[str, Any] = {n: None for n in names}
         for first in range(0, steps, per_forward):
             k = len(alphas[first:first + per_forward])
             points = {}
@@ -322,7 +322,9 @@ def gradient_shap(model_fn: ModelFn, params: Params, x: Any, target: Target = No
 
     def draw(k: int, batch: int):
         """``k`` draws shared by the ``batch`` examples: indices ``[k, B]``, points ``[k, B]``, noise."""
-        index, alpha, noise = [], [], {n: [] for n in shapes}
+        index: List[Tensor] = []
+        alpha: List[Tensor] = []
+        noise: Dict[Any, List[Tensor]] = {n: [] for n in shapes}
         dtype = next(iter(shapes.values()))[1]
         for _ in range(k):
             index.append(torch.randint(count, (), generator=generator, device=device))
@@ -363,7 +365,7 @@ def _gradient_shap(fn, model_fn, params, x, target, entries, key, value, names, 
         index = target.to(device=_inputs.device_of(x), dtype=torch.long).expand(batch)
 
     spaces = ["input"] if names is None else names
-    sums: Dict[str, List[Optional[Tensor]]] = {n: [None] * len(groups) for n in spaces}
+    sums: Dict[str, List[Any]] = {n: [None] * len(groups) for n in spaces}
     for start in range(0, samples, per_call):
         k = min(per_call, samples - start)
         picks, alpha, noise = draw(k, batch)
@@ -392,7 +394,8 @@ def _gradient_shap(fn, model_fn, params, x, target, entries, key, value, names, 
                 if value is not None:
                     _, ends = intermediates(model_fn, layers=names, fn=fn)(params, xs)
                 else:
-                    ends = {n: _inputs.repeat(clean[gi][n], k) + stdev * noise[n][:, g0:g1].flatten(0, 1) for n in names}
+                    ends = {n: _inputs.repeat(clean[gi][n], k) + stdev * noise[n][:, g0:g1].flatten(0, 1)
+                            for n in names}
                 _, starts = intermediates(model_fn, layers=names, fn=fn)(params, base_x)
                 diffs = {n: ends[n] - starts[n] for n in names}
                 points = {n: starts[n] + _column(a.to(diffs[n].dtype), diffs[n].ndim) * diffs[n] for n in names}

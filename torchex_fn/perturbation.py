@@ -17,6 +17,9 @@ __all__ = ["rise", "occlusion"]
 
 _NORMALIZATIONS = ("paper", "per_pixel")
 
+_TABULAR_HINT = ("RISE's masks are smooth over neighbouring elements; use occlusion(window=1) or a gradient method "
+                 "(saliency, integrated_gradients, deeplift).")
+
 # Masks are drawn from the generator in blocks of this many, whatever ``batch_size`` and the
 # number of images are, so that neither changes which masks a seed gives.
 _DRAW_BLOCK = 64
@@ -35,7 +38,7 @@ def _interpolation_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: tor
 
 def _draw_masks(count: int, cells: int, probability: float, size: tuple, rows: Tensor, cols: Tensor,
                 generator: Optional[torch.Generator]) -> Tensor:
-    """``count`` RISE masks ``[count, H, W]`` with values in ``[0, 1]``.
+    """``count`` RISE masks ``[count, H, W]`` with values in ``[0, 1]`` (images; see :func:`_draw_masks_nd`).
 
     Each mask is a ``cells x cells`` grid of Bernoulli(``probability``) cells, bilinearly upsampled to
     ``(cells + 1) * ceil(H / cells)`` by ``(cells + 1) * ceil(W / cells)`` and cropped to ``H x W`` at
@@ -43,18 +46,41 @@ def _draw_masks(count: int, cells: int, probability: float, size: tuple, rows: T
     built: the crop picks rows of the interpolation matrices ``rows`` and ``cols``.
     Draws, in this order: the grids, the row offsets, the column offsets.
     """
-    height, width = size
-    device = rows.device
-    grid = torch.rand(count, cells, cells, generator=generator, device=device, dtype=torch.float32) < probability
-    dy = torch.randint(math.ceil(height / cells), (count,), generator=generator, device=device)
-    dx = torch.randint(math.ceil(width / cells), (count,), generator=generator, device=device)
-    row_weights = rows[dy[:, None] + torch.arange(height, device=device)]      # [count, H, cells]
-    col_weights = cols[dx[:, None] + torch.arange(width, device=device)]       # [count, W, cells]
-    return row_weights @ grid.to(rows.dtype) @ col_weights.transpose(1, 2)      # [count, H, W]
+    return _draw_masks_nd(count, cells, probability, size, (rows, cols), generator)
+
+
+# Letters for the grid axes of masks in einsum formulas ("hw" for images, as before sequences and volumes).
+_AXES = {1: "t", 2: "hw", 3: "dhw"}
+
+
+def _draw_masks_nd(count: int, cells: int, probability: float, size: Tuple[int, ...], weights: Tuple[Tensor, ...],
+                   generator: Optional[torch.Generator]) -> Tensor:
+    """``count`` RISE masks ``[count, *size]`` of 1, 2 or 3 grid axes, values in ``[0, 1]``.
+
+    Each mask is a grid of ``cells`` Bernoulli(``probability``) cells along every axis, upsampled
+    (linear, bilinear, trilinear: the product of 1-d linear interpolations, ``align_corners=False``)
+    to ``(cells + 1) * ceil(size_d / cells)`` along axis ``d`` and cropped to ``size`` at a random
+    offset in ``[0, ceil(size_d / cells))`` along every axis. The upsampled grid is never built:
+    the crop picks rows of the interpolation matrices ``weights[d]``. Draws, in this order: the
+    grids (in float32, whatever the dtype), then the offsets axis after axis.
+    """
+    device = weights[0].device
+    dtype = weights[0].dtype
+    rank = len(size)
+    grid = torch.rand(count, *([cells] * rank), generator=generator, device=device, dtype=torch.float32) < probability
+    offsets = [torch.randint(math.ceil(n / cells), (count,), generator=generator, device=device) for n in size]
+    # [count, n, cells]
+    picked = [w[o[:, None] + torch.arange(n, device=device)] for w, o, n in zip(weights, offsets, size)]
+    if rank == 2:
+        return picked[0] @ grid.to(dtype) @ picked[1].transpose(1, 2)         # [count, H, W]
+    masks = grid.to(dtype)
+    for axis in picked:  # contract the first remaining cell axis; the new grid axis goes last
+        masks = torch.einsum("nc...,nsc->n...s", masks, axis)
+    return masks                                                               # [count, *size]
 
 
 def _mask_pieces(num_masks: int, per_forward: int, draw: Callable[[int], Tensor]) -> Iterator[Tensor]:
-    """Masks ``[m, H, W]`` in pieces of ``per_forward`` (the last may be smaller), drawn in fixed blocks.
+    """Masks ``[m, *grid]`` in pieces of ``per_forward`` (the last may be smaller), drawn in fixed blocks.
 
     At most ``per_forward + _DRAW_BLOCK`` masks are alive at once.
     """
@@ -110,6 +136,10 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
          score: Optional[Callable[[Tensor], Tensor]] = None, normalization: str = "paper") -> Tensor:
     """RISE: the saliency of a pixel is the mean score of randomly masked inputs that keep it.
 
+    Images ``[B, C, H, W]``, sequences or audio ``[B, C, T]`` and volumes ``[B, C, D, H, W]``:
+    the masks have ``x``'s grid (linear, bilinear or trilinear upsampling of a random grid of
+    cells, shifted at random along every axis) and are shared by the channels.
+
     ``N`` random masks ``M_i`` with values in ``[0, 1]`` (see ``cell_size``) dim the input, and the
     model's score of each masked input weights its mask::
 
@@ -139,19 +169,22 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch of images ``[B, C, H, W]``, floating point. The masks multiply it, so masked
+      x: A batch ``[B, C, *grid]`` with 1 to 3 grid axes, floating point: images ``[B, C, H, W]``,
+        sequences ``[B, C, T]``, volumes ``[B, C, D, H, W]``. The masks multiply it, so masked
         pixels become 0 (the mean colour for normalised images). Or a dict of named inputs batch
         first (e.g. ``{"pixel_values": ...}`` for a HuggingFace ViT): the masks multiply its one
-        floating-point entry, which must be ``[B, C, H, W]``; every other entry (integer or
-        non-tensor) goes with its example into each masked batch.
+        floating-point entry, which must be ``[B, C, *grid]``; every other entry (integer or
+        non-tensor) goes with its example into each masked batch. Tabular ``[B, F]`` is refused
+        (features have no neighbours for smooth masks: use :func:`occlusion` with ``window=1``).
       target: ``None`` (the class that ``score(model(x))`` ranks first for the unmasked image:
         one extra forward pass over ``x``), an int, ``[B]`` ints (these index the tensor that
         ``functionalize(model, output=)`` chooses from a structured output), or a callable
         ``out -> [g]`` that receives the model's raw output for the ``g`` images of one chunk
         under one mask at a time, in ``x``'s order (so it may close over per-example data).
       num_masks: ``N``, the number of masks. Default: 8000 (the paper's).
-      cell_size: The grid has ``cell_size x cell_size`` cells (``s`` in the paper; each cell covers
-        ``ceil(H / cell_size) x ceil(W / cell_size)`` pixels before the random shift). Default: 7.
+      cell_size: The grid has ``cell_size`` cells along every axis (``s`` in the paper; for images
+        each cell covers ``ceil(H / cell_size) x ceil(W / cell_size)`` pixels before the random
+        shift; ``cell_size ** 3`` cells for volumes). Default: 7.
       probability: ``p``, the chance that a cell is kept (1). Default: 0.5.
       batch_size: Memory cap: the most masked images in one forward pass. With ``B`` images,
         a forward holds ``max(1, batch_size // B)`` masks times all ``B`` images, or, when
@@ -170,12 +203,12 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
         at each pixel; pixels that no mask kept get 0). Default: ``"paper"``.
 
     Returns:
-      Maps ``[B, 1, H, W]``, on ``x``'s device and of ``x``'s dtype (accumulated in at least
-      float32).
+      Maps ``[B, 1, *grid]`` (``[B, 1, H, W]`` for images), on ``x``'s device and of ``x``'s dtype
+      (masks and sums in at least float32, so bfloat16 and float16 maps are rounded only once).
 
     Raises:
       ValueError: ``rise: expected probability in (0, 1], got float 0.0.``; ``num_masks``,
-        ``cell_size`` or ``batch_size`` below 1; ``x`` not of rank 4 or with NaN; a generator on
+        ``cell_size`` or ``batch_size`` below 1; ``x`` not of rank 3, 4 or 5 or with NaN; a generator on
         another device; an unknown ``normalization``; a target out of range (after the first
         forward pass, before the others).
       TypeError: integer images, a non-``torch.Generator`` generator, a bad target, score or
@@ -189,19 +222,21 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
       >>> # under vmap, random draws need randomness="same" (every vmapped call gets the same masks):
       >>> torch.func.vmap(lambda p: rise(fn, p, images, labels, generator=torch.Generator().manual_seed(0)),
       ...                 randomness="same")(stacked)                 # ensemble [E, 8, 1, 224, 224]
+      >>> rise(fn1d, params1d, audio, labels, cell_size=16, generator=g).shape  # [8, 2, 16000] -> [8, 1, 16000]
 
     Cost: ``ceil(N / max(1, batch_size // B))`` forward passes of up to ``batch_size`` images (for
     ``B <= batch_size``), plus ``ceil(B / batch_size)`` for ``target=None``; no backward. Memory:
-    one forward of ``batch_size`` images plus ``batch_size + 64`` masks ``[H, W]`` and the ``B``
+    one forward of ``batch_size`` images plus ``batch_size + 64`` masks ``[*grid]`` and the ``B``
     maps, whatever ``num_masks`` is (without autograd, see above).
     References: Petsiuk, Das and Saenko, "RISE: Randomized Input Sampling for Explanation of
     Black-box Models", BMVC 2018.
     """
     fn = "rise"
-    _checks.check_call(fn, model_fn, params, x, target, ndim=4, layer_option=False)
+    _checks.check_call(fn, model_fn, params, x, target, min_ndim=1, layer_option=False)
     key, value = _entry(fn, x)
     if key is not None:
-        _checks.check_input(fn, value, ndim=4, name=f"x[{key!r}]")
+        _checks.check_input(fn, value, name=f"x[{key!r}]")
+    _checks.check_grid_rank(fn, value, name="x" if key is None else f"x[{key!r}]", tabular_hint=_TABULAR_HINT)
     if value.is_complex():
         raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(value))
     _checks.check_positive_int(fn, "num_masks", num_masks)
@@ -215,13 +250,13 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     if normalization not in _NORMALIZATIONS:
         raise _checks.value_error(fn, f"normalization in {_NORMALIZATIONS}", _checks.describe(normalization))
 
-    batch, _, height, width = value.shape
+    batch, grid = value.shape[0], tuple(value.shape[2:])
     output = _targets.selector(model_fn)
     by_index = not _targets.is_callable(target)
     if by_index:  # score the tensor that functionalize's output= chooses (softmax by default)
         transform = score if score is not None else (lambda out: torch.softmax(out, dim=1))
 
-        def scored(out: Any) -> Tensor:
+        def scored(out: Any) -> Any:
             return transform(_targets.select_output(out, output, fn=fn))
     else:  # a callable target is the whole score, on the raw output (after ``score``, if given)
         def scored(out: Any) -> Any:
@@ -236,20 +271,21 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
                            for g0, g1 in groups])
 
     acc_dtype = torch.promote_types(value.dtype, torch.float32)
-    rows = _interpolation_matrix(cell_size, (cell_size + 1) * math.ceil(height / cell_size), acc_dtype, value.device)
-    cols = _interpolation_matrix(cell_size, (cell_size + 1) * math.ceil(width / cell_size), acc_dtype, value.device)
+    weights = tuple(_interpolation_matrix(cell_size, (cell_size + 1) * math.ceil(n / cell_size), acc_dtype,
+                                          value.device) for n in grid)
+    axes = _AXES[len(grid)]
 
     def draw(count: int) -> Tensor:
-        return _draw_masks(count, cell_size, probability, (height, width), rows, cols, generator)
+        return _draw_masks_nd(count, cell_size, probability, grid, weights, generator)
 
-    sums: List[Optional[Tensor]] = [None] * len(groups)
-    mask_sum: Optional[Tensor] = None
+    sums: List[Any] = [None] * len(groups)
+    mask_sum: Any = None
     with tqdm(total=num_masks, desc=fn, unit="mask", disable=not progress) as bar:
-        for masks in _mask_pieces(num_masks, per_forward, draw):            # [m, H, W]
+        for masks in _mask_pieces(num_masks, per_forward, draw):            # [m, *grid]
             m = masks.shape[0]
             for gi, (g0, g1) in enumerate(groups):
                 size = g1 - g0
-                # mask after mask, each over all images of the group: [m * g, C, H, W]
+                # mask after mask, each over all examples of the group: [m * g, C, *grid]
                 masked = (value[g0:g1][None] * masks[:, None, None].to(value.dtype)).flatten(0, 1)
                 out = scored(model_fn(params, _rows_with(x, key, g0, g1, m, masked)))
                 if not by_index:
@@ -259,14 +295,14 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
                         probe = out[:1].expand(batch, *out.shape[1:]) if out.ndim == 2 else out
                         index = _targets.resolve_index(probe, target, fn=fn)
                     scores = out.gather(1, index[g0:g1].repeat(m)[:, None]).squeeze(1)
-                contribution = torch.einsum("mg,mhw->ghw", scores.reshape(m, size).to(acc_dtype), masks)
+                contribution = torch.einsum(f"mg,m{axes}->g{axes}", scores.reshape(m, size).to(acc_dtype), masks)
                 sums[gi] = contribution if sums[gi] is None else sums[gi] + contribution
             if normalization == "per_pixel":
                 piece_sum = masks.sum(dim=0)
                 mask_sum = piece_sum if mask_sum is None else mask_sum + piece_sum
             bar.update(m)
 
-    total = torch.cat(sums)                                                  # [B, H, W]
+    total = torch.cat(sums)                                                  # [B, *grid]
     if normalization == "paper":
         maps = total / (num_masks * probability)
     else:
@@ -419,7 +455,7 @@ def occlusion(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     def masks_of(first: int, last: int) -> Tensor:
         """Masks ``[last - first, *input]`` of the windows numbered ``first .. last - 1`` (row-major)."""
         index = torch.arange(first, last, device=device)
-        mask = None
+        mask: Any = None
         for d in range(len(shape)):
             stride_d = math.prod(counts[d + 1:])
             rows = covers[d][(index // stride_d) % counts[d]]                       # [m, size_d]
@@ -459,7 +495,7 @@ def occlusion(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
             drops[gi].append(references[gi][:, None] - scores.reshape(m, size).T)
     diff = torch.cat([torch.cat(d, dim=1) for d in drops]).to(acc_dtype)              # [B, P]
     total = diff.reshape(batch, *counts)
-    weight = None
+    weight: Any = None
     for d, cover in enumerate(covers):                          # contract window index d with cover d
         total = torch.tensordot(total, cover, dims=([1], [0]))  # the window axis moves to the end
         per_dim = cover.sum(0).reshape(*([1] * d), shape[d], *([1] * (len(shape) - d - 1)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -23,15 +24,22 @@ def resize(maps: Tensor, size: Sequence[int]) -> Tensor:
 
 
 def normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
-    """Min-max normalise each example of ``[B, ...]`` to [0, 1] (a constant map becomes 0)."""
+    """Min-max normalise each example of ``[B, ...]`` to [0, 1] (a constant map becomes 0).
+
+    Computed in at least float32 (``eps`` would round to 0 in float16) and returned in ``maps``'s dtype.
+    """
     flat = maps.flatten(1)
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32)) if flat.is_floating_point() else flat
     low = flat.min(dim=1, keepdim=True).values
     high = flat.max(dim=1, keepdim=True).values
-    return ((flat - low) / (high - low).clamp_min(eps)).view_as(maps)
+    return ((flat - low) / (high - low).clamp_min(eps)).to(maps.dtype).view_as(maps)
 
 
 def channel_reduce(maps: Tensor, how: str = "sum") -> Tensor:
-    """Reduce ``[B, C, *spatial]`` over channels to ``[B, 1, *spatial]`` (``sum``, ``mean``, ``abs_sum``, ``max_abs``)."""
+    """Reduce ``[B, C, *spatial]`` over channels to ``[B, 1, *spatial]``.
+
+    ``how`` is ``sum``, ``mean``, ``abs_sum`` or ``max_abs``.
+    """
     if how == "sum":
         return maps.sum(dim=1, keepdim=True)
     if how == "mean":

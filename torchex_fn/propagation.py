@@ -174,7 +174,7 @@ def _derivative(call: _rewrite.Call, z: Tensor, shape: Sequence[int]) -> Tensor:
     # not jvp: torch.func.jvp's first use imports decompositions that warn under recent torch.) An
     # op that broadcasts z against a larger fixed argument gets z expanded first.
     zb = z if tuple(z.shape) == tuple(shape) else z.expand(shape).contiguous()
-    y_again, pullback = torch.func.vjp(call.apply, zb)
+    y_again, pullback = torch.func.vjp(call.apply, zb)  # type: ignore[misc]  # 2 values without has_aux
     return pullback(torch.ones_like(y_again))[0]
 
 
@@ -435,7 +435,7 @@ def _no_rule(fn: str, err: _rewrite.NoRule) -> NotImplementedError:
 
 
 def _rescale(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor, eps: float,
-             rules: Mapping[str, Any] = None) -> Tensor:
+             rules: Optional[Mapping[str, Any]] = None) -> Tensor:
     """The native Rescale rule; arguments already checked (see the module docstring for the passes)."""
     rules = _RULES if rules is None else rules
     shared = baseline.ndim < x.ndim or baseline.shape[0] == 1
@@ -620,7 +620,7 @@ def _captum(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor,
 # --------------------------------------------------------------------------------------------
 # Public functions.
 
-def deeplift(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Any = None,
+def deeplift(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, layer: Any = None,
              baseline: Any = 0.0, eps: float = 1e-10, backend: str = "native", softmax: str = "conserving") -> Tensor:
     """DeepLIFT with the Rescale rule: ``(x - baseline) * m``, ``m`` the multipliers of the score.
 
@@ -719,7 +719,7 @@ def deeplift(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     _check_backend(fn, backend)
     rules = _check_softmax(fn, softmax)
     if layer is None and isinstance(x, Tensor):
-        base = _check_baseline(fn, baseline, x)
+        base: Any = _check_baseline(fn, baseline, x)
         if backend == "captum":
             return _captum(fn, model_fn, params, x, target, base, float(eps))
         return _rescale(fn, model_fn, params, x, target, base, float(eps), rules)
@@ -804,11 +804,14 @@ def deeplift_shap(model_fn: ModelFn, params: Params, x: Tensor, target: Target =
     bases = _check_baseline(fn, baselines, x[:1].expand(baselines.shape[0], *x.shape[1:]), name="baselines")
     count = bases.shape[0]
     step = count if batch_size is None else batch_size
+    # vmap has no batching rule for the as_strided_ that pooling takes on channels_last tensors
+    # (a slow per-example fallback): the baselines are batched in the ordinary layout.
+    x, bases = x.contiguous(), bases.contiguous()
 
     def one(b: Tensor) -> Tensor:
         return _rescale(fn, model_fn, params, x, target, b, float(eps), rules)
 
-    total = None
+    total: Any = None
     for start in range(0, count, step):
         part = torch.func.vmap(one)(bases[start:start + step]).sum(0)
         total = part if total is None else total + part

@@ -83,8 +83,8 @@ def check(fn: str, target: Any, batch: Optional[int] = None) -> None:
         raise _checks.type_error(fn, "target of an integer dtype", _checks.describe(target),
                                  "Pass class indices, e.g. `labels.long()`.")
     if target.ndim > 1 or (batch is not None and target.ndim == 1 and target.shape[0] != batch):
-        raise _checks.value_error(fn, f"target of shape [B] = [{batch}]" if batch is not None else "target of shape [B]",
-                                  _checks.describe(target))
+        expected = f"target of shape [B] = [{batch}]" if batch is not None else "target of shape [B]"
+        raise _checks.value_error(fn, expected, _checks.describe(target))
 
 
 def resolve_index(out: Any, target: Any, *, fn: str = "resolve", output: Any = None) -> Tensor:

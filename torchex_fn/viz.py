@@ -180,7 +180,8 @@ def mask_overlay(image: Tensor, mask: Tensor, *, color: Sequence[float] = (0.0, 
     """
     fn = "mask_overlay"
     if not isinstance(image, Tensor) or not isinstance(mask, Tensor):
-        raise _checks.type_error(fn, "image and mask tensors", f"{_checks.describe(image)} and {_checks.describe(mask)}")
+        raise _checks.type_error(fn, "image and mask tensors",
+                                 f"{_checks.describe(image)} and {_checks.describe(mask)}")
     m = (mask != 0).to(image.dtype)
     tint = torch.tensor(color, dtype=image.dtype, device=image.device).view(3, 1, 1)
     shaded = image * (1 - 0.5 * alpha)

@@ -1,0 +1,83 @@
+"""MkDocs hooks for the site (see mkdocs.yml): pages generated from the repository's own files, and links.
+
+- The home page is README.md, and benchmarks/README.md and CHANGELOG.md become pages, without copies;
+  their links to repository paths (``docs/x.md``, ``benchmarks/README.md``) become the pages' paths.
+- Docstrings name objects with Sphinx roles (``:func:`grad_cam```); in the rendered HTML such a role
+  becomes an optional cross-reference to the object's page (plain code when it has none, e.g. a
+  private helper), so a role never breaks ``mkdocs build --strict``.
+"""
+from __future__ import annotations
+
+import html
+import importlib
+import pathlib
+import re
+
+from mkdocs.structure.files import File, Files
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAGES = {"index.md": "README.md", "benchmarks.md": "benchmarks/README.md", "changelog.md": "CHANGELOG.md"}
+LINKS = {"docs/": "", "benchmarks/README.md": "benchmarks.md", "CHANGELOG.md": "changelog.md"}
+ROLE = re.compile(r":(?:func|class|meth|attr|mod|data|exc|obj):<code>~?([\w.]+)</code>")
+
+
+def _relink(text: str) -> str:
+    def one(match: re.Match) -> str:
+        target = match.group(2)
+        for prefix, replacement in LINKS.items():
+            if target.startswith(prefix):
+                target = replacement + target[len(prefix):]
+                break
+        return f"{match.group(1)}({target})"
+    return re.sub(r"(\])\(([^)\s]+)\)", one, text)
+
+
+def on_files(files: Files, config) -> Files:
+    for page, source in PAGES.items():
+        text = (ROOT / source).read_text(encoding="utf-8")
+        files.append(File.generated(config, page, content=_relink(text)))
+    return files
+
+
+def _identifier(name: str, module: str) -> str | None:
+    """The full dotted path of the object a role names, looked up from the page's module, then the package."""
+    import torchex_fn
+    if name.startswith("tx."):
+        name = "torchex_fn." + name[3:]
+    head, *rest = name.split(".")
+    for scope in (importlib.import_module(module) if module else None, torchex_fn):
+        if scope is None:
+            continue
+        if head == "torchex_fn":
+            obj, parts = torchex_fn, rest
+        elif hasattr(scope, head):
+            obj, parts = getattr(scope, head), rest
+        else:
+            continue
+        try:
+            for part in parts:
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, type(torchex_fn)):
+            return obj.__name__
+        owner, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+        return f"{owner}.{qualname}" if owner and qualname else None
+    return None
+
+
+def on_page_content(text: str, page, config, files) -> str:
+    modules = re.findall(r'id="(torchex_fn[\w.]*)"', text)
+    module = min(modules, key=len) if modules else ""  # the page's module, e.g. torchex_fn.cam
+
+    def one(match: re.Match) -> str:
+        name = html.unescape(match.group(1))
+        found = _identifier(name, module if module in _modules() else "")
+        code = f"<code>{match.group(1)}</code>"
+        return f'<autoref identifier="{found}" optional>{code}</autoref>' if found else code
+    return ROLE.sub(one, text)
+
+
+def _modules() -> set:
+    import sys
+    return {name for name in sys.modules if name.startswith("torchex_fn")}

@@ -1,0 +1,100 @@
+"""Tiny models for each input rank and the method table shared by test_ranks.py and test_dtypes.py.
+
+Ranks: tabular ``[B, F]`` (an MLP), sequences ``[B, C, T]`` (1-d convolutions), images
+``[B, C, H, W]`` (2-d) and volumes ``[B, C, D, H, W]`` (3-d). The convolutional nets are built the
+same way for every rank: conv -> ReLU -> strided conv ``features`` -> ReLU -> global average pool
+-> linear ``fc``, so that ``features`` outputs ``[B, K, *grid]`` with the grid halved.
+"""
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+import torchex_fn as tx
+
+BATCH = 2
+CLASSES = 3
+# One example's shape per rank: F = 6 features; 2 channels over T = 20, 8 x 8, 6 x 8 x 8.
+SHAPES = {"tabular": (6,), "sequence": (2, 20), "image": (2, 8, 8), "volume": (2, 6, 8, 8)}
+RANKS = list(SHAPES)
+GRID_RANKS = ["sequence", "image", "volume"]
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+
+
+class ConvNet(nn.Module):
+    """conv1 -> act1 -> features (stride 2, or ``stride``) -> act2 -> pool -> fc, for 1, 2 or 3 grid axes."""
+
+    def __init__(self, dims: int, channels: int = 2, act: type = nn.ReLU, stride: int = 2):
+        super().__init__()
+        self.conv1 = _CONV[dims](channels, 4, 3, padding=1)
+        self.act1 = act()
+        self.features = _CONV[dims](4, 5, 3, padding=1, stride=stride)
+        self.act2 = act()
+        self.pool = _POOL[dims](1)
+        self.fc = nn.Linear(5, CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.act2(self.features(self.act1(self.conv1(x))))).flatten(1))
+
+
+def mlp(act: type = nn.ReLU) -> nn.Module:
+    return nn.Sequential(OrderedDict(fc1=nn.Linear(6, 16), act=act(), fc=nn.Linear(16, CLASSES)))
+
+
+def model_for(rank: str, dtype=torch.float64, act: type = nn.ReLU, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = mlp(act) if rank == "tabular" else ConvNet(len(SHAPES[rank]) - 1, act=act)
+    return model.to(dtype).eval()
+
+
+def input_for(rank: str, dtype=torch.float64, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, *SHAPES[rank], generator=gen, dtype=torch.float64).to(dtype)
+
+
+def _gen(x):
+    return torch.Generator(device=x.device).manual_seed(0)
+
+
+# Each method called with small options; the CAM family names the strided conv ``features``.
+CALLS = {
+    "saliency": lambda fn, p, x, t: tx.saliency(fn, p, x, t),
+    "input_x_gradient": lambda fn, p, x, t: tx.input_x_gradient(fn, p, x, t),
+    "smooth": lambda fn, p, x, t: tx.smooth(tx.saliency, samples=3, generator=_gen(x))(fn, p, x, t),
+    "integrated_gradients": lambda fn, p, x, t: tx.integrated_gradients(fn, p, x, t, steps=8),
+    "gradient_shap": lambda fn, p, x, t: tx.gradient_shap(fn, p, x, t, baselines=0.5 * torch.ones_like(x[:1]),
+                                                          samples=4, generator=_gen(x)),
+    "deeplift": lambda fn, p, x, t: tx.deeplift(fn, p, x, t, baseline=0.1),
+    "deeplift_shap": lambda fn, p, x, t: tx.deeplift_shap(fn, p, x, t, baselines=0.1 * torch.ones_like(x[:1]).expand(
+        2, *x.shape[1:]).clone()),
+    "guided_backprop": lambda fn, p, x, t: tx.guided_backprop(fn, p, x, t),
+    "occlusion": lambda fn, p, x, t: tx.occlusion(fn, p, x, t, window=2 if x.ndim <= 3 else 3, stride=2),
+    "cam": lambda fn, p, x, t: tx.cam(fn, p, x, t, layer="act2"),
+    "grad_cam": lambda fn, p, x, t: tx.grad_cam(fn, p, x, t, layer="act2", relu=False),
+    "grad_cam_pp": lambda fn, p, x, t: tx.grad_cam_pp(fn, p, x, t, layer="act2", relu=False),
+    "score_cam": lambda fn, p, x, t: tx.score_cam(fn, p, x, t, layer="act2", relu=False),
+    "layer_cam": lambda fn, p, x, t: tx.layer_cam(fn, p, x, t, layer="act2", relu=False),
+    "xgrad_cam": lambda fn, p, x, t: tx.xgrad_cam(fn, p, x, t, layer="act2", relu=False),
+    "hires_cam": lambda fn, p, x, t: tx.hires_cam(fn, p, x, t, layer="act2", relu=False),
+    "eigen_cam": lambda fn, p, x, t: tx.eigen_cam(fn, p, x, t, layer="act2", relu=False),
+    "ablation_cam": lambda fn, p, x, t: tx.ablation_cam(fn, p, x, t, layer="act2", relu=False),
+    "fullgrad": lambda fn, p, x, t: tx.fullgrad(fn, p, x, t),
+    "rise": lambda fn, p, x, t: tx.rise(fn, p, x, t, num_masks=24, cell_size=3, batch_size=16, generator=_gen(x)),
+}
+
+# Methods whose maps live on the input's grid as [B, 1, *grid]; the others return x's shape.
+MAP_METHODS = {"cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam",
+               "ablation_cam", "fullgrad", "rise"}
+# The ranks each method supports (checked cell by cell, and against docs/input_ranks.md).
+SUPPORTED = {name: set(GRID_RANKS) if name in MAP_METHODS else set(RANKS) for name in CALLS}
+
+
+def expected_shape(name: str, x: torch.Tensor) -> tuple:
+    return (x.shape[0], 1, *x.shape[2:]) if name in MAP_METHODS else tuple(x.shape)
+
+
+def functional(rank: str, dtype=torch.float64, act: type = nn.ReLU):
+    model = model_for(rank, dtype, act)
+    return (model, *tx.functionalize(model))
