@@ -38,6 +38,17 @@ def _gradient_shap(model_fn, params, x, target, **options):
                             generator=torch.Generator().manual_seed(7), **options)
 
 
+def _seeded(method):
+    """A random feature method with a fresh seeded generator per call."""
+    def call(model_fn, params, x, target, **options):
+        return method(model_fn, params, x, target, generator=torch.Generator().manual_seed(7), **options)
+    return call
+
+
+_CELLS4 = tx.masks.grid((8, 8), 4)          # 4 features (16 coalitions for exact Shapley values)
+_CELLS8 = tx.masks.grid((8, 8), (4, 2))     # 8 features
+
+
 # name -> (function, keyword options, output shape from x's shape)
 METHODS = {
     "saliency": (tx.saliency, {}, lambda s: s),
@@ -66,12 +77,19 @@ METHODS = {
     "lrp": (tx.lrp, {"composite": "epsilon_alpha2_beta1_flat"}, lambda s: s),
     "rise": (_rise, {"num_masks": 24, "cell_size": 3, "batch_size": 16}, lambda s: (s[0], 1, *s[2:])),
     "gradient_shap": (_gradient_shap, {"samples": 3, "stdev": 0.1, "batch_size": 6}, lambda s: s),
+    "feature_ablation": (tx.feature_ablation, {"feature_mask": _CELLS8, "baseline": 0.1, "batch_size": 8}, lambda s: s),
+    "shapley_values": (tx.shapley_values, {"feature_mask": _CELLS4, "batch_size": 8}, lambda s: s),
+    "shapley_value_sampling": (_seeded(tx.shapley_value_sampling),
+                               {"feature_mask": _CELLS8, "samples": 2, "batch_size": 8}, lambda s: s),
+    "kernel_shap": (_seeded(tx.kernel_shap), {"feature_mask": _CELLS4, "samples": 10, "batch_size": 8}, lambda s: s),
+    "lime": (_seeded(tx.lime), {"feature_mask": _CELLS4, "samples": 10, "batch_size": 8}, lambda s: s),
 }
 DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small", "grad_cam_pp", "score_cam",
                   "layer_cam", "xgrad_cam", "hires_cam", "ablation_cam", "fullgrad",  # eigen_cam: no fc dependence (test_cam_zoo)
                   "integrated_gradients", "integrated_gradients_chunked", "smoothgrad", "vargrad_grad_cam",
                   "occlusion", "guided_backprop", "deeplift", "rise", "gradient_shap",
-                  "lrp"]
+                  "lrp",
+                  "feature_ablation", "shapley_values", "shapley_value_sampling", "kernel_shap", "lime"]
 
 
 # FullGrad's gradient passes through a min-max scaling per channel (divisions by each map's range,

@@ -1,10 +1,12 @@
 """torchex_fn: functional, stateless attribution methods for PyTorch, built on ``torch.func``."""
 from . import datasets, generation, metrics, postprocess, targets, text, viz
+from . import masks
 from .attention import attention_probabilities, attention_rollout, grad_rollout, legrad
 from .cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad_cam_pp, hires_cam, layer_cam, score_cam,
                   xgrad_cam)
 from .capture import capture, intermediates, layer_gradients, tap
 from .classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
+from .features import feature_ablation, kernel_shap, lime, shapley_value_sampling, shapley_values
 from .dataset import Attributions, attribute_dataset, open_attributions
 from .functional import functionalize, params_of
 from .generation import continuation_ablation, continuation_attribution, continuation_logprob
@@ -27,6 +29,7 @@ __all__ = [
     "deeplift", "deeplift_shap", "guided_backprop",
     "lrp",
     "occlusion", "rise",
+    "feature_ablation", "shapley_values", "shapley_value_sampling", "kernel_shap", "lime", "masks",
     "attention_rollout", "grad_rollout", "legrad", "attention_probabilities",
     "attribute_dataset", "open_attributions", "Attributions",
     "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift",
