@@ -54,6 +54,11 @@ def input_for(rank: str, dtype=torch.float64, seed: int = 1) -> torch.Tensor:
     return torch.randn(BATCH, *SHAPES[rank], generator=gen, dtype=torch.float64).to(dtype)
 
 
+def _five(x):
+    """Five features interleaved over one example's elements (any rank): few enough for exact Shapley."""
+    return (torch.arange(x[0].numel(), device=x.device) % 5).view(x.shape[1:])
+
+
 def _gen(x):
     return torch.Generator(device=x.device).manual_seed(0)
 
@@ -82,6 +87,14 @@ CALLS = {
     "ablation_cam": lambda fn, p, x, t: tx.ablation_cam(fn, p, x, t, layer="act2", relu=False),
     "fullgrad": lambda fn, p, x, t: tx.fullgrad(fn, p, x, t),
     "rise": lambda fn, p, x, t: tx.rise(fn, p, x, t, num_masks=24, cell_size=3, batch_size=16, generator=_gen(x)),
+    "lrp": lambda fn, p, x, t: tx.lrp(fn, p, x, t),
+    "feature_ablation": lambda fn, p, x, t: tx.feature_ablation(fn, p, x, t, feature_mask=_five(x)),
+    "shapley_values": lambda fn, p, x, t: tx.shapley_values(fn, p, x, t, feature_mask=_five(x)),
+    "shapley_value_sampling": lambda fn, p, x, t: tx.shapley_value_sampling(fn, p, x, t, feature_mask=_five(x),
+                                                                            samples=4, generator=_gen(x)),
+    "kernel_shap": lambda fn, p, x, t: tx.kernel_shap(fn, p, x, t, feature_mask=_five(x), samples=20,
+                                                      generator=_gen(x)),
+    "lime": lambda fn, p, x, t: tx.lime(fn, p, x, t, feature_mask=_five(x), samples=20, generator=_gen(x)),
 }
 
 # Methods whose maps live on the input's grid as [B, 1, *grid]; the others return x's shape.
