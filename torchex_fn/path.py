@@ -155,9 +155,14 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
         def gradients(points: Dict[str, Tensor], xs: Any, g_target: Any) -> Dict[str, Tensor]:
             return _layer_gradients(model_fn, params, xs, g_target, names, fn, replace=points).grads
     if index is None and isinstance(target, Tensor):
-        index = target.to(device=_inputs.device_of(x), dtype=torch.long).expand(batch)
+        index = target.to(device=_inputs.device_of(x), dtype=torch.long, non_blocking=True).expand(batch)
 
     alphas, weights = quadrature(method, steps)
+    # Nodes and weights reach the device once per call and per dtype (a non-blocking copy: a
+    # torch.tensor(list, device=cuda) per chunk would wait for the device each time).
+    table = torch.tensor([alphas, weights], dtype=torch.float64)
+    on_device = {(e.dtype, e.device): table.to(device=e.device, dtype=e.dtype, non_blocking=True)
+                 for e in ends.values()}
     deltas = {n: ends[n] - starts[n] for n in names}
     sums: Dict[str, List[Tensor]] = {n: [] for n in names}
     for gi, (g0, g1) in enumerate(groups):
@@ -168,14 +173,14 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
             points = {}
             for n in names:
                 ref = ends[n]
-                a = torch.tensor(alphas[first:first + k], dtype=ref.dtype, device=ref.device)
+                a = on_device[ref.dtype, ref.device][0, first:first + k]
                 spatial = (1,) * (ref.ndim - 1)
                 points[n] = (starts[n][g0:g1] + a.view(k, 1, *spatial) * deltas[n][g0:g1]).flatten(0, 1)
             g_target = _targets.for_blocks(target, k, size, None if index is None else index[g0:g1])
             grads = gradients(points, _inputs.repeat(_inputs.take(x, g0, g1), k), g_target)
             for n in names:
                 ref = ends[n]
-                w = torch.tensor(weights[first:first + k], dtype=ref.dtype, device=ref.device)
+                w = on_device[ref.dtype, ref.device][1, first:first + k]
                 part = torch.einsum("k,k...->...", w, grads[n].view(k, size, *ref.shape[1:]))
                 acc[n] = part if acc[n] is None else acc[n] + part
         for n in names:
@@ -221,8 +226,9 @@ def _shap_baselines(fn: str, baselines: Any, x: Any, layer: Any) -> Dict[Optiona
         if count is not None and base.shape[0] != count:
             raise _checks.value_error(fn, "every baselines entry with the same N", f"{count} and {base.shape[0]}")
         count = base.shape[0]
-        if base.is_floating_point() and _checks.concrete_any(torch.isnan(base)):
-            raise _checks.value_error(fn, f"{name} without NaN", f"{int(torch.isnan(base).sum())} NaN values")
+        if base.is_floating_point():
+            _checks.check_values(fn, torch.isnan(base), f"{name} without NaN",
+                                 lambda base=base: f"{int(torch.isnan(base).sum())} NaN values")
         out[key] = base.to(device=value.device, dtype=value.dtype)
     return out
 
@@ -360,7 +366,7 @@ def _gradient_shap(fn, model_fn, params, x, target, entries, key, value, names, 
         index = torch.cat([_targets.resolve_index(model_fn(params, _inputs.take(x, g0, g1)), None, fn=fn,
                                                   output=output) for g0, g1 in groups])
     if index is None and isinstance(target, Tensor):
-        index = target.to(device=_inputs.device_of(x), dtype=torch.long).expand(batch)
+        index = target.to(device=_inputs.device_of(x), dtype=torch.long, non_blocking=True).expand(batch)
 
     spaces = ["input"] if names is None else names
     sums: Dict[str, List[Optional[Tensor]]] = {n: [None] * len(groups) for n in spaces}

@@ -309,7 +309,7 @@ def _starts(size: int, window: int, stride: int) -> List[int]:
 
 def _cover(size: int, window: int, stride: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``[K, size]`` 0/1 matrix: row ``k`` marks the elements that the ``k``-th window covers."""
-    starts = torch.tensor(_starts(size, window, stride), device=device)[:, None]
+    starts = torch.tensor(_starts(size, window, stride)).to(device, non_blocking=True)[:, None]  # no wait
     pos = torch.arange(size, device=device)[None]
     return ((pos >= starts) & (pos < starts + window)).to(dtype)
 
