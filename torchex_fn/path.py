@@ -4,7 +4,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
+import math
+
 import torch
 from torch import Tensor
 
@@ -17,6 +18,36 @@ from .capture import _layer_gradients, intermediates, resolve_layers
 __all__ = ["integrated_gradients", "gradient_shap", "quadrature"]
 
 METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+
+
+def _gauss_legendre(n: int) -> Tuple[List[float], List[float]]:
+    """The ``n``-point Gauss-Legendre rule on ``[-1, 1]``: nodes (ascending) and weights, in float64.
+
+    Newton's method on the Legendre polynomial ``P_n`` (three-term recurrence) from the usual
+    starting points ``cos(pi (i - 1/4) / (n + 1/2))``; agrees with ``numpy.polynomial.legendre.leggauss``
+    to rounding. Plain Python on numbers, so that ``torch.compile`` folds it into constants (it cannot
+    trace numpy's function, which would break the graph).
+    """
+    nodes, weights = [], []
+    for i in range(1, n + 1):
+        z = math.cos(math.pi * (i - 0.25) / (n + 0.5))
+        slope = 1.0
+        for _ in range(100):
+            p1, p2 = 1.0, 0.0
+            for j in range(1, n + 1):  # p1 = P_j(z), p2 = P_{j-1}(z)
+                p1, p2 = ((2 * j - 1) * z * p1 - (j - 1) * p2) / j, p1
+            slope = n * (z * p1 - p2) / (z * z - 1.0)  # P_n'(z)
+            step = p1 / slope
+            z -= step
+            if abs(step) <= 1e-16:
+                break
+        p1, p2 = 1.0, 0.0
+        for j in range(1, n + 1):  # the slope at the final node, for its weight
+            p1, p2 = ((2 * j - 1) * z * p1 - (j - 1) * p2) / j, p1
+        slope = n * (z * p1 - p2) / (z * z - 1.0)
+        nodes.append(z)
+        weights.append(2.0 / ((1.0 - z * z) * slope * slope))
+    return nodes[::-1], weights[::-1]
 
 
 def quadrature(method: str, steps: int) -> Tuple[List[float], List[float]]:
@@ -33,8 +64,8 @@ def quadrature(method: str, steps: int) -> Tuple[List[float], List[float]]:
     """
     n = steps
     if method == "gausslegendre":
-        nodes, weights = np.polynomial.legendre.leggauss(n)
-        return [0.5 * (1.0 + a) for a in nodes.tolist()], [0.5 * w for w in weights.tolist()]
+        nodes, weights = _gauss_legendre(n)
+        return [0.5 * (1.0 + a) for a in nodes], [0.5 * w for w in weights]
     if method == "riemann_trapezoid":
         weights = [1.0 / n] * n
         weights[0] /= 2
