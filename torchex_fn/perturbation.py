@@ -1,6 +1,7 @@
 """Forward-only family: attribution by perturbing the input and watching the output (RISE, occlusion)."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
@@ -244,7 +245,8 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
 
     sums: List[Optional[Tensor]] = [None] * len(groups)
     mask_sum: Optional[Tensor] = None
-    with tqdm(total=num_masks, desc=fn, unit="mask", disable=not progress) as bar:
+    # no bar object at all without progress: torch.compile cannot trace tqdm (a graph break)
+    with tqdm(total=num_masks, desc=fn, unit="mask") if progress else contextlib.nullcontext() as bar:
         for masks in _mask_pieces(num_masks, per_forward, draw):            # [m, H, W]
             m = masks.shape[0]
             for gi, (g0, g1) in enumerate(groups):
@@ -264,7 +266,8 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
             if normalization == "per_pixel":
                 piece_sum = masks.sum(dim=0)
                 mask_sum = piece_sum if mask_sum is None else mask_sum + piece_sum
-            bar.update(m)
+            if bar is not None:
+                bar.update(m)
 
     total = torch.cat(sums)                                                  # [B, H, W]
     if normalization == "paper":
