@@ -70,8 +70,15 @@ def tracked(t: Tensor) -> bool:
     """Whether ``t`` carries derivatives for a caller: autograd, a ``torch.func`` transform, a dual tensor.
 
     ``torch.func.debug_unwrap`` only *inspects* ``t`` here (is it wrapped by a transform?); its
-    result never enters a computation.
+    result never enters a computation. ``torch.compile`` cannot trace that inspection (it would break
+    the graph), so while it traces every tensor counts as tracked: the backward records its own graph
+    (free inside a compiled graph, which holds the backward as ordinary operations) and attention takes
+    its math backend, which is always correct.
     """
+    from ._checks import compiling
+
+    if compiling():
+        return True
     return (t.requires_grad or torch.func.debug_unwrap(t, recurse=False) is not t
             or forward_ad.unpack_dual(t).tangent is not None)
 
@@ -231,6 +238,12 @@ def grad_of_sum(f: Callable[[Any], Any], primal: Any, *, has_aux: bool = False) 
     records a graph of itself only when an outer derivative may need it, and attention runs through
     its twice-differentiable math backend exactly then (see the module docstring).
     """
+    from ._checks import compiling
+
+    if compiling():  # the plain gradient: torch.compile cannot trace ContextVar.set nor the global holds
+        total, vjp_fn, *aux = torch.func.vjp(f, primal, has_aux=has_aux)
+        (grads,) = vjp_fn(torch.ones_like(total), create_graph=True)
+        return (grads, aux[0]) if has_aux else grads
     parent = _INNER.get()
     state = _Inner((parent is not None and parent.math) or any(tracked(t) for t in _leaves(primal)))
     total, vjp_fn, *aux = _vjp(f, primal, has_aux, state)

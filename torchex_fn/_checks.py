@@ -49,6 +49,56 @@ def concrete_any(mask: Tensor) -> Optional[bool]:
         raise
 
 
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the current code (a value read there would break the graph)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3
+    if is_compiling is None:  # torch 2.1-2.2
+        is_compiling = getattr(getattr(torch, "_dynamo", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
+def reads_values(t: Tensor) -> bool:
+    """Whether a value check on ``t`` reads the answer on the host: a CPU tensor, run eagerly.
+
+    A CPU tensor already lives in host memory, so reading one boolean costs microseconds and buys
+    a ``ValueError`` with the offending values. On an accelerator the same read would wait for every
+    queued kernel (a host-device synchronisation), and under ``torch.compile`` it would break the
+    graph: there, :func:`check_values` enqueues ``torch._assert_async`` instead.
+    """
+    return t.device.type == "cpu" and not compiling()
+
+
+def check_values(fn: str, bad: Tensor, expected: str, got: Any, hint: str = "") -> None:
+    """Fail when any entry of the boolean tensor ``bad`` is true, without a host-device synchronisation.
+
+    On a CPU tensor run eagerly (:func:`reads_values`): a ``ValueError``
+    ``"<fn>: expected <expected>, got <got()>. <hint>"`` (``got`` a callable, called only on failure).
+    Elsewhere (CUDA, other accelerators, ``torch.compile``): ``torch._assert_async`` with the same
+    message without the values; the device raises when it reaches the check (on CUDA a device-side
+    assertion: a ``RuntimeError`` at the next synchronisation, and the CUDA context is then unusable,
+    as after any device-side assertion). Under ``torch.func.vmap`` values are not available and
+    nothing is checked here (the kernels still refuse out-of-range indices).
+    """
+    if reads_values(bad):
+        if concrete_any(bad):
+            raise value_error(fn, expected, got() if callable(got) else str(got), hint)
+        return
+    assert_async = getattr(torch, "_assert_async", None)
+    if assert_async is None:  # not in this torch: one read per check, as on the CPU
+        if concrete_any(bad):
+            raise value_error(fn, expected, got() if callable(got) else str(got), hint)
+        return
+    ok = bad.logical_not().all()
+    try:
+        try:
+            assert_async(ok, message(fn, expected, "values that are not (checked on the device)", hint))
+        except TypeError:  # a torch without the message overload
+            assert_async(ok)
+    except RuntimeError as err:  # vmap: no batching rule for an op without outputs
+        if "atching rule" not in str(err):
+            raise
+
+
 def check_model_fn(fn: str, model_fn: Any) -> None:
     if isinstance(model_fn, torch.nn.Module):
         raise type_error(fn, "model_fn, a pure (params, x) -> out function", "an nn.Module",
@@ -81,8 +131,8 @@ def check_input(fn: str, x: Any, *, ndim: Optional[int] = None, min_ndim: int = 
     if x.ndim < min_ndim:
         raise value_error(fn, f"{name} of rank >= {min_ndim} with the batch first", describe(x),
                           "A single example is `x[None]`.")
-    if x.is_floating_point() and concrete_any(torch.isnan(x)):
-        raise value_error(fn, f"{name} without NaN", f"{int(torch.isnan(x).sum())} NaN values")
+    if x.is_floating_point():
+        check_values(fn, torch.isnan(x), f"{name} without NaN", lambda: f"{int(torch.isnan(x).sum())} NaN values")
 
 
 def check_positive_int(fn: str, name: str, value: Any, *, allow_none: bool = False) -> None:

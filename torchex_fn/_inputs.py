@@ -53,7 +53,7 @@ def take(x: Input, start: int, stop: int) -> Input:
 
 def select_rows(x: Input, rows: Tensor) -> Input:
     """Rows ``rows`` (an index tensor) of every tensor of ``x``."""
-    return map_batch(x, lambda v: v.index_select(0, rows.to(v.device)))
+    return map_batch(x, lambda v: v.index_select(0, rows.to(v.device, non_blocking=True)))
 
 
 def repeat(x: Input, k: int) -> Input:
@@ -86,8 +86,9 @@ def check_mapping(fn: str, x: Mapping, name: str = "x") -> None:
         raise _checks.value_error(fn, f"every tensor of {name} with the same batch size first",
                                   ", ".join(f"{k}: {tuple(v.shape)}" for k, v in tensors.items()))
     for k, v in tensors.items():
-        if v.is_floating_point() and _checks.concrete_any(torch.isnan(v)):
-            raise _checks.value_error(fn, f"{name}[{k!r}] without NaN", f"{int(torch.isnan(v).sum())} NaN values")
+        if v.is_floating_point():
+            _checks.check_values(fn, torch.isnan(v), f"{name}[{k!r}] without NaN",
+                                 lambda v=v: f"{int(torch.isnan(v).sum())} NaN values")
 
 
 _NO_LAYER_HINT = ("{fn} works on a floating-point input itself and has no layer= option: pass the model's "

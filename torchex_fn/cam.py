@@ -72,11 +72,18 @@ def _image_of(x: Any) -> Optional[Tensor]:
 
 
 def _finish(fn: str, maps: Tensor, x: Any, relu: bool, upsample: bool) -> Tensor:
-    """ReLU and resize a ``[B, 1, *spatial]`` map to ``x``'s spatial size."""
+    """ReLU and resize a ``[B, 1, *spatial]`` map to ``x``'s spatial size, in ``x``'s dtype.
+
+    Under ``torch.autocast`` the layer's activations (and so the map) may be in a lower precision than
+    ``x``; the map is returned in ``x``'s dtype, as every method returns (resized in that dtype).
+    """
     maps = torch.relu(maps) if relu else maps
+    image = _image_of(x)
+    if image is not None and maps.is_floating_point() and image.is_floating_point() and maps.dtype != image.dtype:
+        maps = maps.to(image.dtype)
     if not upsample:
         return maps
-    x = _image_of(x)
+    x = image
     if x is None:
         raise _checks.value_error(fn, "an image x to upsample the map to", "token ids (no grid to resize to)",
                                   "Pass upsample=False: the map stays on the layer's grid [B, 1, *grid].")

@@ -1,6 +1,7 @@
 """``functionalize(module) -> (model_fn, params)``: a pure function view of an ``nn.Module``."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections.abc import Mapping
@@ -110,7 +111,9 @@ class FunctionalModel:
 
     def __call__(self, params, x: Tensor):
         session = _active_capture()
-        with self._lock:
+        # torch.compile cannot enter a lock; a compiled graph takes the parameters as its inputs and
+        # swaps nothing into the module at run time, so there is nothing to serialise there.
+        with contextlib.nullcontext() if _checks.compiling() else self._lock:
             handles: list = []
             hidden: list = []
             try:

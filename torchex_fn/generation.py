@@ -90,8 +90,7 @@ def _check_ids(fn: str, name: str, ids: Any, ranks: tuple, shape: str) -> None:
                                   "A single sequence is `ids[None]`." if ids.ndim == min(ranks) - 1 else "")
     if ids.shape[-1] < 1:
         raise _checks.value_error(fn, f"{name} with at least one token", _checks.describe(ids))
-    if _checks.concrete_any(ids < 0):
-        raise _checks.value_error(fn, f"{name} >= 0 (token ids)", f"{int((ids < 0).sum())} negative ids")
+    _checks.check_values(fn, ids < 0, f"{name} >= 0 (token ids)", lambda: f"{int((ids < 0).sum())} negative ids")
 
 
 def _check_mask(fn: str, mask: Any, batch: Optional[int], length: int) -> None:
@@ -159,9 +158,9 @@ def _token_logprobs(fn: str, out: Any, ids: Tensor, prompt_length: Optional[int]
                                   f"logits of shape {tuple(logits.shape)} for {length} continuation tokens",
                                   "Run the model on `torch.cat([prompt, continuation], 1)`.")
     ids = ids.to(logits.device).expand(batch, length)
-    if check and _checks.concrete_any(ids >= vocab):
-        raise _checks.value_error(fn, f"continuation_ids in [0, {vocab}) (the vocabulary)",
-                                  f"ids up to {int(ids.max())}")
+    if check:
+        _checks.check_values(fn, ids >= vocab, f"continuation_ids in [0, {vocab}) (the vocabulary)",
+                             lambda: f"ids up to {int(ids.max())}")
     picked = logits[:, start:start + length]                                    # [B, T_out, vocab]
     return picked.gather(-1, ids[..., None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
 
@@ -282,8 +281,8 @@ def _check_common(fn: str, model_fn: Any, params: Any, prompt_ids: Any, continua
     vocab = _vocab_size(model_fn)
     if vocab is not None:  # the embedding would fail with an IndexError inside the model
         for name, ids in (("prompt_ids", prompt_ids), ("continuation_ids", continuation_ids)):
-            if _checks.concrete_any(ids >= vocab):
-                raise _checks.value_error(fn, f"{name} in [0, {vocab}) (the vocabulary)", f"ids up to {int(ids.max())}")
+            _checks.check_values(fn, ids >= vocab, f"{name} in [0, {vocab}) (the vocabulary)",
+                                 lambda ids=ids: f"ids up to {int(ids.max())}")
     cont = continuation_ids.to(prompt_ids.dtype).expand(batch, continuation_ids.shape[-1])
     weights = (torch.ones(cont.shape, device=prompt_ids.device) if mask is None
                else mask.to(device=prompt_ids.device, dtype=torch.float32).expand(cont.shape))
@@ -300,10 +299,10 @@ def _vocab_size(model_fn: Any) -> Optional[int]:
 def _reference_ids(fn: str, baseline: Any, prompt_ids: Tensor, vocab: Optional[int] = None) -> Tensor:
     """The baseline prompt ``[B, T_in]``: a token id for every position (or one for all)."""
     reference = _reference_ids_unchecked(fn, baseline, prompt_ids)
-    if _checks.concrete_any(reference < 0) or (vocab is not None and _checks.concrete_any(reference >= vocab)):
-        raise _checks.value_error(fn, "baseline token ids in [0, vocab)" if vocab is None
-                                  else f"baseline token ids in [0, {vocab}) (the vocabulary)",
-                                  _checks.describe(baseline))
+    bad = reference < 0 if vocab is None else (reference < 0) | (reference >= vocab)
+    _checks.check_values(fn, bad, "baseline token ids in [0, vocab)" if vocab is None
+                         else f"baseline token ids in [0, {vocab}) (the vocabulary)",
+                         lambda: _checks.describe(baseline))
     return reference
 
 

@@ -295,10 +295,10 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
             target = torch.cat([_targets.resolve_index(model_fn(params, _inputs.take(x, g0, g1)), None, fn=fn,
                                                        output=output) for g0, g1 in groups])
         if isinstance(target, Tensor):
-            target = target.to(device=value.device, dtype=torch.long).expand(batch)
+            target = target.to(device=value.device, dtype=torch.long, non_blocking=True).expand(batch)
 
         ones = (1,) * (value.ndim - 1)
-        sigma = torch.as_tensor(float(stdev), dtype=value.dtype, device=value.device)
+        sigma = torch.full((), float(stdev), dtype=value.dtype, device=value.device)  # a fill: no host copy
         if stdev_spread:
             flat = value.flatten(1)
             sigma = sigma * (flat.amax(dim=1) - flat.amin(dim=1)).view(batch, *ones)

@@ -4,7 +4,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
+import math
+
 import torch
 from torch import Tensor
 
@@ -17,6 +18,36 @@ from .capture import _layer_gradients, intermediates, resolve_layers
 __all__ = ["integrated_gradients", "gradient_shap", "quadrature"]
 
 METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+
+
+def _gauss_legendre(n: int) -> Tuple[List[float], List[float]]:
+    """The ``n``-point Gauss-Legendre rule on ``[-1, 1]``: nodes (ascending) and weights, in float64.
+
+    Newton's method on the Legendre polynomial ``P_n`` (three-term recurrence) from the usual
+    starting points ``cos(pi (i - 1/4) / (n + 1/2))``; agrees with ``numpy.polynomial.legendre.leggauss``
+    to rounding. Plain Python on numbers, so that ``torch.compile`` folds it into constants (it cannot
+    trace numpy's function, which would break the graph).
+    """
+    nodes, weights = [], []
+    for i in range(1, n + 1):
+        z = math.cos(math.pi * (i - 0.25) / (n + 0.5))
+        slope = 1.0
+        for _ in range(100):
+            p1, p2 = 1.0, 0.0
+            for j in range(1, n + 1):  # p1 = P_j(z), p2 = P_{j-1}(z)
+                p1, p2 = ((2 * j - 1) * z * p1 - (j - 1) * p2) / j, p1
+            slope = n * (z * p1 - p2) / (z * z - 1.0)  # P_n'(z)
+            step = p1 / slope
+            z -= step
+            if abs(step) <= 1e-16:
+                break
+        p1, p2 = 1.0, 0.0
+        for j in range(1, n + 1):  # the slope at the final node, for its weight
+            p1, p2 = ((2 * j - 1) * z * p1 - (j - 1) * p2) / j, p1
+        slope = n * (z * p1 - p2) / (z * z - 1.0)
+        nodes.append(z)
+        weights.append(2.0 / ((1.0 - z * z) * slope * slope))
+    return nodes[::-1], weights[::-1]
 
 
 def quadrature(method: str, steps: int) -> Tuple[List[float], List[float]]:
@@ -33,8 +64,8 @@ def quadrature(method: str, steps: int) -> Tuple[List[float], List[float]]:
     """
     n = steps
     if method == "gausslegendre":
-        nodes, gauss = np.polynomial.legendre.leggauss(n)
-        return [0.5 * (1.0 + a) for a in nodes.tolist()], [0.5 * w for w in gauss.tolist()]
+        nodes, weights = _gauss_legendre(n)
+        return [0.5 * (1.0 + a) for a in nodes], [0.5 * w for w in weights]
     if method == "riemann_trapezoid":
         weights = [1.0 / n] * n
         weights[0] /= 2
@@ -155,9 +186,14 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
         def gradients(points: Dict[str, Tensor], xs: Any, g_target: Any) -> Dict[str, Tensor]:
             return _layer_gradients(model_fn, params, xs, g_target, names, fn, replace=points).grads
     if index is None and isinstance(target, Tensor):
-        index = target.to(device=_inputs.device_of(x), dtype=torch.long).expand(batch)
+        index = target.to(device=_inputs.device_of(x), dtype=torch.long, non_blocking=True).expand(batch)
 
     alphas, weights = quadrature(method, steps)
+    # Nodes and weights reach the device once per call and per dtype (a non-blocking copy: a
+    # torch.tensor(list, device=cuda) per chunk would wait for the device each time).
+    table = torch.tensor([alphas, weights], dtype=torch.float64)
+    on_device = {(e.dtype, e.device): table.to(device=e.device, dtype=e.dtype, non_blocking=True)
+                 for e in ends.values()}
     deltas = {n: ends[n] - starts[n] for n in names}
     sums: Dict[str, List[Tensor]] = {n: [] for n in names}
     for g0, g1 in groups:
@@ -168,14 +204,14 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
             points = {}
             for n in names:
                 ref = ends[n]
-                a = torch.tensor(alphas[first:first + k], dtype=ref.dtype, device=ref.device)
+                a = on_device[ref.dtype, ref.device][0, first:first + k]
                 spatial = (1,) * (ref.ndim - 1)
                 points[n] = (starts[n][g0:g1] + a.view(k, 1, *spatial) * deltas[n][g0:g1]).flatten(0, 1)
             g_target = _targets.for_blocks(target, k, size, None if index is None else index[g0:g1])
             grads = gradients(points, _inputs.repeat(_inputs.take(x, g0, g1), k), g_target)
             for n in names:
                 ref = ends[n]
-                w = torch.tensor(weights[first:first + k], dtype=ref.dtype, device=ref.device)
+                w = on_device[ref.dtype, ref.device][1, first:first + k]
                 part = torch.einsum("k,k...->...", w, grads[n].view(k, size, *ref.shape[1:]))
                 acc[n] = part if acc[n] is None else acc[n] + part
         for n in names:
@@ -221,8 +257,9 @@ def _shap_baselines(fn: str, baselines: Any, x: Any, layer: Any) -> Dict[Optiona
         if count is not None and base.shape[0] != count:
             raise _checks.value_error(fn, "every baselines entry with the same N", f"{count} and {base.shape[0]}")
         count = base.shape[0]
-        if base.is_floating_point() and _checks.concrete_any(torch.isnan(base)):
-            raise _checks.value_error(fn, f"{name} without NaN", f"{int(torch.isnan(base).sum())} NaN values")
+        if base.is_floating_point():
+            _checks.check_values(fn, torch.isnan(base), f"{name} without NaN",
+                                 lambda base=base: f"{int(torch.isnan(base).sum())} NaN values")
         out[key] = base.to(device=value.device, dtype=value.dtype)
     return out
 
@@ -362,7 +399,7 @@ def _gradient_shap(fn, model_fn, params, x, target, entries, key, value, names, 
         index = torch.cat([_targets.resolve_index(model_fn(params, _inputs.take(x, g0, g1)), None, fn=fn,
                                                   output=output) for g0, g1 in groups])
     if index is None and isinstance(target, Tensor):
-        index = target.to(device=_inputs.device_of(x), dtype=torch.long).expand(batch)
+        index = target.to(device=_inputs.device_of(x), dtype=torch.long, non_blocking=True).expand(batch)
 
     spaces = ["input"] if names is None else names
     sums: Dict[str, List[Any]] = {n: [None] * len(groups) for n in spaces}

@@ -1,6 +1,7 @@
 """Forward-only family: attribution by perturbing the input and watching the output (RISE, occlusion)."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
@@ -280,7 +281,8 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
 
     sums: List[Any] = [None] * len(groups)
     mask_sum: Any = None
-    with tqdm(total=num_masks, desc=fn, unit="mask", disable=not progress) as bar:
+    # no bar object at all without progress: torch.compile cannot trace tqdm (a graph break)
+    with tqdm(total=num_masks, desc=fn, unit="mask") if progress else contextlib.nullcontext() as bar:
         for masks in _mask_pieces(num_masks, per_forward, draw):            # [m, *grid]
             m = masks.shape[0]
             for gi, (g0, g1) in enumerate(groups):
@@ -300,7 +302,8 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
             if normalization == "per_pixel":
                 piece_sum = masks.sum(dim=0)
                 mask_sum = piece_sum if mask_sum is None else mask_sum + piece_sum
-            bar.update(m)
+            if bar is not None:
+                bar.update(m)
 
     total = torch.cat(sums)                                                  # [B, *grid]
     if normalization == "paper":
@@ -345,7 +348,7 @@ def _starts(size: int, window: int, stride: int) -> List[int]:
 
 def _cover(size: int, window: int, stride: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``[K, size]`` 0/1 matrix: row ``k`` marks the elements that the ``k``-th window covers."""
-    starts = torch.tensor(_starts(size, window, stride), device=device)[:, None]
+    starts = torch.tensor(_starts(size, window, stride)).to(device, non_blocking=True)[:, None]  # no wait
     pos = torch.arange(size, device=device)[None]
     return ((pos >= starts) & (pos < starts + window)).to(dtype)
 

@@ -123,7 +123,7 @@ def _check_baseline(fn: str, baseline: Any, x: Tensor, name: str = "baseline") -
     if not isinstance(baseline, Tensor):
         if math.isnan(baseline):
             raise _checks.value_error(fn, f"{name} without NaN", _checks.describe(baseline))
-        return torch.tensor(float(baseline), dtype=x.dtype, device=x.device)
+        return torch.full((), float(baseline), dtype=x.dtype, device=x.device)  # a fill: no host-to-device copy
     if not baseline.is_floating_point():
         raise _checks.type_error(fn, f"{name} of a floating-point dtype", _checks.describe(baseline),
                                  "Convert it like the input, e.g. `baseline.float()`.")
@@ -133,8 +133,8 @@ def _check_baseline(fn: str, baseline: Any, x: Tensor, name: str = "baseline") -
         raise _checks.value_error(fn, f"{name} broadcastable to x's shape {list(x.shape)}", _checks.describe(baseline),
                                   "Pass one baseline per example [B, *input], one for all [*input] or [1, *input], "
                                   "or a float.")
-    if _checks.concrete_any(torch.isnan(baseline)):
-        raise _checks.value_error(fn, f"{name} without NaN", f"{int(torch.isnan(baseline).sum())} NaN values")
+    _checks.check_values(fn, torch.isnan(baseline), f"{name} without NaN",
+                         lambda: f"{int(torch.isnan(baseline).sum())} NaN values")
     return baseline.to(x.dtype)
 
 

@@ -12,8 +12,11 @@ model returns more than a tensor (a HuggingFace ``ModelOutput``, a dict, a tuple
 ``None`` targets index the tensor chosen by ``functionalize(model, output=...)``; by default that is
 the output itself when it is a tensor, and its ``logits`` entry when it is a mapping that has one. A
 callable target always receives the raw output.
-Ranges are checked as soon as the output exists, before any backward pass, without ``.item()``
-(under ``vmap`` values are not available and the gather kernel reports bad indices instead).
+Ranges are checked as soon as the output exists, before any backward pass, and so are the picked
+scores: NaN or Inf there is an error naming the method (a gradient of a NaN score is NaN everywhere).
+Both checks go through :func:`torchex_fn._checks.check_values`: a ``ValueError`` on a CPU tensor run
+eagerly, ``torch._assert_async`` (no host-device synchronisation) on an accelerator and under
+``torch.compile``; under ``vmap`` values are not available and the gather kernel reports bad indices.
 """
 from __future__ import annotations
 
@@ -87,15 +90,37 @@ def check(fn: str, target: Any, batch: Optional[int] = None) -> None:
         raise _checks.value_error(fn, expected, _checks.describe(target))
 
 
+def check_finite(fn: str, scores: Tensor) -> None:
+    """The picked scores ``[B]`` are finite: NaN or Inf there makes every gradient and map meaningless."""
+    if not scores.is_floating_point():
+        return
+    _checks.check_values(
+        fn, ~torch.isfinite(scores), "a finite model output at the target (no NaN or Inf scores)",
+        lambda: f"{int((~torch.isfinite(scores)).sum())} non-finite of {scores.numel()} scores",
+        "Check the model and its input (scale, a division by zero or log of zero in the model); a callable "
+        "target may have produced them.")
+
+
 def resolve_index(out: Any, target: Any, *, fn: str = "resolve", output: Any = None) -> Tensor:
     """The class index per example, ``[B]`` (int64), for ``None`` / int / tensor targets.
 
-    ``output`` is ``functionalize``'s ``output=`` choice (see :func:`select_output`).
+    ``output`` is ``functionalize``'s ``output=`` choice (see :func:`select_output`). The output's
+    entries at the index must be finite (:func:`check_finite`).
     """
     if callable(target) and not isinstance(target, Tensor):
         raise _checks.type_error(fn, "target: None, an int or an integer tensor (a class index is needed)",
                                  "a callable")
-    out = select_output(out, output, fn=fn)
+    chosen = select_output(out, output, fn=fn)
+    index = _index(chosen, target, fn)
+    check_finite(fn, chosen.gather(1, index[:, None]).squeeze(1))
+    return index
+
+
+def _index(out: Any, target: Any, fn: str) -> Tensor:
+    """:func:`resolve_index` of an already selected output, without the finiteness check."""
+    if callable(target) and not isinstance(target, Tensor):
+        raise _checks.type_error(fn, "target: None, an int or an integer tensor (a class index is needed)",
+                                 "a callable")
     if not isinstance(out, Tensor) or out.ndim != 2:
         raise _checks.value_error(fn, "model output of shape [B, classes] for an integer or None target",
                                   _checks.describe(out), "Pass a callable target `out -> [B]`.")
@@ -107,10 +132,9 @@ def resolve_index(out: Any, target: Any, *, fn: str = "resolve", output: Any = N
         if target >= classes:
             raise _checks.value_error(fn, f"target in [0, {classes})", _checks.describe(target))
         return torch.full((batch,), target, dtype=torch.long, device=out.device)
-    index = target.to(device=out.device, dtype=torch.long).expand(batch)
-    if _checks.concrete_any((index < 0) | (index >= classes)):
-        bad = index[(index < 0) | (index >= classes)]
-        raise _checks.value_error(fn, f"target values in [0, {classes})", f"{bad.tolist()}")
+    index = target.to(device=out.device, dtype=torch.long, non_blocking=True).expand(batch)
+    bad = (index < 0) | (index >= classes)
+    _checks.check_values(fn, bad, f"target values in [0, {classes})", lambda: f"{index[bad].tolist()}")
     return index
 
 
@@ -125,10 +149,12 @@ def resolve(out: Any, target: Any, *, fn: str = "resolve", output: Any = None) -
         if not isinstance(scores, Tensor) or scores.ndim != 1 or (expected and list(scores.shape) != expected):
             raise _checks.value_error(fn, f"the target callable to return scores of shape [B] = {expected or '[B]'}",
                                       _checks.describe(scores))
+        check_finite(fn, scores)
         return scores
     chosen = select_output(out, output, fn=fn)
-    index = resolve_index(chosen, target, fn=fn)
-    return chosen.gather(1, index[:, None]).squeeze(1)
+    scores = chosen.gather(1, _index(chosen, target, fn)[:, None]).squeeze(1)
+    check_finite(fn, scores)
+    return scores
 
 
 def is_callable(target: Any) -> bool:
