@@ -45,6 +45,16 @@ class _Reads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# The one read allowed outside the checks: the feature-mask methods count the mask's feature ids
+# (the number of forwards depends on it), once per call and on the mask's own device; a mask built
+# on the host (tx.masks) reads nothing from an accelerator.
+_SIZING = "features.py:_feature_ids"
+
+
+def _allowed(frames, *allowed):
+    return any(a in frames for a in allowed)
+
+
 def _device_path(monkeypatch):
     """The checks as on an accelerator (torch._assert_async), on the CPU."""
     monkeypatch.setattr(_checks, "reads_values", lambda t: False)
@@ -56,7 +66,8 @@ def test_only_checks_read_values_on_cpu(name, target):
     fn, params = tx.functionalize(_model())
     with _Reads() as recorder:
         call(name, fn, params, torch.randn(3, 3, 8, 8), target)
-    outside = [(op, frames[-3:]) for op, frames in recorder.reads if "_checks.py:check_values" not in frames]
+    outside = [(op, frames[-3:]) for op, frames in recorder.reads
+               if not _allowed(frames, "_checks.py:check_values", _SIZING)]
     assert not outside, f"{name} reads tensor values outside _checks.check_values: {outside}"
 
 
@@ -68,7 +79,7 @@ def test_no_read_at_all_on_the_device_path(name, monkeypatch):
     _device_path(monkeypatch)
     with _Reads() as recorder:
         device = call(name, fn, params, x, target)
-    assert recorder.reads == []
+    assert [read for read in recorder.reads if not _allowed(read[1], _SIZING)] == []
     torch.testing.assert_close(device, host, rtol=0, atol=0)
 
 

@@ -316,8 +316,15 @@ def _gradient_weighted(fn: str, channel_weights, model_fn, params, x, target, la
         dtype = act.dtype
         act, grad = _at_least_float32(act), _at_least_float32(grad)
         weights = channel_weights(act, grad)
-        maps[name] = _finish(fn, (weights * act).sum(dim=1, keepdim=True), x, relu, upsample).to(dtype)
+        maps[name] = _rounded(_finish(fn, (weights * act).sum(dim=1, keepdim=True), x, relu, upsample), x, dtype)
     return rebuild(maps)
+
+
+def _rounded(maps: Tensor, x: Any, dtype: torch.dtype) -> Tensor:
+    """A finished map in ``x``'s dtype (``_finish`` casts it) or, without a floating-point image
+    (token ids), rounded to the layer's ``dtype`` once."""
+    image = _image_of(x)
+    return maps if image is not None and image.is_floating_point() else maps.to(dtype)
 
 
 def _at_least_float32(t: Tensor) -> Tensor:
@@ -575,7 +582,8 @@ def eigen_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
         direction = vh[:, 0, :]                                       # [B, K]
         sign = torch.where(direction.sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(direction.dtype)
         projection = (points @ (direction * sign).unsqueeze(2)).squeeze(2)   # [B, n]
-        maps[name] = _finish(fn, projection.reshape(act.shape[0], 1, *act.shape[2:]), x, relu, upsample).to(dtype)
+        maps[name] = _rounded(_finish(fn, projection.reshape(act.shape[0], 1, *act.shape[2:]), x, relu, upsample), x,
+                              dtype)
     return rebuild(maps)
 
 

@@ -62,7 +62,10 @@ def _feature_ids(fn: str, feature_mask: Any, value: Tensor) -> Tuple[Tensor, int
                                   _checks.describe(feature_mask),
                                   "Pass one mask for the batch ([*input] or broadcastable, e.g. [H, W] for images "
                                   "[B, C, H, W]) or one per example ([B, *input] or e.g. [B, 1, H, W]).")
-    ids, inverse = torch.unique(feature_mask.to(value.device), sorted=True, return_inverse=True)
+    # The one value read per call: the number of features sizes the computation. It is read on the
+    # mask's own device, so a mask built on the host (tx.masks) costs no device synchronisation.
+    ids, inverse = torch.unique(feature_mask, sorted=True, return_inverse=True)
+    inverse = inverse.to(value.device, non_blocking=True)
     inverse = inverse.reshape((1,) * (len(shape) - feature_mask.ndim) + tuple(feature_mask.shape))
     return inverse.expand(inverse.shape[0], *shape[1:]), int(ids.numel())
 
