@@ -19,8 +19,9 @@ class TrainingModeWarning(UserWarning):
     """A method was called on a model with batch norm or dropout in training mode.
 
     Attribution assumes inference behaviour: in training mode batch norm normalises with the batch's
-    own statistics (each example's map depends on the other examples), and dropout draws a new mask at every forward (the map changes from call
-    to call, whatever ``generator=`` says). Nothing switches the mode for you: call ``model.eval()``.
+    own statistics (each example's map depends on the other examples), and dropout draws a new mask
+    at every forward (the map changes from call to call, whatever ``generator=`` says). Nothing
+    switches the mode for you: call ``model.eval()``.
     A model whose training-mode forward equals its eval-mode one (no batch norm, no dropout; e.g.
     group or layer norm only) does not warn. To explain a training-mode forward on purpose (a loss
     on explanations with dropout active), silence this category only::
@@ -139,8 +140,9 @@ def check_eval_mode(fn: str, model_fn: Any) -> None:
         more = f" and {len(found) - 3} more" if len(found) > 3 else ""
         warnings.warn(message(
             fn, "a model in eval mode", f"{', '.join(found[:3])}{more} in training mode",
-            "Each map then depends on the other examples of the batch (batch norm) or on chance (dropout). Call `model.eval()` first (the mode is read at "
-            "every call; torchex_fn never changes it). To explain a training-mode forward on purpose: "
+            "Each map then depends on the other examples of the batch (batch norm) or on chance (dropout). "
+            "Call `model.eval()` first (the mode is read at every call; torchex_fn never changes it). "
+            "To explain a training-mode forward on purpose: "
             "`warnings.filterwarnings('ignore', category=torchex_fn.TrainingModeWarning)`."),
             TrainingModeWarning, stacklevel=4)
 

@@ -103,7 +103,8 @@ class FunctionalModel:
         self._aliases, self._caches = _aliases_and_caches(module)
         # modules with buffers: in training mode they may write into them (batch norm's running statistics)
         self._stateful = [(mod, [f"{prefix}.{b}" if prefix else b for b, v in mod._buffers.items() if v is not None])
-                          for prefix, mod in module.named_modules() if any(v is not None for v in mod._buffers.values())]
+                          for prefix, mod in module.named_modules()
+                          if any(v is not None for v in mod._buffers.values())]
 
     def layer_names(self) -> Dict[str, nn.Module]:
         return dict(self.module.named_modules())
