@@ -112,7 +112,7 @@ def _mode_dependent(module: torch.nn.Module) -> Optional[str]:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return "batch statistics"
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):
-        return "running statistics" if module.track_running_stats else None
+        return "its own statistics instead of the running ones" if module.track_running_stats else None
     if isinstance(module, nn.modules.dropout._DropoutNd):
         return "a random dropout mask" if module.p > 0 else None
     if isinstance(module, nn.MultiheadAttention):
