@@ -1,8 +1,17 @@
 """Shared fixtures: seeds, threads, tiny models. Warnings are errors (pyproject)."""
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 torch.set_num_threads(2)
+
+# Hypothesis profiles (tests/test_properties.py): "ci" is the default (few draws, no deadline since
+# the shared CI machine's timings vary, derandomized so that every run draws the same cases);
+# "dev" draws many more: `pytest tests/test_properties.py --hypothesis-profile=dev`.
+settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)

@@ -721,7 +721,8 @@ def test_unknown_operation_raises_instead_of_passing_as_linear():
 def test_dropout_in_training_mode_raises():
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)).train()
     fn, params = tx.functionalize(model)
-    with pytest.raises(NotImplementedError, match="dropout in training mode"):
+    with pytest.raises(NotImplementedError, match="dropout in training mode"), \
+            pytest.warns(tx.TrainingModeWarning, match="deeplift: expected a model in eval mode"):
         deeplift(fn, params, torch.randn(2, 4), 0)
 
 

@@ -91,6 +91,14 @@ def test_maml_check_detects_a_dropped_higher_order_path():
 
 SIZES = dict(size=32, difficulty=0.0)
 TRAIN = dict(epochs=6, batch_size=32, lr=3e-3, width=16, seed=0)
+PENALISED = dict(TRAIN, epochs=10)
+# Margins (points of accuracy / agreement, 512 test images) measured at seeds 0-4 of TRAIN["seed"]:
+#   plain: clean accuracy >= 0.8: +19 to +20; accuracy <= clean - 0.25: +41 to +49; agreement >= 0.7: +14 to +27.
+#   penalised, 10 epochs: accuracy >= clean - 0.1: +7.1 to +9.4; agreement <= 0.4: +11.7 to +15.2
+#   (seed 0, the one the test runs: +8.6 and +14.4).
+# Before (6 epochs for the penalised model, accuracy >= clean - 0.05, agreement >= 0.8) seed 0 passed by
+# +1.7 and +4.0 and the penalised test failed at seeds 1-4 (its accuracy 0.63 / 0.82 / 0.94 / 0.88):
+# six epochs were not enough for the penalised model to converge.
 
 
 @pytest.fixture(scope="module")
@@ -118,14 +126,13 @@ def test_plain_model_learns_the_decoy(rrr, decoy_data, clean_accuracy):
     accuracy, agreement = rrr.evaluate(*rrr.train(train, **TRAIN), test)
     assert clean_accuracy >= 0.8
     assert accuracy <= clean_accuracy - 0.25
-    assert agreement >= 0.8            # on the test split it follows the (random) patch
+    assert agreement >= 0.7            # on the test split it follows the (random) patch (chance: 0.25)
 
 
-@pytest.mark.slow  # measured 282 s under heavy contention (2 threads, other jobs on 2 cores); alone the
-                   # example trains this model in 32 s on 1 thread (5.5x a plain step, 6 epochs of 1024)
+@pytest.mark.slow  # alone ~50 s on 1 thread (10 epochs of 1024 at 5.5x a plain step); minutes under contention
 def test_input_gradient_penalty_recovers(rrr, decoy_data, clean_accuracy):
     """The paper's penalty (input gradient of sum_k log p_k, on the patch) unlearns the decoy."""
     train, _, test = decoy_data
-    accuracy, agreement = rrr.evaluate(*rrr.train(train, method="saliency", lam=0.5, **TRAIN), test)
-    assert accuracy >= clean_accuracy - 0.05
+    accuracy, agreement = rrr.evaluate(*rrr.train(train, method="saliency", lam=0.5, **PENALISED), test)
+    assert accuracy >= clean_accuracy - 0.1
     assert agreement <= 0.4            # no longer follows the patch (chance: 0.25)

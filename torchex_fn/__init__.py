@@ -4,6 +4,7 @@ from . import masks
 from .attention import attention_probabilities, attention_rollout, grad_rollout, legrad
 from .cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad_cam_pp, hires_cam, layer_cam, score_cam,
                   xgrad_cam)
+from ._checks import TrainingModeWarning
 from .capture import capture, intermediates, layer_gradients, tap
 from .classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
 from .features import feature_ablation, kernel_shap, lime, shapley_value_sampling, shapley_values
@@ -36,5 +37,6 @@ __all__ = [
     "deletion", "insertion", "pointing_game", "energy_pointing_game", "randomization_check",
     "infidelity", "sensitivity_max",
     "datasets", "metrics", "postprocess", "targets", "text", "viz",
+    "TrainingModeWarning",
     "generation", "continuation_logprob", "continuation_attribution", "continuation_ablation",
 ]

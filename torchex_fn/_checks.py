@@ -7,11 +7,27 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
+
+
+class TrainingModeWarning(UserWarning):
+    """A method was called on a model with batch norm or dropout in training mode.
+
+    Attribution assumes inference behaviour: in training mode batch norm normalises with the batch's
+    own statistics (each example's map depends on the other examples), and dropout draws a new mask
+    at every forward (the map changes from call to call, whatever ``generator=`` says). Nothing
+    switches the mode for you: call ``model.eval()``.
+    A model whose training-mode forward equals its eval-mode one (no batch norm, no dropout; e.g.
+    group or layer norm only) does not warn. To explain a training-mode forward on purpose (a loss
+    on explanations with dropout active), silence this category only::
+
+        warnings.filterwarnings("ignore", category=torchex_fn.TrainingModeWarning)
+    """
 
 
 def message(fn: str, expected: str, got: str, hint: str = "") -> str:
@@ -135,6 +151,52 @@ def check_input(fn: str, x: Any, *, ndim: Optional[int] = None, min_ndim: int = 
         check_values(fn, torch.isnan(x), f"{name} without NaN", lambda: f"{int(torch.isnan(x).sum())} NaN values")
 
 
+# Modules whose forward depends on ``training`` in a way that changes a map; found by type, and by the
+# names of common stochastic-depth modules (timm's DropPath, torchvision's StochasticDepth).
+_DROP_NAMES = ("DropPath", "StochasticDepth", "DropBlock2d", "DropBlock")
+
+
+def _mode_dependent(module: torch.nn.Module) -> Optional[str]:
+    """Why ``module`` (in training mode) makes maps depend on the batch or on chance, or ``None``."""
+    nn = torch.nn
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "batch statistics"
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return "its own statistics instead of the running ones" if module.track_running_stats else None
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return "a random dropout mask" if module.p > 0 else None
+    if isinstance(module, nn.MultiheadAttention):
+        return "a random dropout mask" if module.dropout > 0 else None
+    if type(module).__name__ in _DROP_NAMES:
+        p = getattr(module, "drop_prob", getattr(module, "p", 1.0))
+        return "a random dropout mask" if not isinstance(p, (int, float)) or p > 0 else None
+    return None
+
+
+def check_eval_mode(fn: str, model_fn: Any) -> None:
+    """Warn (:class:`TrainingModeWarning`) when the model behind ``model_fn`` would run batch norm or
+    dropout in training mode. Looks at the modules' ``training`` flags only (no forward pass); a
+    ``model_fn`` not built by ``functionalize`` is not inspected."""
+    module = getattr(model_fn, "module", None)
+    if not isinstance(module, torch.nn.Module):
+        return
+    found = []
+    for name, sub in module.named_modules():
+        if sub.training:
+            why = _mode_dependent(sub)
+            if why is not None:
+                found.append(f"{type(sub).__name__} {name or '(the model)'!r} ({why})")
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        warnings.warn(message(
+            fn, "a model in eval mode", f"{', '.join(found[:3])}{more} in training mode",
+            "Each map then depends on the other examples of the batch (batch norm) or on chance (dropout). "
+            "Call `model.eval()` first (the mode is read at every call; torchex_fn never changes it). "
+            "To explain a training-mode forward on purpose: "
+            "`warnings.filterwarnings('ignore', category=torchex_fn.TrainingModeWarning)`."),
+            TrainingModeWarning, stacklevel=4)
+
+
 def check_positive_int(fn: str, name: str, value: Any, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -187,6 +249,7 @@ def check_call(fn: str, model_fn: Any, params: Any, x: Any, target: Any, *, min_
 
     check_model_fn(fn, model_fn)
     check_params(fn, params)
+    check_eval_mode(fn, model_fn)
     if isinstance(x, Mapping):
         _inputs.check_mapping(fn, x)
         if layer is None:

@@ -5,12 +5,13 @@ dimension (``{"input_ids": [B, T], "attention_mask": [B, T]}``), passed to the m
 Non-tensor entries (flags such as ``return_dict``) are passed unchanged. Chunked methods slice,
 index and repeat every tensor entry along the batch together, with the helpers here.
 
-A model output is a tensor, a tuple / list, or a mapping (a dict, a HuggingFace ``ModelOutput``);
+A model output is a tensor, a tuple / list, a mapping (a dict, a HuggingFace ``ModelOutput``) or a dataclass;
 :func:`split_output` cuts any of them into row blocks, so that a callable target sees the output of
 the examples it was written for.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Iterator, List, Optional, Tuple, Union
 
@@ -153,6 +154,11 @@ def split_output(out: Any, size: int) -> List[Any]:
             items = [p[i] if p is not None else v for v, p in zip(out, parts)]
             blocks.append(seq_type(*items) if hasattr(out, "_fields") else seq_type(items))
         return blocks
+    if _is_dataclass(out):  # a dataclass output: split its fields, keep its type
+        names = [f.name for f in dataclasses.fields(out)]
+        parts = [split_output(getattr(out, k), size) if _splittable(getattr(out, k)) else None for k in names]
+        return [dataclasses.replace(out, **{k: p[i] for k, p in zip(names, parts) if p is not None})
+                for i in range(_count(parts))]
     return [out]
 
 
@@ -169,11 +175,18 @@ def tensors_only(out: Any) -> Any:
         return {k: v for k, v in kept.items() if v is not None}
     if isinstance(out, (tuple, list)):
         return tuple(v for v in (tensors_only(item) for item in out) if v is not None)
+    if _is_dataclass(out):  # a dict of its tensor fields (a dataclass cannot leave a torch.func transform)
+        kept = {f.name: tensors_only(getattr(out, f.name)) for f in dataclasses.fields(out)}
+        return {k: v for k, v in kept.items() if v is not None}
     return None
 
 
+def _is_dataclass(v: Any) -> bool:
+    return dataclasses.is_dataclass(v) and not isinstance(v, type)
+
+
 def _splittable(v: Any) -> bool:
-    return (isinstance(v, Tensor) and v.ndim > 0) or isinstance(v, (Mapping, tuple, list))
+    return (isinstance(v, Tensor) and v.ndim > 0) or isinstance(v, (Mapping, tuple, list)) or _is_dataclass(v)
 
 
 def _count(parts: List[Optional[List[Any]]]) -> int:

@@ -692,11 +692,13 @@ _INPUT = "<input>"
 class _InputTapped:
     """``model_fn`` with its input marked by ``tap``, so that :func:`layer_gradients` also returns
     ``d score / d x`` from the same backward pass. ``module`` keeps the memo of layer shapes keyed
-    by the user's model (or function), not by this short-lived wrapper."""
+    by the user's model (or function), not by this short-lived wrapper; ``output`` keeps
+    ``functionalize``'s choice of the tensor that integer targets index."""
 
     def __init__(self, model_fn):
         self.model_fn = model_fn
         self.module = getattr(model_fn, "module", model_fn)
+        self.output = getattr(model_fn, "output", None)
 
     def __call__(self, params, x):
         return self.model_fn(params, tap(_INPUT, x))

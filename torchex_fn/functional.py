@@ -86,7 +86,10 @@ def _is_tensor_cache(value: Any) -> bool:
 class FunctionalModel:
     """``model_fn(params, x) -> out`` for one ``nn.Module``, built by :func:`functionalize`.
 
-    Calls ``torch.func.functional_call``. It keeps the module so that layers can be named by
+    Calls ``torch.func.functional_call``. It is pure: ``params`` is never written, also when a module
+    in training mode updates its buffers (batch norm's running statistics land in a copy that is
+    dropped after the call; train such statistics with ``torch.func.functional_call`` directly).
+    It keeps the module so that layers can be named by
     their dotted path, and registers forward hooks only for the layers that the active
     :mod:`torchex_fn.capture` asked for, only for the length of one call. Calls on one module are
     serialised by a per-module lock, because ``functional_call`` swaps tensors into the shared
@@ -99,6 +102,10 @@ class FunctionalModel:
         self.output = output
         self._lock = _lock_for(module)
         self._aliases, self._caches = _aliases_and_caches(module)
+        # modules with buffers: in training mode they may write into them (batch norm's running statistics)
+        self._stateful = [(mod, [f"{prefix}.{b}" if prefix else b for b, v in mod._buffers.items() if v is not None])
+                          for prefix, mod in module.named_modules()
+                          if any(v is not None for v in mod._buffers.values())]
 
     def layer_names(self) -> Dict[str, nn.Module]:
         return dict(self.module.named_modules())
@@ -123,6 +130,9 @@ class FunctionalModel:
                         if name in modules:
                             handles.append(modules[name].register_forward_hook(session.hook(name)))
                 full = dict(params)
+                for mod, names in self._stateful:  # pure: a training-mode write lands in a copy, not in params
+                    if mod.training:
+                        full.update((n, full[n].clone()) for n in names if isinstance(full.get(n), Tensor))
                 for alias, name in self._aliases:  # a tensor tied into another module: the same value
                     if name in full and alias not in full:
                         full[alias] = full[name]
@@ -153,7 +163,10 @@ def functionalize(module: nn.Module, *, output: Any = None) -> Tuple[FunctionalM
 
     Args:
       module: Any ``nn.Module``. It is never mutated (no ``.eval()``, no ``requires_grad_``).
-        Attribution assumes inference behaviour: put the model in eval mode yourself.
+        Attribution assumes inference behaviour: put the model in eval mode yourself (the methods
+        warn with :class:`torchex_fn.TrainingModeWarning` when batch norm or dropout would run in
+        training mode; the mode is read at every call). ``model_fn`` never writes into ``params``:
+        batch norm in training mode normalises with batch statistics and updates only a copy.
       output: Which tensor of a structured output (a HuggingFace ``ModelOutput``, a dict, a tuple)
         integer and ``None`` targets index: a key or attribute name (``"logits"``), an index into a
         tuple (``0``), or a callable ``out -> [B, classes]`` (``lambda o: o.logits[:, -1]`` for the
