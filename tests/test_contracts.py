@@ -38,15 +38,16 @@ def _gradient_shap(model_fn, params, x, target, **options):
                             generator=torch.Generator().manual_seed(7), **options)
 
 
-def _seeded(method):
-    """A random feature method with a fresh seeded generator per call."""
+def _cells(method, split, seeded=False):
+    """A feature method on a grid mask of ``split`` cells over x's last two axes, whatever x's size
+    (on 8 x 8 inputs: (2, 2) gives 4 features, 16 coalitions for exact Shapley values; (2, 4) gives 8),
+    with a fresh seeded generator per call for the random ones."""
     def call(model_fn, params, x, target, **options):
-        return method(model_fn, params, x, target, generator=torch.Generator().manual_seed(7), **options)
+        cells = tuple(-(-n // c) for n, c in zip(x.shape[-2:], split))
+        if seeded:
+            options["generator"] = torch.Generator().manual_seed(7)
+        return method(model_fn, params, x, target, feature_mask=tx.masks.grid(x.shape[-2:], cells), **options)
     return call
-
-
-_CELLS4 = tx.masks.grid((8, 8), 4)          # 4 features (16 coalitions for exact Shapley values)
-_CELLS8 = tx.masks.grid((8, 8), (4, 2))     # 8 features
 
 
 # name -> (function, keyword options, output shape from x's shape)
@@ -77,12 +78,12 @@ METHODS = {
     "lrp": (tx.lrp, {"composite": "epsilon_alpha2_beta1_flat"}, lambda s: s),
     "rise": (_rise, {"num_masks": 24, "cell_size": 3, "batch_size": 16}, lambda s: (s[0], 1, *s[2:])),
     "gradient_shap": (_gradient_shap, {"samples": 3, "stdev": 0.1, "batch_size": 6}, lambda s: s),
-    "feature_ablation": (tx.feature_ablation, {"feature_mask": _CELLS8, "baseline": 0.1, "batch_size": 8}, lambda s: s),
-    "shapley_values": (tx.shapley_values, {"feature_mask": _CELLS4, "batch_size": 8}, lambda s: s),
-    "shapley_value_sampling": (_seeded(tx.shapley_value_sampling),
-                               {"feature_mask": _CELLS8, "samples": 2, "batch_size": 8}, lambda s: s),
-    "kernel_shap": (_seeded(tx.kernel_shap), {"feature_mask": _CELLS4, "samples": 10, "batch_size": 8}, lambda s: s),
-    "lime": (_seeded(tx.lime), {"feature_mask": _CELLS4, "samples": 10, "batch_size": 8}, lambda s: s),
+    "feature_ablation": (_cells(tx.feature_ablation, (2, 4)), {"baseline": 0.1, "batch_size": 8}, lambda s: s),
+    "shapley_values": (_cells(tx.shapley_values, (2, 2)), {"batch_size": 8}, lambda s: s),
+    "shapley_value_sampling": (_cells(tx.shapley_value_sampling, (2, 4), seeded=True),
+                               {"samples": 2, "batch_size": 8}, lambda s: s),
+    "kernel_shap": (_cells(tx.kernel_shap, (2, 2), seeded=True), {"samples": 10, "batch_size": 8}, lambda s: s),
+    "lime": (_cells(tx.lime, (2, 2), seeded=True), {"samples": 10, "batch_size": 8}, lambda s: s),
 }
 DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small", "grad_cam_pp", "score_cam",
                   "layer_cam", "xgrad_cam", "hires_cam", "ablation_cam", "fullgrad",  # eigen_cam: no fc dependence (test_cam_zoo)
