@@ -151,7 +151,7 @@ def test_structured_output_integer_target_without_output_names_the_fix(name, kin
 
 
 # Found by these tests in methods merged in parallel and not fixed here (strict: an xpass fails).
-KNOWN_BUGS = {("lrp", "dataclass"): "lrp.py hands a dataclass output to torch.func.vjp, which takes pytrees only"}
+KNOWN_BUGS: dict = {}  # (method, output kind) -> reason, run as strict xfails
 
 # Index targets of these methods score softmax probabilities; a callable target is the whole score.
 PROBABILITY_SCORED = {"rise", "score_cam"}

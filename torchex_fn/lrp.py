@@ -61,6 +61,7 @@ is zero and is skipped, which changes no value and halves these rules' work.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -69,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks, _rewrite
+from . import _checks, _inputs, _rewrite
 from . import targets as _targets
 from ._autodiff import grad_of_sum
 from ._types import ModelFn, Params, Target
@@ -597,6 +598,15 @@ def _relevance_handler(records: List[_Record]):
     return handler
 
 
+def _as_pytree(out: Any, choice: Any) -> Tuple[Any, Any]:
+    """A dataclass output as the dict of its tensor fields (``torch.func`` takes pytrees only), and
+    ``choice`` applied to the dataclass rebuilt from such a dict; anything else as it is."""
+    if not (dataclasses.is_dataclass(out) and not isinstance(out, type)):
+        return out, choice
+    fields = _inputs.tensors_only(out)
+    return fields, lambda leaves: choice(dataclasses.replace(out, **leaves))
+
+
 def _leaves_dot(out: Any, cot: Any) -> Any:
     if isinstance(out, Tensor):
         return (out * cot).sum()
@@ -723,6 +733,7 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
 
         def choice(o):
             return _targets.resolve(o, index, fn=FN, output=output)
+    out, choice = _as_pytree(out, choice)
     scores, pullback = torch.func.vjp(choice, out)  # type: ignore[misc]  # 2 values without has_aux
     (cotangent,) = pullback(scores)  # score * d score / d out: the relevance entering the network
     handler = _relevance_handler(records)
@@ -735,6 +746,6 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
         if n != count:
             raise RuntimeError(_checks.message(FN, f"the relevance pass to make the record pass's {count} calls",
                                                f"{n} calls", "The model must not branch on its input's values."))
-        return _leaves_dot(out_v, cotangent)
+        return _leaves_dot(_as_pytree(out_v, choice)[0], cotangent)
 
     return grad_of_sum(total, x)
