@@ -844,12 +844,14 @@ class _GuidedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         (z,) = ctx.saved_tensors
-        return grad.clamp(min=0) * (z > 0).to(grad.dtype)
+        # max(g, 0) * (z > 0) in two kernels: ReLU's own backward (``threshold_backward``: g where
+        # z > 0, else 0) of relu(g). Both are differentiable operations, any number of times.
+        return torch.ops.aten.threshold_backward(torch.relu(grad), z, 0)
 
     @staticmethod
     def jvp(ctx: Any, tangent: Tensor) -> Tensor:
         (z,) = ctx.saved_tensors
-        return tangent * (z > 0).to(tangent.dtype)
+        return torch.ops.aten.threshold_backward(tangent, z, 0)
 
 
 def _guided(call: _rewrite.Call) -> Any:
