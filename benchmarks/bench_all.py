@@ -263,7 +263,7 @@ ENTRIES = [
 ]
 
 
-def measure(entry: Entry, c: Ctx, rounds: int, peers: bool = True, full_heavy: bool = False):
+def measure(entry: Entry, c: Ctx, rounds: int, peers: bool = True, full_heavy: bool = False, warmup: bool = True):
     floor = FLOORS[entry.floor](c) if isinstance(entry.floor, str) else entry.floor(c)
     contenders = {f"floor: {entry.floor if isinstance(entry.floor, str) else 'own'}": floor,
                   "torchex_fn": entry.ours(c)}
@@ -272,7 +272,7 @@ def measure(entry: Entry, c: Ctx, rounds: int, peers: bool = True, full_heavy: b
     with torch.no_grad() if entry.no_grad else torch.enable_grad():
         if entry.heavy and not full_heavy:
             return C.medians(C.race(contenders, 1, warmup=False))
-        return C.medians(C.race(contenders, rounds))
+        return C.medians(C.race(contenders, rounds, warmup=warmup))
 
 
 def main() -> None:
@@ -289,6 +289,8 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="floor and torchex_fn only")
     parser.add_argument("--heavy-rounds", action="store_true",
                         help="also give score_cam and ablation_cam --rounds and a warm-up (default: one round)")
+    parser.add_argument("--no-warmup", action="store_true", help="no warm-up call (for the slow methods on a loaded "
+                        "machine; the layer-shape memo is then filled in the first round)")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
     if args.list:
@@ -305,7 +307,8 @@ def main() -> None:
                                   f"{samples} samples, {args.masks} RISE masks"), flush=True)
     rows = []
     for e in entries:
-        times = measure(e, c, rounds, peers=not args.no_peers, full_heavy=args.heavy_rounds)
+        times = measure(e, c, rounds, peers=not args.no_peers, full_heavy=args.heavy_rounds,
+                        warmup=not args.no_warmup)
         names = list(times)
         floor, ours = times[names[0]], times[names[1]]
         for name in names:

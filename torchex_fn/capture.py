@@ -9,6 +9,8 @@ The role of flax's ``sow`` / ``perturb`` / ``capture_intermediates`` for PyTorch
   output, which equals the gradient w.r.t. the activation. No backward hook is involved, the
   result composes with ``torch.func.grad`` / ``vmap``, and autograd computes only the path from the
   layers to the output (no parameter gradients, no input gradient).
+* :func:`run_tail` runs the network from one layer on for ``n`` variants of one example's activation
+  (the layers before it once, on the one example; the rest on the ``n`` rows): Ablation-CAM's chunks.
 
 The active collector lives in a :class:`contextvars.ContextVar` set and reset in ``try/finally``
 around one call, so a hook acts only for the call (and the thread) that asked for it. The
@@ -29,7 +31,8 @@ from . import _checks, _inputs
 from . import targets as _targets
 from ._autodiff import grad_of_sum
 
-__all__ = ["tap", "intermediates", "capture", "layer_gradients", "LayerGradients", "resolve_layers"]
+__all__ = ["tap", "intermediates", "capture", "layer_gradients", "LayerGradients", "resolve_layers", "run_tail",
+           "TailMismatch"]
 
 
 class _ShapeMismatch(Exception):
