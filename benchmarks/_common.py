@@ -24,7 +24,13 @@ def setup(threads: int = 2) -> None:
     """Torch threads, no warnings from the peers' imports, no progress bars (pytorch-grad-cam's tqdm)."""
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:  # pytorch-grad-cam's ScoreCAM / AblationCAM draw progress bars on every call
+        import functools
+
+        import tqdm
+        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
+    except ImportError:
+        pass
 
 
 def resnet18(seed: int = 0) -> torch.nn.Module:

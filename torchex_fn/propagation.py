@@ -837,21 +837,22 @@ class _GuidedReLU(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
-        (z,) = inputs
-        ctx.save_for_backward(z)
-        ctx.save_for_forward(z)
+        # The output relu(z) > 0 exactly where z > 0: keeping it rather than z lets z be freed after the
+        # forward (the next layer keeps the output anyway), so memory is that of an in-place ReLU.
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (z,) = ctx.saved_tensors
+        (y,) = ctx.saved_tensors
         # max(g, 0) * (z > 0) in two kernels: ReLU's own backward (``threshold_backward``: g where
-        # z > 0, else 0) of relu(g). Both are differentiable operations, any number of times.
-        return torch.ops.aten.threshold_backward(torch.relu(grad), z, 0)
+        # y > 0, else 0) of relu(g). Both are differentiable operations, any number of times.
+        return torch.ops.aten.threshold_backward(torch.relu(grad), y, 0)
 
     @staticmethod
     def jvp(ctx: Any, tangent: Tensor) -> Tensor:
-        (z,) = ctx.saved_tensors
-        return torch.ops.aten.threshold_backward(tangent, z, 0)
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(tangent, y, 0)
 
 
 def _guided(call: _rewrite.Call) -> Any:
