@@ -847,7 +847,9 @@ class _GuidedReLU(torch.autograd.Function):
         (y,) = ctx.saved_tensors
         # max(g, 0) * (z > 0) in two kernels: ReLU's own backward (``threshold_backward``: g where
         # y > 0, else 0) of relu(g). Both are differentiable operations, any number of times.
-        return torch.ops.aten.threshold_backward(torch.relu(grad), y, 0)
+        if torch.is_grad_enabled():  # an outer derivative follows: out-of-place, differentiable operations
+            return torch.ops.aten.threshold_backward(torch.relu(grad), y, 0)
+        return torch.ops.aten.threshold_backward(grad, y, 0).relu_()   # one fresh tensor, masked, then clamped in place
 
     @staticmethod
     def jvp(ctx: Any, tangent: Tensor) -> Tensor:
