@@ -8,9 +8,12 @@ pytorch-grad-cam's class for the same method. Floors, written with plain hooks a
   ``autograd.grad`` of the target scores w.r.t. layer4's output (the partial backward);
 * eigen_cam: one forward with a hook on layer4 (no backward; the SVD is the method's own work);
 * fullgrad: one forward and ``autograd.grad`` w.r.t. the input and every batch norm's output;
-* ablation_cam: one forward, then the ``B K`` forwards of the model with one channel of layer4
-  zeroed by a hook, in chunks of ``--ablation-chunk`` images (``--ablation-batch`` images: each
-  ablates all 512 channels, so it is run on a smaller batch).
+* ablation_cam: one forward, then for each image and chunk of ``--ablation-chunk`` channels one
+  forward of that image whose layer4 output a hook replaces by the chunk's ablated activations (the
+  tail, avgpool -> fc, runs on the chunk; ``--ablation-batch`` images: each ablates all 512 channels,
+  so it is run on a smaller batch). Also timed: the ``B K`` full forwards with one channel of layer4
+  zeroed, in chunks, which pytorch-grad-cam's AblationCAM must do (it skips layer4 itself, not the
+  layers before it).
 
     python benchmarks/bench_cam.py [--threads 2] [--rounds 5] [--batch 8] [--ablation-batch 1]
 """
@@ -19,31 +22,19 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
-import warnings
+import sys
+from pathlib import Path
 
 import torch
-import torchvision
 
-import torchex_fn as tx
+sys.path.insert(0, str(Path(__file__).parent))
+import _common as C  # noqa: E402
 
-
-def timeit(fn, number):
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - start) / number
+import torchex_fn as tx  # noqa: E402
 
 
 def race(contenders, rounds, number=1):
-    for f in contenders.values():  # warm-up (and the shape memo)
-        f()
-    times = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, f in contenders.items():
-            times[name].append(timeit(f, number))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return C.medians(C.race(contenders, rounds, number))
 
 
 def main():
@@ -56,29 +47,18 @@ def main():
     parser.add_argument("--ablation-chunk", type=int, default=32)
     parser.add_argument("--ablation-rounds", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    C.setup(args.threads)
     from pytorch_grad_cam import AblationCAM, EigenCAM, FullGrad, GradCAM, HiResCAM, LayerCAM, XGradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18().eval()
+    model = C.resnet18()
     fn, params = tx.functionalize(model)
     where = platform.processor() or platform.machine()
     load = os.getloadavg()
     print(f"machine: {where}, {os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, "
           f"torch {torch.__version__}, {args.threads} threads, resnet18 {args.size}x{args.size}, layer4\n")
 
-    def hooked(layers, run):
-        acts = []
-        handles = [layer.register_forward_hook(lambda m, i, o: acts.append(o)) for layer in layers]
-        try:
-            out = run()
-        finally:
-            for h in handles:
-                h.remove()
-        return out, acts
+    hooked = C.hooked
 
     def pgc(cls, layers, x, target, **options):
         extractor = cls(model=model, target_layers=layers, **options)
@@ -147,7 +127,7 @@ def main():
         xa, ta = x[:args.ablation_batch], target[:args.ablation_batch]
         chunk = args.ablation_chunk
 
-        def floor_ablation():
+        def floor_ablation():  # what pytorch-grad-cam must do: B K forwards with layer4's output replaced
             with torch.no_grad():
                 model(xa)
                 channels = 512
@@ -156,18 +136,24 @@ def main():
                     part = rows_of[start:start + chunk]
                     ks = torch.tensor([k for _, k in part])
 
-                    def zero(m, i, o, ks=ks):
+                    def zero(m, o, ks=ks):
                         return o * (1 - torch.nn.functional.one_hot(ks, channels).to(o.dtype))[:, :, None, None]
-                    handle = model.layer4.register_forward_hook(zero)
-                    try:
-                        model(xa[torch.tensor([b for b, _ in part])])
-                    finally:
-                        handle.remove()
+                    hooked([model.layer4], lambda: model(xa[torch.tensor([b for b, _ in part])]), replace=zero)
+
+        def floor_tail():  # one forward, then per image and chunk: the image once, the tail on the chunk
+            with torch.no_grad():
+                _, (act,) = hooked([model.layer4], lambda: model(xa))
+                k = act.shape[1]
+                for b in range(xa.shape[0]):
+                    for c0 in range(0, k, chunk):
+                        keep = 1 - torch.eye(k)[c0:c0 + chunk, :, None, None]
+                        hooked([model.layer4], lambda: model(xa[b:b + 1]), replace=lambda m, o, keep=keep: o * keep)
 
         extractor, peer = pgc(AblationCAM, [model.layer4], xa, ta, batch_size=chunk)
         with torch.no_grad():
             times = race({
-                "floor": floor_ablation,
+                "floor": floor_tail,
+                "B K forwards (pytorch-grad-cam's work)": floor_ablation,
                 "torchex_fn.ablation_cam": lambda: tx.ablation_cam(fn, params, xa, ta, layer="layer4",
                                                                    batch_size=chunk),
                 "pytorch-grad-cam AblationCAM": peer,
@@ -178,10 +164,9 @@ def main():
     load = os.getloadavg()
     print(f"load average after: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}\n")
     print(f"batch {args.batch}, {args.rounds} rounds (ablation: {args.ablation_rounds})\n")
-    print("| method | contender | ms / call | ratio to floor | ratio to pytorch-grad-cam |")
-    print("| --- | --- | ---: | ---: | ---: |")
-    for method, name, t, ratio, to_peer in rows:
-        print(f"| {method} | {name} | {1000 * t:.1f} | {ratio:.3f} | {to_peer:.3f} |")
+    print(C.table(["method", "contender", "ms / call", "ratio to floor", "ratio to pytorch-grad-cam"],
+                  [(method, name, f"{1000 * t:.1f}", f"{ratio:.3f}", f"{to_peer:.3f}")
+                   for method, name, t, ratio, to_peer in rows], right=(2, 3, 4)))
 
 
 if __name__ == "__main__":

@@ -17,43 +17,24 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
-import time
-import types
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
-import torchex_fn as tx
-from torchex_fn.propagation import deeplift
+sys.path.insert(0, str(Path(__file__).parent))
+import _common as C  # noqa: E402
+from _common import captum_ready_copy  # noqa: E402,F401  (kept importable from here)
+
+import torchex_fn as tx  # noqa: E402
+from torchex_fn.propagation import deeplift  # noqa: E402
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # captum's import warns about torch.jit.script
     from captum.attr import DeepLift as CaptumDeepLift
-import torchvision
-from torchvision.models.resnet import BasicBlock
-
-
-def _split_block_forward(self, x):
-    """BasicBlock.forward with one ReLU module per call, so that captum's module hooks can run."""
-    identity = x if self.downsample is None else self.downsample(x)
-    out = self.relu_a(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    return self.relu_b(out + identity)
-
-
-def captum_ready_copy(model: nn.Module) -> nn.Module:
-    """A copy of a torchvision ResNet with every reused / in-place ReLU split into fresh modules."""
-    twin = copy.deepcopy(model)
-    twin.relu = nn.ReLU(inplace=False)
-    for block in twin.modules():
-        if isinstance(block, BasicBlock):
-            block.relu_a, block.relu_b = nn.ReLU(), nn.ReLU()
-            del block.relu
-            block.forward = types.MethodType(_split_block_forward, block)
-    return twin
 
 
 def main() -> None:
@@ -68,9 +49,7 @@ def main() -> None:
     batch = args.batch or (2 if args.quick else 8)
     size = args.size or (112 if args.quick else 224)
     torch.set_num_threads(args.threads)
-
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18().eval()
+    model = C.resnet18()
     with torch.no_grad():  # non-trivial BN shifts, so that DeepLIFT differs from gradient x input
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -113,14 +92,7 @@ def main() -> None:
     print(f"resnet18, batch {batch} at {size}x{size}, {args.threads} threads, {rounds} rounds; "
           f"completeness gap max|sum(map) - delta| / max|delta|: ours {gaps['ours']:.1e}, "
           f"captum {gaps['captum']:.1e}")
-    for f in methods.values():
-        f()
-    times = {name: [] for name in methods}
-    for _ in range(rounds):
-        for name, f in methods.items():
-            start = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - start)
+    times = C.race(methods, rounds)
     med = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
         print(f"  {name:18s} median {med[name]:7.3f} s   (min {min(t):.3f}, max {max(t):.3f})")

@@ -9,33 +9,19 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
-import warnings
+import sys
+from pathlib import Path
 
 import torch
-import torchvision
 
-import torchex_fn as tx
+sys.path.insert(0, str(Path(__file__).parent))
+import _common as C  # noqa: E402
 
-
-def timeit(fn, number, sync=lambda: None):
-    sync()
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / number
+import torchex_fn as tx  # noqa: E402
 
 
 def race(contenders, rounds, number, sync=lambda: None):
-    for f in contenders.values():  # warm-up (and the shape memo)
-        f()
-    times = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, f in contenders.items():
-            times[name].append(timeit(f, number, sync))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return C.medians(C.race(contenders, rounds, number, sync))
 
 
 def main():
@@ -46,15 +32,14 @@ def main():
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
+    C.setup(args.threads)
     from captum.attr import LayerGradCam, Saliency
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    model = torchvision.models.resnet18().eval().to(device)
+    model = C.resnet18().to(device)
     fn, params = tx.functionalize(model)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"machine: {where}, torch {torch.__version__}, {args.threads} CPU threads, resnet18 {args.size}x{args.size}\n")
@@ -65,21 +50,10 @@ def main():
         number = max(1, 8 // batch) if device.type == "cpu" else 10
 
         def floor_input():
-            xx = x.detach().requires_grad_(True)
-            out = model(xx)
-            return torch.autograd.grad(out.gather(1, target[:, None]).sum(), xx)[0]
+            return C.grad_input(model, x, target)
 
         def floor_layers(layers):
-            def run():
-                acts = []
-                handles = [layer.register_forward_hook(lambda m, i, o: acts.append(o)) for layer in layers]
-                try:
-                    out = model(x)
-                finally:
-                    for h in handles:
-                        h.remove()
-                return torch.autograd.grad(out.gather(1, target[:, None]).sum(), acts)
-            return run
+            return lambda: C.grad_layers(model, layers, x, target)
 
         sal = race({
             "floor": floor_input,
@@ -104,10 +78,9 @@ def main():
                 "torchex_fn.grad_cam": lambda: tx.grad_cam(fn, params, x, target, layer=["layer3", "layer4"]),
             }, args.rounds, number, sync)
             rows += [(batch, "grad_cam layer3+4", k, v, v / two["floor"]) for k, v in two.items()]
-    print("| batch | method | contender | ms / call | ratio to floor |")
-    print("| ---: | --- | --- | ---: | ---: |")
-    for batch, method, name, t, ratio in rows:
-        print(f"| {batch} | {method} | {name} | {1000 * t:.1f} | {ratio:.3f} |")
+    print(C.table(["batch", "method", "contender", "ms / call", "ratio to floor"],
+                  [(batch, method, name, f"{1000 * t:.1f}", f"{ratio:.3f}") for batch, method, name, t, ratio in rows],
+                  right=(0, 3, 4)))
 
 
 if __name__ == "__main__":

@@ -16,13 +16,16 @@ import argparse
 import os
 import platform
 import statistics
-import time
-import warnings
+import sys
+from pathlib import Path
 
 import torch
 import transformers
 
-import torchex_fn as tx
+sys.path.insert(0, str(Path(__file__).parent))
+import _common as C  # noqa: E402
+
+import torchex_fn as tx  # noqa: E402
 
 
 class IntTokenizer:
@@ -63,8 +66,7 @@ def main():
                         help="torchex_fn batch_size values (0: None, all path points in one forward)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
+    C.setup(args.threads)
     from captum.attr import LayerIntegratedGradients, LLMGradientAttribution, TextTokenInput
 
     device = torch.device(args.device)
@@ -92,14 +94,7 @@ def main():
         gap = float((r.reshape(ref.shape) - ref).abs().max() / ref.abs().max())
         print(f"parity {name}: max|ours - captum| / max|captum| = {gap:.1e}")
 
-    times = {name: [] for name in contenders}
-    for _ in range(args.rounds):
-        for name, f in contenders.items():
-            sync()
-            start = time.perf_counter()
-            f()
-            sync()
-            times[name].append(time.perf_counter() - start)
+    times = C.race(contenders, args.rounds, sync=sync, warmup=False)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"\n{where}, torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads; "
           f"GPT-2 4 layers n_embd 256 vocab {args.vocab}, prompt {args.prompt}, {args.out} output tokens, "

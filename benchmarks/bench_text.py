@@ -16,12 +16,15 @@ import argparse
 import os
 import platform
 import statistics
-import time
-import warnings
+import sys
+from pathlib import Path
 
 import torch
 
-import torchex_fn as tx
+sys.path.insert(0, str(Path(__file__).parent))
+import _common as C  # noqa: E402
+
+import torchex_fn as tx  # noqa: E402
 
 
 def main():
@@ -33,8 +36,7 @@ def main():
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--extra", action="store_true", help="also other chunk sizes")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
+    C.setup(args.threads)
     import transformers
     from captum.attr import LayerIntegratedGradients
 
@@ -95,13 +97,8 @@ def main():
     b = warm[f"captum LayerIntegratedGradients, internal_batch_size={batch}"]
     err = ((a - b).abs().max() / b.abs().max()).item()
     del warm
-    times = {name: [] for name in contenders}
-    for r in range(args.rounds):
-        for name, f in contenders.items():
-            start = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - start)
-        print(f"round {r + 1}: " + ", ".join(f"{t[-1]:.2f}" for t in times.values()), flush=True)
+    times = C.race(contenders, args.rounds, warmup=False, progress=lambda r, times: print(
+        f"round {r + 1}: " + ", ".join(f"{t[-1]:.2f}" for t in times.values()), flush=True))
     load = os.getloadavg()
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
           f"BERT 4 layers hidden 256, batch {batch} x {length} tokens, {steps} steps, {args.rounds} rounds; "

@@ -126,3 +126,75 @@ def test_capture_is_scoped_to_the_call():
     # a tap outside any capture is the identity
     h = torch.randn(3)
     assert tx.tap("anything", h) is h
+
+
+# --------------------------------------------------------------------------------------------
+# run_tail: the network from one layer on, for n variants of one example's activation.
+
+class _Skip(nn.Module):
+    """conv -> mid -> conv, with the stem's output joined past ``mid``: added, or concatenated."""
+
+    def __init__(self, concat: bool):
+        super().__init__()
+        self.concat = concat
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.mid = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8 if concat else 4, 5)
+
+    def forward(self, x):
+        s = torch.tanh(self.stem(x))
+        h = self.mid(s)
+        h = torch.cat([h, s], 1) if self.concat else h + s
+        return self.head(h.mean((2, 3)))
+
+
+def _replaced_forwards(model, x1, values):
+    """One forward per row of ``values``, each with ``mid``'s output replaced by a hook."""
+    outs = []
+    for v in values:
+        handle = model.mid.register_forward_hook(lambda m, a, o, v=v: v[None])
+        try:
+            outs.append(model(x1))
+        finally:
+            handle.remove()
+    return torch.cat(outs)
+
+
+def test_run_tail_equals_forwards_with_the_activation_replaced():
+    from torchex_fn.capture import TailMismatch, run_tail
+    torch.manual_seed(0)
+    model = _Skip(concat=False).double().eval()
+    fn, params = tx.functionalize(model)
+    x1 = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    values = torch.randn(7, 4, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(run_tail(fn, params, x1, "mid", values), _replaced_forwards(model, x1, values))
+    # a tail that concatenates the prefix's tensor needs its rows: refused, and nothing left behind
+    cat_model = _Skip(concat=True).double().eval()
+    cat_fn, cat_params = tx.functionalize(cat_model)
+    with pytest.raises(TailMismatch):
+        run_tail(cat_fn, cat_params, x1, "mid", values)
+    with pytest.raises(ValueError, match="^run_tail: expected x with one example"):
+        run_tail(fn, params, x1.expand(2, -1, -1, -1), "mid", values)
+    assert all(not m._forward_hooks for m in list(model.modules()) + list(cat_model.modules()))
+
+
+@pytest.mark.parametrize("concat", [False, True])   # True: the full-forward fallback
+def test_ablation_cam_tail_and_fallback_equal_full_forwards(concat):
+    torch.manual_seed(1)
+    model = _Skip(concat=concat).double().eval()
+    fn, params = tx.functionalize(model)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    labels = torch.tensor([1, 3])
+    with torch.no_grad():
+        out, act = tx.capture(fn, params, x, "mid")
+        expected = []
+        for b in range(2):
+            keep = 1 - torch.eye(4, dtype=x.dtype)[:, :, None, None]          # [K, K, 1, 1]: channel k zeroed
+            ablated = _replaced_forwards(model, x[b:b + 1], act[b] * keep)[:, labels[b]]
+            y = out[b, labels[b]]
+            expected.append(torch.einsum("k,khw->hw", (y - ablated) / y, act[b]).relu())
+        expected = torch.stack(expected)[:, None]
+        for batch_size in (3, 32):
+            got = tx.ablation_cam(fn, params, x, labels, layer="mid", upsample=False, batch_size=batch_size)
+            torch.testing.assert_close(got, expected)
+    assert expected.abs().max() > 1e-3

@@ -53,6 +53,25 @@ def test_batch_size_chunking_gives_same_result(batch_size):
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
 
 
+def test_cpu_cap_on_copies_per_forward(monkeypatch):
+    """On a CPU a forward holds at most _inputs.CPU_ELEMENTS input elements of path points (batch_size is a
+    cap, never a demand); the layout changes the map only by summation order."""
+    from torchex_fn import _inputs
+    _, fn, params, x, baseline = _setup()
+    rows = []
+
+    def counting(p, v):
+        rows.append(v.shape[0])
+        return fn(p, v)
+    whole = integrated_gradients(fn, params, x, 1, baseline=baseline, steps=10)
+    monkeypatch.setattr(_inputs, "CPU_ELEMENTS", 2 * x.numel())          # two path points of x per forward
+    capped = integrated_gradients(counting, params, x, 1, baseline=baseline, steps=10, batch_size=1000)
+    assert rows == [2 * x.shape[0]] * 5
+    torch.testing.assert_close(capped, whole, rtol=1e-12, atol=1e-14)
+    assert _inputs.copies_per_forward(1000, 3, x) == 2 and _inputs.copies_per_forward(3, 3, x) == 1
+    assert _inputs.copies_per_forward(1000, 3, x.to("meta")) == 333                 # not a CPU: no cap
+
+
 def test_per_example_targets_and_callable_target():
     _, fn, params, x, baseline = _setup()
     target = torch.tensor([4, 0, 2])

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks
-from .capture import intermediates, layer_gradients, resolve_layers, tap
+from .capture import TailMismatch, run_tail, intermediates, layer_gradients, resolve_layers, tap
 from . import postprocess as _postprocess
 from . import targets as _targets
 from ._types import Layer, LayerSpec, ModelFn, Params, Target
@@ -594,8 +594,8 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
 
     With ``y`` the target score and ``y_k`` the score when channel ``k`` of the layer's output is
     set to zero, ``w_k = (y - y_k) / y`` and ``map = relu(sum_k w_k A_k)``. Each of the ``B K``
-    ablations is one forward of the model on the image with that channel's activation replaced
-    (a zero perturbation of the other channels), run in chunks of ``batch_size`` rows. With
+    ablations is the network's output with that channel of the layer's output zeroed, run in chunks
+    of ``batch_size`` rows from the layer on (see Cost). With
     ``reshape``, channel ``k`` of ``reshape(output)`` is zeroed: the entries of the layer's own
     output that ``reshape`` maps there (for a re-indexing such as ``tokens_to_grid``; tokens it
     drops are never ablated).
@@ -635,8 +635,12 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
       >>> with torch.no_grad():
       ...     maps = ablation_cam(fn, params, images, labels, layer="layer4", batch_size=64)   # [8, 1, 224, 224]
 
-    Cost: one forward over ``x``, then ``ceil(B K / batch_size)`` forwards of up to ``batch_size``
-    images; no backward.
+    Cost: one forward over ``x``, then for each image ``ceil(K / batch_size)`` runs of the network from
+    the layer on (:func:`torchex_fn.capture.run_tail`): the layers before it run once per run on the
+    one image, the rest on up to ``batch_size`` ablated activations (for torchvision's ResNet at
+    ``layer4``, only ``avgpool`` and ``fc``); no backward. A model whose rest needs the earlier layers'
+    batch (a tensor concatenated past the layer) gets ``ceil(B K / batch_size)`` full forwards of up
+    to ``batch_size`` images instead.
     References: Desai and Ramaswamy, "Ablation-CAM: Visual Explanations for Deep Convolutional
     Network via Gradient-free Localization", WACV 2020.
     """
@@ -658,27 +662,47 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
     base = (_targets.resolve(out, target, fn=fn) if call_target
             else _targets.select_output(out, chosen, fn=fn).gather(1, index[:, None]).squeeze(1))
 
-    # Row r of the flattened work is image r // K with its channel r % K zeroed.
-    image_of = torch.arange(batch, device=x.device).repeat_interleave(channels)
-    channel_of = torch.arange(channels, device=x.device).repeat(batch)
+    def keep_of(chunk: Tensor, onehot: Tensor) -> Tensor:
+        """What the ablation removes from ``chunk`` (rows of the raw output): channel k's entries."""
+        if reshape is None:
+            return onehot.reshape(*onehot.shape, *([1] * (raw.ndim - 2)))
+        # the entries of the raw output that reshape sends to channel k: its transpose applied to a one-hot
+        mapped, transpose = torch.func.vjp(reshape, chunk)  # type: ignore[misc]  # 2 values without has_aux
+        (keep_out,) = transpose(onehot.reshape(*onehot.shape, *([1] * (mapped.ndim - 2))).expand_as(mapped))
+        return keep_out
+
+    def score(masked_out: Tensor, rows: Tensor) -> Tensor:
+        if call_target:
+            return _targets.resolve(masked_out, target, fn=fn)
+        picked = _targets.select_output(masked_out, chosen, fn=fn)
+        return picked.gather(1, index.index_select(0, rows)[:, None]).squeeze(1)
+
     eye = torch.eye(channels, dtype=act.dtype, device=act.device)
     scores: List[Tensor] = []
-    for start in range(0, batch * channels, batch_size):
-        rows = image_of[start:start + batch_size]
-        onehot = eye.index_select(0, channel_of[start:start + batch_size])          # [n, K]
-        chunk = raw.index_select(0, rows)
-        if reshape is None:
-            keep_out = onehot.reshape(*onehot.shape, *([1] * (raw.ndim - 2)))
-        else:  # the entries of the raw output that reshape sends to channel k: its transpose applied to a one-hot
-            mapped, transpose = torch.func.vjp(reshape, chunk)  # type: ignore[misc]  # 2 values without has_aux
-            (keep_out,) = transpose(onehot.reshape(*onehot.shape, *([1] * (mapped.ndim - 2))).expand_as(mapped))
-        masked_out, _ = intermediates(model_fn, layers=names, perturb={name: -chunk * keep_out}, fn=fn)(
-            params, x.index_select(0, rows))
-        if call_target:
-            scores.append(_targets.resolve(masked_out, target, fn=fn))
-        else:
-            picked = _targets.select_output(masked_out, chosen, fn=fn)
-            scores.append(picked.gather(1, index.index_select(0, rows)[:, None]).squeeze(1))
+    # Fast path: the ablations of one image run as tails (capture.run_tail): the layers up to the ablated one
+    # run once on that image per chunk, only the rest of the network on the chunk's ablated activations.
+    try:
+        for b in range(batch):
+            for c0 in range(0, channels, batch_size):
+                c1 = min(c0 + batch_size, channels)
+                rows = torch.full((c1 - c0,), b, dtype=torch.long, device=x.device)
+                chunk = raw[b:b + 1].expand(c1 - c0, *raw.shape[1:])
+                values = chunk - chunk * keep_of(chunk, eye[c0:c1])
+                scores.append(score(run_tail(model_fn, params, x[b:b + 1], name, values, fn=fn), rows))
+    except TailMismatch:
+        # The rest of this model needs the prefix's batch: full forwards, chunks of batch_size ablated
+        # images, each with its channel's activation removed by a perturbation of the layer's output.
+        # Row r of the flattened work is image r // K with its channel r % K zeroed.
+        scores = []
+        image_of = torch.arange(batch, device=x.device).repeat_interleave(channels)
+        channel_of = torch.arange(channels, device=x.device).repeat(batch)
+        for start in range(0, batch * channels, batch_size):
+            rows = image_of[start:start + batch_size]
+            chunk = raw.index_select(0, rows)
+            keep_out = keep_of(chunk, eye.index_select(0, channel_of[start:start + batch_size]))
+            masked_out, _ = intermediates(model_fn, layers=names, perturb={name: -chunk * keep_out}, fn=fn)(
+                params, x.index_select(0, rows))
+            scores.append(score(masked_out, rows))
     ablated = torch.cat(scores).reshape(batch, channels)
     weights = (base[:, None] - ablated) / base[:, None]
     maps = torch.einsum("bk,bk...->b...", weights.to(act.dtype), act).unsqueeze(1)

@@ -9,6 +9,8 @@ The role of flax's ``sow`` / ``perturb`` / ``capture_intermediates`` for PyTorch
   output, which equals the gradient w.r.t. the activation. No backward hook is involved, the
   result composes with ``torch.func.grad`` / ``vmap``, and autograd computes only the path from the
   layers to the output (no parameter gradients, no input gradient).
+* :func:`run_tail` runs the network from one layer on for ``n`` variants of one example's activation
+  (the layers before it once, on the one example; the rest on the ``n`` rows): Ablation-CAM's chunks.
 
 The active collector lives in a :class:`contextvars.ContextVar` set and reset in ``try/finally``
 around one call, so a hook acts only for the call (and the thread) that asked for it. The
@@ -30,7 +32,8 @@ from . import targets as _targets
 from ._autodiff import grad_of_sum
 from ._types import ModelFn
 
-__all__ = ["tap", "intermediates", "capture", "layer_gradients", "LayerGradients", "resolve_layers"]
+__all__ = ["tap", "intermediates", "capture", "layer_gradients", "LayerGradients", "resolve_layers", "run_tail",
+           "TailMismatch"]
 
 
 class _ShapeMismatch(Exception):
@@ -41,10 +44,11 @@ class _Session:
     """What one call asked to capture, and what it found."""
 
     def __init__(self, names: Sequence[str], perturb: Optional[Mapping[str, Tensor]], fn: str,
-                 replace: Optional[Mapping[str, Tensor]] = None):
+                 replace: Optional[Mapping[str, Tensor]] = None, widen: bool = False):
         self.names = tuple(dict.fromkeys(names))
         self.perturb = dict(perturb or {})
         self.replace = dict(replace or {})
+        self.widen = widen    # a replacement may have more rows than the output of one example it replaces
         self.acts: Dict[str, Tensor] = {}
         self.fn = fn
 
@@ -61,6 +65,8 @@ class _Session:
         self.acts[name] = value
         new = self.replace.get(name)
         if new is not None:
+            if self.widen and value.shape[:1] == (1,) and new.shape[1:] == value.shape[1:]:
+                return new
             if new.shape != value.shape:
                 raise _checks.value_error(self.fn, f"a replacement for layer {name!r} of its output's shape "
                                           f"{list(value.shape)}", _checks.describe(new))
@@ -101,8 +107,9 @@ def tap(name: str, value: Tensor) -> Tensor:
     return value if session is None else session.visit(name, value)
 
 
-def _run(model_fn, params, x, names: Sequence[str], perturb=None, fn: str = "capture", replace=None):
-    session = _Session(names, perturb, fn, replace)
+def _run(model_fn, params, x, names: Sequence[str], perturb=None, fn: str = "capture", replace=None,
+         widen: bool = False):
+    session = _Session(names, perturb, fn, replace, widen)
     token = _ACTIVE.set(session)
     try:
         out = model_fn(params, x)
@@ -143,6 +150,54 @@ def intermediates(model_fn: ModelFn, *, layers: Sequence[str], perturb: Optional
         return out, acts
 
     return wrapped
+
+
+class TailMismatch(Exception):
+    """Internal: a model whose rest after a layer does not run on a widened batch (see :func:`run_tail`)."""
+
+
+def run_tail(model_fn, params, x: Any, name: str, values: Tensor, *, fn: str = "run_tail") -> Any:
+    """The model's output when layer ``name``'s output on ONE example ``x`` (``[1, ...]``) is replaced by
+    ``n`` rows ``values`` (``[n, *layer output]``): ``n`` variants of that example's activation, one forward.
+
+    A module's forward cannot start in the middle, so the layers before ``name`` (the prefix) still
+    run, but once, on the one example; ``name`` itself runs on it too, and everything after ``name`` (the
+    tail) runs on the ``n`` rows. This equals ``n`` forwards of the example with the activation replaced
+    whenever the tail meets the prefix's tensors only through broadcasting (residual additions, masks,
+    scales): a tensor of one row broadcast over ``n`` rows equals the same tensor repeated ``n`` times,
+    which is what the prefix would compute on ``n`` copies of the example (examples are independent in
+    eval mode). That holds for any chain of layers (torchvision's ResNet: ``layer4 -> avgpool -> fc``;
+    a ViT's blocks, whose residual stream runs through each block) and for skip connections that are
+    added. A tail that concatenates a prefix tensor, reshapes by a batch size taken from ``x``, or
+    otherwise needs the prefix's row count raises :class:`TailMismatch`, and so does an output whose
+    tensors do not have ``n`` rows; the caller then runs full forwards.
+
+    Cost: one forward of one example up to ``name``, then the tail on ``n`` rows.
+
+    Raises:
+      TailMismatch: the tail does not run on the widened batch (see above).
+    """
+    if _inputs.batch_of(x) != 1:
+        raise _checks.value_error(fn, "x with one example for a tail run", f"{_inputs.batch_of(x)} examples")
+    try:
+        out, acts = _run(model_fn, params, x, (name,), None, fn, {name: values}, widen=True)
+    except RuntimeError as error:   # shapes that do not broadcast: the tail needs the prefix's rows
+        raise TailMismatch(str(error)) from None
+    _check_reached(fn, (name,), acts)
+    rows = [t.shape[0] for t in _flat_tensors(out) if t.ndim > 0]
+    if not rows or any(r != values.shape[0] for r in rows):
+        raise TailMismatch(f"output rows {rows}, expected {values.shape[0]}")
+    return out
+
+
+def _flat_tensors(value: Any) -> List[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _flat_tensors(item)]
+    return []
 
 
 # --------------------------------------------------------------------------------------------

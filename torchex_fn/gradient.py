@@ -280,7 +280,6 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
         key, value = _inputs.noised_entry("smooth", x)
         batch = _inputs.batch_of(x)
         cap = batch if batch_size is None else batch_size
-        per_call = max(1, cap // batch)                                 # samples per call of method
         groups = [(start, min(start + cap, batch)) for start in range(0, batch, cap)]
         name = None
         if value is None:  # token ids: the noise goes to the layer's output (SmoothGrad on embeddings)
@@ -297,6 +296,7 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
         if isinstance(target, Tensor):
             target = target.to(device=value.device, dtype=torch.long, non_blocking=True).expand(batch)
 
+        per_call = _inputs.copies_per_forward(cap, batch, value)       # samples per call of method
         ones = (1,) * (value.ndim - 1)
         sigma = torch.full((), float(stdev), dtype=value.dtype, device=value.device)  # a fill: no host copy
         if stdev_spread:
@@ -310,20 +310,22 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
             k = min(per_call, samples - start)
             # One draw of [*input] per sample, shared by the examples (each scaled by its own sigma):
             # a map depends neither on batch_size nor on the other examples in the batch.
-            noise = torch.stack([torch.randn(value.shape[1:], generator=generator, dtype=value.dtype,
-                                             device=value.device) for _ in range(k)])   # [k, *input]
-            noise = sigma * noise[:, None]                                               # [k, B, *input]
+            draws = [torch.randn(value.shape[1:], generator=generator, dtype=value.dtype, device=value.device)
+                     for _ in range(k)]
+            unit = draws[0][None] if k == 1 else torch.stack(draws)                      # [k, *input]
             for gi, (g0, g1) in enumerate(groups):
                 size = g1 - g0
                 index = target[g0:g1] if isinstance(target, Tensor) else None
                 g_target = _targets.for_blocks(target, k, size, index)
-                if name is None:
-                    noisy = (value[g0:g1][None] + noise[:, g0:g1]).flatten(0, 1)          # [k * g, *input]
+                scale = sigma[g0:g1][None] if stdev_spread else sigma
+                if name is None:  # x + sigma * eps in one pass
+                    noisy = torch.addcmul(value[g0:g1][None], scale, unit[:, None]).flatten(0, 1)  # [k * g, *input]
                     xs = noisy if key is None else _inputs.replace(
                         _inputs.repeat(_inputs.take(x, g0, g1), k), key, noisy)
                     maps = method(model_fn, params, xs, g_target, **options)
                 else:
-                    noisy_fn = _LayerNoise(model_fn, name, noise[:, g0:g1].flatten(0, 1))
+                    noise = (scale * unit[:, None]).expand(k, size, *value.shape[1:]).flatten(0, 1)
+                    noisy_fn = _LayerNoise(model_fn, name, noise)
                     maps = method(noisy_fn, params, _inputs.repeat(_inputs.take(x, g0, g1), k), g_target, **options)
                 if not isinstance(maps, Tensor):
                     raise _checks.type_error(fn, "method to return one tensor [B, ...]", _checks.describe(maps),
@@ -333,7 +335,7 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
                     if first[gi] is None:
                         first[gi] = maps[0]
                     maps = maps - first[gi]
-                part = maps.sum(dim=0)
+                part = maps[0] if k == 1 else maps.sum(dim=0)                 # no copy for one sample
                 sums[gi] = part if sums[gi] is None else sums[gi] + part
                 if kind != "smoothgrad":
                     square = maps.square().sum(dim=0)

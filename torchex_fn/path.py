@@ -114,8 +114,11 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
         ``"riemann_middle"`` or ``"riemann_trapezoid"``.
       batch_size: Memory cap: the most examples in one forward pass, i.e. ``B`` times the path
         points per chunk. ``None`` (default): one path point for all ``B`` examples per forward,
-        since on a CPU the cost per image grows with the batch (DESIGN.md). It never changes the
-        result beyond floating-point summation order.
+        since on a CPU the cost per image grows with the batch (DESIGN.md). On a CPU a larger cap
+        is used only up to about 2^20 input elements per forward (``_inputs.CPU_ELEMENTS``, ~7 images
+        of 224 x 224; any number of token sequences), beyond which the cost per image grows (resnet18:
+        64 images per forward cost 1.37x per image what 8 cost). It never changes the result beyond
+        floating-point summation order.
 
     Returns:
       ``[B, *input]`` attributions on ``x``'s dtype and device (the layer output's shape, or
@@ -155,7 +158,6 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
 
     batch = _inputs.batch_of(x)
     cap = batch if batch_size is None else batch_size
-    per_forward = max(1, cap // batch)                                   # path points per forward
     groups = [(start, min(start + cap, batch)) for start in range(0, batch, cap)]
     index: Optional[Tensor] = None
     if layer is None:
@@ -194,11 +196,16 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
     table = torch.tensor([alphas, weights], dtype=torch.float64)
     on_device = {(e.dtype, e.device): table.to(device=e.device, dtype=e.dtype, non_blocking=True)
                  for e in ends.values()}
+    per_forward = min(_inputs.copies_per_forward(cap, batch, ends[n]) for n in names)   # path points per forward
     deltas = {n: ends[n] - starts[n] for n in names}
     sums: Dict[str, List[Tensor]] = {n: [] for n in names}
     for g0, g1 in groups:
         size = g1 - g0
         acc: Dict[str, Any] = {n: None for n in names}
+        # Without a layer the path point replaces all of x (or its one float entry, which _inputs.replace
+        # puts into a fresh dict): the other entries repeat only for a dict x.
+        xs_of = (lambda k: None) if layer is None and key is None else (
+            lambda k, g0=g0, g1=g1: _inputs.repeat(_inputs.take(x, g0, g1), k))
         for first in range(0, steps, per_forward):
             k = len(alphas[first:first + per_forward])
             points = {}
@@ -206,11 +213,16 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
                 ref = ends[n]
                 a = on_device[ref.dtype, ref.device][0, first:first + k]
                 spatial = (1,) * (ref.ndim - 1)
-                points[n] = (starts[n][g0:g1] + a.view(k, 1, *spatial) * deltas[n][g0:g1]).flatten(0, 1)
+                # starts + a * deltas in one pass
+                points[n] = torch.addcmul(starts[n][g0:g1], a.view(k, 1, *spatial), deltas[n][g0:g1]).flatten(0, 1)
             g_target = _targets.for_blocks(target, k, size, None if index is None else index[g0:g1])
-            grads = gradients(points, _inputs.repeat(_inputs.take(x, g0, g1), k), g_target)
+            grads = gradients(points, xs_of(k), g_target)
             for n in names:
                 ref = ends[n]
+                if k == 1:  # one weighted pass: acc + w * g
+                    g = grads[n]
+                    acc[n] = g * weights[first] if acc[n] is None else torch.add(acc[n], g, alpha=weights[first])
+                    continue
                 w = on_device[ref.dtype, ref.device][1, first:first + k]
                 part = torch.einsum("k,k...->...", w, grads[n].view(k, size, *ref.shape[1:]))
                 acc[n] = part if acc[n] is None else acc[n] + part
@@ -382,7 +394,7 @@ def _gradient_shap(fn, model_fn, params, x, target, entries, key, value, names, 
     output = _targets.selector(model_fn)
     batch = _inputs.batch_of(x)
     cap = batch if batch_size is None else batch_size
-    per_call = max(1, cap // batch)                                      # draws per forward
+    per_call = _inputs.copies_per_forward(cap, batch, value)    # draws per forward
     groups = [(start, min(start + cap, batch)) for start in range(0, batch, cap)]
     index: Optional[Tensor] = None
     clean: List[Dict[str, Tensor]] = []

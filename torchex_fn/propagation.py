@@ -840,19 +840,24 @@ class _GuidedReLU(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
-        (z,) = inputs
-        ctx.save_for_backward(z)
-        ctx.save_for_forward(z)
+        # The output relu(z) > 0 exactly where z > 0: keeping it rather than z lets z be freed after the
+        # forward (the next layer keeps the output anyway), so memory is that of an in-place ReLU.
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (z,) = ctx.saved_tensors
-        return grad.clamp(min=0) * (z > 0).to(grad.dtype)
+        (y,) = ctx.saved_tensors
+        # max(g, 0) * (z > 0) in two kernels: ReLU's own backward (``threshold_backward``: g where
+        # y > 0, else 0) of relu(g). Both are differentiable operations, any number of times.
+        if torch.is_grad_enabled():  # an outer derivative follows: out-of-place, differentiable operations
+            return torch.ops.aten.threshold_backward(torch.relu(grad), y, 0)
+        return torch.ops.aten.threshold_backward(grad, y, 0).relu_()   # one fresh tensor, masked, then clamped in place
 
     @staticmethod
     def jvp(ctx: Any, tangent: Tensor) -> Tensor:
-        (z,) = ctx.saved_tensors
-        return tangent * (z > 0).to(tangent.dtype)
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(tangent, y, 0)
 
 
 def _guided(call: _rewrite.Call) -> Any:

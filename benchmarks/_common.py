@@ -1,0 +1,165 @@
+"""What the benchmarks share: thread setting, models, floors written with plain hooks, the interleaved timing
+loop, and markdown tables.
+
+Every benchmark runs its contenders in one process, round-robin (one call of each per round, after a
+warm-up call each), and reports medians over rounds as ratios: to the floor (the work the method cannot
+avoid, written with plain ``nn.Module`` hooks and ``torch.autograd.grad``) and to the peer library. On
+a shared machine single calls swing with the load; ratios within one run are the comparable numbers.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+import warnings
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+os.environ.setdefault("TQDM_DISABLE", "1")   # before tqdm is imported: pytorch-grad-cam's progress bars
+
+import torch  # noqa: E402
+
+
+def setup(threads: int = 2) -> None:
+    """Torch threads, no warnings from the peers' imports, no progress bars (pytorch-grad-cam's tqdm)."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    try:  # pytorch-grad-cam's ScoreCAM / AblationCAM draw progress bars on every call
+        import functools
+
+        import tqdm
+        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
+    except ImportError:
+        pass
+
+
+def resnet18(seed: int = 0) -> torch.nn.Module:
+    """torchvision's resnet18, random weights (the cost does not depend on them), eval mode."""
+    import torchvision
+    torch.manual_seed(seed)
+    return torchvision.models.resnet18().eval()
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.1f} {five:.1f} {fifteen:.1f}"
+
+
+def machine(threads: int, what: str = "") -> str:
+    """One line: processor, cores, load average (as ``uptime`` prints it), torch, threads."""
+    where = platform.processor() or platform.machine()
+    line = (f"machine: {where}, {os.cpu_count()} cores, load average {load()}, torch {torch.__version__}, "
+            f"{threads} threads")
+    return line + (f", {what}" if what else "")
+
+
+def timeit(f: Callable[[], object], number: int = 1, sync: Callable[[], None] = lambda: None) -> float:
+    """Seconds per call of ``f``, over ``number`` calls."""
+    sync()
+    start = time.perf_counter()
+    for _ in range(number):
+        f()
+    sync()
+    return (time.perf_counter() - start) / number
+
+
+def race(contenders: Dict[str, Callable[[], object]], rounds: int, number: int = 1,
+         sync: Callable[[], None] = lambda: None, warmup: bool = True,
+         progress: Optional[Callable[[int, Dict[str, List[float]]], None]] = None) -> Dict[str, List[float]]:
+    """Seconds per call of each contender in each round, interleaved round-robin (after one warm-up call each,
+    which also fills the library's layer-shape memo)."""
+    if warmup:
+        for f in contenders.values():
+            f()
+    times: Dict[str, List[float]] = {name: [] for name in contenders}
+    for r in range(rounds):
+        for name, f in contenders.items():
+            times[name].append(timeit(f, number, sync))
+        if progress is not None:
+            progress(r, times)
+    return times
+
+
+def medians(times: Dict[str, Sequence[float]]) -> Dict[str, float]:
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[object]], right: Sequence[int] = ()) -> str:
+    """A markdown table; columns whose index is in ``right`` are right-aligned (numbers)."""
+    lines = ["| " + " | ".join(header) + " |",
+             "| " + " | ".join("---:" if i in right else "---" for i in range(len(header))) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> str:
+    return "" if a is None or b is None else f"{a / b:.3f}"
+
+
+# --------------------------------------------------------------------------------------------
+# Floors: the work a method cannot avoid, with plain hooks and autograd.
+
+def hooked(layers: Sequence[torch.nn.Module], run: Callable[[], object], replace: Optional[Callable] = None):
+    """``(run(), [output of each layer])`` with forward hooks on ``layers`` for the length of the call;
+    ``replace(module, output) -> new output`` substitutes what the model continues with."""
+    acts: List[torch.Tensor] = []
+
+    def hook(module, inputs, output):
+        if replace is not None:
+            output = replace(module, output)
+        acts.append(output)
+        return output if replace is not None else None
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        out = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return out, acts
+
+
+def grad_input(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Saliency's floor: one forward and ``autograd.grad`` of the target scores to the input."""
+    xx = x.detach().requires_grad_(True)
+    out = model(xx)
+    return torch.autograd.grad(out.gather(1, target[:, None]).sum(), xx)[0]
+
+
+def grad_layers(model: torch.nn.Module, layers: Sequence[torch.nn.Module], x: torch.Tensor,
+                target: torch.Tensor, also_input: bool = False):
+    """Grad-CAM's floor: one forward and ``autograd.grad`` of the target scores to the layers' outputs only."""
+    xx = x.detach().requires_grad_(True) if also_input else x
+    out, acts = hooked(layers, lambda: model(xx))
+    return torch.autograd.grad(out.gather(1, target[:, None]).sum(), ([xx] if also_input else []) + acts)
+
+
+def forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def captum_ready_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a torchvision ResNet with every reused / in-place ReLU split into fresh modules, one per call.
+
+    captum's module-hook methods (DeepLift, GuidedBackprop, LRP) refuse or mis-handle a ReLU module that
+    ``BasicBlock`` calls twice; this copy computes the same function with one ``nn.ReLU()`` per call.
+    """
+    import copy
+    import types
+
+    from torchvision.models.resnet import BasicBlock
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu_a(self.bn1(self.conv1(x)))
+        return self.relu_b(self.bn2(self.conv2(out)) + identity)
+
+    twin = copy.deepcopy(model)
+    twin.relu = torch.nn.ReLU()
+    for block in twin.modules():
+        if isinstance(block, BasicBlock):
+            block.relu_a, block.relu_b = torch.nn.ReLU(), torch.nn.ReLU()
+            del block.relu
+            block.forward = types.MethodType(forward, block)
+    return twin
