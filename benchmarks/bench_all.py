@@ -25,7 +25,10 @@ peer are ``ctx -> (() -> result)`` builders and ``floor`` names a floor in ``FLO
 ``_ours(tx.method, **options)`` and ``_captum("ClassName", **options)`` build the usual ones, and an
 option given as a ``lambda c: ...`` is evaluated on the context (sizes, baselines, a fresh generator), e.g.
 
-    Entry("lrp", _ours(tx.lrp), "forward + backward to x", {"captum LRP (ReLUs split)": _captum("LRP", twin=True)}),
+    Entry("lrp", _ours(tx.lrp), "forward + backward to x", {"zennit epsilon_plus_flat": _zennit("epsilon_plus_flat")}),
+
+The feature-mask methods (feature_ablation, shapley_value_sampling, kernel_shap, lime) are timed
+against captum at equal numbers of model evaluations by ``benchmarks/bench_features.py``.
 """
 from __future__ import annotations
 
@@ -163,6 +166,21 @@ def _captum(cls_name: str, twin: bool = False, one: bool = False, layer: Optiona
     return build
 
 
+def _zennit(composite: str):
+    def build(c: Ctx):
+        from zennit.composites import COMPOSITES
+        from zennit.torchvision import ResNetCanonizer
+        onehot = torch.nn.functional.one_hot(c.t, 1000).to(c.x.dtype)
+
+        def run():
+            x = c.x.detach().requires_grad_(True)
+            with COMPOSITES[composite](canonizers=[ResNetCanonizer()]).context(c.model) as m:
+                out = m(x)
+                return torch.autograd.grad(out, x, grad_outputs=onehot * out)[0]
+        return run
+    return build
+
+
 def _torchcam_cam(c: Ctx):
     from torchcam.methods import CAM
 
@@ -228,6 +246,7 @@ ENTRIES = [
           {"captum DeepLift (ReLUs split)": _captum("DeepLift", twin=True)}),
     Entry("deeplift_shap", _ours(tx.deeplift_shap, baselines=lambda c: c.baselines), "4 x (forward + backward to x)",
           {"captum DeepLiftShap (ReLUs split)": _captum("DeepLiftShap", twin=True, baselines=lambda c: c.baselines)}),
+    Entry("lrp", _ours(tx.lrp), "forward + backward to x", {"zennit epsilon_plus_flat": _zennit("epsilon_plus_flat")}),
     Entry("guided_backprop", _ours(tx.guided_backprop), "forward + backward to x",
           {"captum GuidedBackprop (ReLUs split)": _captum("GuidedBackprop", twin=True)}),
     Entry("cam", _ours(tx.cam, layer="layer4", fc="fc"), "forward + hook on layer4",
