@@ -1,7 +1,8 @@
 """MkDocs hooks for the site (see mkdocs.yml): pages generated from the repository's own files, and links.
 
 - The home page is README.md, and benchmarks/README.md and CHANGELOG.md become pages, without copies;
-  their links to repository paths (``docs/x.md``, ``benchmarks/README.md``) become the pages' paths.
+  their links to repository paths (``docs/x.md``, from benchmarks/ ``../docs/x.md``, ``benchmarks/README.md``)
+  become the pages' paths.
 - Docstrings name objects with Sphinx roles (``:func:`grad_cam```); in the rendered HTML such a role
   becomes an optional cross-reference to the object's page (plain code when it has none, e.g. a
   private helper), so a role never breaks ``mkdocs build --strict``.
@@ -17,7 +18,7 @@ from mkdocs.structure.files import File, Files
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = {"index.md": "README.md", "benchmarks.md": "benchmarks/README.md", "changelog.md": "CHANGELOG.md"}
-LINKS = {"docs/": "", "benchmarks/README.md": "benchmarks.md", "CHANGELOG.md": "changelog.md"}
+LINKS = {"docs/": "", "../docs/": "", "benchmarks/README.md": "benchmarks.md", "CHANGELOG.md": "changelog.md"}
 ROLE = re.compile(r":(?:func|class|meth|attr|mod|data|exc|obj):<code>~?([\w.]+)</code>")
 
 
