@@ -601,7 +601,7 @@ def _relevance_handler(records: List[_Record]):
 def _as_pytree(out: Any, choice: Any) -> Tuple[Any, Any]:
     """A dataclass output as the dict of its tensor fields (``torch.func`` takes pytrees only), and
     ``choice`` applied to the dataclass rebuilt from such a dict; anything else as it is."""
-    if not (dataclasses.is_dataclass(out) and not isinstance(out, type)):
+    if not _inputs._is_dataclass(out):
         return out, choice
     fields = _inputs.tensors_only(out)
     return fields, lambda leaves: choice(dataclasses.replace(out, **leaves))
