@@ -30,7 +30,7 @@ import _common as C  # noqa: E402
 from _common import captum_ready_copy  # noqa: E402,F401  (kept importable from here)
 
 import torchex_fn as tx  # noqa: E402
-from torchex_fn.propagation import deeplift  # noqa: E402
+from torchex_fn.methods.propagation import deeplift  # noqa: E402
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # captum's import warns about torch.jit.script

@@ -3,7 +3,7 @@
 For each number of masks N this runs three child processes, so that each peak RSS
 (``ru_maxrss``) is that of one job only:
 
-* ``rise``: ``torchex_fn.perturbation.rise`` on one image;
+* ``rise``: ``torchex_fn.methods.perturbation.rise`` on one image;
 * ``bare``: ``ceil(N / batch_size)`` forward passes of ``batch_size`` images, no masks: the floor
   that RISE cannot beat (its ratio to this time is the overhead; the goal is <= 1.10);
 * ``reference``: a plain implementation that draws and keeps all N masks ``[N, H, W]`` before the
@@ -63,7 +63,7 @@ def _reference_masks(num_masks, cells, p, generator):
 
 
 def child(job: str, num_masks: int, batch_size: int) -> None:
-    from torchex_fn.perturbation import rise
+    from torchex_fn.methods.perturbation import rise
     fn, params, x = _setup()
     with torch.no_grad():
         fn(params, x.expand(batch_size, -1, -1, -1).contiguous())           # warm-up, same for every job

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from right_for_right_reasons import SmallNet  # noqa: E402  (the example next to this one)
 
 import torchex_fn as tx  # noqa: E402
-from torchex_fn.datasets import decoy_shapes  # noqa: E402
+from torchex_fn.data import decoy_shapes  # noqa: E402
 
 Params = Dict[str, Tensor]
 

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import torchex_fn as tx
-from torchex_fn.datasets import decoy_shapes
+from torchex_fn.data import decoy_shapes
 
 try:  # DeepLift (torchex_fn.propagation) is being written; use it when it exists.
-    from torchex_fn.propagation import deeplift as _deeplift
+    from torchex_fn.methods.propagation import deeplift as _deeplift
 except ImportError:  # pragma: no cover - depends on the package version
     _deeplift = None
 

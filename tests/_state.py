@@ -15,9 +15,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from torchex_fn import _autodiff
-
-_capture = sys.modules["torchex_fn.capture"]   # (``torchex_fn.capture`` is also the function)
+from torchex_fn.core import autodiff as _autodiff
+from torchex_fn.core import capture as _capture
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",

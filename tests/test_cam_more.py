@@ -6,7 +6,7 @@ from pytorch_grad_cam import GradCAMPlusPlus, ScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import torchex_fn as tx
-from torchex_fn.cam import grad_cam_pp, score_cam
+from torchex_fn.methods.cam import grad_cam_pp, score_cam
 from _models import LinearHead, TinyCNN, smooth_double
 from test_parity import _assert_no_hooks, _assert_parity, _input, _model
 

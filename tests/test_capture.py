@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import torchex_fn as tx
-from torchex_fn import capture as capture_mod
+from torchex_fn.core import capture as capture_mod
 from _models import TinyCNN, tapped_mlp
 import _reference
 
@@ -161,7 +161,7 @@ def _replaced_forwards(model, x1, values):
 
 
 def test_run_tail_equals_forwards_with_the_activation_replaced():
-    from torchex_fn.capture import TailMismatch, run_tail
+    from torchex_fn.core.capture import TailMismatch, run_tail
     torch.manual_seed(0)
     model = _Skip(concat=False).double().eval()
     fn, params = tx.functionalize(model)

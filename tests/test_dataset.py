@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import torchex_fn as tx
-from torchex_fn import dataset as ds
+from torchex_fn.composite import runner as ds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,7 +243,7 @@ def test_cuda_params_pinned_copies_and_the_same_maps_as_the_method(tmp_path):
 KILLED = SETUP + textwrap.dedent('''
     import os, sys, time
     from pathlib import Path
-    from torchex_fn import dataset as ds
+    from torchex_fn.composite import runner as ds
     out, mode, marker = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     write, calls = ds._write_atomic, []
 
@@ -319,7 +319,7 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(tmp_path, mode, 
 DISTRIBUTED = SETUP + textwrap.dedent('''
     import os, sys
     import torch.distributed as dist
-    from torchex_fn import dataset as ds
+    from torchex_fn.composite import runner as ds
     write, wrote = ds._write_atomic, []
     def recording(path, t):
         wrote.append(path.name)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from torchex_fn import datasets
+from torchex_fn.data import synthetic
 
 
 def test_shapes_and_types():
@@ -25,7 +26,7 @@ def test_same_seed_gives_identical_tensors_and_other_seeds_differ():
 def test_chunking_does_not_change_the_data(monkeypatch):
     # Generation works in chunks of examples; the chunk size must not change a single value.
     chunked = datasets.shapes(300, seed=3)
-    monkeypatch.setattr(datasets, "_CHUNK", 7)
+    monkeypatch.setattr(synthetic, "_CHUNK", 7)
     for a, b in zip(chunked, datasets.shapes(300, seed=3)):
         assert torch.equal(a, b)
     assert chunked.masks[:, 0].flatten(1).any(1).all()

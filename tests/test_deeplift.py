@@ -10,8 +10,8 @@ from torch import nn
 from torch.overrides import has_torch_function
 
 import torchex_fn as tx
-from torchex_fn import _rewrite
-from torchex_fn.propagation import deeplift, deeplift_shap
+from torchex_fn.core import intercept as _rewrite
+from torchex_fn.methods.propagation import deeplift, deeplift_shap
 
 with warnings.catch_warnings():  # captum's import warns about torch.jit.script under recent torch
     warnings.simplefilter("ignore")

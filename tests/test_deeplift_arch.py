@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import torchex_fn as tx
-from torchex_fn.propagation import deeplift
+from torchex_fn.methods.propagation import deeplift
 
 import _zoo
 

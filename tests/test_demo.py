@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import torchex_fn as tx
-from torchex_fn import _demo_model, datasets, metrics, viz
+from torchex_fn import datasets, metrics, viz
+from torchex_fn.data import demo_model as _demo_model
 from torchex_fn.__main__ import main
 
 TINY = _demo_model.TrainConfig(train_size=128, test_size=64, epochs=1, batch_size=64)

@@ -159,7 +159,7 @@ def test_a_10_class_checkpoint_through_data_and_its_predictions(tmp_path):
     paths = [picture(tmp_path / "imgs" / f"{i}.png", i) for i in range(3)]
     assert run_data(tmp_path / "imgs", tmp_path / "store", "--weights", str(tmp_path / "ten.pt")) == 0
     import torchex_fn as tx
-    from torchex_fn.__main__ import _normalize, _read_image
+    from torchex_fn.cli.main import _normalize, _read_image
     store = tx.open_attributions(tmp_path / "store")
     x = _normalize(torch.stack([_read_image(tmp_path / "imgs" / f"{i}.png", int(SIZE)) for i in range(3)]))
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_same_named_files_in_two_folders_give_two_outputs(tmp_path, capsys):
 
 
 def test_resume_after_an_interrupted_run(tmp_path, monkeypatch):
-    from torchex_fn import dataset
+    from torchex_fn.composite import runner as dataset
     for i in range(5):
         picture(tmp_path / "data" / f"{i}.png", 10 + i)
     extra = ("--method", "saliency", "--option", "abs=True", "--size", "32", "--batch-size", "2")

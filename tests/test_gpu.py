@@ -1,7 +1,7 @@
 """No host-device synchronisation in the methods, checks that stay clear, torch.compile, bf16 and channels_last.
 
 What counts as the hot path (docs/gpu_and_compile.md): everything a method computes. The only
-values read back on the host are the validation checks of :func:`torchex_fn._checks.check_values`
+values read back on the host are the validation checks of :func:`torchex_fn.core.checks.check_values`
 (NaN inputs and baselines, target ranges, non-finite scores), and only on a CPU tensor run eagerly,
 where the value already lives in host memory. On an accelerator, and while ``torch.compile`` traces,
 the same checks are ``torch._assert_async``: nothing is read back at all. The CPU tests below check
@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchex_fn as tx
-from torchex_fn import _checks
+from torchex_fn.core import checks as _checks
 from _models import TinyCNN
 from test_contracts import METHODS, _model, call
 
@@ -67,8 +67,8 @@ def test_only_checks_read_values_on_cpu(name, target):
     with _Reads() as recorder:
         call(name, fn, params, torch.randn(3, 3, 8, 8), target)
     outside = [(op, frames[-3:]) for op, frames in recorder.reads
-               if not _allowed(frames, "_checks.py:check_values", _SIZING)]
-    assert not outside, f"{name} reads tensor values outside _checks.check_values: {outside}"
+               if not _allowed(frames, "checks.py:check_values", _SIZING)]
+    assert not outside, f"{name} reads tensor values outside checks.check_values: {outside}"
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -186,7 +186,7 @@ def test_compiles_and_gives_the_same_map(name):
 def test_gauss_legendre_equals_numpy():
     """Plain-Python nodes and weights (torch.compile folds them; it cannot trace numpy's leggauss)."""
     np = pytest.importorskip("numpy")
-    from torchex_fn.path import _gauss_legendre, quadrature
+    from torchex_fn.methods.path import _gauss_legendre, quadrature
     for n in [1, 2, 3, 7, 8, 32, 50, 64, 128, 256]:
         nodes, weights = _gauss_legendre(n)
         ref_nodes, ref_weights = np.polynomial.legendre.leggauss(n)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchex_fn as tx
-from torchex_fn.propagation import guided_backprop
+from torchex_fn.methods.propagation import guided_backprop
 from _models import TinyCNN
 
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import torchex_fn as tx
-from torchex_fn import _inputs
+from torchex_fn.core import inputs as _inputs
 
 transformers = pytest.importorskip("transformers")
 captum_attr = pytest.importorskip("captum.attr")
@@ -390,7 +390,7 @@ def _captum_draws(seed, batch, samples, count, shape, stdev):
 
 @pytest.mark.parametrize("on_layer", [False, True])
 def test_gradient_shap_equals_captum_with_the_same_draws(on_layer):
-    from torchex_fn import path
+    from torchex_fn.methods import path
     torch.manual_seed(0)
     net = Affine().eval()
     fn, params = tx.functionalize(net)

@@ -365,7 +365,7 @@ def test_infidelity_and_sensitivity_errors(call, error, match):
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
     """The default demo model: from the user cache if it is there, else trained (~20-50 s) into a temp folder."""
-    from torchex_fn import _demo_model
+    from torchex_fn.data import demo_model as _demo_model
     config = _demo_model.TrainConfig()
     cached = _demo_model.cache_path(config)
     threads = torch.get_num_threads()

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import torchex_fn as tx
+from torchex_fn.core import autodiff as _autodiff
 from _models import TinyCNN
 from _state import Snapshot
 from test_contracts import DIFFERENTIABLE, METHODS, _model
@@ -90,7 +91,7 @@ def test_forward_that_raises_inside_grad_wrt_params_restores_global_flags(name):
 def test_global_flag_check_sees_a_leaked_attention_backend():
     """The snapshot is sharp: a math backend left on, or a hold left counted, is reported."""
     before = Snapshot()
-    hold = tx._autodiff.math_attention()
+    hold = _autodiff.math_attention()
     hold.__enter__()
     try:
         with pytest.raises(AssertionError, match="flash_sdp|math_hold|mha_fastpath"):

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import torchex_fn as tx
-from torchex_fn.perturbation import occlusion
+from torchex_fn.methods.perturbation import occlusion
 from _models import TinyCNN
 
 captum_attr = pytest.importorskip("captum.attr")

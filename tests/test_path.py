@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from captum.attr import IntegratedGradients
 
-from torchex_fn.path import integrated_gradients, quadrature
+from torchex_fn.methods.path import integrated_gradients, quadrature
 from _models import smooth_double
 
 
@@ -56,7 +56,7 @@ def test_batch_size_chunking_gives_same_result(batch_size):
 def test_cpu_cap_on_copies_per_forward(monkeypatch):
     """On a CPU a forward holds at most _inputs.CPU_ELEMENTS input elements of path points (batch_size is a
     cap, never a demand); the layout changes the map only by summation order."""
-    from torchex_fn import _inputs
+    from torchex_fn.core import inputs as _inputs
     _, fn, params, x, baseline = _setup()
     rows = []
 

@@ -293,7 +293,7 @@ def test_volume_maps_match_pytorch_grad_cam(name):
 def _reference_masks(num_masks, cells, p, size, generator):
     """All masks the plain way: F.interpolate (linear / trilinear) the grid, then crop in a loop,
     drawing in the implementation's blocks and order (grids, then the offsets axis by axis)."""
-    from torchex_fn.perturbation import _DRAW_BLOCK
+    from torchex_fn.methods.perturbation import _DRAW_BLOCK
     steps = [math.ceil(n / cells) for n in size]
     out = []
     for start in range(0, num_masks, _DRAW_BLOCK):
@@ -309,7 +309,7 @@ def _reference_masks(num_masks, cells, p, size, generator):
 
 @pytest.mark.parametrize("size", [(21,), (5, 7, 6)])
 def test_rise_masks_equal_interpolate_then_crop(size):
-    from torchex_fn.perturbation import _draw_masks_nd, _interpolation_matrix
+    from torchex_fn.methods.perturbation import _draw_masks_nd, _interpolation_matrix
     cells = 4
     weights = tuple(_interpolation_matrix(cells, (cells + 1) * math.ceil(n / cells), torch.float64,
                                           torch.device("cpu")) for n in size)

@@ -1,4 +1,4 @@
-"""RISE (torchex_fn.perturbation.rise): masks, known-region maps, determinism, batching, memory, errors."""
+"""RISE (torchex_fn.methods.perturbation.rise): masks, known-region maps, determinism, batching, memory, errors."""
 import math
 import os
 import subprocess
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from torchex_fn import targets
-from torchex_fn.perturbation import _DRAW_BLOCK, _draw_masks, _interpolation_matrix, rise
-from torchex_fn.functional import functionalize
+from torchex_fn.methods.perturbation import _DRAW_BLOCK, _draw_masks, _interpolation_matrix, rise
+from torchex_fn.core.model import functionalize
 from _models import TinyCNN
 
 
@@ -167,7 +167,7 @@ def test_progress_bar(capsys):
 _MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys
     import torch
-    from torchex_fn.perturbation import rise
+    from torchex_fn.methods.perturbation import rise
     torch.set_num_threads(1)
     weight = torch.randn(10, 3)
     def model_fn(params, x):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from torchex_fn.datasets import PALETTE, decoy_shapes
+from torchex_fn.data import PALETTE, decoy_shapes
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 import torchex_fn as tx
-from torchex_fn.gradient import smooth
-from torchex_fn.path import integrated_gradients
+from torchex_fn.methods.gradient import smooth
+from torchex_fn.methods.path import integrated_gradients
 from _models import smooth_double
 
 

@@ -1,23 +1,31 @@
-"""torchex_fn: functional, stateless attribution methods for PyTorch, built on ``torch.func``."""
-from . import datasets, generation, metrics, postprocess, targets, text, viz
-from . import masks
-from .attention import attention_probabilities, attention_rollout, grad_rollout, legrad
-from .cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad_cam_pp, hires_cam, layer_cam, score_cam,
-                  xgrad_cam)
-from ._checks import TrainingModeWarning
-from .capture import capture, intermediates, layer_gradients, tap
-from .classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
-from .features import feature_ablation, kernel_shap, lime, shapley_value_sampling, shapley_values
-from .dataset import Attributions, attribute_dataset, open_attributions
-from .functional import functionalize, params_of
-from .generation import continuation_ablation, continuation_attribution, continuation_logprob
-from .gradient import input_x_gradient, saliency, smooth
-from .metrics import (deletion, energy_pointing_game, infidelity, insertion, pointing_game, randomization_check,
-                      sensitivity_max)
-from .lrp import lrp
-from .path import gradient_shap, integrated_gradients
-from .perturbation import occlusion, rise
-from .propagation import deeplift, deeplift_shap, guided_backprop
+"""torchex_fn: functional, stateless attribution methods for PyTorch, built on ``torch.func``.
+
+This file only hands names on. The package is layered, and imports point down only
+(``docs/architecture.md``): ``core`` (primitives) <- ``methods`` (one file per family) and ``tools``, ``data``
+<- ``evaluation`` <- ``composite`` (what composes methods) <- ``cli``.
+"""
+from . import data as datasets
+from .composite import generation
+from .composite.classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
+from .composite.generation import continuation_ablation, continuation_attribution, continuation_logprob
+from .composite.runner import Attributions, attribute_dataset, open_attributions
+from .core import targets
+from .core.capture import capture, intermediates, layer_gradients, tap
+from .core.checks import TrainingModeWarning
+from .core.model import functionalize, params_of
+from .evaluation import metrics
+from .evaluation.metrics import (deletion, energy_pointing_game, infidelity, insertion, pointing_game,
+                                 randomization_check, sensitivity_max)
+from .methods.attention import attention_probabilities, attention_rollout, grad_rollout, legrad
+from .methods.cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad_cam_pp, hires_cam, layer_cam,
+                          score_cam, xgrad_cam)
+from .methods.features import feature_ablation, kernel_shap, lime, shapley_value_sampling, shapley_values
+from .methods.gradient import input_x_gradient, saliency, smooth
+from .methods.lrp import lrp
+from .methods.path import gradient_shap, integrated_gradients
+from .methods.perturbation import occlusion, rise
+from .methods.propagation import deeplift, deeplift_shap, guided_backprop
+from .tools import masks, postprocess, text, viz
 
 __version__ = "0.2.0"
 

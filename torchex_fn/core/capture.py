@@ -1,0 +1,349 @@
+"""Intermediate activations for the length of one call: read them, or perturb them.
+
+The role of flax's ``sow`` / ``perturb`` / ``capture_intermediates`` for PyTorch:
+
+* :func:`tap` is the identity unless a capture is active; hand-written models call it directly.
+* :func:`intermediates` wraps a ``model_fn`` into one that returns ``(out, {name: activation})``;
+  with ``perturb`` it returns ``activation + perturb[name]`` in place of the activation.
+* :func:`layer_gradients` differentiates the target score w.r.t. a zero perturbation of each layer's
+  output, which equals the gradient w.r.t. the activation. No backward hook is involved, the
+  result composes with ``torch.func.grad`` / ``vmap``, and autograd computes only the path from the
+  layers to the output (no parameter gradients, no input gradient).
+* :func:`run_tail` runs the network from one layer on for ``n`` variants of one example's activation
+  (the layers before it once, on the one example; the rest on the ``n`` rows): Ablation-CAM's chunks.
+
+The active collector lives in a :class:`contextvars.ContextVar` set and reset in ``try/finally``
+around one call, so a hook acts only for the call (and the thread) that asked for it. The
+``model_fn`` built by :func:`torchex_fn.functionalize` registers forward hooks only for the names
+the active capture asked for, and removes them before the call returns or raises.
+"""
+from __future__ import annotations
+
+import contextvars
+import weakref
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import checks as _checks, inputs as _inputs
+from . import targets as _targets
+from .autodiff import grad_of_sum
+from .types import ModelFn
+
+__all__ = ["tap", "intermediates", "capture", "layer_gradients", "LayerGradients", "resolve_layers", "run_tail",
+           "TailMismatch"]
+
+
+class _ShapeMismatch(Exception):
+    """Internal: a memoised layer shape no longer matches; recompute and retry."""
+
+
+class _Session:
+    """What one call asked to capture, and what it found."""
+
+    def __init__(self, names: Sequence[str], perturb: Optional[Mapping[str, Tensor]], fn: str,
+                 replace: Optional[Mapping[str, Tensor]] = None, widen: bool = False):
+        self.names = tuple(dict.fromkeys(names))
+        self.perturb = dict(perturb or {})
+        self.replace = dict(replace or {})
+        self.widen = widen    # a replacement may have more rows than the output of one example it replaces
+        self.acts: Dict[str, Tensor] = {}
+        self.fn = fn
+
+    def visit(self, name: str, value: Any) -> Any:
+        if name not in self.names:
+            return value
+        if name in self.acts:
+            raise ValueError(f"{self.fn}: layer {name!r} was called more than once in one forward pass; "
+                             "its activation is ambiguous. Name a layer that runs once (e.g. a block "
+                             "instead of a shared activation module).")
+        if not isinstance(value, Tensor):
+            raise _checks.type_error(self.fn, f"layer {name!r} to output a tensor", _checks.describe(value),
+                                     "Name a layer whose output is a single tensor.")
+        self.acts[name] = value
+        new = self.replace.get(name)
+        if new is not None:
+            if self.widen and value.shape[:1] == (1,) and new.shape[1:] == value.shape[1:]:
+                return new
+            if new.shape != value.shape:
+                raise _checks.value_error(self.fn, f"a replacement for layer {name!r} of its output's shape "
+                                          f"{list(value.shape)}", _checks.describe(new))
+            value = new
+        delta = self.perturb.get(name)
+        if delta is None:
+            return value
+        if delta.shape != value.shape or delta.dtype != value.dtype:
+            raise _ShapeMismatch(name)
+        return value + delta
+
+    def hook(self, name: str) -> Callable:
+        def forward_hook(module: nn.Module, args: Any, output: Any) -> Any:
+            return self.visit(name, output) if _ACTIVE.get() is self else output
+        return forward_hook
+
+
+_ACTIVE: contextvars.ContextVar[Optional[_Session]] = contextvars.ContextVar("torchex_fn_capture", default=None)
+
+
+def active() -> Optional[_Session]:
+    """The capture session of the current call, if any (used by ``FunctionalModel``)."""
+    return _ACTIVE.get()
+
+
+def tap(name: str, value: Tensor) -> Tensor:
+    """Mark ``value`` as the activation called ``name``: the identity unless a capture is active.
+
+    Under an active capture that asked for ``name`` it records ``value`` and returns
+    ``value + perturb[name]`` when a perturbation was given.
+
+    Example:
+      >>> def model_fn(params, x):
+      ...     h = tap("hidden", torch.tanh(x @ params["w1"]))
+      ...     return h @ params["w2"]
+    """
+    session = _ACTIVE.get()
+    return value if session is None else session.visit(name, value)
+
+
+def _run(model_fn, params, x, names: Sequence[str], perturb=None, fn: str = "capture", replace=None,
+         widen: bool = False):
+    session = _Session(names, perturb, fn, replace, widen)
+    token = _ACTIVE.set(session)
+    try:
+        out = model_fn(params, x)
+    finally:
+        _ACTIVE.reset(token)
+    return out, session.acts
+
+
+def _check_reached(fn: str, names: Sequence[str], acts: Mapping[str, Tensor]) -> None:
+    missing = [n for n in dict.fromkeys(names) if n not in acts]
+    if missing:
+        raise _checks.value_error(fn, f"layer {missing[0]!r} to be called in the forward pass",
+                                  "a forward pass that never called it",
+                                  "Name a layer that the model's forward uses (check `model.named_modules()`).")
+
+
+def intermediates(model_fn: ModelFn, *, layers: Sequence[str], perturb: Optional[Mapping[str, Tensor]] = None,
+                  fn: str = "intermediates", replace: Optional[Mapping[str, Tensor]] = None) -> Callable:
+    """Wrap ``model_fn`` into ``(params, x) -> (out, {name: activation})`` for one call at a time.
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``; layers are module names of a ``functionalize``-d
+        model or names passed to :func:`tap`.
+      layers: The names to capture (already resolved, see :func:`resolve_layers`).
+      perturb: Optional ``{name: delta}``; the model continues with ``activation + delta``.
+      replace: Optional ``{name: value}``; the model continues with ``value`` (of the activation's
+        shape) in place of the activation, whose own value is still returned in ``acts`` (the layer
+        attribution of integrated gradients runs the model from interpolated layer outputs).
+
+    Raises:
+      ValueError: right after the call, if a name was never reached.
+    """
+    names = tuple(layers)
+
+    def wrapped(params, x):
+        out, acts = _run(model_fn, params, x, names, perturb, fn, replace)
+        _check_reached(fn, names, acts)
+        return out, acts
+
+    return wrapped
+
+
+class TailMismatch(Exception):
+    """Internal: a model whose rest after a layer does not run on a widened batch (see :func:`run_tail`)."""
+
+
+def run_tail(model_fn, params, x: Any, name: str, values: Tensor, *, fn: str = "run_tail") -> Any:
+    """The model's output when layer ``name``'s output on ONE example ``x`` (``[1, ...]``) is replaced by
+    ``n`` rows ``values`` (``[n, *layer output]``): ``n`` variants of that example's activation, one forward.
+
+    A module's forward cannot start in the middle, so the layers before ``name`` (the prefix) still
+    run, but once, on the one example; ``name`` itself runs on it too, and everything after ``name`` (the
+    tail) runs on the ``n`` rows. This equals ``n`` forwards of the example with the activation replaced
+    whenever the tail meets the prefix's tensors only through broadcasting (residual additions, masks,
+    scales): a tensor of one row broadcast over ``n`` rows equals the same tensor repeated ``n`` times,
+    which is what the prefix would compute on ``n`` copies of the example (examples are independent in
+    eval mode). That holds for any chain of layers (torchvision's ResNet: ``layer4 -> avgpool -> fc``;
+    a ViT's blocks, whose residual stream runs through each block) and for skip connections that are
+    added. A tail that concatenates a prefix tensor, reshapes by a batch size taken from ``x``, or
+    otherwise needs the prefix's row count raises :class:`TailMismatch`, and so does an output whose
+    tensors do not have ``n`` rows; the caller then runs full forwards.
+
+    Cost: one forward of one example up to ``name``, then the tail on ``n`` rows.
+
+    Raises:
+      TailMismatch: the tail does not run on the widened batch (see above).
+    """
+    if _inputs.batch_of(x) != 1:
+        raise _checks.value_error(fn, "x with one example for a tail run", f"{_inputs.batch_of(x)} examples")
+    try:
+        out, acts = _run(model_fn, params, x, (name,), None, fn, {name: values}, widen=True)
+    except RuntimeError as error:   # shapes that do not broadcast: the tail needs the prefix's rows
+        raise TailMismatch(str(error)) from None
+    _check_reached(fn, (name,), acts)
+    rows = [t.shape[0] for t in _flat_tensors(out) if t.ndim > 0]
+    if not rows or any(r != values.shape[0] for r in rows):
+        raise TailMismatch(f"output rows {rows}, expected {values.shape[0]}")
+    return out
+
+
+def _flat_tensors(value: Any) -> List[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _flat_tensors(item)]
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# Layer specs: names, module objects, and structures of them.
+
+def _layer_name(fn: str, model_fn, spec: Any) -> str:
+    module = getattr(model_fn, "module", None)
+    if isinstance(spec, nn.Module):
+        if module is None:
+            raise _checks.type_error(fn, "layer given by name for a model_fn not built by functionalize",
+                                     "an nn.Module", "Use `functionalize(model)` or name the tapped layer.")
+        try:
+            return model_fn.name_of(spec)
+        except KeyError:
+            raise _checks.value_error(fn, "layer to be a submodule of the functionalized model",
+                                      f"a {type(spec).__name__} that is not part of it") from None
+    if isinstance(spec, str):
+        if module is not None:
+            known = model_fn.layer_names()
+            if spec not in known:
+                raise _checks.unknown_name(fn, "layer", spec, known)
+        return spec
+    raise _checks.type_error(fn, "layer, a dotted name, an nn.Module, or a list/tuple/dict of them",
+                             _checks.describe(spec))
+
+
+def resolve_layers(fn: str, model_fn, layer: Any) -> Tuple[List[str], Callable[[Mapping[str, Any]], Any]]:
+    """Names of the layers in ``layer``, and a function rebuilding ``layer``'s structure.
+
+    One layer gives one value, a list or tuple a list, a dict a dict with the same keys.
+    """
+    if layer is None:
+        raise _checks.type_error(fn, "layer, a dotted name or module", "None")
+    if isinstance(layer, Mapping):
+        if not layer:
+            raise _checks.value_error(fn, "at least one layer", "an empty dict")
+        keyed = {key: _layer_name(fn, model_fn, spec) for key, spec in layer.items()}
+        return list(keyed.values()), lambda values: {key: values[name] for key, name in keyed.items()}
+    if isinstance(layer, (list, tuple)):
+        if not layer:
+            raise _checks.value_error(fn, "at least one layer", f"an empty {type(layer).__name__}")
+        names = [_layer_name(fn, model_fn, spec) for spec in layer]
+        return names, lambda values: [values[name] for name in names]
+    name = _layer_name(fn, model_fn, layer)
+    return [name], lambda values: values[name]
+
+
+def capture(model_fn, params, x: Tensor, layers: Any) -> Tuple[Any, Any]:
+    """Run ``model_fn(params, x)`` once and return ``(out, activations)``.
+
+    ``activations`` mirrors ``layers``: one tensor for one layer, a list for a list, a dict for a dict.
+
+    Example:
+      >>> out, acts = capture(model_fn, params, images, ["layer3", "layer4"])
+      >>> [a.shape for a in acts]   # [[8, 256, 14, 14], [8, 512, 7, 7]]
+    """
+    _checks.check_model_fn("capture", model_fn)
+    names, rebuild = resolve_layers("capture", model_fn, layers)
+    out, acts = intermediates(model_fn, layers=names, fn="capture")(params, x)
+    return out, rebuild(acts)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer gradients by zero perturbation.
+
+# Memo of layer output shapes, so that a layer gradient needs no extra forward pass to learn the
+# perturbation's shape. Keyed weakly by the module (or model_fn); checked on every use.
+_SHAPES: weakref.WeakKeyDictionary[Any, Dict[tuple, Dict[str, Tuple[torch.Size, torch.dtype]]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _memo_owner(model_fn):
+    return getattr(model_fn, "module", model_fn)
+
+
+def _shapes_key(names, x, params) -> tuple:
+    if isinstance(x, Tensor):
+        return (tuple(names), tuple(x.shape), x.dtype, x.device)
+    return (tuple(names),) + tuple((k, tuple(v.shape), v.dtype, v.device) if isinstance(v, Tensor) else (k, v)
+                                   for k, v in x.items())
+
+
+def _probe_shapes(model_fn, params, x, names, fn) -> Dict[str, Tuple[torch.Size, torch.dtype]]:
+    """Learn the layers' output shapes with one forward pass without autograd."""
+    with torch.no_grad():
+        _, acts = _run(model_fn, params, x, names, None, fn)
+    _check_reached(fn, names, acts)
+    return {name: (acts[name].shape, acts[name].dtype) for name in names}
+
+
+def layer_shapes(model_fn, params, x, names, fn, *, refresh: bool = False):
+    """``{name: (shape, dtype)}`` of the layers' outputs for ``x``, from the memo (one forward without
+    autograd on a miss, or when ``refresh``)."""
+    owner = _memo_owner(model_fn)
+    key = _shapes_key(names, x, params)
+    try:
+        memo = _SHAPES.setdefault(owner, {})
+    except TypeError:  # not weak-referenceable: no memo
+        memo = {}
+    if refresh or key not in memo:
+        memo[key] = _probe_shapes(model_fn, params, x, names, fn)
+    return memo[key]
+
+
+class LayerGradients(NamedTuple):
+    """What :func:`layer_gradients` returns; ``acts`` and ``grads`` are ``{name: tensor}``."""
+
+    scores: Tensor          # [B] the target scores
+    out: Any                # the model's output (its tensors: a ModelOutput becomes a dict without caches)
+    acts: Dict[str, Tensor]
+    grads: Dict[str, Tensor]
+
+
+def layer_gradients(model_fn, params, x: Any, target: Any = None, *, layers: Sequence[str],
+                    fn: str = "layer_gradients", replace: Optional[Mapping[str, Tensor]] = None) -> LayerGradients:
+    """Activations of ``layers`` and the gradient of the target scores w.r.t. them, in one pass.
+
+    Each layer's output ``a`` is replaced by ``a + delta`` with ``delta = 0``; ``torch.func.vjp``
+    of the summed target scores w.r.t. ``delta`` is ``d score / d a`` (examples are independent,
+    so the gradient of the sum is every example's own gradient). Everything returned is a
+    differentiable function of ``params`` and ``x``. ``x`` may be a dict of named inputs; integer
+    and ``None`` targets index the output that ``functionalize(..., output=)`` selects.
+
+    ``replace`` (``{name: value}``, see :func:`intermediates`) runs the model on from ``value`` in place of
+    the layer's output; the gradient is then w.r.t. that value (integrated gradients at a layer).
+
+    Cost: one forward, one backward from the output down to the deepest of ``layers`` only.
+    The perturbation's shape comes from a memo (a forward pass without autograd on a miss).
+    """
+    names = tuple(dict.fromkeys(layers))
+    for attempt in range(2):
+        shapes = layer_shapes(model_fn, params, x, names, fn, refresh=attempt > 0)
+        device = _inputs.device_of(x)
+        deltas = {name: torch.zeros(shape, dtype=dtype, device=device) for name, (shape, dtype) in shapes.items()}
+
+        def score_fn(deltas):
+            out, acts = intermediates(model_fn, layers=names, perturb=deltas, fn=fn, replace=replace)(params, x)
+            scores = _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))
+            return scores.sum(), (scores, _inputs.tensors_only(out), acts)
+
+        try:
+            grads, (scores, out, acts) = grad_of_sum(score_fn, deltas, has_aux=True)
+        except _ShapeMismatch:
+            if attempt:
+                raise RuntimeError(f"{fn}: the layers' output shapes change between calls with the same "
+                                   "input shape; cannot perturb them") from None
+            continue
+        return LayerGradients(scores, out, acts, grads)
+    raise AssertionError("unreachable")

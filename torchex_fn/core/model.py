@@ -1,0 +1,199 @@
+"""``functionalize(module) -> (model_fn, params)``: a pure function view of an ``nn.Module``."""
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import Any, Dict, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import autodiff as _autodiff, checks as _checks
+from .capture import active as _active_capture
+from . import env as _env
+
+__all__ = ["functionalize", "FunctionalModel", "params_of"]
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_for(module: nn.Module) -> threading.RLock:
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(module)
+        if lock is None:
+            lock = _LOCKS[module] = threading.RLock()
+        return lock
+
+
+def params_of(module: nn.Module) -> Dict[str, Tensor]:
+    """Parameters and buffers of ``module`` as a detached name -> tensor dict.
+
+    Parameters share storage with the module (no copy; nothing writes to them). Buffers are
+    cloned, so that a module left in training mode (BatchNorm statistics) cannot write into the
+    user's module through them.
+    """
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    params.update({name: b.detach().clone() for name, b in module.named_buffers()})
+    return params
+
+
+def _aliases_and_caches(module: nn.Module):
+    """Where ``functional_call`` must look beyond the names that ``named_parameters()`` gives.
+
+    * aliases: ``(alias, name)`` for a parameter or buffer tied into a second module (GPT-2's
+      ``lm_head.weight`` is ``transformer.wte.weight``): the alias gets the value given for the name.
+      A module registered under two names (``self.shared`` also inside a ``Sequential``) is one slot:
+      it is swapped once, under its first name. (Swapping it under both names, as ``functional_call``'s
+      own ``tie_weights`` does, restores the first name's original and then overwrites it with the
+      swapped-in tensor, leaving plain tensors in the user's module.)
+    * caches: ``(module, attribute)`` of every public dict attribute, candidates for tensor caches
+      such as timm LeViT's ``attention_bias_cache`` (a tensor derived from the parameters, kept in eval
+      mode): see :func:`_is_tensor_cache`.
+    """
+    slots: Dict[tuple, str] = {}
+    first: Dict[int, str] = {}
+    aliases = []
+    caches = []
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        for attr, value in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if value is None or (id(mod), attr) in slots:
+                continue
+            name = f"{prefix}.{attr}" if prefix else attr
+            slots[(id(mod), attr)] = name
+            owner = first.setdefault(id(value), name)
+            if owner != name:
+                aliases.append((name, owner))
+        for attr, value in vars(mod).items():
+            if not attr.startswith("_") and type(value) is dict and (id(mod), attr) not in slots:
+                slots[(id(mod), attr)] = attr
+                caches.append((mod, attr))
+    return aliases, caches
+
+
+def _is_tensor_cache(value: Any) -> bool:
+    """A plain dict whose values are all tensors: a cache of values derived from the parameters.
+
+    For the length of a call such a dict is replaced by an empty one, so that the model recomputes its
+    entries from the ``params`` of this call (a cache filled by an earlier call, or by the module's own
+    eval-mode forward, would hold other parameters' values and no derivative w.r.t. these), and
+    whatever the call writes into it is dropped with it.
+    """
+    return type(value) is dict and all(isinstance(v, Tensor) for v in value.values())
+
+
+class FunctionalModel:
+    """``model_fn(params, x) -> out`` for one ``nn.Module``, built by :func:`functionalize`.
+
+    Calls ``torch.func.functional_call``. It is pure: ``params`` is never written, also when a module
+    in training mode updates its buffers (batch norm's running statistics land in a copy that is
+    dropped after the call; train such statistics with ``torch.func.functional_call`` directly).
+    It keeps the module so that layers can be named by
+    their dotted path, and registers forward hooks only for the layers that the active
+    :mod:`torchex_fn.capture` asked for, only for the length of one call. Calls on one module are
+    serialised by a per-module lock, because ``functional_call`` swaps tensors into the shared
+    module for the length of the call (two threads with different ``params`` would otherwise see
+    each other's weights).
+    """
+
+    def __init__(self, module: nn.Module, output: Any = None):
+        self.module = module
+        self.output = output
+        self._lock = _lock_for(module)
+        self._aliases, self._caches = _aliases_and_caches(module)
+        # modules with buffers: in training mode they may write into them (batch norm's running statistics)
+        self._stateful = [(mod, [f"{prefix}.{b}" if prefix else b for b, v in mod._buffers.items() if v is not None])
+                          for prefix, mod in module.named_modules()
+                          if any(v is not None for v in mod._buffers.values())]
+
+    def layer_names(self) -> Dict[str, nn.Module]:
+        return dict(self.module.named_modules())
+
+    def name_of(self, layer: nn.Module) -> str:
+        for name, mod in self.module.named_modules():
+            if mod is layer:
+                return name
+        raise KeyError(layer)
+
+    def __call__(self, params, x: Tensor):
+        session = _active_capture()
+        # torch.compile cannot enter a lock; a compiled graph takes the parameters as its inputs and
+        # swaps nothing into the module at run time, so there is nothing to serialise there.
+        with contextlib.nullcontext() if _env.compiling() else self._lock:
+            handles: list = []
+            hidden: list = []
+            try:
+                if session is not None:
+                    modules = self.layer_names()
+                    for name in session.names:
+                        if name in modules:
+                            handles.append(modules[name].register_forward_hook(session.hook(name)))
+                full = dict(params)
+                for mod, names in self._stateful:  # pure: a training-mode write lands in a copy, not in params
+                    if mod.training:
+                        full.update((n, full[n].clone()) for n in names if isinstance(full.get(n), Tensor))
+                for alias, name in self._aliases:  # a tensor tied into another module: the same value
+                    if name in full and alias not in full:
+                        full[alias] = full[name]
+                hidden = [(mod, attr, getattr(mod, attr)) for mod, attr in self._caches
+                          if _is_tensor_cache(mod.__dict__.get(attr))]
+                for mod, attr, _ in hidden:
+                    setattr(mod, attr, {})
+                args, kwargs = ((), dict(x)) if isinstance(x, Mapping) else ((x,), None)  # named inputs as keywords
+                with _autodiff.attention_context(params, x):  # twice-differentiable attention when needed
+                    return torch.func.functional_call(self.module, full, args, kwargs, tie_weights=False)
+            finally:
+                for handle in handles:
+                    handle.remove()
+                for mod, attr, cache in reversed(hidden):
+                    setattr(mod, attr, cache)
+
+    def __repr__(self) -> str:
+        chosen = "" if self.output is None else f", output={self.output!r}"
+        return f"FunctionalModel({type(self.module).__name__}{chosen})"
+
+
+def functionalize(module: nn.Module, *, output: Any = None) -> Tuple[FunctionalModel, Dict[str, Tensor]]:
+    """Split an ``nn.Module`` into a pure function and its tensors.
+
+    ``model_fn(params, x)`` returns what the module returns. ``x`` is a tensor (passed as the one
+    positional argument) or a dict of named inputs, batch first, passed as keywords
+    (``{"input_ids": ..., "attention_mask": ...}`` for a HuggingFace model).
+
+    Args:
+      module: Any ``nn.Module``. It is never mutated (no ``.eval()``, no ``requires_grad_``).
+        Attribution assumes inference behaviour: put the model in eval mode yourself (the methods
+        warn with :class:`torchex_fn.TrainingModeWarning` when batch norm or dropout would run in
+        training mode; the mode is read at every call). ``model_fn`` never writes into ``params``:
+        batch norm in training mode normalises with batch statistics and updates only a copy.
+      output: Which tensor of a structured output (a HuggingFace ``ModelOutput``, a dict, a tuple)
+        integer and ``None`` targets index: a key or attribute name (``"logits"``), an index into a
+        tuple (``0``), or a callable ``out -> [B, classes]`` (``lambda o: o.logits[:, -1]`` for the
+        last position of a causal language model). ``None`` (default): the output itself when it is a
+        tensor, its ``"logits"`` entry when it is a mapping that has one. Callable targets always
+        receive the raw output.
+
+    Returns:
+      ``(model_fn, params)`` where ``model_fn(params, x) -> module(x)`` evaluated with ``params``
+      swapped in, and ``params`` is a dict of the module's parameters (detached, shared storage)
+      and buffers (detached copies), keyed by their dotted names.
+
+    Raises:
+      TypeError: ``module`` is not an ``nn.Module``.
+
+    Example:
+      >>> model_fn, params = functionalize(resnet.eval())
+      >>> model_fn(params, images).shape                     # [8, 3, 224, 224] -> [8, 1000]
+      >>> ens = torch.func.stack_module_state([m1, m2])[0]   # ensembles: vmap over stacked params
+      >>> bert_fn, bert_params = functionalize(bert.eval(), output="logits")
+      >>> tx.saliency(bert_fn, bert_params, tokens, 1, layer="bert.embeddings")   # tokens: a tokenizer's dict
+    """
+    if not isinstance(module, nn.Module):
+        raise _checks.type_error("functionalize", "module, an nn.Module", _checks.describe(module))
+    if not (output is None or callable(output) or isinstance(output, str)
+            or (isinstance(output, int) and not isinstance(output, bool))):
+        raise _checks.type_error("functionalize", "output: None, a key or attribute name, a tuple index or a callable",
+                                 _checks.describe(output))
+    return FunctionalModel(module, output), params_of(module)

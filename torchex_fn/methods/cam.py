@@ -1,0 +1,973 @@
+"""Layer family: class activation maps (CAM, Grad-CAM, Grad-CAM++, Score-CAM, Layer-CAM, XGrad-CAM,
+HiResCAM, Eigen-CAM, Ablation-CAM, FullGrad).
+
+Layouts. Every method reads a layer's output as ``[B, K, *grid]``. A layout is never guessed: an
+output is taken as it is only when it is clearly laid out like ``x`` (``[B, C, *spatial]``):
+
+* it has ``x``'s rank (so ViT tokens ``[B, N, D]`` for an image are refused);
+* each grid size is between 1 and ``x``'s matching size, and all of them are ``x``'s sizes divided
+  by one common factor, within ``1 + size / 4`` (rounding, valid convolutions and mildly
+  anisotropic strides pass; Swin's channels-last ``[B, 7, 7, 768]`` at 224 is refused as 768 >
+  224, its ``[B, 56, 56, 96]`` because 56 and 96 imply different factors);
+* a 1-D output does not keep ``x``'s second axis (``[B, T, D]`` from embeddings ``[B, T, E]``).
+
+Anything else raises a ValueError naming ``reshape=``: a callable to ``[B, K, *grid]``, such as
+``postprocess.tokens_to_grid`` or ``postprocess.channels_last_to_first``, applied to activations
+and gradients alike; ``reshape=lambda a: a`` accepts an output as it is. Channels-last outputs
+whose channel count happens to fit the rule (``[B, 8, 8, 8]`` for a 64 x 64 image) cannot be told
+apart from ``[B, K, h, w]`` by shape and are read as the latter.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core import checks as _checks
+from ..core.capture import TailMismatch, run_tail, intermediates, layer_gradients, resolve_layers, tap
+from ..core import grid as _grid
+from ..core import targets as _targets
+from ..core.types import Layer, LayerSpec, ModelFn, Params, Target
+from ..core.arguments import check_call
+
+__all__ = ["cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam",
+           "ablation_cam", "fullgrad"]
+
+
+_CAM_TABULAR_HINT = ("a class activation map needs a layer with a grid; use saliency, integrated_gradients, "
+                     "deeplift or occlusion.")
+
+
+def _check_common(fn: str, model_fn, params, x, target, relu, upsample, reshape=None, *,
+                  images_only: bool = False, resizes_x: bool = False) -> None:
+    """The checks of every CAM method. A layer is always named, so ``x`` may be token ids or a dict
+    of named inputs (the map then lives on the layer's grid: ``reshape=`` and ``upsample=False``),
+    except for the methods that mask or differentiate the image itself (``images_only``).
+
+    A floating-point ``x`` is ``[B, C, *grid]``: 1 to 3 grid axes when the map or masks are
+    resized to ``x``'s grid (``upsample=True``, or ``resizes_x``), any number otherwise."""
+    if images_only and not isinstance(x, Tensor):
+        raise _checks.type_error(fn, "x, a floating-point tensor [B, C, *spatial] (this method masks or "
+                                 "differentiates the input itself)", _checks.describe(x))
+    floating = isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex())
+    if floating and x.ndim < 3:
+        _checks.check_grid_rank(fn, x, high=5 if resizes_x else None, tabular_hint=_CAM_TABULAR_HINT)
+    check_call(fn, model_fn, params, x, target, min_ndim=3, layer=None if images_only else True)
+    _checks.check_bool(fn, "relu", relu)
+    _checks.check_bool(fn, "upsample", upsample)
+    _checks.check_optional_callable(fn, "reshape", reshape)
+    if floating and (upsample or resizes_x):
+        _checks.check_grid_rank(fn, x, high=5, tabular_hint=_CAM_TABULAR_HINT)
+
+
+def _image_of(x: Any) -> Optional[Tensor]:
+    """The input whose grid a map is laid out on and resized to: ``x``, the one floating-point entry
+    of a dict ``x`` (``pixel_values``), or ``None`` for token ids (they have no grid)."""
+    if isinstance(x, Tensor):
+        return x if x.is_floating_point() or x.is_complex() else None
+    floats = [v for v in x.values() if isinstance(v, Tensor) and v.is_floating_point()]
+    return floats[0] if len(floats) == 1 else None
+
+
+def _finish(fn: str, maps: Tensor, x: Any, relu: bool, upsample: bool) -> Tensor:
+    """ReLU and resize a ``[B, 1, *spatial]`` map to ``x``'s spatial size, in ``x``'s dtype.
+
+    Under ``torch.autocast`` the layer's activations (and so the map) may be in a lower precision than
+    ``x``; the map is returned in ``x``'s dtype, as every method returns (resized in that dtype).
+    """
+    maps = torch.relu(maps) if relu else maps
+    image = _image_of(x)
+    if image is not None and maps.is_floating_point() and image.is_floating_point() and maps.dtype != image.dtype:
+        maps = maps.to(image.dtype)
+    if not upsample:
+        return maps
+    x = image
+    if x is None:
+        raise _checks.value_error(fn, "an image x to upsample the map to", "token ids (no grid to resize to)",
+                                  "Pass upsample=False: the map stays on the layer's grid [B, 1, *grid].")
+    if maps.ndim != x.ndim or maps.ndim - 2 not in (1, 2, 3):
+        raise _checks.value_error(fn, f"a layer map with as many spatial dims as x ({x.ndim - 2}) to upsample",
+                                  f"a map of shape {tuple(maps.shape)}", "Pass upsample=False.")
+    return _grid.resize(maps, x.shape[2:])
+
+
+_LAYOUT_HINT = ("Pass reshape=, a callable from the layer's output to [B, K, *grid]: "
+                "tx.postprocess.tokens_to_grid(prefix_tokens=1) for ViT tokens [B, 1 + N, D], "
+                "tx.postprocess.channels_last_to_first for [B, *grid, C] (Swin, ConvNeXt blocks); "
+                "reshape=lambda a: a accepts the layout as it is.")
+
+
+def _clear_layout(grid, x_grid) -> bool:
+    """Whether a grid is plausibly ``x``'s grid down-sampled by one common factor.
+
+    Each size is at least 1 and at most ``x``'s, and for one of the factors ``s = X_i / g_i`` every
+    size lies within ``1 + g_j / 4`` of ``X_j / s`` (rounding, valid convolutions and mildly
+    anisotropic strides pass; a channel axis read as a grid axis does not).
+    """
+    if len(grid) != len(x_grid) or not grid:
+        return False
+    if any(g < 1 or g > s for g, s in zip(grid, x_grid)):
+        return False
+    for g_i, s_i in zip(grid, x_grid):
+        factor = s_i / g_i
+        if all(abs(g - s / factor) <= 1 + g / 4 for g, s in zip(grid, x_grid)):
+            return True
+    return False
+
+
+def _to_grid(fn: str, name: str, act: Tensor, x: Tensor, reshape) -> Tensor:
+    """Layer ``name``'s output as ``[B, K, *grid]``: ``reshape(act)``, or ``act`` when its layout is clear.
+
+    Without ``reshape`` the layout is never guessed: the output must have ``x``'s rank and a grid
+    that is ``x``'s grid down-sampled (see :func:`_clear_layout`), and a 1-D output must not keep
+    x's second axis (token embeddings ``[B, T, E]`` give ``[B, T, D]``); anything else is refused.
+    """
+    image = _image_of(x)
+    if reshape is None and image is None:
+        raise _checks.value_error(fn, f"reshape= for layer {name!r} of a model of token ids", _checks.describe(act),
+                                  "Token states [B, T, D] have no grid of x to check a layout against: pass "
+                                  "reshape=tx.postprocess.channels_last_to_first and upsample=False.")
+    x = image if image is not None else x
+    if reshape is not None:
+        grid = reshape(act)
+        if not isinstance(grid, Tensor) or grid.ndim < 3 or grid.shape[0] != act.shape[0]:
+            raise _checks.value_error(fn, f"reshape to map layer {name!r}'s output of shape {tuple(act.shape)} to "
+                                      f"[B, K, *grid] with B = {act.shape[0]}", _checks.describe(grid))
+        return grid
+    if act.ndim < 3:
+        raise _checks.value_error(fn, f"layer {name!r} to output [B, K, *spatial]", _checks.describe(act),
+                                  "Name a convolutional layer (one with a spatial grid), or p" + _LAYOUT_HINT[1:])
+    if act.ndim != x.ndim or not _clear_layout(tuple(act.shape[2:]), tuple(x.shape[2:])):
+        raise _checks.value_error(
+            fn, f"layer {name!r} to output [B, K, *spatial] laid out like x of shape {tuple(x.shape)} (the same rank, "
+            "a grid down-sampled from x's by one factor)", _checks.describe(act), _LAYOUT_HINT)
+    if act.ndim == 3 and act.shape[1] == x.shape[1]:
+        # [B, T, E] embeddings through a sequence model give [B, T, D]: read as [B, K, grid] that is
+        # K = T tokens as channels and the features as the grid. A 1-D convolution rarely keeps
+        # x's channel count, so the shared axis is taken as a sign of tokens and refused.
+        raise _checks.value_error(
+            fn, f"layer {name!r} to output [B, K, length] with K unlike x's {x.shape[1]} channels (a 1-D layer that "
+            "keeps x's second axis looks like a sequence model's tokens [B, T, D])", _checks.describe(act),
+            "For tokens pass reshape=tx.postprocess.channels_last_to_first and upsample=False (x has no grid of "
+            "tokens to resize to); for a 1-D convolution that keeps the channel count pass reshape=lambda a: a.")
+    return act
+
+
+def _fc_weight(fn: str, model_fn, params, fc: Any) -> Tensor:
+    if isinstance(fc, Tensor):
+        weight = fc
+    else:
+        module = getattr(model_fn, "module", None)
+        if fc is None:
+            if module is None:
+                raise _checks.type_error(fn, "fc (a weight tensor [classes, K] or a parameter name) for a model_fn "
+                                         "not built by functionalize", "None")
+            linears = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise _checks.value_error(fn, "an nn.Linear in the model (or fc=)", "none")
+            fc = linears[-1]
+        elif isinstance(fc, nn.Module):
+            fc = resolve_layers(fn, model_fn, fc)[0][0]
+        if not isinstance(fc, str):
+            raise _checks.type_error(fn, "fc: a layer name, an nn.Linear, a weight tensor or None",
+                                     _checks.describe(fc))
+        key = fc if fc in params else f"{fc}.weight"
+        tied = dict(getattr(model_fn, "_aliases", ()))  # a weight tied to another module's (GPT-2's lm_head)
+        key = tied.get(key, key) if key not in params else key
+        if key not in params:
+            raise _checks.unknown_name(fn, "fc parameter", key, params.keys())
+        weight = params[key]
+    if weight.ndim != 2:
+        raise _checks.value_error(fn, "fc weight of shape [classes, K]", _checks.describe(weight))
+    return weight
+
+
+def cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: LayerSpec,
+        fc: Union[None, str, nn.Module, Tensor] = None, relu: bool = False, upsample: bool = True,
+        reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """Class Activation Mapping: ``sum_k w[c, k] A_k`` with ``w`` the final linear layer's weights.
+
+    For a network ending in global average pooling and a linear layer, the class score is the
+    spatial mean of this map plus the bias.
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
+      target: ``None`` (predicted class), int, or ``[B]`` ints (a class index is needed).
+      layer: The feature layer feeding the pooling (dotted name or module), output ``[B, K, h, w]``.
+      fc: The linear layer: name, module, or its weight ``[classes, K]``. Default: the model's
+        last ``nn.Linear``.
+      relu: Keep only positive evidence (Zhou et al. and torchcam do not). Default: False.
+      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear). Default: True.
+      reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
+        ``reshape_transform``), e.g. ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT
+        tokens or ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the
+        output must already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from
+        ``x``'s by one factor; any other layout is refused, never guessed.
+
+    Returns:
+      ``[B, 1, H, W]`` (``[B, 1, h, w]`` with ``upsample=False``).
+
+    Raises:
+      ValueError: unknown layer or fc, a layer never reached, K not matching the fc weight.
+      TypeError: a callable target (CAM needs a class index).
+
+    Example:
+      >>> cam(fn, params, images, labels, layer="layer4", fc="fc").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+
+    Cost: one forward pass, no backward.
+    References: Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016.
+    """
+    fn = "cam"
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
+    if callable(target) and not isinstance(target, Tensor):
+        raise _checks.type_error(fn, "target: None, an int or [B] ints (CAM weights need a class index)", "a callable")
+    if isinstance(layer, (list, tuple, dict)):
+        raise _checks.type_error(fn, "layer, one dotted name or module", _checks.describe(layer))
+    names, _ = resolve_layers(fn, model_fn, layer)
+    weight = _fc_weight(fn, model_fn, params, fc)
+    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
+    act = _to_grid(fn, names[0], acts[names[0]], x, reshape)
+    if act.shape[1] != weight.shape[1]:
+        raise _checks.value_error(fn, f"layer channels K equal to the fc weight's {weight.shape[1]}",
+                                  f"K = {act.shape[1]}", "Name the layer that feeds the pooling and fc.")
+    index = _targets.resolve_index(out, target, fn=fn, output=_targets.selector(model_fn))
+    maps = torch.einsum("bk,bk...->b...", weight[index], act).unsqueeze(1)
+    return _finish(fn, maps, x, relu, upsample)
+
+
+def grad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+             relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
+    """Grad-CAM: channel weights are the spatial mean of ``d score / d activation``.
+
+    ``map = relu(sum_k mean_ij(d y_c / d A_k[i, j]) A_k)``. Several layers share one forward and
+    one backward pass.
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
+      target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
+      layer: Dotted module name or the module; a list / tuple / dict of them gives a list / dict
+        of maps.
+      relu: Keep only positive evidence, as in the paper. Default: True.
+      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear for 1, 2 or 3 grid
+        axes, ``align_corners=False``). Default: True.
+      reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
+        ``reshape_transform``), applied to the activation and to its gradient alike, e.g.
+        ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT tokens or
+        ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the
+        output must already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from
+        ``x``'s by one factor; any other layout is refused, never guessed.
+
+    Returns:
+      Maps ``[B, 1, H, W]`` (``[B, 1, *spatial]`` with ``upsample=False``), in ``layer``'s structure.
+
+    Raises:
+      ValueError: ``grad_cam: unknown layer 'layer9'. Did you mean 'layer1' or 'layer2'?``, a layer
+        never reached in the forward, a target out of range, NaN input.
+      TypeError: integer images, a bad target or layer type.
+
+    Example:
+      >>> fn, params = functionalize(resnet.eval())
+      >>> grad_cam(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+      >>> l3, l4 = grad_cam(fn, params, images, labels, layer=["layer3", "layer4"])
+      >>> torch.func.vmap(lambda p: grad_cam(fn, p, images, labels, layer="layer4"))(stacked)  # ensemble
+
+    Cost: one forward, one backward from the output to the deepest ``layer`` only (no parameter
+    gradients). The first call for a new input shape adds one forward without autograd to learn
+    the layers' shapes.
+    References: Selvaraju et al., "Grad-CAM", ICCV 2017.
+    """
+    return _gradient_weighted("grad_cam", _grad_cam_weights, model_fn, params, x, target, layer, relu, upsample,
+                              reshape)
+
+
+def _grad_cam_weights(act: Tensor, grad: Tensor) -> Tensor:
+    """Grad-CAM's channel weights ``[B, K, 1, ...]``: the spatial mean of the gradient."""
+    del act
+    return grad.mean(dim=tuple(range(2, grad.ndim)), keepdim=True)
+
+
+def _gradient_weighted(fn: str, channel_weights, model_fn, params, x, target, layer, relu, upsample,
+                       reshape) -> Any:
+    """``sum_k w_k A_k`` per layer, with ``w = channel_weights(A, d score / d A)``, in one forward + backward.
+
+    ``w`` is ``[B, K, 1, ...]`` (one weight per channel) or ``[B, K, *grid]`` (one per position).
+    ``reshape`` re-indexes the activation and its gradient alike: for a re-indexing ``R`` (tokens
+    to a grid, a permutation) ``R(d score / d a)`` is the gradient w.r.t. the kept entries of
+    ``R(a)``, exactly, and both stay differentiable functions of ``params`` and ``x``.
+
+    Weights and maps are computed in at least float32 and rounded to the layer's dtype once at
+    the end: in float16, Grad-CAM++'s ``g ** 3`` and XGrad-CAM's ``eps`` would underflow.
+    """
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
+    names, rebuild = resolve_layers(fn, model_fn, layer)
+    result = layer_gradients(model_fn, params, x, target, layers=names, fn=fn)
+    maps: Dict[str, Tensor] = {}
+    for name in dict.fromkeys(names):
+        act = _to_grid(fn, name, result.acts[name], x, reshape)
+        grad = result.grads[name] if reshape is None else reshape(result.grads[name])
+        dtype = act.dtype
+        act, grad = _at_least_float32(act), _at_least_float32(grad)
+        weights = channel_weights(act, grad)
+        maps[name] = _rounded(_finish(fn, (weights * act).sum(dim=1, keepdim=True), x, relu, upsample), x, dtype)
+    return rebuild(maps)
+
+
+def _rounded(maps: Tensor, x: Any, dtype: torch.dtype) -> Tensor:
+    """A finished map in ``x``'s dtype (``_finish`` casts it) or, without a floating-point image
+    (token ids), rounded to the layer's ``dtype`` once."""
+    image = _image_of(x)
+    return maps if image is not None and image.is_floating_point() else maps.to(dtype)
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    """``t`` in float32 if its dtype is a 16-bit float (bfloat16, float16); as it is otherwise."""
+    return t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t
+
+
+# Grad-CAM++'s alpha denominator gets this added, as pytorch-grad-cam does, so that a position
+# where the denominator cancels gives a large but finite alpha.
+_PP_EPS = 1e-6
+
+
+def grad_cam_pp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+                relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
+    """Grad-CAM++: channel weights sum the positive gradients, each scaled by a per-position alpha.
+
+    With ``g = d y_c / d A_k`` at each position and ``S_k = sum_ij A_k[i, j]``,
+    ``alpha = g^2 / (2 g^2 + S_k g^3 + 1e-6)`` (0 where ``g == 0``), ``w_k = sum_ij alpha relu(g)``
+    and ``map = relu(sum_k w_k A_k)``. This is the paper's closed form for an exponentiated score
+    ``exp(y_c)``, whose second and third derivatives are powers of the first; the score
+    differentiated is ``y_c`` itself, as in pytorch-grad-cam, whose raw maps this reproduces.
+    Several layers share one forward and one backward pass.
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
+      target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
+      layer: Dotted module name or the module; a list / tuple / dict of them gives a list / dict
+        of maps.
+      relu: Keep only positive evidence, as in the paper. Default: True.
+      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear for 1, 2 or 3 grid
+        axes, ``align_corners=False``). Default: True.
+      reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
+        ``reshape_transform``), applied to the activation and to its gradient alike, e.g.
+        ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT tokens or
+        ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the
+        output must already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from
+        ``x``'s by one factor; any other layout is refused, never guessed.
+
+    Returns:
+      Maps ``[B, 1, H, W]`` (``[B, 1, *spatial]`` with ``upsample=False``), in ``layer``'s structure.
+
+    Raises:
+      ValueError: an unknown layer (with close names suggested), a layer never reached in the
+        forward or without a spatial grid, a target out of range, NaN input.
+      TypeError: integer images, a bad target or layer type.
+
+    Example:
+      >>> grad_cam_pp(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+      >>> l3, l4 = grad_cam_pp(fn, params, images, labels, layer=["layer3", "layer4"])
+
+    Cost: as :func:`grad_cam`: one forward, one backward from the output to the deepest ``layer``
+    only (no parameter gradients).
+    References: Chattopadhyay et al., "Grad-CAM++: Generalized Gradient-Based Visual Explanations
+    for Deep Convolutional Networks", WACV 2018.
+    """
+    return _gradient_weighted("grad_cam_pp", _grad_cam_pp_weights, model_fn, params, x, target, layer, relu,
+                              upsample, reshape)
+
+
+def _grad_cam_pp_weights(act: Tensor, grad: Tensor) -> Tensor:
+    """Grad-CAM++'s channel weights ``[B, K, 1, ...]``: ``sum_ij alpha relu(g)``."""
+    spatial = tuple(range(2, grad.ndim))
+    total = act.sum(dim=spatial, keepdim=True)
+    g2 = grad * grad
+    alpha = g2 / (2 * g2 + total * g2 * grad + _PP_EPS)
+    alpha = torch.where(grad != 0, alpha, torch.zeros_like(alpha))
+    return (alpha * torch.relu(grad)).sum(dim=spatial, keepdim=True)
+
+
+_ARGS_DOC = """      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
+      target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
+      layer: Dotted module name or the module; a list / tuple / dict of them gives a list / dict
+        of maps.
+      relu: Keep only positive evidence, as in the paper. Default: True.
+      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear for 1, 2 or 3 grid
+        axes, ``align_corners=False``). Default: True.
+      reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
+        ``reshape_transform``), applied to the activation and to its gradient alike, e.g.
+        ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT tokens or
+        ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the output must
+        already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from ``x``'s by
+        one factor; any other layout is refused, never guessed."""
+
+
+def layer_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+              relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
+    """Layer-CAM: each position weighs the activations by its own positive gradient.
+
+    ``map = relu(sum_k relu(d y_c / d A_k[i, j]) A_k[i, j])``: the weights are not pooled over the
+    grid, so shallow layers give fine-grained maps. Several layers share one forward and one
+    backward pass.
+
+    Args:
+{args}
+
+    Returns:
+      Maps ``[B, 1, H, W]`` (``[B, 1, *grid]`` with ``upsample=False``), in ``layer``'s structure.
+
+    Raises:
+      ValueError: an unknown layer (close names suggested), a layer never reached, an output
+        that is not ``[B, K, *grid]`` (pass ``reshape=``), a target out of range, NaN input.
+      TypeError: integer images, a bad target, layer or reshape type.
+
+    Example:
+      >>> layer_cam(fn, params, images, labels, layer="layer3").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+      >>> l2, l3, l4 = layer_cam(fn, params, images, labels, layer=["layer2", "layer3", "layer4"])
+
+    Cost: as :func:`grad_cam`: one forward, one backward from the output to the deepest ``layer``.
+    References: Jiang et al., "LayerCAM: Exploring Hierarchical Class Activation Maps for
+    Localization", IEEE TIP 2021.
+    """
+    return _gradient_weighted("layer_cam", _layer_cam_weights, model_fn, params, x, target, layer, relu, upsample,
+                              reshape)
+
+
+def _layer_cam_weights(act: Tensor, grad: Tensor) -> Tensor:
+    """Layer-CAM's weights ``[B, K, *grid]``: the positive part of the gradient at each position."""
+    del act
+    return torch.relu(grad)
+
+
+def xgrad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+              relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None,
+              eps: float = 1e-7) -> Any:
+    """XGrad-CAM: channel weights are the gradient averaged with the activation's own weights.
+
+    ``w_k = sum_ij (d y_c / d A_k[i, j]) A_k[i, j] / (sum_ij A_k[i, j] + eps)`` and
+    ``map = relu(sum_k w_k A_k)``. For a ReLU network it satisfies the paper's sensitivity and
+    conservation axioms. Several layers share one forward and one backward pass.
+
+    Args:
+{args}
+      eps: Added to each channel's activation sum, so that a channel summing to zero gets a large
+        but finite weight. Default: 1e-7, as pytorch-grad-cam; torchcam adds 1e-8. It matters
+        only for channels whose sum is near zero (e.g. after Hardswish or GELU).
+
+    Returns:
+      Maps ``[B, 1, H, W]`` (``[B, 1, *grid]`` with ``upsample=False``), in ``layer``'s structure.
+
+    Raises:
+      ValueError: an unknown layer (close names suggested), a layer never reached, an output
+        that is not ``[B, K, *grid]`` (pass ``reshape=``), a target out of range, NaN input.
+      TypeError: integer images, a bad target, layer or reshape type.
+
+    Example:
+      >>> xgrad_cam(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+
+    Cost: as :func:`grad_cam`: one forward, one backward from the output to the deepest ``layer``.
+    References: Fu et al., "Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation
+    of CNNs", BMVC 2020.
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise _checks.value_error("xgrad_cam", "eps, a float >= 0", _checks.describe(eps))
+    return _gradient_weighted("xgrad_cam", functools.partial(_xgrad_cam_weights, eps=float(eps)), model_fn, params,
+                              x, target, layer, relu, upsample, reshape)
+
+
+def _xgrad_cam_weights(act: Tensor, grad: Tensor, *, eps: float) -> Tensor:
+    """XGrad-CAM's channel weights ``[B, K, 1, ...]``: ``sum_ij g A / (sum_ij A + eps)``."""
+    spatial = tuple(range(2, grad.ndim))
+    return (grad * act).sum(dim=spatial, keepdim=True) / (act.sum(dim=spatial, keepdim=True) + eps)
+
+
+def hires_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+              relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
+    """HiResCAM: the element-wise product of gradient and activation, summed over channels.
+
+    ``map = relu(sum_k (d y_c / d A_k[i, j]) A_k[i, j])``. Unlike Grad-CAM the gradient is not
+    averaged over the grid, so for a network whose score is a linear function of the layer (after
+    global average pooling and a linear head) the map's mean is exactly that part of the score.
+    Several layers share one forward and one backward pass.
+
+    Args:
+{args}
+
+    Returns:
+      Maps ``[B, 1, H, W]`` (``[B, 1, *grid]`` with ``upsample=False``), in ``layer``'s structure.
+
+    Raises:
+      ValueError: an unknown layer (close names suggested), a layer never reached, an output
+        that is not ``[B, K, *grid]`` (pass ``reshape=``), a target out of range, NaN input.
+      TypeError: integer images, a bad target, layer or reshape type.
+
+    Example:
+      >>> hires_cam(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+
+    Cost: as :func:`grad_cam`: one forward, one backward from the output to the deepest ``layer``.
+    References: Draelos and Carin, "Use HiResCAM instead of Grad-CAM for faithful explanations of
+    convolutional neural networks", arXiv:2011.08891, 2020.
+    """
+    return _gradient_weighted("hires_cam", _hires_cam_weights, model_fn, params, x, target, layer, relu, upsample,
+                              reshape)
+
+
+def _hires_cam_weights(act: Tensor, grad: Tensor) -> Tensor:
+    """HiResCAM's weights ``[B, K, *grid]``: the gradient itself."""
+    del act
+    return grad
+
+
+def eigen_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+              relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
+    """Eigen-CAM: the activations projected on their first principal component (class-agnostic).
+
+    Per example, the activations are read as ``n = h w`` points in ``R^K``, centred (the mean over
+    positions is subtracted from each channel), and projected on the first right singular vector
+    ``v`` of that ``[n, K]`` matrix: ``map[i, j] = (A[:, i, j] - mean) . v``. A singular vector's
+    sign is arbitrary (LAPACK picks one), so the sign is fixed deterministically: ``v`` is
+    flipped when ``sum_k v_k < 0``. Equivalently, the map correlates non-negatively with the
+    centred channel-sum map ``sum_k (A_k - mean_k)``, so regions of strong overall activation are
+    positive. pytorch-grad-cam leaves the sign to LAPACK; its maps equal these up to that sign.
+    ``target`` is validated against the output but does not change the map. Several layers share one forward pass.
+
+    The map is differentiable where the top two singular values are distinct (the projection's
+    gradient divides by their gap).
+
+    Args:
+{args}
+
+    Returns:
+      Maps ``[B, 1, H, W]`` (``[B, 1, *grid]`` with ``upsample=False``), in ``layer``'s structure.
+
+    Raises:
+      ValueError: an unknown layer (close names suggested), a layer never reached, an output
+        that is not ``[B, K, *grid]`` (pass ``reshape=``), a target out of range, NaN input.
+      TypeError: integer images, a bad target, layer or reshape type.
+
+    Example:
+      >>> eigen_cam(fn, params, images, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+
+    Cost: one forward pass, no backward; one SVD of ``[h w, K]`` per example and layer.
+    References: Muhammad and Yeasin, "Eigen-CAM: Class Activation Map using Principal
+    Components", IJCNN 2020.
+    """
+    fn = "eigen_cam"
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
+    names, rebuild = resolve_layers(fn, model_fn, layer)
+    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
+    # validated (a class out of range is an error), then unused
+    _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))
+    maps: Dict[str, Tensor] = {}
+    for name in dict.fromkeys(names):
+        act = _to_grid(fn, name, acts[name], x, reshape)
+        dtype = act.dtype
+        act = _at_least_float32(act)  # no SVD for 16-bit floats (and too few digits for one)
+        points = act.flatten(2).transpose(1, 2)                      # [B, n, K]
+        points = points - points.mean(dim=1, keepdim=True)
+        _, _, vh = torch.linalg.svd(points, full_matrices=False)
+        direction = vh[:, 0, :]                                       # [B, K]
+        sign = torch.where(direction.sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(direction.dtype)
+        projection = (points @ (direction * sign).unsqueeze(2)).squeeze(2)   # [B, n]
+        maps[name] = _rounded(_finish(fn, projection.reshape(act.shape[0], 1, *act.shape[2:]), x, relu, upsample), x,
+                              dtype)
+    return rebuild(maps)
+
+
+def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: LayerSpec,
+                 batch_size: int = 32, relu: bool = True, upsample: bool = True,
+                 reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """Ablation-CAM: each channel is weighted by the relative drop of the score when it is zeroed.
+
+    With ``y`` the target score and ``y_k`` the score when channel ``k`` of the layer's output is
+    set to zero, ``w_k = (y - y_k) / y`` and ``map = relu(sum_k w_k A_k)``. Each of the ``B K``
+    ablations is the network's output with that channel of the layer's output zeroed, run in chunks
+    of ``batch_size`` rows from the layer on (see Cost). With
+    ``reshape``, channel ``k`` of ``reshape(output)`` is zeroed: the entries of the layer's own
+    output that ``reshape`` maps there (for a re-indexing such as ``tokens_to_grid``; tokens it
+    drops are never ablated).
+
+    pytorch-grad-cam's ``AblationCAM`` zeroes the channel too when the layer's minimum is 0 (a
+    ReLU output), but otherwise writes ``min - 1e7``; these maps equal its maps on layers whose
+    minimum is 0. No gradient is needed: autograd is left as the caller has it, and the map is
+    differentiable w.r.t. ``params`` and ``x`` when they require it (all ``B K`` forwards are then
+    kept for the backward; wrap the call in ``torch.no_grad()`` when no gradient is wanted).
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
+      target: ``None`` (the class predicted for the unablated image), int, ``[B]`` ints, or a
+        callable ``out -> [n]`` applied to each chunk of ``n`` ablated images (row by row).
+      layer: One dotted module name or module.
+      batch_size: The most ablated images in one forward (a memory cap; it changes the result
+        only by float rounding). Default: 32.
+      relu: Keep only positive evidence, as in the paper. Default: True.
+      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear for 1, 2 or 3 grid
+        axes, ``align_corners=False``). Default: True.
+      reshape: A callable from the layer's output to ``[B, K, *grid]``, as in :func:`grad_cam`.
+        Default: ``None`` (the output must already be ``[B, K, *grid]``, see :func:`grad_cam`).
+
+    Returns:
+      ``[B, 1, H, W]`` (``[B, 1, *grid]`` with ``upsample=False``).
+
+    Raises:
+      ValueError: an unknown layer, a layer never reached, an output that is not
+        ``[B, K, *grid]`` (pass ``reshape=``), ``batch_size`` below 1, a target out of range,
+        NaN input.
+      TypeError: several layers (one per call), a bad ``batch_size``, target, layer or reshape type.
+
+    Example:
+      >>> with torch.no_grad():
+      ...     maps = ablation_cam(fn, params, images, labels, layer="layer4", batch_size=64)   # [8, 1, 224, 224]
+
+    Cost: one forward over ``x``, then for each image ``ceil(K / batch_size)`` runs of the network from
+    the layer on (:func:`torchex_fn.capture.run_tail`): the layers before it run once per run on the
+    one image, the rest on up to ``batch_size`` ablated activations (for torchvision's ResNet at
+    ``layer4``, only ``avgpool`` and ``fc``); no backward. A model whose rest needs the earlier layers'
+    batch (a tensor concatenated past the layer) gets ``ceil(B K / batch_size)`` full forwards of up
+    to ``batch_size`` images instead.
+    References: Desai and Ramaswamy, "Ablation-CAM: Visual Explanations for Deep Convolutional
+    Network via Gradient-free Localization", WACV 2020.
+    """
+    fn = "ablation_cam"
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True)
+    _checks.check_positive_int(fn, "batch_size", batch_size)
+    if isinstance(layer, (list, tuple, dict)):
+        raise _checks.type_error(fn, "layer, one dotted name or module (Ablation-CAM takes one layer per call)",
+                                 _checks.describe(layer), "Call ablation_cam once per layer.")
+    names, _ = resolve_layers(fn, model_fn, layer)
+    name = names[0]
+    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
+    raw = acts[name]
+    act = _to_grid(fn, name, raw, x, reshape)
+    batch, channels = act.shape[:2]
+    call_target = callable(target) and not isinstance(target, Tensor)
+    chosen = _targets.selector(model_fn)
+    index: Any = None if call_target else _targets.resolve_index(out, target, fn=fn, output=chosen)
+    base = (_targets.resolve(out, target, fn=fn) if call_target
+            else _targets.select_output(out, chosen, fn=fn).gather(1, index[:, None]).squeeze(1))
+
+    def keep_of(chunk: Tensor, onehot: Tensor) -> Tensor:
+        """What the ablation removes from ``chunk`` (rows of the raw output): channel k's entries."""
+        if reshape is None:
+            return onehot.reshape(*onehot.shape, *([1] * (raw.ndim - 2)))
+        # the entries of the raw output that reshape sends to channel k: its transpose applied to a one-hot
+        mapped, transpose = torch.func.vjp(reshape, chunk)  # type: ignore[misc]  # 2 values without has_aux
+        (keep_out,) = transpose(onehot.reshape(*onehot.shape, *([1] * (mapped.ndim - 2))).expand_as(mapped))
+        return keep_out
+
+    def score(masked_out: Tensor, rows: Tensor) -> Tensor:
+        if call_target:
+            return _targets.resolve(masked_out, target, fn=fn)
+        picked = _targets.select_output(masked_out, chosen, fn=fn)
+        return picked.gather(1, index.index_select(0, rows)[:, None]).squeeze(1)
+
+    eye = torch.eye(channels, dtype=act.dtype, device=act.device)
+    scores: List[Tensor] = []
+    # Fast path: the ablations of one image run as tails (capture.run_tail): the layers up to the ablated one
+    # run once on that image per chunk, only the rest of the network on the chunk's ablated activations.
+    try:
+        for b in range(batch):
+            for c0 in range(0, channels, batch_size):
+                c1 = min(c0 + batch_size, channels)
+                rows = torch.full((c1 - c0,), b, dtype=torch.long, device=x.device)
+                chunk = raw[b:b + 1].expand(c1 - c0, *raw.shape[1:])
+                values = chunk - chunk * keep_of(chunk, eye[c0:c1])
+                scores.append(score(run_tail(model_fn, params, x[b:b + 1], name, values, fn=fn), rows))
+    except TailMismatch:
+        # The rest of this model needs the prefix's batch: full forwards, chunks of batch_size ablated
+        # images, each with its channel's activation removed by a perturbation of the layer's output.
+        # Row r of the flattened work is image r // K with its channel r % K zeroed.
+        scores = []
+        image_of = torch.arange(batch, device=x.device).repeat_interleave(channels)
+        channel_of = torch.arange(channels, device=x.device).repeat(batch)
+        for start in range(0, batch * channels, batch_size):
+            rows = image_of[start:start + batch_size]
+            chunk = raw.index_select(0, rows)
+            keep_out = keep_of(chunk, eye.index_select(0, channel_of[start:start + batch_size]))
+            masked_out, _ = intermediates(model_fn, layers=names, perturb={name: -chunk * keep_out}, fn=fn)(
+                params, x.index_select(0, rows))
+            scores.append(score(masked_out, rows))
+    ablated = torch.cat(scores).reshape(batch, channels)
+    weights = (base[:, None] - ablated) / base[:, None]
+    maps = torch.einsum("bk,bk...->b...", weights.to(act.dtype), act).unsqueeze(1)
+    return _finish(fn, maps, x, relu, upsample)
+
+
+# The name under which fullgrad marks the model's input with ``tap`` (no module name contains "<").
+_INPUT = "<input>"
+
+
+class _InputTapped:
+    """``model_fn`` with its input marked by ``tap``, so that :func:`layer_gradients` also returns
+    ``d score / d x`` from the same backward pass. ``module`` keeps the memo of layer shapes keyed
+    by the user's model (or function), not by this short-lived wrapper; ``output`` keeps
+    ``functionalize``'s choice of the tensor that integer targets index."""
+
+    def __init__(self, model_fn):
+        self.model_fn = model_fn
+        self.module = getattr(model_fn, "module", model_fn)
+        self.output = getattr(model_fn, "output", None)
+
+    def __call__(self, params, x):
+        return self.model_fn(params, tap(_INPUT, x))
+
+
+_BIAS_MODULES = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}
+
+
+def _bias_layers(fn: str, model_fn, x: Tensor) -> List[str]:
+    """The convolutions and batch norms with a bias whose grid has ``x``'s spatial rank."""
+    module = getattr(model_fn, "module", None)
+    if module is None:
+        raise _checks.type_error(fn, "layer (the names of the layers with biases) for a model_fn not built by "
+                                 "functionalize", "None")
+    kinds = _BIAS_MODULES.get(x.ndim - 2, ())
+    names = [name for name, m in module.named_modules()
+             if isinstance(m, kinds) and getattr(m, "bias", None) is not None and name]
+    if not names:
+        raise _checks.value_error(fn, f"convolutions or batch norms with a bias for x of rank {x.ndim}", "none",
+                                  "Name the layers with layer=.")
+    return names
+
+
+def _bias_of(fn: str, model_fn, params, name: str) -> Tensor:
+    """Layer ``name``'s bias per output channel; a batch norm's folds in its running statistics."""
+    key = f"{name}.bias"
+    if key not in params:
+        raise _checks.value_error(fn, f"layer {name!r} to have a bias ({key!r} in params)", "none",
+                                  "FullGrad uses the layers with biases (convolutions, batch norms).")
+    bias = params[key]
+    module = getattr(model_fn, "module", None)
+    layer = module.get_submodule(name) if module is not None else None
+    mean, var = params.get(f"{name}.running_mean"), params.get(f"{name}.running_var")
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm) and mean is not None and var is not None:
+        weight = params.get(f"{name}.weight")
+        scale = torch.rsqrt(var + layer.eps) * (weight if weight is not None else 1.0)
+        bias = bias - mean * scale
+    return bias
+
+
+def _scaled_channel_sum(maps: Tensor, x: Tensor) -> Tensor:
+    """``sum_k`` of each ``[B, K, *grid]`` channel min-max scaled (``(m - min) / (max - min + 1e-7)``), at x's size.
+
+    The resize is linear, so summing the channels before resizing equals resizing each (up to
+    rounding) and needs one channel at x's size instead of K. A constant channel scales to 0; its
+    gradient is taken as 0 too (the kink's zero subgradient): through ``1 / (range + 1e-7)`` it
+    would otherwise be float rounding multiplied by 1e7 (a layer right before global average
+    pooling has a constant gradient map).
+    """
+    flat = _at_least_float32(maps.flatten(2))
+    flat = flat - flat.amin(dim=2, keepdim=True)
+    top = flat.amax(dim=2, keepdim=True)
+    flat = torch.where(top > 0, flat / (top + 1e-7), torch.zeros_like(flat))
+    return _grid.resize(flat.sum(dim=1, keepdim=True).reshape(maps.shape[0], 1, *maps.shape[2:]),
+                               x.shape[2:])
+
+
+def fullgrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Any = None,
+             relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """FullGrad: the input-gradient term plus the bias-gradient terms of every layer with a bias.
+
+    ``map = sum_c psi(|d y / d x * x|_c) + sum_l sum_k psi(|b_{l,k} d y / d z_{l,k}|)``, where
+    ``z_l`` is layer ``l``'s output, ``b_l`` its bias per channel (a batch norm's effective bias
+    ``beta - mean gamma / sqrt(var + eps)``), and ``psi`` scales each map of one example and one
+    channel to [0, 1] (``(m - min) / (max - min + 1e-7)``) and resizes it to ``x``'s size
+    (bilinear). This is pytorch-grad-cam's ``FullGrad`` up to its final min-max scaling (the
+    paper's ``psi`` is the same up to that normalisation). The map is built at ``x``'s size from
+    one forward and one backward pass to the input.
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
+        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
+      target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
+      layer: The layers whose biases count: ``None`` (default) for every convolution and batch
+        norm with a bias of ``x``'s spatial rank (as pytorch-grad-cam), or names / modules.
+      relu: Kept for a uniform signature: every term is non-negative, so it changes nothing.
+        Default: True.
+      upsample: Must be True: the map is a sum of maps at ``x``'s size. Default: True.
+      reshape: A callable from each layer's output to ``[B, K, *grid]``, as in :func:`grad_cam`
+        (applied to the gradients). Default: ``None``.
+
+    Returns:
+      ``[B, 1, *spatial]``, ``x``'s spatial size.
+
+    Raises:
+      ValueError: ``upsample=False``; a named layer without a bias or never reached; a target
+        out of range; NaN input.
+      TypeError: ``layer=None`` for a ``model_fn`` not built by ``functionalize``, integer
+        images, a bad target or reshape type.
+
+    Example:
+      >>> fullgrad(fn, params, images, labels).shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+
+    Cost: one forward, one backward to the input (no parameter gradients); memory: one map of
+    ``x``'s size per example besides the backward.
+    References: Srinivas and Fleuret, "Full-Gradient Representation for Neural Network
+    Visualization", NeurIPS 2019.
+    """
+    fn = "fullgrad"
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True, resizes_x=True)
+    if not upsample:
+        raise _checks.value_error(fn, "upsample=True (FullGrad sums maps resized to x's size)", "False")
+    names = _bias_layers(fn, model_fn, x) if layer is None else list(dict.fromkeys(resolve_layers(fn, model_fn,
+                                                                                               layer)[0]))
+    biases = {name: _bias_of(fn, model_fn, params, name) for name in names}
+    result = layer_gradients(_InputTapped(model_fn), params, x, target, layers=[_INPUT, *names], fn=fn)
+    total = _scaled_channel_sum((result.grads[_INPUT] * x).abs(), x)
+    for name in names:
+        grid = _to_grid(fn, name, result.acts[name], x, reshape)
+        grad = result.grads[name] if reshape is None else reshape(result.grads[name])
+        bias = biases[name]
+        if bias.shape != grid.shape[1:2]:
+            raise _checks.value_error(fn, f"layer {name!r}'s bias to have one entry per channel ({grid.shape[1]})",
+                                      _checks.describe(bias))
+        total = total + _scaled_channel_sum((grad * bias.reshape(1, -1, *([1] * (grad.ndim - 2)))).abs(), x)
+    total = total.to(x.dtype)
+    return torch.relu(total) if relu else total
+
+
+for _method in (layer_cam, xgrad_cam, hires_cam, eigen_cam):
+    if _method.__doc__:  # None under python -OO
+        _method.__doc__ = _method.__doc__.replace("{args}", _ARGS_DOC)
+del _method
+
+
+_SCORE_CAM_WEIGHTS = ("prob", "softmax")
+
+
+def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+              batch_size: int = 32, upsample: bool = True, relu: bool = True, weights: str = "prob",
+              align_corners: bool = False, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """Score-CAM: each channel is weighted by the model's score for the input masked by that channel.
+
+    Each activation channel ``A_k`` is resized to ``x``'s size (linear, bilinear or trilinear for
+    sequences, images or volumes) and min-max normalised
+    to ``M_k = (A_k - min) / (max - min + 1e-8)`` (a constant channel gives ``M_k = 0``); the
+    model scores ``x * M_k``, and ``map = relu(sum_k w_k A_k)`` at the layer's resolution. The
+    channel weights ``w_k`` come from the scores of the ``K`` masked copies of each image:
+
+    * ``weights="prob"``: ``w_k = softmax(out(x * M_k))[c]``, the target's class probability, as
+      in the authors' released code (a callable target's value is used as ``w_k`` directly);
+    * ``weights="softmax"``: ``w = softmax_k(s_k)``, a softmax over channels of the target's raw
+      score ``s_k`` (the logit, or a callable's value), as pytorch-grad-cam's ``ScoreCAM``
+      computes it (which also resizes with ``align_corners=True``).
+
+    No gradient is needed, and autograd is left as the caller has it: with ``params`` and ``x``
+    not requiring gradients (``functionalize`` detaches ``params``) no graph is recorded. Under
+    ``torch.func.grad`` or with inputs requiring gradients the map is differentiable (almost
+    everywhere: min-max normalisation), but all ``B K`` masked forwards are kept for the backward;
+    wrap the call in ``torch.no_grad()`` when no gradient is wanted.
+
+    Args:
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, C, *grid]`` with 1 to 3 grid axes: sequences ``[B, C, T]``, images
+        ``[B, C, H, W]``, volumes ``[B, C, D, H, W]``.
+      target: ``None`` (the class predicted for the unmasked image), int, ``[B]`` ints, or a
+        callable ``out -> [n]`` applied to each batch of ``n`` masked images (it must act row by row).
+      layer: One dotted module name or module with output ``[B, K, *grid]`` (``x``'s grid axes).
+      batch_size: The most masked images in one forward pass (memory cap; it does not change the
+        result beyond float rounding). Default: 32.
+      upsample: Resize the map to ``x``'s spatial size (linear, bilinear or trilinear,
+        ``align_corners=False``). Default: True.
+      relu: Keep only positive evidence, as in the paper. Default: True.
+      weights: ``"prob"`` or ``"softmax"``, see above. Default: ``"prob"``.
+      align_corners: How the activations are resized into masks. Default: False (the authors'
+        code); pytorch-grad-cam uses True.
+      reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
+        ``reshape_transform``), e.g. ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT
+        tokens or ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the
+        output must already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from
+        ``x``'s by one factor; any other layout is refused, never guessed.
+
+    Returns:
+      ``[B, 1, *grid]`` of ``x``'s grid, e.g. ``[B, 1, H, W]`` (the layer's grid with ``upsample=False``).
+
+    Raises:
+      ValueError: an unknown layer, a layer never reached or without ``x``'s grid axes, ``batch_size``
+        below 1, an unknown ``weights``, ``x`` not of rank 3, 4 or 5, a target out of range, NaN input.
+      TypeError: several layers (Score-CAM takes one), a bad ``batch_size``, target or layer type.
+
+    Example:
+      >>> score_cam(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+      >>> with torch.no_grad():
+      ...     maps = score_cam(fn, params, images, layer=model.layer3, batch_size=128)
+      >>> score_cam(fn1d, params1d, audio, labels, layer="features").shape   # [8, 2, 16000] -> [8, 1, 16000]
+
+    Cost: one forward over ``x`` to capture the layer, then ``ceil(B K / batch_size)`` forward
+    passes of up to ``batch_size`` masked images; no backward. Memory: one such forward and its
+    ``batch_size`` masks ``[H, W]`` (masks are made one chunk at a time).
+    References: Wang et al., "Score-CAM: Score-Weighted Visual Explanations for Convolutional
+    Neural Networks", CVPR Workshops 2020.
+    """
+    fn = "score_cam"
+    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True, resizes_x=True)
+    _checks.check_positive_int(fn, "batch_size", batch_size)
+    _checks.check_bool(fn, "align_corners", align_corners)
+    if weights not in _SCORE_CAM_WEIGHTS:
+        raise _checks.value_error(fn, f"weights in {_SCORE_CAM_WEIGHTS}", _checks.describe(weights))
+    if isinstance(layer, (list, tuple, dict)):
+        raise _checks.type_error(fn, "layer, one dotted name or module (Score-CAM takes one layer per call)",
+                                 _checks.describe(layer), "Call score_cam once per layer.")
+    names, _ = resolve_layers(fn, model_fn, layer)
+    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
+    act = _to_grid(fn, names[0], acts[names[0]], x, reshape)
+    if act.ndim != x.ndim:
+        raise _checks.value_error(fn, f"layer {names[0]!r} to output [B, K, *grid] with x's {x.ndim - 2} grid axes",
+                                  _checks.describe(act), f"Name a {x.ndim - 2}-d convolutional layer.")
+    batch, channels = act.shape[:2]
+    index = None
+    chosen_output = _targets.selector(model_fn)
+    if not (callable(target) and not isinstance(target, Tensor)):
+        index = _targets.resolve_index(out, target, fn=fn, output=chosen_output)
+
+    # Row r of the flattened work is image r // K masked by its channel r % K. Masks are made one
+    # chunk at a time: all B K of them at the input's size would not fit (8 x 512 x 224 x 224 floats).
+    # Masks are normalised in at least float32: in float16 the 1e-8 would round to 0 (a constant
+    # channel would give 0 / 0), and bfloat16 would round the mask before the model sees it twice.
+    channel_maps = act.reshape(batch * channels, 1, *act.shape[2:])
+    image_of = torch.arange(batch, device=x.device).repeat_interleave(channels)
+    mode = _grid.INTERPOLATION[x.ndim - 2]
+    grid_dims = tuple(range(2, x.ndim))
+    mask_dtype = torch.promote_types(act.dtype, torch.float32)
+    scores: List[Tensor] = []
+    for start in range(0, batch * channels, batch_size):
+        rows = image_of[start:start + batch_size]
+        masks = F.interpolate(channel_maps[start:start + batch_size].to(mask_dtype), size=x.shape[2:], mode=mode,
+                              align_corners=align_corners)
+        low = masks.amin(dim=grid_dims, keepdim=True)
+        high = masks.amax(dim=grid_dims, keepdim=True)
+        masks = ((masks - low) / (high - low + 1e-8)).to(x.dtype)
+        masked_out = model_fn(params, x.index_select(0, rows) * masks)
+        if index is None:
+            scores.append(_targets.resolve(masked_out, target, fn=fn))
+        else:
+            chosen = index.index_select(0, rows)
+            masked_out = _targets.select_output(masked_out, chosen_output, fn=fn)
+            if weights == "prob":
+                masked_out = torch.softmax(masked_out, dim=1)
+            scores.append(masked_out.gather(1, chosen[:, None]).squeeze(1))
+    channel_weights = torch.cat(scores).reshape(batch, channels)
+    if weights == "softmax":
+        channel_weights = torch.softmax(channel_weights, dim=1)
+    maps = torch.einsum("bk,bk...->b...", channel_weights.to(act.dtype), act).unsqueeze(1)
+    return _finish(fn, maps, x, relu, upsample)

@@ -1,0 +1,752 @@
+"""Layer-wise relevance propagation (LRP) with zennit's composites, as a pure function.
+
+LRP (Bach et al., 2015) sends the target score back through the network layer by layer; each layer
+splits the relevance arriving at its output among its inputs by a *rule*. For a layer
+``z_j = sum_i a_i w_ij + b_j`` the rules are (``R_j`` the relevance at output ``j``, ``stab(t) = t +
+eps * sign(t)`` with ``sign(0) = 1``, ``w+ = max(w, 0)``, ``a+ = max(a, 0)`` and so on):
+
+* epsilon: ``R_i = a_i sum_j w_ij R_j / stab(z_j)`` (``epsilon=0``: LRP-0);
+* z-plus (alpha1-beta0): ``R_i = sum_j (a+_i w+_ij + a-_i w-_ij) R_j / stab(z+_j)``, ``z+_j = sum_i
+  (a+_i w+_ij + a-_i w-_ij) + b+_j``;
+* alpha2-beta1: ``2 x`` the positive contributions' share minus ``1 x`` the negative ones';
+* gamma: z-plus with weights ``w + gamma w+`` for outputs ``z_j > 0`` (``w + gamma w-`` for ``z_j < 0``);
+* flat: every input of the receptive field gets an equal share (weights and inputs set to 1);
+* w-square: shares ``w_ij^2 / sum_i w_ij^2``;
+* z-box: the first layer, for inputs bounded by ``low <= x <= high``;
+* pass: elementwise activations and batch norm pass relevance through unchanged;
+* norm: average pooling and the residual sum split relevance in proportion to each input's
+  contribution, ``R_i = a_i (d y / d a_i) R / stab(y)``.
+
+The composites are zennit 0.5.1's (``zennit.composites``), with its layer assignment: activations
+and batch norm ``pass``, average pooling and residual sums ``norm``; then
+
+============================== ===================== ====================== ====================
+composite                      first layer           other convolutions     linear layers
+============================== ===================== ====================== ====================
+``"epsilon_plus"``             z-plus                z-plus                 epsilon
+``"epsilon_plus_flat"``        flat (conv or linear) z-plus                 epsilon
+``"epsilon_gamma_box"``        z-box (convolution)   gamma                  epsilon
+``"epsilon_alpha2_beta1"``     alpha2-beta1          alpha2-beta1           epsilon
+``"epsilon_alpha2_beta1_flat"`` flat (conv or linear) alpha2-beta1          epsilon
+============================== ===================== ====================== ====================
+
+"First layer" is zennit's: the first module in ``named_modules()`` order of the given kind. Max
+pooling, flattening, dropout and other shape operations move relevance as their gradients do.
+Canonizers (``canonize=True``) are zennit's ``SequentialMergeBatchNorm`` (a batch norm that follows a
+convolution or linear module in the order of ``module.modules()``'s leaves is merged into it: the
+rule sees ``w * gamma / sqrt(var + eps)`` and the merged bias) and ``ResNetCanonizer`` (the residual
+sum of a block gets the ``norm`` rule, here for every sum or difference of two input-dependent
+tensors). The merge is a computation on ``params``: the user's module and tensors are never changed.
+
+How it is computed (no hook, no module change; one call of :func:`torchex_fn._rewrite.run` per pass):
+
+1. **Record pass**, ordinary differentiable code: the model runs with every convolution, linear
+   layer, batch norm, activation, pooling and residual sum handed to this module as an *operation*
+   (also functional ``F.relu``, reused modules and in-place spellings). Each layer computes its
+   normal output and what its rule needs (the stabilised denominators of the modified forward
+   passes, e.g. ``z+ = conv(a, w+) + b+``).
+2. **Relevance pass** inside one ``torch.func.vjp`` w.r.t. ``x``: the model runs again; each layer
+   returns its recorded output through a function whose backward is its rule, written with
+   differentiable operations (a transposed convolution of ``R / stab(z+)``, times ``a``). The
+   cotangent at the output is ``score * d score / d out`` (for a class index, one-hot times the
+   logit: the relevance entering the network is the target score, captum's convention).
+
+Everything the relevance depends on comes from pass 1 as ordinary functions of ``params`` and ``x``,
+so the map is differentiable: ``torch.func.grad`` of a loss on it w.r.t. ``params`` is its true
+derivative (captum's LRP is not differentiable, captum issue #652). Pass 2 does no convolution
+forward (its layers return recorded values), so the cost is one forward with the rules'
+denominators and one backward with the rules' transposed products. Where an input of z-plus,
+alpha-beta or gamma is known to be non-negative (a ReLU's or max pool's output) its negative part
+is zero and is skipped, which changes no value and halves these rules' work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core import checks as _checks, inputs as _inputs, intercept as _rewrite
+from ..core import targets as _targets
+from ..core.autodiff import grad_of_sum
+from ..core.types import ModelFn, Params, Target
+from ..core.arguments import check_call
+
+__all__ = ["lrp", "COMPOSITES", "RULES"]
+
+FN = "lrp"
+
+RULES = ("epsilon", "zero", "zplus", "alpha1_beta0", "alpha2_beta1", "gamma", "flat", "wsquare", "zbox")
+"""Rule names accepted in ``rules=`` for convolution and linear layers."""
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_LINEAR = (nn.Linear,)
+_BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+# composite -> (first-layer module types, first-layer rule, convolution rule, linear rule)
+_ANY_LINEAR = _CONV + _CONV_T + _LINEAR
+COMPOSITES: Dict[str, Tuple[tuple, Optional[str], str, str]] = {
+    "epsilon_plus": ((), None, "zplus", "epsilon"),
+    "epsilon_plus_flat": (_ANY_LINEAR, "flat", "zplus", "epsilon"),
+    "epsilon_gamma_box": (_CONV + _CONV_T, "zbox", "gamma", "epsilon"),
+    "epsilon_alpha2_beta1": ((), None, "alpha2_beta1", "epsilon"),
+    "epsilon_alpha2_beta1_flat": (_ANY_LINEAR, "flat", "alpha2_beta1", "epsilon"),
+}
+"""zennit 0.5.1's LRP composites: (first-layer types, first-layer rule, convolution rule, linear rule)."""
+
+# Elementwise activations that pass relevance through (zennit's ``Activation`` types, as operations).
+_PASS = frozenset(("relu", "leaky_relu", "elu", "selu", "celu", "sigmoid", "tanh", "softplus", "gelu", "silu",
+                   "mish", "hardswish", "hardsigmoid", "logsigmoid", "hardtanh", "relu6", "softshrink",
+                   "hardshrink", "tanhshrink", "softsign", "threshold", "prelu", "rrelu", "log_sigmoid"))
+_NONNEGATIVE = frozenset(("relu", "relu6", "sigmoid", "softplus", "hardsigmoid"))
+_POOLS = frozenset(("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                    "adaptive_avg_pool3d", "mean", "sum"))
+_HANDED = tuple(name for name in _rewrite.LINEAR)
+_USES_OUTPUT = frozenset(("epsilon", "zero", "gamma", "zbox"))  # rules that need the layer's own output
+
+# Leaf modules that need no rule of their own (their operations are handled one by one).
+_PLAIN_LEAVES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                 nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
+                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU,
+                 nn.ELU, nn.SELU, nn.CELU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.GELU, nn.SiLU, nn.Mish,
+                 nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Hardtanh, nn.Softshrink, nn.Hardshrink,
+                 nn.Tanhshrink, nn.Softsign, nn.Threshold, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+                 nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d) + _BATCH_NORM
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and the plan (which module gets which rule, which batch norms merge).
+
+def _check_float(name: str, value: Any, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _checks.type_error(FN, f"{name}, a float >= 0", _checks.describe(value))
+    if not value >= 0 or math.isinf(value) or (positive and value == 0):
+        raise _checks.value_error(FN, f"{name}, a finite float {'> 0' if positive else '>= 0'}",
+                                  _checks.describe(value))
+    return float(value)
+
+
+def _check_bound(name: str, value: Any, x: Tensor) -> Optional[Tensor]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise _checks.type_error(FN, f"{name}, a float or a tensor broadcastable to x {list(x.shape)}",
+                                 _checks.describe(value))
+    if not isinstance(value, Tensor):
+        return torch.tensor(float(value), dtype=x.dtype, device=x.device)
+    if not value.is_floating_point():
+        raise _checks.type_error(FN, f"{name} of a floating-point dtype", _checks.describe(value))
+    try:
+        ok = tuple(torch.broadcast_shapes(tuple(value.shape), tuple(x.shape))) == tuple(x.shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise _checks.value_error(FN, f"{name} broadcastable to x's shape {list(x.shape)}", _checks.describe(value),
+                                  "Pass a float, per-channel bounds of shape [1, C, 1, 1], or one bound per pixel.")
+    return value.to(x.dtype)
+
+
+class _Plan:
+    """Rules per module name, batch-norm merges, and the module owning each parameter tensor."""
+
+    def __init__(self, module: nn.Module, composite: str, rules: Optional[Mapping], canonize: bool):
+        first_types, first_rule, conv_rule, linear_rule = COMPOSITES[composite]
+        self.rules: Dict[str, str] = {}
+        self.modules: Dict[str, nn.Module] = {}
+        first_done = not first_types
+        user = dict(rules or {})
+        missing = []
+        for name, mod in module.named_modules():
+            self.modules[name] = mod
+            rule = user.get(name)
+            if rule is None:
+                rule = next((r for key, r in user.items() if isinstance(key, type) and isinstance(mod, key)), None)
+            if not first_done and isinstance(mod, first_types):
+                first_done = True
+                rule = first_rule if rule is None else rule
+            if rule is None and isinstance(mod, _CONV + _CONV_T):
+                rule = conv_rule
+            elif rule is None and isinstance(mod, _LINEAR):
+                rule = linear_rule
+            if rule is not None:
+                self.rules[name] = rule
+            if isinstance(mod, _CONV_T):
+                missing.append(f"{name or '<root>'} ({type(mod).__name__}: transposed convolutions have no rule here)")
+            elif (rule is None and not any(True for _ in mod.children()) and not isinstance(mod, _PLAIN_LEAVES)
+                  and any(True for _ in mod.parameters(recurse=False))):
+                missing.append(f"{name or '<root>'} ({type(mod).__name__})")
+        if missing:
+            raise NotImplementedError(_checks.message(
+                FN, "modules that LRP has rules for (convolutions, linear layers, batch norm, activations, pooling)",
+                f"{len(missing)} without a rule: {', '.join(missing[:6])}" + (", ..." if len(missing) > 6 else ""),
+                "Give them a rule with `rules={name: 'epsilon'}` where the rule applies, or explain another "
+                "layer of the model."))
+        # zennit's SequentialMergeBatchNorm: a batch norm right after a linear module among the leaves.
+        self.merges: Dict[str, str] = {}
+        if canonize:
+            leaves = [(n, m) for n, m in module.named_modules() if not any(True for _ in m.children())]
+            for (prev_name, prev), (name, leaf) in zip(leaves, leaves[1:]):
+                if isinstance(prev, _CONV + _LINEAR) and isinstance(leaf, _BATCH_NORM) and leaf.track_running_stats:
+                    self.merges[prev_name] = name
+        self.canonize = canonize
+
+    def owners(self, params: Mapping[str, Tensor]) -> Dict[int, str]:
+        """``id(tensor) -> module name`` for the tensors of this call's ``params``."""
+        return {id(t): name.rpartition(".")[0] for name, t in params.items() if isinstance(t, Tensor)}
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry of a convolution or linear call: its forward with other weights, and its transpose.
+
+def _tuple(value: Any, n: int) -> Tuple[int, ...]:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+
+
+class _Geometry:
+    """A linear layer's call: ``forward(a, w, b)`` with other weights, ``transpose(g, w)`` to its input."""
+
+    def __init__(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any], in_shape: Sequence[int]):
+        self.name = name
+        self.in_shape = tuple(in_shape)
+        if name == "linear":
+            return
+        n = int(name[-2])
+        self.n = n
+        bound = _bind_conv(*args, **kwargs)
+        weight = bound["weight"]
+        self.kernel = tuple(weight.shape[2:])
+        self.stride = _tuple(bound["stride"], n)
+        self.dilation = _tuple(bound["dilation"], n)
+        self.groups = bound["groups"]
+        padding = bound["padding"]
+        self.padding_arg = padding
+        if isinstance(padding, str):
+            if padding == "valid":
+                left = right = (0,) * n
+            else:  # "same" (stride 1): torch pads total = d (k - 1), the left half rounded down
+                total = tuple(d * (k - 1) for d, k in zip(self.dilation, self.kernel))
+                left = tuple(t // 2 for t in total)
+                right = tuple(t - lo for t, lo in zip(total, left))
+        else:
+            left = right = _tuple(padding, n)
+        self.left, self.right = left, right
+
+    def forward(self, a: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        if self.name == "linear":
+            return F.linear(a, w, b)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.n - 1]
+        return conv(a, w, b, self.stride, self.padding_arg, self.dilation, self.groups)
+
+    def transpose(self, g: Tensor, w: Tensor) -> Tensor:
+        """``J^T g``: the gradient of ``forward(a, w, 0)`` w.r.t. ``a`` (the shape of the input)."""
+        if self.name == "linear":
+            return g @ w
+        conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self.n - 1]
+        size = self.in_shape[-self.n:]
+        out = g.shape[-self.n:]
+        if self.left == self.right:
+            natural = tuple((o - 1) * s - 2 * p + d * (k - 1) + 1 for o, s, p, d, k in
+                            zip(out, self.stride, self.left, self.dilation, self.kernel))
+            extra = tuple(i - m for i, m in zip(size, natural))
+            return conv_t(g, w, None, self.stride, self.left, extra, self.groups, self.dilation)
+        full = conv_t(g, w, None, self.stride, 0, 0, self.groups, self.dilation)
+        pads: List[int] = []
+        for dim in reversed(range(self.n)):  # crop the left padding, crop or zero-fill to the input's size
+            length = full.shape[full.ndim - self.n + dim]
+            pads += [-self.left[dim], size[dim] + self.left[dim] - length]
+        return F.pad(full, pads)
+
+    def transpose_ones(self, g: Tensor, w_shape: Sequence[int]) -> Tensor:
+        """``J^T g`` for weights of ones (the flat rule): a sum over output channels, then a box filter."""
+        if self.name == "linear":
+            return g.sum(-1, keepdim=True).expand(*g.shape[:-1], w_shape[-1])
+        if self.groups != 1:
+            return self.transpose(g, torch.ones(w_shape, dtype=g.dtype, device=g.device))
+        ones = torch.ones((1, 1) + tuple(w_shape[2:]), dtype=g.dtype, device=g.device)
+        summed = self.transpose(g.sum(1, keepdim=True), ones)
+        return summed.expand(*summed.shape[:1], w_shape[1], *summed.shape[2:])
+
+    def forward_ones(self, a: Tensor, w_shape: Sequence[int]) -> Tensor:
+        """``forward(1, 1, 0)``: the number of inputs in each output's receptive field, one example ``[1, ...]``."""
+        if self.name == "linear":
+            return torch.full((1,) * (a.ndim - 1) + (w_shape[0],), float(w_shape[1]), dtype=a.dtype, device=a.device)
+        ones = torch.ones((1, self.groups) + tuple(a.shape[2:]), dtype=a.dtype, device=a.device)
+        box = torch.ones((self.groups, 1) + tuple(w_shape[2:]), dtype=a.dtype, device=a.device)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.n - 1]
+        count = conv(ones, box, None, self.stride, self.padding_arg, self.dilation, self.groups)
+        per_group = w_shape[0] // self.groups
+        return (count * w_shape[1]).repeat_interleave(per_group, dim=1)
+
+
+def _bind_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return {"input": input, "weight": weight, "bias": bias, "stride": stride, "padding": padding,
+            "dilation": dilation, "groups": groups}
+
+
+def _bind_linear(input, weight, bias=None):
+    return {"input": input, "weight": weight, "bias": bias}
+
+
+def _bind_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                     eps=1e-5):
+    return {"input": input, "running_mean": running_mean, "running_var": running_var, "weight": weight,
+            "bias": bias, "training": training, "eps": eps}
+
+
+# --------------------------------------------------------------------------------------------
+# The rules: what a layer records, and the backward of the relevance pass.
+
+def _stab(t: Tensor, eps: float) -> Tensor:
+    """``t + eps * sign(t)`` with ``sign(0) = 1`` (zennit's stabiliser)."""
+    return torch.where(t >= 0, t + eps, t - eps)
+
+
+class _Terms:
+    """``R_in = sum_k coef_k * inp_k * J(w_k)^T (R * s_k)`` (``inp_k = None``: no product; ``w_k = None``: ones).
+
+    Built in the record pass; the tensors travel through :class:`_Propagate`'s inputs, this object
+    holds only their layout and the layer's geometry.
+    """
+
+    def __init__(self, geometry: _Geometry):
+        self.geometry = geometry
+        self.layout: List[Tuple[float, bool, bool, Optional[Tuple[int, ...]]]] = []
+        self.tensors: List[Tensor] = []
+
+    def add(self, coef: float, inp: Optional[Tensor], w: Optional[Tensor], s: Tensor,
+            w_shape: Optional[Sequence[int]] = None) -> None:
+        self.layout.append((coef, inp is not None, w is not None, tuple(w_shape) if w_shape is not None else None))
+        self.tensors += [t for t in (inp, w) if t is not None] + [s]
+
+    def relevance(self, g: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+        total: Optional[Tensor] = None
+        it = iter(tensors)
+        for coef, has_inp, has_w, w_shape in self.layout:
+            inp = next(it) if has_inp else None
+            w = next(it) if has_w else None
+            s = next(it)
+            gs = g * s
+            back = (self.geometry.transpose(gs, w) if w is not None
+                    else self.geometry.transpose_ones(gs, w_shape))  # type: ignore[arg-type]  # set without w
+            term = back if inp is None else inp * back
+            term = term if coef == 1 else coef * term
+            total = term if total is None else total + term
+        assert total is not None  # every layer adds at least one term
+        return total
+
+
+class _Identity:
+    """The pass rule: relevance goes through unchanged."""
+
+    tensors: List[Tensor] = []
+
+    @staticmethod
+    def relevance(g: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+        return g
+
+
+class _Propagate(torch.autograd.Function):
+    """Returns a layer's recorded output; its backward maps the relevance at the output to the input by a rule.
+
+    The backward is written with differentiable operations on the recorded tensors (inputs of this
+    function), so outer derivatives of the relevance map (w.r.t. ``params`` or ``x``) differentiate
+    the rule's formula. The output's value never reaches the relevance map (later layers return
+    their own recorded outputs), so the backward gives no gradient to the recorded output itself.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(v: Tensor, y: Tensor, rule: Any, *tensors: Tensor) -> Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
+        ctx.rule = inputs[2]
+        ctx.save_for_backward(*inputs[3:])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Any:
+        tensors = ctx.saved_tensors
+        return (ctx.rule.relevance(g, tensors), None, None) + (None,) * len(tensors)
+
+
+class _Options:
+    def __init__(self, epsilon: float, gamma: float, stabilizer: float, low: Optional[Tensor],
+                 high: Optional[Tensor]):
+        self.epsilon, self.gamma, self.stabilizer, self.low, self.high = epsilon, gamma, stabilizer, low, high
+
+
+def _layer_terms(rule: str, geometry: _Geometry, a: Tensor, w: Tensor, b: Optional[Tensor], z: Tensor,
+                 nonneg: bool, opt: _Options) -> _Terms:
+    """The rule ``rule`` of a layer ``z = forward(a, w, b)`` (``w``, ``b`` merged with a batch norm if any)."""
+    terms = _Terms(geometry)
+    fwd: Any = geometry.forward  # called with the optional halves of a and w the rules build
+    eps = opt.stabilizer
+
+    def pos(t: Any) -> Any:
+        return None if t is None else t.clamp(min=0)
+
+    def neg(t: Any) -> Any:
+        return None if t is None else t.clamp(max=0)
+
+    if rule in ("epsilon", "zero"):
+        terms.add(1.0, a, w, torch.reciprocal(_stab(z, opt.epsilon if rule == "epsilon" else 0.0)))
+    elif rule in ("zplus", "alpha1_beta0", "alpha2_beta1"):
+        alpha, beta = (2.0, 1.0) if rule == "alpha2_beta1" else (1.0, 0.0)
+        wp, wn = pos(w), (neg(w) if beta or not nonneg else None)  # w- is unused by z-plus on inputs >= 0
+        ap, an = (a, None) if nonneg else (pos(a), neg(a))
+        zp = fwd(ap, wp, pos(b)) if nonneg else fwd(ap, wp, pos(b)) + fwd(an, wn, None)
+        sp = torch.reciprocal(_stab(zp, eps))
+        terms.add(alpha, ap, wp, sp)
+        if not nonneg:
+            terms.add(alpha, an, wn, sp)
+        if beta:
+            zn = fwd(ap, wn, neg(b)) if nonneg else fwd(ap, wn, neg(b)) + fwd(an, wp, None)
+            sn = torch.reciprocal(_stab(zn, eps))
+            terms.add(-beta, ap, wn, sn)
+            if not nonneg:
+                terms.add(-beta, an, wp, sn)
+    elif rule == "gamma":
+        g = opt.gamma
+        w_up, w_dn = w + g * pos(w), w + g * neg(w)
+        b_up = None if b is None else b + g * pos(b)
+        b_dn = None if b is None else b + g * neg(b)
+        ap, an = (a, None) if nonneg else (pos(a), neg(a))
+        z_up = fwd(ap, w_up, b_up) if nonneg else fwd(ap, w_up, b_up) + fwd(an, w_dn, None)
+        z_dn = fwd(ap, w_dn, b_dn) if nonneg else fwd(ap, w_dn, b_dn) + fwd(an, w_up, None)
+        s_up = (z > 0).to(z.dtype) / _stab(z_up, eps)
+        s_dn = (z < 0).to(z.dtype) / _stab(z_dn, eps)
+        terms.add(1.0, ap, w_up, s_up)
+        terms.add(1.0, ap, w_dn, s_dn)
+        if not nonneg:
+            terms.add(1.0, an, w_dn, s_up)
+            terms.add(1.0, an, w_up, s_dn)
+    elif rule == "zbox":
+        bounds: Any = (opt.low, opt.high)  # set for z-box by lrp()
+        low = bounds[0].expand(a.shape) if bounds[0].shape != a.shape else bounds[0]
+        high = bounds[1].expand(a.shape) if bounds[1].shape != a.shape else bounds[1]
+        wp, wn = pos(w), neg(w)
+        s = torch.reciprocal(_stab(z - fwd(low, wp, pos(b)) - fwd(high, wn, neg(b)), eps))
+        terms.add(1.0, a, w, s)
+        terms.add(-1.0, low, wp, s)
+        terms.add(-1.0, high, wn, s)
+    elif rule == "flat":
+        terms.add(1.0, None, None, torch.reciprocal(_stab(geometry.forward_ones(a, w.shape), eps)), w.shape)
+    elif rule == "wsquare":
+        w2 = w * w
+        terms.add(1.0, None, w2, torch.reciprocal(_stab(fwd(torch.ones_like(a), w2, None if b is None else b * b),
+                                                        eps)))
+    else:  # pragma: no cover - rules are checked at the boundary
+        raise AssertionError(rule)
+    return terms
+
+
+# --------------------------------------------------------------------------------------------
+# The two passes.
+
+class _Record:
+    """What the record pass keeps of one call: its name, output and (for a rule) what the backward needs."""
+
+    __slots__ = ("name", "out", "rule", "norm")
+
+    def __init__(self, name: str, out: Any, rule: Any = None, norm: Any = None):
+        self.name, self.out, self.rule, self.norm = name, out, rule, norm
+
+
+def _no_rule(what: str, detail: str = "") -> NotImplementedError:
+    return NotImplementedError(_checks.message(
+        FN, "operations with an LRP rule (convolution, linear, batch norm, activations, pooling, residual sums)",
+        f"'{what}'" + (f" ({detail})" if detail else "") + " on an input-dependent tensor",
+        "LRP never treats an operation without a rule as if it had one; explain a model built from these "
+        "operations, or attribute with a gradient method (saliency, integrated_gradients, deeplift)."))
+
+
+class _Recorder:
+    """The record pass's handler: computes each layer's output and the tensors of its rule."""
+
+    def __init__(self, plan: _Plan, params: Mapping[str, Tensor], opt: _Options):
+        self.plan, self.params, self.opt = plan, params, opt
+        self.owners = plan.owners(params)
+        self.records: List[_Record] = []
+        self.nonneg: Dict[int, Tensor] = {}  # id -> tensor (kept alive, so that ids stay unique)
+
+    def _is_nonneg(self, t: Tensor) -> bool:
+        return self.nonneg.get(id(t)) is t
+
+    def _mark(self, t: Tensor) -> None:
+        self.nonneg[id(t)] = t
+
+    def __call__(self, call: _rewrite.Call) -> Any:
+        record, value = self._record(call)
+        self.records.append(record)
+        return value
+
+    def _record(self, call: _rewrite.Call) -> Tuple[_Record, Any]:
+        name = call.name
+        if call.kind == "elementwise":
+            if name not in _PASS:
+                raise _no_rule(name, "an elementwise operation that is not an activation")
+            y = call.apply(call.input)
+            if name in _NONNEGATIVE:
+                self._mark(y)
+            return _Record(name, y, _Identity), y
+        if call.kind == "maxpool":
+            out = call.apply(call.input)
+            if self._is_nonneg(call.input):
+                self._mark(out[0])
+            return _Record(name, None), (out if call.options["return_indices"] else out[0])
+        if call.kind != "linear":
+            raise _no_rule(name)
+        if name in ("conv1d", "conv2d", "conv3d", "linear"):
+            return self._layer(call)
+        if name.startswith("conv_transpose"):
+            raise _no_rule(name, "transposed convolutions have no rule here")
+        if name == "batch_norm":
+            bound = _bind_batch_norm(*call.options["args"], **call.options["kwargs"])
+            if call.options["positions"] not in ((0,), ("input",)):
+                raise _no_rule(name, "batch norm whose statistics or affine parameters depend on the input")
+            if bound["training"] or bound["running_mean"] is None:
+                raise _no_rule(name, "batch norm with batch statistics (training mode); put the model in eval mode")
+            y = call.apply(call.input)
+            return _Record(name, y, _Identity), y
+        if name in ("add", "sub"):
+            y = call.apply(*call.inputs)
+            if len(call.inputs) < 2 or not self.plan.canonize:
+                return _Record(name, None), y  # a bias or a constant: moves relevance as its gradient does
+            if name == "add" and all(self._is_nonneg(t) for t in call.inputs):
+                self._mark(y)
+            return _Record(name, y, norm=self._norm(call, y)), y
+        if name in _POOLS:
+            y = call.apply(*call.inputs)
+            if all(self._is_nonneg(t) for t in call.inputs):
+                self._mark(y)
+            return _Record(name, y, norm=self._norm(call, y)), y
+        raise _no_rule(name)
+
+    def _norm(self, call: _rewrite.Call, y: Tensor):
+        """The norm rule's record: the inputs and ``1 / stab(y)``."""
+        return call.inputs, torch.reciprocal(_stab(y, self.opt.stabilizer))
+
+    def _layer(self, call: _rewrite.Call) -> Tuple[_Record, Tensor]:
+        name = call.name
+        binder = _bind_linear if name == "linear" else _bind_conv
+        bound = binder(*call.options["args"], **call.options["kwargs"])
+        if call.options["positions"] not in ((0,), ("input",)):
+            raise _no_rule(name, "a weight or bias that depends on the input")
+        w, b, a = bound["weight"], bound["bias"], call.input
+        owner = self.owners.get(id(w))
+        if owner is None or owner not in self.plan.rules:
+            raise _no_rule(name, "its weight is not the parameter of a module with a rule (rules are assigned to "
+                           "modules, as zennit does); pass `params` from functionalize")
+        rule = self.plan.rules[owner]
+        y = call.apply(a)
+        z = y
+        merged = self.plan.merges.get(owner)
+        if merged is not None:
+            w, b, z = self._merge(merged, w, b, y, name, rule in _USES_OUTPUT)
+        geometry = _Geometry(name, call.options["args"], call.options["kwargs"], a.shape)
+        terms = _layer_terms(rule, geometry, a, w, b, z, self._is_nonneg(a), self.opt)
+        return _Record(name, y, terms), y
+
+    def _merge(self, bn: str, w: Tensor, b: Optional[Tensor], y: Tensor, name: str, output: bool):
+        """zennit's batch-norm merge, on this call's tensors: weights, bias and the merged output."""
+        p = self.params
+        module = self.plan.modules[bn]
+        mean, var = p[f"{bn}.running_mean"], p[f"{bn}.running_var"]
+        gamma, beta = p.get(f"{bn}.weight"), p.get(f"{bn}.bias")
+        scale = torch.rsqrt(var + float(module.eps))  # type: ignore[arg-type]  # a BatchNorm's float eps
+        scale = scale if gamma is None else gamma * scale
+        shift = -mean * scale if beta is None else beta - mean * scale
+        shape = (-1,) + (1,) * (w.ndim - 1)
+        w_merged = w * scale.reshape(shape)
+        b_merged = shift if b is None else b * scale + shift
+        if not output:
+            return w_merged, b_merged, y  # the rule does not use the merged layer's output
+        out_shape = (-1,) if name == "linear" else (-1,) + (1,) * (y.ndim - 2)
+        return w_merged, b_merged, y * scale.reshape(out_shape) + shift.reshape(out_shape)
+
+
+def _relevance_handler(records: List[_Record]):
+    """The relevance pass's handler: the k-th call returns the k-th record's output, with its rule as backward."""
+
+    def handler(call: _rewrite.Call) -> Any:
+        k = call.index
+        record = records[k] if k < len(records) else None
+        if record is None or record.name != call.name:
+            raise RuntimeError(_checks.message(FN, "the relevance pass to repeat the record pass's operations",
+                                               f"'{call.name}' at call {k}",
+                                               "The model must not branch on its input's values."))
+        if record.rule is not None:
+            rule = record.rule
+            return _Propagate.apply(call.input, record.out, rule, *rule.tensors)
+        if record.norm is not None:
+            inputs, s = record.norm
+            # value y + f(a * (v - a)) * s = y; derivative a * f^T(R * s) per input (f linear, no constant)
+            zero = call.apply(*(a * (v - a) for a, v in zip(inputs, call.inputs)))
+            return record.out + zero * s
+        out = call.apply(*call.inputs)
+        if call.kind == "maxpool" and not call.options["return_indices"]:
+            return out[0]
+        return out
+
+    return handler
+
+
+def _as_pytree(out: Any, choice: Any) -> Tuple[Any, Any]:
+    """A dataclass output as the dict of its tensor fields (``torch.func`` takes pytrees only), and
+    ``choice`` applied to the dataclass rebuilt from such a dict; anything else as it is."""
+    if not _inputs.is_dataclass_instance(out):
+        return out, choice
+    fields = _inputs.tensors_only(out)
+    return fields, lambda leaves: choice(dataclasses.replace(out, **leaves))
+
+
+def _leaves_dot(out: Any, cot: Any) -> Any:
+    if isinstance(out, Tensor):
+        return (out * cot).sum()
+    if isinstance(out, Mapping):
+        return sum(_leaves_dot(out[k], cot[k]) for k in cot)
+    if isinstance(out, (tuple, list)):
+        return sum(_leaves_dot(o, c) for o, c in zip(out, cot))
+    raise TypeError(type(out).__name__)
+
+
+def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
+        composite: str = "epsilon_plus_flat", epsilon: float = 1e-6, gamma: float = 0.25, stabilizer: float = 1e-6,
+        low: Any = None, high: Any = None, canonize: bool = True,
+        rules: Optional[Mapping[Any, str]] = None) -> Tensor:
+    """Layer-wise relevance propagation with one of zennit's composites: relevance per input element.
+
+    The relevance entering the network is the target score (captum's convention): for a class
+    index ``c`` the output relevance is ``one_hot(c) * out_c``, for a callable target ``s`` it is
+    ``s * d s / d out``. Each layer passes it to its input by its rule (module docstring: the rules,
+    the composites and their layer assignment, the canonizers). Where the rules conserve (epsilon
+    -> 0 without biases, z-plus on non-negative inputs without biases), the map sums to the target
+    score per example.
+
+    Args:
+      model_fn: From ``functionalize(model)``: rules are assigned to its modules by type and name,
+        as zennit does. The model must be in eval mode (batch norm with running statistics).
+      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      x: A batch ``[B, *input]``, floating point.
+      target: ``None`` (predicted class), int, ``[B]`` ints, or a callable ``out -> [B]``.
+      composite: ``"epsilon_plus_flat"`` (default), ``"epsilon_plus"``, ``"epsilon_gamma_box"``,
+        ``"epsilon_alpha2_beta1"`` or ``"epsilon_alpha2_beta1_flat"`` (zennit's names and layer maps).
+      epsilon: The epsilon rule's stabiliser (linear layers). Default: 1e-6 (zennit's).
+      gamma: The gamma rule's weight on positive parts. Default: 0.25 (zennit's).
+      stabilizer: The stabiliser of every other rule's denominator. Default: 1e-6 (zennit's).
+      low: z-box's lower bound of the input (``"epsilon_gamma_box"`` only): a float or a tensor
+        broadcastable to ``x`` (per-channel ``[1, C, 1, 1]``, or per pixel).
+      high: z-box's upper bound, as ``low``.
+      canonize: Merge batch norms into the preceding convolution / linear layer and give residual
+        sums the norm rule (zennit's ``SequentialMergeBatchNorm`` and ``ResNetCanonizer``). Default: True.
+      rules: Optional ``{module name or type: rule}`` overriding the composite for convolution and
+        linear modules; rules are ``"epsilon"``, ``"zero"`` (LRP-0), ``"zplus"`` (= ``"alpha1_beta0"``),
+        ``"alpha2_beta1"``, ``"gamma"``, ``"flat"``, ``"wsquare"``, ``"zbox"``.
+
+    Returns:
+      ``[B, *input]`` relevance on ``x``'s device and dtype.
+
+    Raises:
+      TypeError: a ``model_fn`` not built by ``functionalize``; non-float ``x``; a bad ``target``,
+        ``low``, ``high`` or option type.
+      ValueError: an unknown composite or rule (the known names are listed), missing ``low`` /
+        ``high`` for z-box, a target out of range, NaN in ``x``.
+      NotImplementedError: modules or operations without a rule (named), e.g. layer norm, attention,
+        softmax, transposed convolutions, products of two input-dependent tensors.
+
+    Example:
+      >>> fn, params = functionalize(resnet.eval())
+      >>> lrp(fn, params, images, labels).shape                  # [8, 3, 224, 224] -> [8, 3, 224, 224]
+      >>> lrp(fn, params, images, composite="epsilon_gamma_box", low=-3.0, high=3.0)
+      >>> torch.func.vmap(lambda p: lrp(fn, p, images, labels))(stacked)   # ensemble [E, 8, 3, 224, 224]
+
+    Cost: one forward with the rules' modified forward passes (z-plus: one more convolution per
+      layer on non-negative inputs, two otherwise), one backward with their transposes; no
+      parameter gradients. Memory: each layer's input and denominators until the backward.
+
+    References:
+      Bach, Binder, Montavon, Klauschen, Müller and Samek, "On Pixel-Wise Explanations for Non-Linear
+      Classifier Decisions by Layer-Wise Relevance Propagation", PLoS ONE 2015.
+      Montavon, Binder, Lapuschkin, Samek and Müller, "Layer-Wise Relevance Propagation: An
+      Overview", in Explainable AI, LNCS 11700, 2019.
+      Anders, Neumann, Samek, Müller and Lapuschkin, "Software for Dataset-wide XAI: From Local
+      Explanations to Global Insights with Zennit, CoRelAy, and ViRelAy", 2021 (the composites).
+    """
+    check_call(FN, model_fn, params, x, target, layer_option=False)
+    if not isinstance(x, Tensor):
+        raise _checks.type_error(FN, "x, a floating-point tensor [B, *input]", _checks.describe(x),
+                                 "LRP follows one input tensor through the model; a dict of inputs is not supported.")
+    module = getattr(model_fn, "module", None)
+    if not isinstance(module, nn.Module):
+        raise _checks.type_error(FN, "model_fn from functionalize(model), which knows its modules",
+                                 _checks.describe(model_fn),
+                                 "LRP assigns rules to modules by type and name: `model_fn, params = "
+                                 "torchex_fn.functionalize(model)`.")
+    if not isinstance(composite, str):
+        raise _checks.type_error(FN, f"composite, one of {', '.join(COMPOSITES)}", _checks.describe(composite))
+    if composite not in COMPOSITES:
+        raise _checks.value_error(FN, f"composite one of {', '.join(repr(c) for c in COMPOSITES)}",
+                                  _checks.describe(composite))
+    _checks.check_bool(FN, "canonize", canonize)
+    opt = _Options(_check_float("epsilon", epsilon), _check_float("gamma", gamma),
+                   _check_float("stabilizer", stabilizer), _check_bound("low", low, x), _check_bound("high", high, x))
+    if rules is not None:
+        if not isinstance(rules, Mapping):
+            raise _checks.type_error(FN, "rules, a dict {module name or type: rule name}", _checks.describe(rules))
+        known = dict(module.named_modules())
+        for key, rule in rules.items():
+            if isinstance(key, str):
+                if key not in known:
+                    raise _checks.unknown_name(FN, "layer in rules", key, list(known))
+            elif not (isinstance(key, type) and issubclass(key, nn.Module)):
+                raise _checks.type_error(FN, "rules keys, module names or nn.Module types", _checks.describe(key))
+            if not isinstance(rule, str) or rule not in RULES:
+                raise _checks.value_error(FN, f"a rule in rules, one of {', '.join(repr(r) for r in RULES)}",
+                                          _checks.describe(rule))
+        rules = {k: ("zplus" if r == "alpha1_beta0" else r) for k, r in rules.items()}
+    plan = _Plan(module, composite, rules, canonize)
+    if "zbox" in plan.rules.values() and (opt.low is None or opt.high is None):
+        raise _checks.value_error(FN, "low= and high= (the input's bounds) for the z-box rule",
+                                  f"low={low!r}, high={high!r}" if not isinstance(low, Tensor) else "a missing bound",
+                                  f"composite {composite!r} uses z-box on the first convolution; e.g. for images "
+                                  "normalised per channel, low=(0 - mean) / std and high=(1 - mean) / std.")
+
+    recorder = _Recorder(plan, params, opt)
+    try:
+        out, count = _rewrite.run(model_fn, recorder, params, x, tainted=[x], linear=_HANDED)
+    except _rewrite.NoRule as err:
+        raise _no_rule(err.op, err.detail) from None
+    recorder.nonneg.clear()
+    records = recorder.records
+    output = _targets.selector(model_fn)
+    if callable(target) and not isinstance(target, Tensor):
+        choice = target
+    else:
+        index = _targets.resolve_index(out, target, fn=FN, output=output)
+
+        def choice(o):
+            return _targets.resolve(o, index, fn=FN, output=output)
+    out, choice = _as_pytree(out, choice)
+    scores, pullback = torch.func.vjp(choice, out)  # type: ignore[misc]  # 2 values without has_aux
+    (cotangent,) = pullback(scores)  # score * d score / d out: the relevance entering the network
+    handler = _relevance_handler(records)
+
+    def total(v: Tensor) -> Tensor:
+        try:
+            out_v, n = _rewrite.run(model_fn, handler, params, v, tainted=[v], linear=_HANDED)
+        except _rewrite.NoRule as err:
+            raise _no_rule(err.op, err.detail) from None
+        if n != count:
+            raise RuntimeError(_checks.message(FN, f"the relevance pass to make the record pass's {count} calls",
+                                               f"{n} calls", "The model must not branch on its input's values."))
+        return _leaves_dot(_as_pytree(out_v, choice)[0], cotangent)
+
+    return grad_of_sum(total, x)
