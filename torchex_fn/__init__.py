@@ -5,6 +5,7 @@ This file only hands names on. The package is layered, and imports point down on
 <- ``evaluation`` <- ``composite`` (what composes methods) <- ``cli``.
 """
 from . import data as datasets
+from . import registry
 from .composite import generation
 from .composite.classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
 from .composite.generation import continuation_ablation, continuation_attribution, continuation_logprob
@@ -44,7 +45,7 @@ __all__ = [
     "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift",
     "deletion", "insertion", "pointing_game", "energy_pointing_game", "randomization_check",
     "infidelity", "sensitivity_max",
-    "datasets", "metrics", "postprocess", "targets", "text", "viz",
+    "datasets", "metrics", "postprocess", "targets", "text", "viz", "registry",
     "TrainingModeWarning",
     "generation", "continuation_logprob", "continuation_attribution", "continuation_ablation",
 ]

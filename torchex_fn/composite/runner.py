@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
 
 from ..core import checks as _checks
 from ..core import targets as _targets
@@ -186,7 +188,6 @@ def _params_digest(params: Mapping) -> str:
 # ----------------------------------------------------------------------------------- distributed
 def _dist_setup(device: torch.device) -> Tuple[int, int, bool]:
     """``(rank, world size, created)``; joins ``torchrun``'s group when the caller has not."""
-    import torch.distributed as dist
     if not dist.is_available():
         return 0, 1, False
     if dist.is_initialized():
@@ -199,7 +200,6 @@ def _dist_setup(device: torch.device) -> Tuple[int, int, bool]:
 
 def _barrier(world: int, device: torch.device) -> None:
     if world > 1:
-        import torch.distributed as dist
         if dist.get_backend() == "nccl":
             dist.barrier(device_ids=[device.index if device.index is not None else torch.cuda.current_device()])
         else:
@@ -366,7 +366,6 @@ def _seeing(model_fn: Callable, seen: _Seen) -> Callable:
 # ------------------------------------------------------------------------------------------- data
 def _data(data: Any) -> Tuple[Any, Optional[Callable]]:
     """``(map-style dataset, collate_fn)`` from a Dataset or a DataLoader."""
-    from torch.utils.data import DataLoader, IterableDataset
     collate = None
     if isinstance(data, DataLoader):
         collate, data = data.collate_fn, data.dataset
@@ -564,7 +563,6 @@ def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, dat
         _barrier(world, device)
     finally:
         if created:
-            import torch.distributed as dist
             dist.destroy_process_group()
     return open_attributions(root)
 
@@ -594,7 +592,6 @@ def _batch_options(options: Dict[str, Any], seeds: Dict[str, Tuple[int, torch.de
 
 def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype, num_workers, options,
          rank, world, device, progress) -> None:
-    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     batches = _batches(n, batch_size)
