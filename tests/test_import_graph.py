@@ -139,3 +139,16 @@ def test_no_import_inside_a_function_except_optional_packages():
     wrong = [f"{m}:{line} imports {what}" for m, line, what in INNER
              if not any(what == o or what.startswith(o + ".") for o in OPTIONAL)]
     assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_no_public_name_shadows_a_module():
+    """``tx.<name>`` is the module ``torchex_fn.<name>`` wherever such a module exists (``tx.capture`` and
+    ``tx.cam`` are functions, and no module of that name sits at the package's top any more)."""
+    import importlib
+
+    import torchex_fn as tx
+    top = {name.rsplit(".", 1)[-1] for name in MODULES if name.count(".") == 1}
+    for name in tx.__all__:
+        if name in top:
+            assert getattr(tx, name) is importlib.import_module(f"torchex_fn.{name}"), name
+    assert not {"capture", "cam"} & top
