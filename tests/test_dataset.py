@@ -243,9 +243,9 @@ def test_cuda_params_pinned_copies_and_the_same_maps_as_the_method(tmp_path):
 KILLED = SETUP + textwrap.dedent('''
     import os, sys, time
     from pathlib import Path
-    from torchex_fn.composite import runner as ds
+    from torchex_fn.composite.runner import codec
     out, mode, marker = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-    write, calls = ds._write_atomic, []
+    write, calls = codec.write_atomic, []
 
     def hang():
         marker.write_text("now")
@@ -254,16 +254,16 @@ KILLED = SETUP + textwrap.dedent('''
     def slow_write(path, t):
         calls.append(path.name)
         if mode == "mid_write" and len(calls) == 5:  # batch 2's meta file: half of it, then die
-            data, owner = ds._raw(t)
+            data, owner = codec.raw(t)
             with open(path.with_name(f".{path.name}.tmp{os.getpid()}"), "wb") as f:
-                f.write(ds._npy_header(owner) + bytes(data[: len(data) // 2]))
+                f.write(codec.npy_header(owner) + bytes(data[: len(data) // 2]))
             hang()
         write(path, t)
         if mode == "between_files" and len(calls) == 3:  # batch 1's meta committed, its maps not
             hang()
         if mode == "after_shards" and len(calls) == 4:  # two whole shards
             hang()
-    ds._write_atomic = slow_write
+    codec.write_atomic = slow_write
     torch.set_num_threads(1)
     fn, params = tx.functionalize(tiny_model())
     tx.attribute_dataset(tx.grad_cam, fn, params, Images(14), out=out, batch_size=4, layer="features",
@@ -319,12 +319,12 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(tmp_path, mode, 
 DISTRIBUTED = SETUP + textwrap.dedent('''
     import os, sys
     import torch.distributed as dist
-    from torchex_fn.composite import runner as ds
-    write, wrote = ds._write_atomic, []
+    from torchex_fn.composite.runner import codec
+    write, wrote = codec.write_atomic, []
     def recording(path, t):
         wrote.append(path.name)
         write(path, t)
-    ds._write_atomic = recording
+    codec.write_atomic = recording
     torch.set_num_threads(1)
     fn, params = tx.functionalize(tiny_model())
     store = tx.attribute_dataset(tx.grad_cam, fn, params, Images(22, unlabeled=(3, 17)), out=sys.argv[1],

@@ -189,21 +189,21 @@ def test_same_named_files_in_two_folders_give_two_outputs(tmp_path, capsys):
 
 
 def test_resume_after_an_interrupted_run(tmp_path, monkeypatch):
-    from torchex_fn.composite import runner as dataset
+    from torchex_fn.composite.runner import codec
     for i in range(5):
         picture(tmp_path / "data" / f"{i}.png", 10 + i)
     extra = ("--method", "saliency", "--option", "abs=True", "--size", "32", "--batch-size", "2")
-    write, calls = dataset._write_atomic, []
+    write, calls = codec.write_atomic, []
 
     def dies_on_the_second_shard(path, t):
         calls.append(path)
         if len(calls) == 3:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C while batch 1 was being stored
         write(path, t)
-    monkeypatch.setattr(dataset, "_write_atomic", dies_on_the_second_shard)
+    monkeypatch.setattr(codec, "write_atomic", dies_on_the_second_shard)
     with pytest.raises(KeyboardInterrupt):
         run_data(tmp_path / "data", tmp_path / "store", *extra)
-    monkeypatch.setattr(dataset, "_write_atomic", write)
+    monkeypatch.setattr(codec, "write_atomic", write)
     assert sorted(p.name for p in (tmp_path / "store" / "shards").glob("*.maps.npy")) == ["000000.maps.npy"]
     inode = (tmp_path / "store" / "shards" / "000000.maps.npy").stat().st_ino
     with pytest.raises(SystemExit):  # other options into the same store are refused

@@ -17,172 +17,28 @@ processes wrote it, nor on where an earlier run was interrupted.
 """
 from __future__ import annotations
 
-import ast
-import ctypes
 import functools
 import hashlib
-import json
 import os
 import queue
-import struct
-import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..core import checks as _checks
-from ..core import targets as _targets
-from ..core.model import FunctionalModel
+from ...core import checks as _checks
+from ...core import targets as _targets
+from ...core.model import FunctionalModel
+from . import codec, store
 
-__all__ = ["attribute_dataset", "open_attributions", "Attributions"]
+__all__ = ["attribute_dataset"]
 
-_FN = "attribute_dataset"
-_FORMAT = "torchex_fn.attributions/1"
-_NPY_DTYPES = {torch.float16: "f2", torch.float32: "f4", torch.float64: "f8", torch.int64: "i8"}
-_TORCH_DTYPES = {v: k for k, v in _NPY_DTYPES.items()}
-_ORDER = "<" if sys.byteorder == "little" else ">"
-
-
-# --------------------------------------------------------------------------------------- .npy I/O
-def _raw(t: Tensor) -> Tuple[memoryview, Tensor]:
-    """A zero-copy byte view of a CPU tensor's data, and the contiguous tensor that owns it (keep it alive)."""
-    t = t.detach().to("cpu").contiguous()
-    size = t.numel() * t.element_size()
-    if size == 0:
-        return memoryview(b""), t
-    return memoryview((ctypes.c_ubyte * size).from_address(t.data_ptr())).cast("B"), t
-
-
-def _npy_header(t: Tensor) -> bytes:
-    """Version 1.0 header of NumPy's ``.npy`` format (data aligned to 64 bytes)."""
-    shape = tuple(t.shape)
-    text = f"{{'descr': '{_ORDER}{_NPY_DTYPES[t.dtype]}', 'fortran_order': False, 'shape': {shape!r}, }}"
-    pad = -(10 + len(text) + 1) % 64
-    text = text + " " * pad + "\n"
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
-
-
-def _read_header(path: Path) -> Tuple[int, torch.dtype, Tuple[int, ...]]:
-    """``(data offset, dtype, shape)`` of a C-ordered ``.npy`` file."""
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if head[:6] != b"\x93NUMPY":
-            raise ValueError(f"open_attributions: expected a .npy file, got {str(path)!r} without the .npy magic")
-        if head[6] == 1:
-            length, start = struct.unpack("<H", head[8:10])[0], 10
-        else:
-            length, start = struct.unpack("<I", head[8:12])[0], 12
-        f.seek(start)
-        info = ast.literal_eval(f.read(length).decode("latin1"))
-    descr = info["descr"]
-    if descr[1:] not in _TORCH_DTYPES or descr[0] not in "<>|=" or info["fortran_order"]:
-        raise ValueError(f"open_attributions: expected a C-ordered float16/32/64 or int64 array in {str(path)!r}, "
-                         f"got descr {descr!r}, fortran_order {info['fortran_order']}")
-    if descr[0] in "<>" and descr[0] != _ORDER:
-        raise ValueError(f"open_attributions: expected {str(path)!r} in this machine's byte order, got {descr!r}")
-    return start + length, _TORCH_DTYPES[descr[1:]], tuple(info["shape"])
-
-
-def _write_atomic(path: Path, t: Tensor) -> None:
-    """``t`` as a ``.npy`` file: written under a temporary name, flushed to disk, then renamed into place."""
-    data, owner = _raw(t)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(_npy_header(owner))
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    del owner
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _shard_names(b: int) -> Tuple[str, str]:
-    return f"shards/{b:06d}.maps.npy", f"shards/{b:06d}.meta.npy"
-
-
-def _stored(root: Path, b: int, rows: int) -> bool:
-    """Whether batch ``b`` (``rows`` examples) is fully on disk: both files, whole, of the right length."""
-    for name in _shard_names(b):
-        path = root / name
-        if not path.is_file():
-            return False
-        try:
-            offset, dtype, shape = _read_header(path)
-        except (ValueError, SyntaxError, KeyError, struct.error, UnicodeDecodeError):
-            return False
-        numel = 1
-        for s in shape:
-            numel *= s
-        if not shape or shape[0] != rows or path.stat().st_size != offset + numel * dtype.itemsize:
-            return False
-    return True
-
-
-# ------------------------------------------------------------------------------------ fingerprints
-def _digest(value: Any, model_fn: Any = None) -> Any:
-    """A JSON-able description of an argument that changes whenever the argument's meaning does."""
-    if isinstance(value, Tensor):
-        data, owner = _raw(value)
-        digest = hashlib.sha256(data).hexdigest()
-        del owner
-        return {"tensor": digest, "dtype": str(value.dtype), "shape": list(value.shape)}
-    if isinstance(value, torch.Generator):
-        return {"generator": _generator_digest(value).hex(), "device": str(value.device)}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_digest(v, model_fn) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _digest(v, model_fn) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, torch.dtype):
-        return str(value)
-    if isinstance(value, torch.nn.Module):
-        name = None
-        if hasattr(model_fn, "name_of"):
-            try:
-                name = model_fn.name_of(value)
-            except KeyError:
-                name = None
-        return {"module": type(value).__qualname__, "name": name}
-    if isinstance(value, functools.partial):
-        return {"partial": _digest(value.func, model_fn), "args": _digest(value.args, model_fn),
-                "keywords": _digest(value.keywords, model_fn)}
-    if callable(value):
-        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
-    return type(value).__qualname__
-
-
-def _generator_digest(generator: torch.Generator) -> bytes:
-    data, owner = _raw(generator.get_state())
-    digest = hashlib.sha256(data).digest()
-    del owner  # the bytes belong to it: alive until hashed
-    return digest
-
-
-def _params_digest(params: Mapping) -> str:
-    h = hashlib.sha256()
-    for name in sorted(params):
-        t = params[name]
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        data, owner = _raw(t)
-        h.update(data)
-        del owner
-    return h.hexdigest()
+_FN = store.FN
 
 
 # ----------------------------------------------------------------------------------- distributed
@@ -206,57 +62,6 @@ def _barrier(world: int, device: torch.device) -> None:
             dist.barrier()
 
 
-# ----------------------------------------------------------------------------------------- writer
-class _Writer:
-    """A thread that commits shards from a bounded queue, beside the computation."""
-
-    def __init__(self, root: Path, depth: int = 4):
-        self.root = root
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self.error: Optional[BaseException] = None
-        self.thread = threading.Thread(target=self._run, name="torchex_fn-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue
-            try:
-                b, maps, meta, ready = item
-                if ready is not None:
-                    ready.synchronize()  # the device -> pinned host copy of the maps has landed
-                maps_name, meta_name = _shard_names(b)
-                _write_atomic(self.root / meta_name, meta)  # meta first: a shard counts once its maps exist
-                _write_atomic(self.root / maps_name, maps)
-            except BaseException as err:  # handed to the computing thread, which raises it
-                self.error = err
-
-    def put(self, item: Any) -> None:
-        while True:
-            self._check()
-            try:
-                self.queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def close(self, *, check: bool = True) -> None:
-        while self.thread.is_alive():
-            try:
-                self.queue.put(None, timeout=0.5)
-                break
-            except queue.Full:
-                continue
-        self.thread.join()
-        if check:
-            self._check()
 
 
 class _Prefetch:
@@ -301,6 +106,8 @@ class _Prefetch:
     def close(self) -> None:
         self.stop.set()
         self.thread.join()
+
+
 
 
 # ------------------------------------------------------------------------- predictions, for free
@@ -363,6 +170,8 @@ def _seeing(model_fn: Callable, seen: _Seen) -> Callable:
     return fn
 
 
+
+
 # ------------------------------------------------------------------------------------------- data
 def _data(data: Any) -> Tuple[Any, Optional[Callable]]:
     """``(map-style dataset, collate_fn)`` from a Dataset or a DataLoader."""
@@ -399,63 +208,11 @@ def _check_dtype(dtype: Any) -> None:
                                   _checks.describe(dtype), "The .npy format has no bfloat16; use torch.float16.")
 
 
-# -------------------------------------------------------------------------------------- the store
-def _manifest(method: Callable, model_fn: Any, params: Mapping, dataset: Any, n: int, batch_size: int,
-              dtype: Optional[torch.dtype], options: Dict[str, Any]) -> Dict[str, Any]:
-    first = dataset[0]
-    return {
-        "format": _FORMAT,
-        "method": _digest(method, model_fn),
-        "options": _digest(options, model_fn),
-        "batch_size": batch_size,
-        "dtype": None if dtype is None else str(dtype),
-        "params": _params_digest(params),
-        "model_output": _digest(_targets.selector(model_fn), model_fn),
-        "data": {"type": type(dataset).__qualname__, "length": n,
-                 "first_example": hashlib.sha256(json.dumps(_digest(first), sort_keys=True).encode()).hexdigest()},
-    }
-
-
-def _differences(old: Mapping, new: Mapping) -> List[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if a == b:
-            continue
-        if key == "data" and isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += [f"data {k} ({a.get(k)!r} then, {b.get(k)!r} now)" for k in sorted(set(a) | set(b))
-                    if a.get(k) != b.get(k)]
-        elif key in ("batch_size", "dtype", "method"):
-            out.append(f"{key} ({a!r} then, {b!r} now)")
-        else:
-            out.append(key)
-    return out
-
-
-def _check_store(root: Path, manifest: Dict[str, Any]) -> bool:
-    """Raises if ``root`` holds something else; returns whether a manifest must be written."""
-    path = root / "manifest.json"
-    if path.is_file():
-        with open(path) as f:
-            old = json.load(f)
-        diff = _differences(old, manifest)
-        if diff:
-            raise _checks.value_error(
-                _FN, f"the same arguments as the run that created out={str(root)!r}", f"different {', '.join(diff)}",
-                "Results of different runs are never mixed: choose another out folder, or delete this one to "
-                "start over.")
-        return False
-    if root.exists() and (not root.is_dir() or any(p.name != "shards" and not p.name.startswith(".manifest.json.tmp")
-                                                   for p in root.iterdir())):
-        raise _checks.value_error(_FN, "out, a new or empty folder, or one written by attribute_dataset",
-                                  f"{str(root)!r}, which holds other files and no manifest.json",
-                                  "Choose another out folder.")
-    return True
 
 
 def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, data: Any, *,
                       out: Union[str, os.PathLike], batch_size: int, progress: bool = True,
-                      dtype: Optional[torch.dtype] = None, num_workers: int = 0, **options: Any) -> Attributions:
+                      dtype: Optional[torch.dtype] = None, num_workers: int = 0, **options: Any) -> store.Attributions:
     """Explain every example of a data set with ``method``; store the maps on disk, resumably.
 
     The data is cut into fixed batches (batch ``b`` is examples ``[b * batch_size, (b + 1) * batch_size)``),
@@ -543,14 +300,14 @@ def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, dat
     device = next((t.device for t in params.values() if isinstance(t, Tensor)), torch.device("cpu"))
     rank, world, created = _dist_setup(device)
     try:
-        manifest = _manifest(method, model_fn, params, dataset, n, batch_size, dtype, options)
+        manifest = store.manifest(method, model_fn, params, dataset, n, batch_size, dtype, options)
         _barrier(world, device)  # everyone has read the folder's state before rank 0 changes it
-        fresh = _check_store(root, manifest)
+        fresh = store.check_store(root, manifest)
         _barrier(world, device)
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)
             if fresh:
-                _write_json_atomic(root / "manifest.json", manifest)
+                codec.write_json_atomic(root / "manifest.json", manifest)
             (root / "shards").mkdir(exist_ok=True)
             for stale in [*root.glob(".*.tmp*"), *(root / "shards").glob(".*.tmp*")]:  # partial writes of a kill
                 stale.unlink()
@@ -559,23 +316,21 @@ def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, dat
              rank, world, device, progress)
         _barrier(world, device)
         if rank == 0 and not (root / "index.json").is_file():
-            _write_index(root, n, batch_size)
+            store.write_index(root, n, batch_size)
         _barrier(world, device)
     finally:
         if created:
             dist.destroy_process_group()
-    return open_attributions(root)
+    return store.open_attributions(root)
 
 
-def _batches(n: int, batch_size: int) -> List[range]:
-    return [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
 
 def _generator_seeds(options: Dict[str, Any]) -> Dict[str, Tuple[int, torch.device]]:
     seeds = {}
     for key, value in options.items():
         if isinstance(value, torch.Generator):
-            digest = _generator_digest(value)
+            digest = store.generator_digest(value)
             seeds[key] = (int.from_bytes(digest[:8], "little") >> 1, value.device)
     return seeds
 
@@ -594,9 +349,9 @@ def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype,
          rank, world, device, progress) -> None:
     from tqdm.auto import tqdm
 
-    batches = _batches(n, batch_size)
+    batches = store.batches(n, batch_size)
     mine = [b for b in range(len(batches)) if b % world == rank]
-    todo = [b for b in mine if not _stored(root, b, len(batches[b]))]
+    todo = [b for b in mine if not codec.stored(root, b, len(batches[b]))]
     total = sum(len(batches[b]) for b in mine)
     done = total - sum(len(batches[b]) for b in todo)
     if not todo:
@@ -610,7 +365,7 @@ def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype,
     output = _targets.selector(model_fn)
     seen = _Seen(output)
     fn = _seeing(model_fn, seen)  # one wrapper per call: plain-function models keep their layer-shape memo
-    writer = _Writer(root)
+    writer = store.Writer(root)
     bar = tqdm(total=total, initial=done, unit="ex", desc=_FN, disable=not progress or rank != 0, smoothing=0.1)
     shape = None
     try:
@@ -645,7 +400,7 @@ def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype,
             maps = maps.detach()
             if dtype is not None:
                 maps = maps.to(dtype)
-            if maps.dtype not in _NPY_DTYPES or maps.dtype == torch.int64:
+            if maps.dtype not in codec.NPY_DTYPES or maps.dtype == torch.int64:
                 raise _checks.type_error(_FN, "maps of dtype float16, float32 or float64", _checks.describe(maps),
                                          "Pass dtype=torch.float32 (or float16) to convert them for storage.")
             if seen.pred is None:
@@ -672,166 +427,3 @@ def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype,
             loader.close()
     writer.close()
     bar.close()
-
-
-def _write_index(root: Path, n: int, batch_size: int) -> None:
-    shards: List[Dict[str, Any]] = []
-    shape: Any = None
-    dtype: Any = None
-    for b, rows in enumerate(_batches(n, batch_size)):
-        maps_name, meta_name = _shard_names(b)
-        if not _stored(root, b, len(rows)):
-            raise RuntimeError(f"{_FN}: expected every batch stored after all ranks finished, got batch {b} "
-                               f"({maps_name}) missing. Run the same call again to compute it.")
-        _, d, s = _read_header(root / maps_name)
-        if shape is None:
-            shape, dtype = s[1:], d
-        elif (s[1:], d) != (shape, dtype):
-            raise RuntimeError(f"{_FN}: expected maps of one shape and dtype in every shard, got {s[1:]} {d} "
-                               f"in {maps_name}, {shape} {dtype} in the first")
-        shards.append({"maps": maps_name, "meta": meta_name, "start": rows.start, "stop": rows.stop})
-    _write_json_atomic(root / "index.json", {
-        "format": _FORMAT, "count": n, "batch_size": batch_size, "map_shape": list(shape),
-        "dtype": str(dtype).replace("torch.", ""), "meta_columns": ["index", "target", "prediction"],
-        "shards": shards})
-
-
-# ------------------------------------------------------------------------------------- the reader
-class _Maps(Sequence):
-    """``store.maps[i]`` / ``store.maps[a:b]``: read from the shard files on access, never all at once."""
-
-    def __init__(self, store: Attributions):
-        self._store = store
-
-    def __len__(self) -> int:
-        return len(self._store)
-
-    def __getitem__(self, key: Any) -> Tensor:  # type: ignore[override]  # a slice reads a tensor too
-        store = self._store
-        if isinstance(key, slice):
-            start, stop, step = key.indices(len(store))
-            if step != 1:
-                return torch.stack([self[i] for i in range(start, stop, step)]) if start != stop else \
-                    torch.empty((0, *store.map_shape), dtype=store.dtype)
-            return store._read(start, max(start, stop))
-        if isinstance(key, Tensor) and key.ndim == 0:
-            key = int(key)
-        if isinstance(key, bool) or not isinstance(key, int):
-            raise _checks.type_error("Attributions.maps", "an int index or a slice", _checks.describe(key))
-        if not -len(store) <= key < len(store):
-            raise IndexError(f"Attributions.maps: expected an index in [-{len(store)}, {len(store)}), got {key}")
-        key %= len(store)
-        return store._read(key, key + 1)[0]
-
-    def __iter__(self) -> Iterator[Tensor]:
-        for shard in self._store._index["shards"]:
-            yield from self._store._read(shard["start"], shard["stop"])
-
-
-class Attributions:
-    """A finished attribution store, read lazily (see :func:`open_attributions`)."""
-
-    def __init__(self, root: Path, index: Dict[str, Any], manifest: Dict[str, Any]):
-        self.root, self._index, self.manifest = root, index, manifest
-        self.batch_size = index["batch_size"]
-        self.map_shape = tuple(index["map_shape"])
-        self.dtype = getattr(torch, index["dtype"])
-        self.maps = _Maps(self)
-        self._meta: Optional[Tensor] = None
-        self._offsets: Dict[int, int] = {}
-
-    def __len__(self) -> int:
-        return self._index["count"]
-
-    def __repr__(self) -> str:
-        return (f"Attributions({str(self.root)!r}, {len(self)} maps of shape {list(self.map_shape)}, "
-                f"{str(self.dtype).replace('torch.', '')})")
-
-    def _read(self, start: int, stop: int) -> Tensor:
-        row = self.dtype.itemsize
-        for s in self.map_shape:
-            row *= s
-        parts = []
-        shards = self._index["shards"]
-        b = start // self.batch_size
-        while start < stop:
-            shard = shards[b]
-            take = min(stop, shard["stop"]) - start
-            path = self.root / shard["maps"]
-            if b not in self._offsets:
-                self._offsets[b] = _read_header(path)[0]
-            buf = bytearray(take * row)
-            with open(path, "rb") as f:
-                f.seek(self._offsets[b] + (start - shard["start"]) * row)
-                if f.readinto(buf) != len(buf):
-                    raise RuntimeError(f"open_attributions: {str(path)!r} is shorter than its header says")
-            parts.append(torch.frombuffer(buf, dtype=self.dtype).view(take, *self.map_shape) if buf else
-                         torch.empty((take, *self.map_shape), dtype=self.dtype))
-            start += take
-            b += 1
-        if not parts:
-            return torch.empty((0, *self.map_shape), dtype=self.dtype)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _columns(self) -> Tensor:
-        if self._meta is None:
-            parts = []
-            for shard in self._index["shards"]:
-                path = self.root / shard["meta"]
-                offset, _, shape = _read_header(path)
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    parts.append(torch.frombuffer(bytearray(f.read()), dtype=torch.long).view(*shape))
-            self._meta = torch.cat(parts)
-        return self._meta
-
-    @property
-    def indices(self) -> Tensor:
-        """Example index of each map, ``[N]`` int64 (``0 .. N-1``, in order)."""
-        return self._columns()[:, 0]
-
-    @property
-    def targets(self) -> Tensor:
-        """The class each map explains, ``[N]`` int64 (the data's target, or the prediction where it was -1)."""
-        return self._columns()[:, 1]
-
-    @property
-    def predictions(self) -> Tensor:
-        """The model's predicted class, ``[N]`` int64 (-1 where the output is not ``[B, classes]``)."""
-        return self._columns()[:, 2]
-
-
-def open_attributions(out: Union[str, os.PathLike]) -> Attributions:
-    """Reopen a store written by :func:`attribute_dataset`, read-only and lazily.
-
-    Args:
-      out: The folder passed as ``attribute_dataset(..., out=...)``.
-
-    Returns:
-      An :class:`Attributions`: ``len(store)``, ``store.maps[i]`` (``[*map_shape]``, read from disk on
-      access; slices read ``[k, *map_shape]``), ``store.indices``, ``store.targets``,
-      ``store.predictions`` (``[N]`` int64, loaded on first access), ``store.manifest``.
-
-    Raises:
-      ValueError: ``out`` is not a finished store (no ``index.json``: an interrupted run, which the
-        same ``attribute_dataset`` call resumes).
-
-    Example:
-      >>> store = open_attributions("maps/")
-      >>> store.maps[0:8].shape, store.predictions[:8]   # [8, 1, 224, 224]
-    """
-    root = Path(out)
-    index_path, manifest_path = root / "index.json", root / "manifest.json"
-    if not index_path.is_file():
-        hint = ("It holds a manifest but no index: an interrupted run; call attribute_dataset again with the "
-                "same arguments to finish it." if manifest_path.is_file() else
-                "Pass the out folder of attribute_dataset.")
-        raise _checks.value_error("open_attributions", "a folder written by attribute_dataset, with index.json",
-                                  repr(str(root)), hint)
-    with open(index_path) as f:
-        index = json.load(f)
-    with open(manifest_path) as f:
-        manifest = json.load(f)
-    if index.get("format") != _FORMAT:
-        raise _checks.value_error("open_attributions", f"format {_FORMAT!r}", repr(index.get("format")))
-    return Attributions(root, index, manifest)
