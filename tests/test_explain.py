@@ -159,7 +159,7 @@ def test_a_10_class_checkpoint_through_data_and_its_predictions(tmp_path):
     paths = [picture(tmp_path / "imgs" / f"{i}.png", i) for i in range(3)]
     assert run_data(tmp_path / "imgs", tmp_path / "store", "--weights", str(tmp_path / "ten.pt")) == 0
     import torchex_fn as tx
-    from torchex_fn.cli.main import _normalize, _read_image
+    from torchex_fn.cli.explain import _normalize, _read_image
     store = tx.open_attributions(tmp_path / "store")
     x = _normalize(torch.stack([_read_image(tmp_path / "imgs" / f"{i}.png", int(SIZE)) for i in range(3)]))
     with torch.no_grad():
