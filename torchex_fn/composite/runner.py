@@ -37,7 +37,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..core import checks as _checks
-from ..core import docs as _docs
 from ..core import targets as _targets
 from ..core.model import FunctionalModel
 
@@ -454,7 +453,6 @@ def _check_store(root: Path, manifest: Dict[str, Any]) -> bool:
     return True
 
 
-@_docs.fill
 def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, data: Any, *,
                       out: Union[str, os.PathLike], batch_size: int, progress: bool = True,
                       dtype: Optional[torch.dtype] = None, num_workers: int = 0, **options: Any) -> Attributions:
@@ -485,9 +483,8 @@ def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, dat
 
     Args:
       method: A public attribution function, e.g. ``torchex_fn.grad_cam`` (or a ``functools.partial`` of one).
-      {model_fn}
-      {params}
-        Its device decides where batches are computed.
+      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
+      params: Name -> tensor mapping; its device decides where batches are computed.
       data: A map-style ``Dataset`` whose items are ``(input, target)`` pairs, ``target`` an int class
         (``-1``: explain the predicted class). A ``DataLoader`` is accepted for its ``dataset`` and
         ``collate_fn``; its batch size, sampler and shuffling are ignored, because batches must be
