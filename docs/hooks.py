@@ -45,6 +45,12 @@ def _relink(text: str) -> str:
     return re.sub(r"(\])\(([^)\s]+)\)", one, text)
 
 
+def on_config(config):
+    if str(ROOT) not in sys.path:  # the site documents this checkout's package, whichever torchex_fn is installed
+        sys.path.insert(0, str(ROOT))
+    return config
+
+
 def on_files(files: Files, config) -> Files:
     for page, source in PAGES.items():
         text = (ROOT / source).read_text(encoding="utf-8")
@@ -121,8 +127,10 @@ def _identifier(name: str, module: str) -> str | None:
 
 
 def on_page_content(text: str, page, config, files) -> str:
-    if "{args}" in text:  # a docstring template left unfilled (see docs/griffe_templates.py): fails --strict
-        logging.getLogger("mkdocs").warning("%s: a docstring shows its {args} placeholder", page.file.src_uri)
+    from torchex_fn.core.docs import unfilled
+    left = unfilled(text)  # shared docstring text left unfilled (see docs/griffe_templates.py): fails --strict
+    if left:
+        logging.getLogger("mkdocs").warning("%s: a docstring shows its placeholders %s", page.file.src_uri, left)
     modules = re.findall(r'id="(torchex_fn[\w.]*)"', text)
     module = min(modules, key=len) if modules else ""  # the page's module, e.g. torchex_fn.cam
 

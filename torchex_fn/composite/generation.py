@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..core import checks as _checks
+from ..core import docs as _docs
 from ..core import targets as _targets
 from ..core.types import ModelFn, Params
 from ..core.capture import resolve_layers
@@ -108,6 +109,7 @@ def _check_mask(fn: str, mask: Any, batch: Optional[int], length: int) -> None:
                                   f"or [T_out] = [{length}] like the continuation", _checks.describe(mask))
 
 
+@_docs.fill
 def token_logprobs(out: Any, continuation_ids: Tensor, *, prompt_length: Optional[int] = None) -> Tensor:
     """Log-probabilities of the continuation tokens, teacher-forced: ``[B, T_out]``.
 
@@ -116,7 +118,7 @@ def token_logprobs(out: Any, continuation_ids: Tensor, *, prompt_length: Optiona
     Args:
       out: The output of the model on ``[prompt; continuation]``: logits ``[B, L, vocab]`` or a
         ``ModelOutput`` / dict with ``logits``.
-      continuation_ids: ``[B, T_out]`` (or ``[T_out]``, the same for every example) integer token ids.
+      {continuation_ids}
       prompt_length: The position of the first continuation token (``T_in``). ``None`` (default): the
         continuation is the last ``T_out`` tokens of the sequence (also right for models that return
         logits of the last positions only, e.g. HuggingFace's ``logits_to_keep >= T_out + 1``).
@@ -168,6 +170,7 @@ def _token_logprobs(fn: str, out: Any, ids: Tensor, prompt_length: Optional[int]
     return picked.gather(-1, ids[..., None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
 
 
+@_docs.fill
 def continuation_logprob(continuation_ids: Tensor, *, prompt_length: Optional[int] = None,
                          mask: Optional[Tensor] = None) -> Callable[[Any], Tensor]:
     """A target: the summed log-probability of a continuation, ``out -> [B]``.
@@ -177,10 +180,9 @@ def continuation_logprob(continuation_ids: Tensor, *, prompt_length: Optional[in
     ``target`` of any method (with ``layer=`` at the embeddings for token ids).
 
     Args:
-      continuation_ids: ``[B, T_out]`` (or ``[T_out]``) integer token ids of the continuation.
+      {continuation_ids}
       prompt_length: Where the continuation starts (``T_in``); ``None`` (default): it ends the sequence.
-      mask: ``[B, T_out]`` (or ``[T_out]``) bool or 0/1: which continuation tokens count (right padding
-        for continuations of different lengths). ``None``: all.
+      {mask.continuation}
 
     Returns:
       A callable ``out -> [B]`` taking logits ``[B, L, vocab]`` or a ``ModelOutput`` / dict with ``logits``.
@@ -333,6 +335,7 @@ def _groups(batch: int, cap: Optional[int]):
 # --------------------------------------------------------------------------------------------
 # Gradient methods at the embedding layer.
 
+@_docs.fill
 def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tensor, continuation_ids: Tensor, *,
                              method: str = "integrated_gradients", layer: Any = None, baseline: Any = 0,
                              steps: int = 50, quadrature: str = "gausslegendre", reduce: str = "sum",
@@ -357,12 +360,10 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
     * ``"input_x_gradient"``: embedding times gradient (captum's ``LayerGradientXActivation``).
 
     Args:
-      model_fn: Pure ``(params, ids) -> out`` of a causal language model (e.g. ``functionalize(gpt2)``);
-        ``out`` is logits ``[B, T, vocab]`` or a ``ModelOutput`` / dict with ``logits`` (else choose it
-        with ``functionalize(model, output=...)``).
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      prompt_ids: ``[B, T_in]`` integer token ids (one length for all prompts).
-      continuation_ids: ``[B, T_out]`` integer token ids (or ``[T_out]`` for all), e.g. generated.
+      {model_fn.lm}
+      {params}
+      {prompt_ids}
+      {continuation_ids}
       method: ``"integrated_gradients"`` (default), ``"saliency"`` or ``"input_x_gradient"``.
       layer: The token-embedding layer (a dotted name or module). ``None`` (default): the module's
         ``get_input_embeddings()`` (HuggingFace models: ``transformer.wte`` for GPT-2), captum's choice.
@@ -375,8 +376,8 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
         is then the norm of the summed maps). Summed *gradients* of a model that normalises its
         embeddings first (a pre-LayerNorm transformer such as GPT-2) are ~0, since LayerNorm is
         invariant to adding a constant to every dimension: use ``"norm"`` with ``"saliency"``.
-      mask: ``[B, T_out]`` (or ``[T_out]``) bool or 0/1 marking real continuation tokens (right
-        padding); rows of masked tokens are 0 and do not enter ``seq_attr``. ``None``: all tokens.
+      {mask.continuation}
+        Rows of masked tokens are 0 and do not enter ``seq_attr``.
       batch_size: Memory cap: the most sequences in one forward pass. Integrated gradients puts
         ``batch_size // B`` path points of all ``B`` examples in a forward (one point of ``batch_size``
         examples when ``B > batch_size``). ``None`` (default): all ``steps`` points of all examples in one
@@ -486,6 +487,7 @@ def _embedding_layer(fn: str, model_fn: Any, layer: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # Token ablation.
 
+@_docs.fill
 def continuation_ablation(model_fn: ModelFn, params: Params, prompt_ids: Tensor, continuation_ids: Tensor, *,
                           baseline: Any = 0, mask: Optional[Tensor] = None,
                           batch_size: Optional[int] = None) -> ContinuationAttribution:
@@ -500,13 +502,13 @@ def continuation_ablation(model_fn: ModelFn, params: Params, prompt_ids: Tensor,
     own cached decoding agrees with teacher forcing to float rounding).
 
     Args:
-      model_fn: Pure ``(params, ids) -> out`` of a causal language model (logits or a ``ModelOutput``).
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      prompt_ids: ``[B, T_in]`` integer token ids (one length for all prompts).
-      continuation_ids: ``[B, T_out]`` integer token ids (or ``[T_out]`` for all).
+      {model_fn.lm}
+      {params}
+      {prompt_ids}
+      {continuation_ids}
       baseline: The token id that replaces a prompt token (int), or ids broadcastable to ``[B, T_in]``.
         Default: 0 (captum's ``TextTokenInput`` default).
-      mask: ``[B, T_out]`` (or ``[T_out]``) bool or 0/1 marking real continuation tokens; ``None``: all.
+      {mask.continuation}
       batch_size: The most sequences in one forward pass. ``None`` (default): ``B``, one ablated
         position of every example per forward (captum's ``perturbations_per_eval=1``).
 

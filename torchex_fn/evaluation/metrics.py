@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core import checks as _checks
+from ..core import docs as _docs
 from ..core import grid as _grid
 from ..core import targets as _targets
 from ..core.types import ModelFn, Params, Target
@@ -209,6 +210,7 @@ def _check_curve_args(fn, model_fn, params, x, attribution, target, step, batch_
 
 
 # --------------------------------------------------------------------------- deletion / insertion
+@_docs.fill
 def deletion(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor, target: Target = None, *,
              step: Optional[int] = None, substrate: Union[None, Tensor, Callable[[Tensor], Tensor]] = None,
              batch_size: int = 64, probabilities: bool = True, progress: bool = False) -> Curve:
@@ -219,10 +221,11 @@ def deletion(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor, 
     the top ``k * step`` pixels removed. A good map makes the score drop fast: lower AUC is better.
 
     Args:
-      model_fn: Pure ``(params, x) -> out`` with ``out`` of shape ``[B, classes]``.
-      params: Name -> tensor mapping accepted by ``model_fn``.
+      {model_fn}
+        ``out`` has shape ``[B, classes]``.
+      {params}
       x: Images ``[B, C, H, W]``.
-      attribution: ``[B, H, W]``, ``[B, 1, H, W]`` or ``[B, C, h, w]`` (channels summed, resized).
+      {attribution.map}
       target: ``None`` (the class predicted for the unperturbed image, kept fixed along the curve),
         an int, ``[B]`` ints, or a callable ``out -> [N]`` (called on the flattened perturbed batch).
       step: Pixels changed per step. Default: ``W`` (one image row's worth, as RISE's 224 on 224 x 224).
@@ -279,6 +282,7 @@ def insertion(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor,
 
 
 # --------------------------------------------------------------------------------- pointing games
+@_docs.fill
 def pointing_game(attribution: Tensor, mask: Tensor, *, tolerance: float = 15) -> PointingGame:
     """Pointing game: a hit when the map's maximum lies within ``tolerance`` pixels of the object.
 
@@ -287,8 +291,8 @@ def pointing_game(attribution: Tensor, mask: Tensor, *, tolerance: float = 15) -
     (``tolerance=0``: the point itself must be on the mask). An empty mask is a miss.
 
     Args:
-      attribution: ``[B, H, W]``, ``[B, 1, H, W]`` or ``[B, C, h, w]`` (channels summed, resized).
-      mask: ``[B, 1, H, W]`` or ``[B, H, W]``, bool (or nonzero = object).
+      {attribution.map}
+      {mask.object}
       tolerance: In pixels of the mask. Default: 15 (TorchRay's, meant for ~224-pixel images;
         scale it with the image size).
 
@@ -322,6 +326,7 @@ def pointing_game(attribution: Tensor, mask: Tensor, *, tolerance: float = 15) -
     return PointingGame(hit, torch.stack([row, col], dim=1))
 
 
+@_docs.fill
 def energy_pointing_game(attribution: Tensor, mask: Tensor, *, eps: float = 1e-12) -> Tensor:
     """Energy-based pointing game: the share of the map's positive mass inside the mask.
 
@@ -329,9 +334,9 @@ def energy_pointing_game(attribution: Tensor, mask: Tensor, *, eps: float = 1e-1
     a map with no positive value scores 0. Differentiable in ``attribution``.
 
     Args:
-      attribution: ``[B, H, W]``, ``[B, 1, H, W]`` or ``[B, C, h, w]`` (channels summed, resized).
-      mask: ``[B, 1, H, W]`` or ``[B, H, W]``, bool (or nonzero = object; a bounding-box mask as in
-        the paper, or the object's own mask).
+      {attribution.map}
+      {mask.object}
+        A bounding-box mask as in the paper, or the object's own mask.
       eps: Floor of the denominator. Default: 1e-12.
 
     Returns:
@@ -375,6 +380,7 @@ def _default_layers(fn: str, model_fn: Any, params: Params) -> List[str]:
     return names[::-1]
 
 
+@_docs.fill
 def randomization_check(method: Callable[..., Tensor], model_fn: ModelFn, params: Params, x: Tensor,
                         target: Target = None, *, layers: Optional[Sequence[str]] = None,
                         generator: Optional[torch.Generator] = None, absolute: bool = True) -> Randomization:
@@ -389,9 +395,9 @@ def randomization_check(method: Callable[..., Tensor], model_fn: ModelFn, params
 
     Args:
       method: ``(model_fn, params, x, target) -> map``, e.g. ``functools.partial(grad_cam, layer="features")``.
-      model_fn: Pure ``(params, x) -> out``.
-      params: Name -> tensor mapping.
-      x: Input batch ``[B, ...]``.
+      {model_fn}
+      {params}
+      {x.batch}
       target: ``None``, int, ``[B]`` ints or a callable, as for the method.
       layers: Parameter-name prefixes to randomise, in order (output side first). Default: the
         top-level children of ``functionalize``'s module that hold parameters, last first.
@@ -457,6 +463,7 @@ def _sample_counts(total: int, per_chunk: int) -> List[int]:
     return [min(per_chunk, total - first) for first in range(0, total, per_chunk)]
 
 
+@_docs.fill
 def infidelity(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor, target: Target = None, *,
                perturb_fn: Callable[[Tensor, Optional[torch.Generator]], Any], n_perturb_samples: int = 10,
                normalize: bool = False, batch_size: int = 64,
@@ -473,9 +480,9 @@ def infidelity(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor
     (``captum.metrics.infidelity``): the same perturbations give the same numbers.
 
     Args:
-      model_fn: Pure ``(params, x) -> out``.
-      params: Name -> tensor mapping accepted by ``model_fn``.
-      x: Input batch ``[B, ...]``.
+      {model_fn}
+      {params}
+      {x.batch}
       attribution: ``[B, ...]`` map broadcastable to ``x``'s shape (e.g. ``[B, 1, H, W]`` for
         ``[B, C, H, W]`` images: the same value for every channel of a pixel).
       target: ``None`` (the class predicted for ``x``, kept for the perturbed inputs), an int,
@@ -483,7 +490,7 @@ def infidelity(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor
       perturb_fn: ``(x, generator) -> (perturbation, perturbed_x)``, both of ``x``'s shape
         ``[B, ...]``; called once per sample, in order, with this call's ``generator``. Draw
         every random number from ``generator`` to make the score reproducible.
-      n_perturb_samples: Perturbations per example. Default: 10.
+      {n_perturb_samples}
       normalize: Rescale the attribution by the optimal ``beta`` first. Default: False.
       batch_size: Perturbed inputs per forward pass, a memory cap (at least one sample of the
         whole batch per pass). Default: 64.
@@ -589,6 +596,7 @@ def uniform_perturbation(x: Tensor, radius: float, generator: Optional[torch.Gen
     return x + radius * (2 * u - 1)
 
 
+@_docs.fill
 def sensitivity_max(explain_fn: Callable[[Tensor], Tensor], x: Tensor, *, perturb_radius: float = 0.02,
                     n_perturb_samples: int = 10, generator: Optional[torch.Generator] = None) -> Tensor:
     """Max-sensitivity: the largest relative change of the map under a small input perturbation.
@@ -603,9 +611,9 @@ def sensitivity_max(explain_fn: Callable[[Tensor], Tensor], x: Tensor, *, pertur
       explain_fn: ``x -> map``, e.g. ``lambda x: saliency(fn, params, x, y)``. Always called
         with a batch of ``x``'s shape ``[B, ...]`` (example ``i`` stays at row ``i``), so a
         ``[B]`` target bound into the closure stays aligned.
-      x: Input batch ``[B, ...]``.
+      {x.batch}
       perturb_radius: Half-width of the uniform noise. Default: 0.02.
-      n_perturb_samples: Perturbations per example. Default: 10.
+      {n_perturb_samples}
       generator: Source of the noise. Default: the global RNG.
 
     Returns:

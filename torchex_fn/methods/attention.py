@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..core import checks as _checks
+from ..core import docs as _docs
 from ..core import grid as _grid
 from ..core import targets as _targets
 from ..core.autodiff import grad_of_sum, grads_of_sums
@@ -321,6 +322,7 @@ def _fuse_heads(probs: Tensor, how: str) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # Methods.
 
+@_docs.fill
 def attention_rollout(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
                       layers: Any = None, head_fusion: str = "mean", token: Optional[int] = 0,
                       prefix_tokens: int = 1, grid: Optional[Tuple[int, int]] = None,
@@ -333,18 +335,14 @@ def attention_rollout(model_fn: ModelFn, params: Params, x: Tensor, target: Targ
     over the patch tokens, on the patch grid. The target is not used (rollout is class-agnostic).
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(vit)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, H, W]`` (any ``[B, ...]`` with ``upsample=False``).
+      {model_fn}
+      {params}
+      {x.attention}
       target: Ignored (kept for the common signature).
-      layers: Indices of the attention calls to roll out (``-1`` the last); default all.
+      {layers.attention}
       head_fusion: ``"mean"`` (the paper), ``"max"`` or ``"min"`` over heads. Default: ``"mean"``.
-      token: Row of the query token read out (0: the class token); ``None`` averages the rows of all
-        tokens (models without a class token). Default: 0.
-      prefix_tokens: Non-patch tokens before the patches (class, distillation, register tokens),
-        dropped from the map's columns. Default: 1.
-      grid: Patch grid ``(h, w)``; inferred when the patch count is a square.
-      upsample: Resize to ``x``'s spatial size (bilinear, as the CAM family). Default: True.
+      {token.attention}
+      {args.attention_map}
 
     Returns:
       Maps ``[B, 1, H, W]`` (``[B, 1, h, w]`` with ``upsample=False``).
@@ -380,6 +378,7 @@ def attention_rollout(model_fn: ModelFn, params: Params, x: Tensor, target: Targ
     return _to_map(fn, _query_rows(rollout, token), x, prefix_tokens, grid, upsample)
 
 
+@_docs.fill
 def grad_rollout(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
                  layers: Any = None, token: Optional[int] = 0, prefix_tokens: int = 1,
                  grid: Optional[Tuple[int, int]] = None, upsample: bool = True) -> Tensor:
@@ -390,15 +389,13 @@ def grad_rollout(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
     score. The map is ``R``'s row of the query ``token`` over the patch tokens.
 
     Args:
-      model_fn: Pure ``(params, x) -> out``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, H, W]`` (any ``[B, ...]`` with ``upsample=False``).
-      target: ``None`` (predicted class), int, ``[B]`` ints, or a callable ``out -> [B]``.
-      layers: Indices of the attention calls used (default all).
-      token: Row read out (0: the class token); ``None`` averages all rows. Default: 0.
-      prefix_tokens: Non-patch tokens before the patches, dropped from the map. Default: 1.
-      grid: Patch grid ``(h, w)``; inferred when the patch count is a square.
-      upsample: Resize to ``x``'s spatial size (bilinear). Default: True.
+      {model_fn}
+      {params}
+      {x.attention}
+      {target}
+      {layers.attention}
+      {token.attention}
+      {args.attention_map}
 
     Returns:
       Maps ``[B, 1, H, W]`` (``[B, 1, h, w]`` with ``upsample=False``).
@@ -452,6 +449,7 @@ def _default_head(model_fn) -> Optional[List[str]]:
     return None
 
 
+@_docs.fill
 def legrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
            blocks: Sequence[Any], head: Any = None, pool: str = "mean", prefix_tokens: int = 1,
            grid: Optional[Tuple[int, int]] = None, upsample: bool = True) -> Tensor:
@@ -466,8 +464,8 @@ def legrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, 
 
     Args:
       model_fn: A ``model_fn`` built by ``functionalize`` (blocks and head are named submodules).
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, H, W]`` (any ``[B, ...]`` with ``upsample=False``).
+      {params}
+      {x.attention}
       target: ``None`` (the class the model predicts), int, ``[B]`` ints, or a callable
         ``logits -> [B]`` applied to every block's logits.
       blocks: Transformer blocks (dotted names or modules) returning tokens ``[B, N, D]``. A block's
@@ -476,9 +474,7 @@ def legrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, 
         order (e.g. ``["norm", "head"]`` for timm), or a callable ``(params, pooled) -> logits``.
         Default: ``["encoder.ln", "heads"]`` when the model has them (torchvision).
       pool: ``"mean"`` over all tokens (torchcam) or ``"token"`` (the first, class token).
-      prefix_tokens: Non-patch tokens before the patches, dropped from the map. Default: 1.
-      grid: Patch grid ``(h, w)``; inferred when the patch count is a square.
-      upsample: Resize to ``x``'s spatial size (bilinear). Default: True.
+      {args.attention_map}
 
     Returns:
       Maps ``[B, 1, H, W]`` (``[B, 1, h, w]`` with ``upsample=False``).

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import checks as _checks
+from ..core import docs as _docs
 from ..core.capture import TailMismatch, run_tail, intermediates, layer_gradients, resolve_layers, tap
 from ..core import grid as _grid
 from ..core import targets as _targets
@@ -185,6 +186,7 @@ def _fc_weight(fn: str, model_fn, params, fc: Any) -> Tensor:
     return weight
 
 
+@_docs.fill
 def cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: LayerSpec,
         fc: Union[None, str, nn.Module, Tensor] = None, relu: bool = False, upsample: bool = True,
         reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
@@ -194,21 +196,16 @@ def cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, 
     spatial mean of this map plus the bias.
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
-        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
+      {model_fn}
+      {params}
+      {x.cam}
       target: ``None`` (predicted class), int, or ``[B]`` ints (a class index is needed).
       layer: The feature layer feeding the pooling (dotted name or module), output ``[B, K, h, w]``.
       fc: The linear layer: name, module, or its weight ``[classes, K]``. Default: the model's
         last ``nn.Linear``.
       relu: Keep only positive evidence (Zhou et al. and torchcam do not). Default: False.
-      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear). Default: True.
-      reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
-        ``reshape_transform``), e.g. ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT
-        tokens or ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the
-        output must already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from
-        ``x``'s by one factor; any other layout is refused, never guessed.
+      {upsample.cam}
+      {reshape.cam}
 
     Returns:
       ``[B, 1, H, W]`` (``[B, 1, h, w]`` with ``upsample=False``).
@@ -241,6 +238,7 @@ def cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, 
     return _finish(fn, maps, x, relu, upsample)
 
 
+@_docs.fill
 def grad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
              relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
     """Grad-CAM: channel weights are the spatial mean of ``d score / d activation``.
@@ -249,22 +247,7 @@ def grad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     one backward pass.
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
-        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
-      target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
-      layer: Dotted module name or the module; a list / tuple / dict of them gives a list / dict
-        of maps.
-      relu: Keep only positive evidence, as in the paper. Default: True.
-      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear for 1, 2 or 3 grid
-        axes, ``align_corners=False``). Default: True.
-      reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
-        ``reshape_transform``), applied to the activation and to its gradient alike, e.g.
-        ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT tokens or
-        ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the
-        output must already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from
-        ``x``'s by one factor; any other layout is refused, never guessed.
+      {args.grad_cam}
 
     Returns:
       Maps ``[B, 1, H, W]`` (``[B, 1, *spatial]`` with ``upsample=False``), in ``layer``'s structure.
@@ -338,6 +321,7 @@ def _at_least_float32(t: Tensor) -> Tensor:
 _PP_EPS = 1e-6
 
 
+@_docs.fill
 def grad_cam_pp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
                 relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
     """Grad-CAM++: channel weights sum the positive gradients, each scaled by a per-position alpha.
@@ -350,22 +334,7 @@ def grad_cam_pp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = N
     Several layers share one forward and one backward pass.
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
-        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
-      target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
-      layer: Dotted module name or the module; a list / tuple / dict of them gives a list / dict
-        of maps.
-      relu: Keep only positive evidence, as in the paper. Default: True.
-      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear for 1, 2 or 3 grid
-        axes, ``align_corners=False``). Default: True.
-      reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
-        ``reshape_transform``), applied to the activation and to its gradient alike, e.g.
-        ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT tokens or
-        ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the
-        output must already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from
-        ``x``'s by one factor; any other layout is refused, never guessed.
+      {args.grad_cam}
 
     Returns:
       Maps ``[B, 1, H, W]`` (``[B, 1, *spatial]`` with ``upsample=False``), in ``layer``'s structure.
@@ -398,24 +367,7 @@ def _grad_cam_pp_weights(act: Tensor, grad: Tensor) -> Tensor:
     return (alpha * torch.relu(grad)).sum(dim=spatial, keepdim=True)
 
 
-_ARGS_DOC = """      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
-        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
-      target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
-      layer: Dotted module name or the module; a list / tuple / dict of them gives a list / dict
-        of maps.
-      relu: Keep only positive evidence, as in the paper. Default: True.
-      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear for 1, 2 or 3 grid
-        axes, ``align_corners=False``). Default: True.
-      reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
-        ``reshape_transform``), applied to the activation and to its gradient alike, e.g.
-        ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT tokens or
-        ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the output must
-        already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from ``x``'s by
-        one factor; any other layout is refused, never guessed."""
-
-
+@_docs.fill
 def layer_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
               relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
     """Layer-CAM: each position weighs the activations by its own positive gradient.
@@ -425,15 +377,9 @@ def layer_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     backward pass.
 
     Args:
-{args}
+      {args.grad_cam}
 
-    Returns:
-      Maps ``[B, 1, H, W]`` (``[B, 1, *grid]`` with ``upsample=False``), in ``layer``'s structure.
-
-    Raises:
-      ValueError: an unknown layer (close names suggested), a layer never reached, an output
-        that is not ``[B, K, *grid]`` (pass ``reshape=``), a target out of range, NaN input.
-      TypeError: integer images, a bad target, layer or reshape type.
+    {text.cam_maps}
 
     Example:
       >>> layer_cam(fn, params, images, labels, layer="layer3").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
@@ -453,6 +399,7 @@ def _layer_cam_weights(act: Tensor, grad: Tensor) -> Tensor:
     return torch.relu(grad)
 
 
+@_docs.fill
 def xgrad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
               relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None,
               eps: float = 1e-7) -> Any:
@@ -463,18 +410,12 @@ def xgrad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     conservation axioms. Several layers share one forward and one backward pass.
 
     Args:
-{args}
+      {args.grad_cam}
       eps: Added to each channel's activation sum, so that a channel summing to zero gets a large
         but finite weight. Default: 1e-7, as pytorch-grad-cam; torchcam adds 1e-8. It matters
         only for channels whose sum is near zero (e.g. after Hardswish or GELU).
 
-    Returns:
-      Maps ``[B, 1, H, W]`` (``[B, 1, *grid]`` with ``upsample=False``), in ``layer``'s structure.
-
-    Raises:
-      ValueError: an unknown layer (close names suggested), a layer never reached, an output
-        that is not ``[B, K, *grid]`` (pass ``reshape=``), a target out of range, NaN input.
-      TypeError: integer images, a bad target, layer or reshape type.
+    {text.cam_maps}
 
     Example:
       >>> xgrad_cam(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
@@ -495,6 +436,7 @@ def _xgrad_cam_weights(act: Tensor, grad: Tensor, *, eps: float) -> Tensor:
     return (grad * act).sum(dim=spatial, keepdim=True) / (act.sum(dim=spatial, keepdim=True) + eps)
 
 
+@_docs.fill
 def hires_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
               relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
     """HiResCAM: the element-wise product of gradient and activation, summed over channels.
@@ -505,15 +447,9 @@ def hires_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     Several layers share one forward and one backward pass.
 
     Args:
-{args}
+      {args.grad_cam}
 
-    Returns:
-      Maps ``[B, 1, H, W]`` (``[B, 1, *grid]`` with ``upsample=False``), in ``layer``'s structure.
-
-    Raises:
-      ValueError: an unknown layer (close names suggested), a layer never reached, an output
-        that is not ``[B, K, *grid]`` (pass ``reshape=``), a target out of range, NaN input.
-      TypeError: integer images, a bad target, layer or reshape type.
+    {text.cam_maps}
 
     Example:
       >>> hires_cam(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
@@ -532,6 +468,7 @@ def _hires_cam_weights(act: Tensor, grad: Tensor) -> Tensor:
     return grad
 
 
+@_docs.fill
 def eigen_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
               relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
     """Eigen-CAM: the activations projected on their first principal component (class-agnostic).
@@ -549,15 +486,16 @@ def eigen_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     gradient divides by their gap).
 
     Args:
-{args}
+      {model_fn}
+      {params}
+      {x.cam}
+      {target}
+      {layer.cam}
+      {relu.cam}
+      {upsample.cam}
+      {reshape.cam}
 
-    Returns:
-      Maps ``[B, 1, H, W]`` (``[B, 1, *grid]`` with ``upsample=False``), in ``layer``'s structure.
-
-    Raises:
-      ValueError: an unknown layer (close names suggested), a layer never reached, an output
-        that is not ``[B, K, *grid]`` (pass ``reshape=``), a target out of range, NaN input.
-      TypeError: integer images, a bad target, layer or reshape type.
+    {text.cam_maps}
 
     Example:
       >>> eigen_cam(fn, params, images, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
@@ -588,6 +526,7 @@ def eigen_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     return rebuild(maps)
 
 
+@_docs.fill
 def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: LayerSpec,
                  batch_size: int = 32, relu: bool = True, upsample: bool = True,
                  reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
@@ -608,20 +547,17 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
     kept for the backward; wrap the call in ``torch.no_grad()`` when no gradient is wanted).
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
-        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
+      {model_fn}
+      {params}
+      {x.cam}
       target: ``None`` (the class predicted for the unablated image), int, ``[B]`` ints, or a
         callable ``out -> [n]`` applied to each chunk of ``n`` ablated images (row by row).
       layer: One dotted module name or module.
       batch_size: The most ablated images in one forward (a memory cap; it changes the result
         only by float rounding). Default: 32.
-      relu: Keep only positive evidence, as in the paper. Default: True.
-      upsample: Resize to ``x``'s spatial size (linear, bilinear or trilinear for 1, 2 or 3 grid
-        axes, ``align_corners=False``). Default: True.
-      reshape: A callable from the layer's output to ``[B, K, *grid]``, as in :func:`grad_cam`.
-        Default: ``None`` (the output must already be ``[B, K, *grid]``, see :func:`grad_cam`).
+      {relu.cam}
+      {upsample.cam}
+      {reshape.cam}
 
     Returns:
       ``[B, 1, H, W]`` (``[B, 1, *grid]`` with ``upsample=False``).
@@ -781,6 +717,7 @@ def _scaled_channel_sum(maps: Tensor, x: Tensor) -> Tensor:
                                x.shape[2:])
 
 
+@_docs.fill
 def fullgrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Any = None,
              relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """FullGrad: the input-gradient term plus the bias-gradient terms of every layer with a bias.
@@ -794,11 +731,10 @@ def fullgrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     one forward and one backward pass to the input.
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]``
-        (docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused.
-      target: ``None`` (predicted class), int, ``[B]`` ints, or ``out -> [B]``.
+      {model_fn}
+      {params}
+      {x.cam}
+      {target}
       layer: The layers whose biases count: ``None`` (default) for every convolution and batch
         norm with a bias of ``x``'s spatial rank (as pytorch-grad-cam), or names / modules.
       relu: Kept for a uniform signature: every term is non-negative, so it changes nothing.
@@ -845,15 +781,10 @@ def fullgrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     return torch.relu(total) if relu else total
 
 
-for _method in (layer_cam, xgrad_cam, hires_cam, eigen_cam):
-    if _method.__doc__:  # None under python -OO
-        _method.__doc__ = _method.__doc__.replace("{args}", _ARGS_DOC)
-del _method
-
-
 _SCORE_CAM_WEIGHTS = ("prob", "softmax")
 
 
+@_docs.fill
 def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
               batch_size: int = 32, upsample: bool = True, relu: bool = True, weights: str = "prob",
               align_corners: bool = False, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
@@ -878,8 +809,8 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     wrap the call in ``torch.no_grad()`` when no gradient is wanted.
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      {model_fn}
+      {params}
       x: A batch ``[B, C, *grid]`` with 1 to 3 grid axes: sequences ``[B, C, T]``, images
         ``[B, C, H, W]``, volumes ``[B, C, D, H, W]``.
       target: ``None`` (the class predicted for the unmasked image), int, ``[B]`` ints, or a
@@ -887,17 +818,12 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
       layer: One dotted module name or module with output ``[B, K, *grid]`` (``x``'s grid axes).
       batch_size: The most masked images in one forward pass (memory cap; it does not change the
         result beyond float rounding). Default: 32.
-      upsample: Resize the map to ``x``'s spatial size (linear, bilinear or trilinear,
-        ``align_corners=False``). Default: True.
-      relu: Keep only positive evidence, as in the paper. Default: True.
+      {upsample.cam}
+      {relu.cam}
       weights: ``"prob"`` or ``"softmax"``, see above. Default: ``"prob"``.
       align_corners: How the activations are resized into masks. Default: False (the authors'
         code); pytorch-grad-cam uses True.
-      reshape: A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's
-        ``reshape_transform``), e.g. ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT
-        tokens or ``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the
-        output must already be ``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from
-        ``x``'s by one factor; any other layout is refused, never guessed.
+      {reshape.cam}
 
     Returns:
       ``[B, 1, *grid]`` of ``x``'s grid, e.g. ``[B, 1, H, W]`` (the layer's grid with ``upsample=False``).

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..core import checks as _checks, inputs as _inputs
 from ..core import targets as _targets
+from ..core import docs as _docs
 from ..core.types import ModelFn, Params, Target
 from ..core.arguments import check_call
 
@@ -211,6 +212,7 @@ def _linear_fit(z: Tensor, y: Tensor, w: Tensor, alpha: Optional[float]) -> Tens
 # --------------------------------------------------------------------------------------------
 # Feature ablation.
 
+@_docs.fill
 def feature_ablation(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, feature_mask: Any = None,
                      baseline: Any = 0.0, batch_size: int = 64) -> Tensor:
     """Feature ablation: the drop of the score when one feature is set to the baseline.
@@ -219,33 +221,13 @@ def feature_ablation(model_fn: ModelFn, params: Params, x: Any, target: Target =
     the feature gets ``score(x) - score(x with feature k ablated)``. This is captum's
     ``FeatureAblation`` (its difference, original minus ablated, and its per-example masks).
 
-    Autograd is left as the caller has it: the result is an ordinary differentiable function of
-    ``params``, ``x`` and ``baseline`` (plain forwards and tensor algebra), and it works under
-    ``torch.func.vmap`` and ``torch.func.grad``. Wrap the call in ``torch.no_grad()`` when ``params``
-    require gradients but none is wanted: every forward pass is kept otherwise.
+    {text.features_autograd}
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, *input]``, floating point, or a dict of named inputs batch first whose one
-        floating-point entry is perturbed (every other entry goes with its example into each batch).
-      target: ``None`` (the class the model ranks first for the unperturbed input: one extra forward
-        of ``x``), an int, ``[B]`` ints (these index the tensor that ``functionalize(model, output=)``
-        chooses), or a callable ``out -> [g]`` that receives the raw output of the ``g`` examples of
-        one chunk under one coalition at a time, in ``x``'s order.
-      feature_mask: Integer feature ids, broadcastable to ``x``'s shape: one mask for the batch
-        (``[*input]`` or any shape that broadcasts, e.g. ``[H, W]`` for images ``[B, C, H, W]``, see
-        :func:`torchex_fn.masks.grid`) or one per example (``[B, *input]``, e.g. ``[B, 1, H, W]`` from
-        :func:`torchex_fn.masks.superpixels`). Elements with the same id form one feature. Ids need not
-        be contiguous or start at 0: the features are the distinct ids of the whole mask (with
-        per-example masks, an id missing from one example is a feature that does nothing there; it
-        gets no element of that example). ``None``: every element is its own feature.
-      baseline: The value of absent elements: a float, or a tensor broadcastable to ``[B, *input]``
-        (one per example or one for all; as ``baseline`` elsewhere in the package). Default: 0.0.
-      batch_size: Memory cap: the most perturbed examples in one forward pass. With ``B`` examples a
-        forward holds ``max(1, batch_size // B)`` coalitions times all ``B`` examples, or one coalition
-        times ``batch_size`` examples when ``B > batch_size``. It changes only the grouping (results
-        agree up to float rounding). Default: 64.
+      {args.features}
+      {feature_mask}
+      {baseline.features}
+      {batch_size.features}
 
     Returns:
       ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's value).
@@ -284,6 +266,7 @@ def feature_ablation(model_fn: ModelFn, params: Params, x: Any, target: Target =
 # --------------------------------------------------------------------------------------------
 # Shapley values: exact, and by permutation sampling.
 
+@_docs.fill
 def shapley_values(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, feature_mask: Any = None,
                    baseline: Any = 0.0, batch_size: int = 64) -> Tensor:
     """Exact Shapley values of the features, from all ``2^K`` coalitions.
@@ -293,34 +276,13 @@ def shapley_values(model_fn: ModelFn, params: Params, x: Any, target: Target = N
     values add up to ``v(all) - v(none) = score(x) - score(baseline)``. This equals captum's
     ``ShapleyValues`` (which averages over all ``K!`` orderings, ``K K!`` forwards) with ``2^K`` forwards.
 
-    Autograd is left as the caller has it: the result is an ordinary differentiable function of
-    ``params``, ``x`` and ``baseline`` (plain forwards and tensor algebra), and it works under
-    ``torch.func.vmap`` and ``torch.func.grad``. Wrap the call in ``torch.no_grad()`` when ``params``
-    require gradients but none is wanted: every forward pass is kept otherwise.
+    {text.features_autograd}
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, *input]``, floating point, or a dict of named inputs batch first whose one
-        floating-point entry is perturbed (every other entry goes with its example into each batch).
-      target: ``None`` (the class the model ranks first for the unperturbed input: one extra forward
-        of ``x``), an int, ``[B]`` ints (these index the tensor that ``functionalize(model, output=)``
-        chooses), or a callable ``out -> [g]`` that receives the raw output of the ``g`` examples of
-        one chunk under one coalition at a time, in ``x``'s order.
-      feature_mask: Integer feature ids, broadcastable to ``x``'s shape: one mask for the batch
-        (``[*input]`` or any shape that broadcasts, e.g. ``[H, W]`` for images ``[B, C, H, W]``, see
-        :func:`torchex_fn.masks.grid`) or one per example (``[B, *input]``, e.g. ``[B, 1, H, W]`` from
-        :func:`torchex_fn.masks.superpixels`). Elements with the same id form one feature. Ids need not
-        be contiguous or start at 0: the features are the distinct ids of the whole mask (with
-        per-example masks, an id missing from one example is a feature that does nothing there; it
-        gets no element of that example). ``None``: every element is its own feature.
-        At most 20 features (``MAX_EXACT_FEATURES``).
-      baseline: The value of absent elements: a float, or a tensor broadcastable to ``[B, *input]``
-        (one per example or one for all; as ``baseline`` elsewhere in the package). Default: 0.0.
-      batch_size: Memory cap: the most perturbed examples in one forward pass. With ``B`` examples a
-        forward holds ``max(1, batch_size // B)`` coalitions times all ``B`` examples, or one coalition
-        times ``batch_size`` examples when ``B > batch_size``. It changes only the grouping (results
-        agree up to float rounding). Default: 64.
+      {args.features}
+      {feature_mask.exact}
+      {baseline.features}
+      {batch_size.features}
 
     Returns:
       ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's value).
@@ -374,6 +336,7 @@ def shapley_values(model_fn: ModelFn, params: Params, x: Any, target: Target = N
     return _to_elements(phi, game.fid, game.value)
 
 
+@_docs.fill
 def shapley_value_sampling(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *,
                            feature_mask: Any = None, baseline: Any = 0.0, samples: int = 25, batch_size: int = 64,
                            generator: Optional[torch.Generator] = None) -> Tensor:
@@ -387,37 +350,15 @@ def shapley_value_sampling(model_fn: ModelFn, params: Params, x: Any, target: Ta
     to float rounding. Every ordering ends at the full input ``x``, which is evaluated once instead of
     once per ordering (``samples (K - 1) + 2`` forwards per example against captum's ``samples K + 1``).
 
-    Autograd is left as the caller has it: the result is an ordinary differentiable function of
-    ``params``, ``x`` and ``baseline`` (plain forwards and tensor algebra), and it works under
-    ``torch.func.vmap`` and ``torch.func.grad``. Wrap the call in ``torch.no_grad()`` when ``params``
-    require gradients but none is wanted: every forward pass is kept otherwise.
+    {text.features_autograd}
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, *input]``, floating point, or a dict of named inputs batch first whose one
-        floating-point entry is perturbed (every other entry goes with its example into each batch).
-      target: ``None`` (the class the model ranks first for the unperturbed input: one extra forward
-        of ``x``), an int, ``[B]`` ints (these index the tensor that ``functionalize(model, output=)``
-        chooses), or a callable ``out -> [g]`` that receives the raw output of the ``g`` examples of
-        one chunk under one coalition at a time, in ``x``'s order.
-      feature_mask: Integer feature ids, broadcastable to ``x``'s shape: one mask for the batch
-        (``[*input]`` or any shape that broadcasts, e.g. ``[H, W]`` for images ``[B, C, H, W]``, see
-        :func:`torchex_fn.masks.grid`) or one per example (``[B, *input]``, e.g. ``[B, 1, H, W]`` from
-        :func:`torchex_fn.masks.superpixels`). Elements with the same id form one feature. Ids need not
-        be contiguous or start at 0: the features are the distinct ids of the whole mask (with
-        per-example masks, an id missing from one example is a feature that does nothing there; it
-        gets no element of that example). ``None``: every element is its own feature.
-      baseline: The value of absent elements: a float, or a tensor broadcastable to ``[B, *input]``
-        (one per example or one for all; as ``baseline`` elsewhere in the package). Default: 0.0.
+      {args.features}
+      {feature_mask}
+      {baseline.features}
       samples: The number of permutations (captum's ``n_samples``). Default: 25.
-      batch_size: Memory cap: the most perturbed examples in one forward pass. With ``B`` examples a
-        forward holds ``max(1, batch_size // B)`` coalitions times all ``B`` examples, or one coalition
-        times ``batch_size`` examples when ``B > batch_size``. It changes only the grouping (results
-        agree up to float rounding). Default: 64.
-      generator: The source of the permutations, on ``x``'s device; the same seed gives the same
-        result, bit for bit (on the same device, with the same ``batch_size`` and batch). ``None``
-        draws from the global generator. Default: None.
+      {batch_size.features}
+      {generator.permutations}
 
     Returns:
       ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's value).
@@ -496,6 +437,7 @@ def _kernel_shap_coalitions(count: int, samples: int, generator: Optional[torch.
     return torch.cat(rows)
 
 
+@_docs.fill
 def kernel_shap(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, feature_mask: Any = None,
                 baseline: Any = 0.0, samples: int = 25, batch_size: int = 64,
                 generator: Optional[torch.Generator] = None) -> Tensor:
@@ -513,39 +455,16 @@ def kernel_shap(model_fn: ModelFn, params: Params, x: Any, target: Target = None
     With a single feature there is no size to draw: only the two fixed coalitions are evaluated
     (captum fails there), which gives ``score(x) - score(baseline)`` exactly.
 
-    Autograd is left as the caller has it: the result is an ordinary differentiable function of
-    ``params``, ``x`` and ``baseline`` (plain forwards and tensor algebra), and it works under
-    ``torch.func.vmap`` and ``torch.func.grad``. Wrap the call in ``torch.no_grad()`` when ``params``
-    require gradients but none is wanted: every forward pass is kept otherwise.
+    {text.features_autograd}
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, *input]``, floating point, or a dict of named inputs batch first whose one
-        floating-point entry is perturbed (every other entry goes with its example into each batch).
-      target: ``None`` (the class the model ranks first for the unperturbed input: one extra forward
-        of ``x``), an int, ``[B]`` ints (these index the tensor that ``functionalize(model, output=)``
-        chooses), or a callable ``out -> [g]`` that receives the raw output of the ``g`` examples of
-        one chunk under one coalition at a time, in ``x``'s order.
-      feature_mask: Integer feature ids, broadcastable to ``x``'s shape: one mask for the batch
-        (``[*input]`` or any shape that broadcasts, e.g. ``[H, W]`` for images ``[B, C, H, W]``, see
-        :func:`torchex_fn.masks.grid`) or one per example (``[B, *input]``, e.g. ``[B, 1, H, W]`` from
-        :func:`torchex_fn.masks.superpixels`). Elements with the same id form one feature. Ids need not
-        be contiguous or start at 0: the features are the distinct ids of the whole mask (with
-        per-example masks, an id missing from one example is a feature that does nothing there; it
-        gets no element of that example). ``None``: every element is its own feature.
-        At most 10000 features (``MAX_REGRESSION_FEATURES``).
-      baseline: The value of absent elements: a float, or a tensor broadcastable to ``[B, *input]``
-        (one per example or one for all; as ``baseline`` elsewhere in the package). Default: 0.0.
+      {args.features}
+      {feature_mask.regression}
+      {baseline.features}
       samples: The number of coalitions, the two fixed ones included (captum's ``n_samples``); more
         than ``K + 1`` for a determined regression (a minimum-norm solution otherwise). Default: 25.
-      batch_size: Memory cap: the most perturbed examples in one forward pass. With ``B`` examples a
-        forward holds ``max(1, batch_size // B)`` coalitions times all ``B`` examples, or one coalition
-        times ``batch_size`` examples when ``B > batch_size``. It changes only the grouping (results
-        agree up to float rounding). Default: 64.
-      generator: The source of the coalitions, on ``x``'s device; the same seed gives the same result,
-        bit for bit (on the same device, with the same ``batch_size`` and batch). ``None`` draws from
-        the global generator. Default: None.
+      {batch_size.features}
+      {generator.coalitions}
 
     Returns:
       ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's value).
@@ -586,6 +505,7 @@ _DISTANCES = ("cosine", "euclidean")
 _REGRESSIONS = ("linear", "ridge")
 
 
+@_docs.fill
 def lime(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, feature_mask: Any = None,
          baseline: Any = 0.0, samples: int = 25, batch_size: int = 64, generator: Optional[torch.Generator] = None,
          kernel_width: float = 1.0, distance: str = "cosine", regression: str = "linear",
@@ -602,39 +522,16 @@ def lime(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, fe
     ``Lime(..., interpretable_model=SkLearnLinearRegression())`` (a minimum-norm solve), and
     ``regression="ridge"`` its ``SkLearnRidge(alpha=alpha)``, both in closed form in float64.
 
-    Autograd is left as the caller has it: the result is an ordinary differentiable function of
-    ``params``, ``x`` and ``baseline`` (plain forwards and tensor algebra), and it works under
-    ``torch.func.vmap`` and ``torch.func.grad``. Wrap the call in ``torch.no_grad()`` when ``params``
-    require gradients but none is wanted: every forward pass is kept otherwise.
+    {text.features_autograd}
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, *input]``, floating point, or a dict of named inputs batch first whose one
-        floating-point entry is perturbed (every other entry goes with its example into each batch).
-      target: ``None`` (the class the model ranks first for the unperturbed input: one extra forward
-        of ``x``), an int, ``[B]`` ints (these index the tensor that ``functionalize(model, output=)``
-        chooses), or a callable ``out -> [g]`` that receives the raw output of the ``g`` examples of
-        one chunk under one coalition at a time, in ``x``'s order.
-      feature_mask: Integer feature ids, broadcastable to ``x``'s shape: one mask for the batch
-        (``[*input]`` or any shape that broadcasts, e.g. ``[H, W]`` for images ``[B, C, H, W]``, see
-        :func:`torchex_fn.masks.grid`) or one per example (``[B, *input]``, e.g. ``[B, 1, H, W]`` from
-        :func:`torchex_fn.masks.superpixels`). Elements with the same id form one feature. Ids need not
-        be contiguous or start at 0: the features are the distinct ids of the whole mask (with
-        per-example masks, an id missing from one example is a feature that does nothing there; it
-        gets no element of that example). ``None``: every element is its own feature.
-        At most 10000 features (``MAX_REGRESSION_FEATURES``).
-      baseline: The value of absent elements: a float, or a tensor broadcastable to ``[B, *input]``
-        (one per example or one for all; as ``baseline`` elsewhere in the package). Default: 0.0.
+      {args.features}
+      {feature_mask.regression}
+      {baseline.features}
       samples: The number of perturbed inputs (captum's ``n_samples``); more than ``K + 1`` for a
         determined linear regression. Default: 25.
-      batch_size: Memory cap: the most perturbed examples in one forward pass. With ``B`` examples a
-        forward holds ``max(1, batch_size // B)`` coalitions times all ``B`` examples, or one coalition
-        times ``batch_size`` examples when ``B > batch_size``. It changes only the grouping (results
-        agree up to float rounding). Default: 64.
-      generator: The source of the coalitions, on ``x``'s device; the same seed gives the same result,
-        bit for bit (on the same device, with the same ``batch_size`` and batch). ``None`` draws from
-        the global generator. Default: None.
+      {batch_size.features}
+      {generator.coalitions}
       kernel_width: The width of the exponential similarity kernel. Default: 1.0.
       distance: ``"cosine"`` or ``"euclidean"``. Default: ``"cosine"``.
       regression: ``"linear"`` (weighted least squares) or ``"ridge"``. ``"lasso"`` is refused.

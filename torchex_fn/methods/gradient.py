@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..core import checks as _checks, inputs as _inputs
+from ..core import docs as _docs
 from ..core.autodiff import grad_of_sum
 from ..core import targets as _targets
 from ..core.capture import intermediates, layer_gradients, resolve_layers
@@ -58,22 +59,22 @@ def _map_structure(op: Callable[..., Tensor], *trees: Any) -> Any:
     return op(*trees)
 
 
+@_docs.fill
 def saliency(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Any = None,
              abs: bool = False, post_process: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Simple gradient (saliency): ``d out_c / d x``.
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, *input]``, or a dict of named inputs batch first (the map is w.r.t. its one
-        floating-point entry, e.g. ``pixel_values``). With ``layer``, ``x`` may be integer token ids.
-      target: ``None`` (predicted class), int, ``[B]`` ints, or a callable ``out -> [B]``.
+      {model_fn}
+      {params}
+      {x.gradient}
+      {target}
       layer: Attribute w.r.t. this layer's output instead of the input (a dotted name or module, or a
         list / dict of them; captum's ``LayerGradient``): the map has the layer output's shape, e.g.
         ``[B, T, D]`` at an embedding layer. Default: None (the input).
       abs: Return ``|gradient|`` (captum's ``Saliency`` default is ``abs=True``; the seed's
         ``SimpleGradient`` and this function default to the signed gradient). Default: False.
-      post_process: A callable applied to the ``[B, *input]`` map last (e.g. a normalisation).
+      {post_process}
 
     Returns:
       ``[B, *input]`` gradients (the layer output's shape with ``layer``; whatever ``post_process``
@@ -98,12 +99,23 @@ def saliency(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     return post_process(grad) if post_process is not None else grad
 
 
+@_docs.fill
 def input_x_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Any = None,
                      post_process: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Input x gradient: ``x * d out_c / d x``, ``[B, *input]``.
 
-    Same arguments as :func:`saliency` (without ``abs``). With ``layer``, the layer's activation times
-    the gradient w.r.t. it, in the layer output's shape (captum's ``LayerGradientXActivation``).
+    With ``layer``, the layer's activation times the gradient w.r.t. it, in the layer output's shape
+    (captum's ``LayerGradientXActivation``). Returns and raises as :func:`saliency`.
+
+    Args:
+      {model_fn}
+      {params}
+      {x.gradient}
+      {target}
+      layer: Attribute to this layer's output instead of the input (a dotted name or module, or a
+        list / dict of them; captum's ``LayerGradientXActivation``): the layer's activation times the
+        gradient w.r.t. it, in the layer output's shape. Default: None (the input).
+      {post_process}
 
     Example:
       >>> input_x_gradient(fn, params, images, labels).shape   # [8, 3, 224, 224] -> [8, 3, 224, 224]

@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import checks as _checks, inputs as _inputs, intercept as _rewrite
+from ..core import docs as _docs
 from ..core import targets as _targets
 from ..core.autodiff import grad_of_sum
 from ..core.types import ModelFn, Params, Target
@@ -618,6 +619,7 @@ def _leaves_dot(out: Any, cot: Any) -> Any:
     raise TypeError(type(out).__name__)
 
 
+@_docs.fill
 def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
         composite: str = "epsilon_plus_flat", epsilon: float = 1e-6, gamma: float = 0.25, stabilizer: float = 1e-6,
         low: Any = None, high: Any = None, canonize: bool = True,
@@ -634,9 +636,9 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     Args:
       model_fn: From ``functionalize(model)``: rules are assigned to its modules by type and name,
         as zennit does. The model must be in eval mode (batch norm with running statistics).
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, *input]``, floating point.
-      target: ``None`` (predicted class), int, ``[B]`` ints, or a callable ``out -> [B]``.
+      {params}
+      {x.float}
+      {target}
       composite: ``"epsilon_plus_flat"`` (default), ``"epsilon_plus"``, ``"epsilon_gamma_box"``,
         ``"epsilon_alpha2_beta1"`` or ``"epsilon_alpha2_beta1_flat"`` (zennit's names and layer maps).
       epsilon: The epsilon rule's stabiliser (linear layers). Default: 1e-6 (zennit's).

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..core import checks as _checks, inputs as _inputs
+from ..core import docs as _docs
 from ..core import targets as _targets
 from ..core.autodiff import grad_of_sum
 from ..core.types import ModelFn, Params, Target
@@ -76,6 +77,7 @@ def quadrature(method: str, steps: int) -> Tuple[List[float], List[float]]:
     return [(k + offset) / n for k in range(n)], [1.0 / n] * n
 
 
+@_docs.fill
 def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
                          layer: Any = None, baseline: Any = 0.0, steps: int = 50, method: str = "gausslegendre",
                          batch_size: Optional[int] = None) -> Tensor:
@@ -91,8 +93,8 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
     differentiable function (``torch.func.grad`` of a loss on it w.r.t. ``params`` works).
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      {model_fn}
+      {params}
       x: A batch ``[B, *input]``, or a dict of named inputs batch first (the path runs in its one
         floating-point entry; the other entries are the same at every path point). With ``layer``,
         ``x`` may be integer token ids or a tokenizer's dict.
@@ -281,6 +283,7 @@ def _column(a: Tensor, ndim: int) -> Tensor:
     return a.view(a.shape[0], *([1] * (ndim - 1)))
 
 
+@_docs.fill
 def gradient_shap(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, baselines: Any,
                   samples: int = 5, stdev: float = 0.0, generator: Optional[torch.Generator] = None,
                   batch_size: Optional[int] = None, layer: Any = None) -> Any:
@@ -306,8 +309,8 @@ def gradient_shap(model_fn: ModelFn, params: Params, x: Any, target: Target = No
     ``x`` (noise on ids has no meaning), so ``stdev`` is then in the layer's units.
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      {model_fn}
+      {params}
       x: A batch ``[B, *input]``, or a dict of named inputs batch first (noise and path run in its one
         floating-point entry; other entries follow their example). With ``layer``, token ids too.
       target: ``None`` (the class predicted for ``x``: one extra forward), int, ``[B]`` ints (indexing

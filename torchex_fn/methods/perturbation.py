@@ -11,6 +11,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..core import checks as _checks, inputs as _inputs
+from ..core import docs as _docs
 from ..core import targets as _targets
 from ..core.types import ModelFn, Params, Target
 from ..core.arguments import check_call
@@ -100,6 +101,7 @@ def _mask_pieces(num_masks: int, per_forward: int, draw: Callable[[int], Tensor]
         pending, pending_count = ([rest], rest.shape[0]) if rest.shape[0] else ([], 0)
 
 
+@_docs.fill
 def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, num_masks: int = 8000,
          cell_size: int = 7, probability: float = 0.5, batch_size: int = 256,
          generator: Optional[torch.Generator] = None, progress: bool = False,
@@ -137,8 +139,8 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     call in ``torch.no_grad()`` when no gradient is wanted.
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      {model_fn}
+      {params}
       x: A batch ``[B, C, *grid]`` with 1 to 3 grid axes, floating point: images ``[B, C, H, W]``,
         sequences ``[B, C, T]``, volumes ``[B, C, D, H, W]``. The masks multiply it, so masked
         pixels become 0 (the mean colour for normalised images). Or a dict of named inputs batch
@@ -322,6 +324,7 @@ def _cover(size: int, window: int, stride: int, dtype: torch.dtype, device: torc
     return ((pos >= starts) & (pos < starts + window)).to(dtype)
 
 
+@_docs.fill
 def occlusion(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, window: Any = 8,
               stride: Any = None, baseline: Any = 0.0, batch_size: int = 64) -> Tensor:
     """Occlusion: the drop of the score when a sliding window of the input is replaced by a baseline.
@@ -345,8 +348,8 @@ def occlusion(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     when ``params`` require gradients but none is wanted: every forward pass is kept otherwise.
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      {model_fn}
+      {params}
       x: A batch ``[B, *input]``, floating point, or a dict of named inputs batch first (e.g.
         ``{"pixel_values": ..., "attention_mask": ...}``): the windows slide over its one
         floating-point entry (the one float tensor of the dict; a dict with none or several is an

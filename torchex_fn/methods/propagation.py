@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core import checks as _checks, inputs as _inputs
+from ..core import docs as _docs
 from ..core import intercept as _rewrite
 from ..core.autodiff import grad_of_sum, tracked
 from ..core import targets as _targets
@@ -589,6 +590,7 @@ def _captum(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor,
 # --------------------------------------------------------------------------------------------
 # Public functions.
 
+@_docs.fill
 def deeplift(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, layer: Any = None,
              baseline: Any = 0.0, eps: float = 1e-10, backend: str = "native", softmax: str = "conserving") -> Tensor:
     """DeepLIFT with the Rescale rule: ``(x - baseline) * m``, ``m`` the multipliers of the score.
@@ -613,14 +615,14 @@ def deeplift(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *
     updated), but it couples the examples, so completeness then holds for the batch's total.
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``. Examples must be
-        independent (eval mode), the model must make the same sequence of nonlinear calls for the
-        input and the baseline (no branching on input values), and it must run on a batch of one
-        unless the baseline has one row per example.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
+      {model_fn}
+        Examples must be independent (eval mode), the model must make the same sequence of nonlinear
+        calls for the input and the baseline (no branching on input values), and it must run on a
+        batch of one unless the baseline has one row per example.
+      {params}
       x: A batch ``[B, *input]``, or a dict of named inputs batch first (its one floating-point entry
         is attributed). With ``layer``, token ids or a tokenizer's dict.
-      target: ``None`` (predicted class), int, ``[B]`` ints, or a callable ``out -> [B]``.
+      {target}
       layer: Attribute to this layer's output instead (a dotted name or module; captum's
         ``LayerDeepLift``): ``(a_x - a_0) * m`` with ``a`` the layer's output on the input and on the
         baseline and ``m`` the multipliers of every operation after the layer. It sums to
@@ -719,6 +721,7 @@ def deeplift(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *
             "input's values (data-dependent control flow).") from None
 
 
+@_docs.fill
 def deeplift_shap(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, baselines: Tensor,
                   eps: float = 1e-10, batch_size: Optional[int] = None, softmax: str = "conserving") -> Tensor:
     """DeepLIFT-SHAP: the mean of :func:`deeplift` over a set of baselines.
@@ -731,10 +734,10 @@ def deeplift_shap(model_fn: ModelFn, params: Params, x: Tensor, target: Target =
     tensors, ``.item()``) need a Python loop over :func:`deeplift` instead.
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, *input]``.
-      target: ``None`` (predicted class), int, ``[B]`` ints, or a callable ``out -> [B]``.
+      {model_fn}
+      {params}
+      {x.batch}
+      {target}
       baselines: ``[N, *input]`` reference inputs (e.g. drawn from the training data), N >= 1.
       eps: As in :func:`deeplift`. Default: 1e-10.
       batch_size: At most this many baselines per vectorised call (a memory cap); ``None``: all.
@@ -836,6 +839,7 @@ def _guided(call: _rewrite.Call) -> Any:
     return _returned(call, call.apply(*call.inputs))
 
 
+@_docs.fill
 def guided_backprop(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None) -> Tensor:
     """Guided back-propagation: ``d score / d x`` with every ReLU passing back only positive gradients.
 
@@ -859,10 +863,10 @@ def guided_backprop(model_fn: ModelFn, params: Params, x: Tensor, target: Target
     ``jacrev``.
 
     Args:
-      model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
-      params: Name -> tensor mapping accepted by ``torch.func.functional_call``.
-      x: A batch ``[B, *input]``, floating point.
-      target: ``None`` (predicted class), int, ``[B]`` ints, or a callable ``out -> [B]``.
+      {model_fn}
+      {params}
+      {x.float}
+      {target}
 
     Returns:
       ``[B, *input]`` guided gradients on ``x``'s device and dtype.
