@@ -35,7 +35,8 @@ from torch import Tensor
 from ..core import checks as _checks
 from ..core import docs as _docs
 from ..core import targets as _targets
-from ..core.types import ModelFn, Params
+from ..core.model import Wrapped
+from ..core.types import ModelFn, Params, module_of
 from ..core.capture import resolve_layers
 from ..methods.gradient import input_x_gradient, saliency
 from ..methods.path import METHODS as QUADRATURES, integrated_gradients
@@ -223,26 +224,14 @@ def continuation_logprob(continuation_ids: Tensor, *, prompt_length: Optional[in
 # --------------------------------------------------------------------------------------------
 # The model seen as a logits function.
 
-class _LogitsModel:
+def _logits_model(model_fn: ModelFn, fn: str) -> Wrapped:
     """``model_fn`` returning only its logits ``[B, T, vocab]``; names layers like ``model_fn``.
 
-    Methods then see a tensor output (a ModelOutput's cache and extra fields never enter a transform).
+    Methods then see a tensor output (a ModelOutput's cache and extra fields never enter a transform);
+    its ``output`` is ``None``, since targets index the logits tensor it returns.
     """
-
-    output = None
-
-    def __init__(self, model_fn: ModelFn, fn: str):
-        self._model_fn = model_fn
-        self._fn = fn
-        self._output = _targets.selector(model_fn)
-
-    def __getattr__(self, name: str) -> Any:   # module, name_of, layer_names of a FunctionalModel
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._model_fn, name)
-
-    def __call__(self, params: Params, x: Any) -> Tensor:
-        return _logits(self._fn, self._model_fn(params, x), self._output)
+    output = _targets.selector(model_fn)
+    return Wrapped(model_fn, after=lambda x, out: _logits(fn, out, output), output=None)
 
 
 def _lm_input(model_fn: Any, ids: Tensor, keep: int) -> Any:
@@ -252,7 +241,7 @@ def _lm_input(model_fn: Any, ids: Tensor, keep: int) -> Any:
     a forward that takes ``logits_to_keep`` computes the vocabulary projection (and its backward)
     there only, and ``use_cache=False`` builds no key/value cache.
     """
-    forward = getattr(getattr(model_fn, "module", None), "forward", None)
+    forward = getattr(module_of(model_fn), "forward", None)
     try:
         names = inspect.signature(forward).parameters if forward is not None else {}
     except (TypeError, ValueError):
@@ -296,7 +285,7 @@ def _check_common(fn: str, model_fn: Any, params: Any, prompt_ids: Any, continua
 
 def _vocab_size(model_fn: Any) -> Optional[int]:
     """The vocabulary size of a ``functionalize``-d HuggingFace model (its input embeddings), else None."""
-    getter = getattr(getattr(model_fn, "module", None), "get_input_embeddings", None)
+    getter = getattr(module_of(model_fn), "get_input_embeddings", None)
     size = getattr(getter(), "num_embeddings", None) if callable(getter) else None
     return size if isinstance(size, int) else None
 
@@ -430,7 +419,7 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
     names, _ = resolve_layers(fn, model_fn, layer)
     if len(names) != 1:
         raise _checks.value_error(fn, "one layer (the token embeddings)", f"{len(names)} layers")
-    logits_fn = _LogitsModel(model_fn, fn)
+    logits_fn = _logits_model(model_fn, fn)
     n_in, n_out = prompt_ids.shape[1], cont.shape[1]
     ids = torch.cat([prompt_ids, cont], dim=1)                                   # [B, T_in + T_out]
     reference = torch.cat([reference, cont], dim=1)
@@ -474,8 +463,7 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
 def _embedding_layer(fn: str, model_fn: Any, layer: Any) -> Any:
     if layer is not None:
         return layer
-    module = getattr(model_fn, "module", None)
-    getter = getattr(module, "get_input_embeddings", None)
+    getter = getattr(module_of(model_fn), "get_input_embeddings", None)
     embeddings = getter() if callable(getter) else None
     if embeddings is None:
         raise _checks.type_error(fn, "layer=, the token-embedding layer (a dotted name or module)",
@@ -532,7 +520,7 @@ def continuation_ablation(model_fn: ModelFn, params: Params, prompt_ids: Tensor,
     fn = "continuation_ablation"
     cont, weights = _check_common(fn, model_fn, params, prompt_ids, continuation_ids, mask, batch_size)
     reference = _reference_ids(fn, baseline, prompt_ids, _vocab_size(model_fn))
-    logits_fn = _LogitsModel(model_fn, fn)
+    logits_fn = _logits_model(model_fn, fn)
     batch, n_in = prompt_ids.shape
     n_out = cont.shape[1]
     ids = torch.cat([prompt_ids, cont], dim=1)                                   # [B, T]

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from . import checks as _checks, inputs as _inputs
 from . import targets as _targets
 from .autodiff import grad_of_sum
-from .types import ModelFn
+from .types import ModelFn, layer_name_of, layer_names_of, memo_owner_of, module_of
 
 __all__ = ["tap", "intermediates", "capture", "layer_gradients", "LayerGradients", "resolve_layers", "run_tail",
            "TailMismatch"]
@@ -204,19 +204,18 @@ def _flat_tensors(value: Any) -> List[Tensor]:
 # Layer specs: names, module objects, and structures of them.
 
 def _layer_name(fn: str, model_fn, spec: Any) -> str:
-    module = getattr(model_fn, "module", None)
     if isinstance(spec, nn.Module):
-        if module is None:
+        if module_of(model_fn) is None:
             raise _checks.type_error(fn, "layer given by name for a model_fn not built by functionalize",
                                      "an nn.Module", "Use `functionalize(model)` or name the tapped layer.")
-        try:
-            return model_fn.name_of(spec)
-        except KeyError:
+        name = layer_name_of(model_fn, spec)
+        if name is None:
             raise _checks.value_error(fn, "layer to be a submodule of the functionalized model",
-                                      f"a {type(spec).__name__} that is not part of it") from None
+                                      f"a {type(spec).__name__} that is not part of it")
+        return name
     if isinstance(spec, str):
-        if module is not None:
-            known = model_fn.layer_names()
+        known = layer_names_of(model_fn)
+        if known is not None:
             if spec not in known:
                 raise _checks.unknown_name(fn, "layer", spec, known)
         return spec
@@ -269,10 +268,6 @@ _SHAPES: weakref.WeakKeyDictionary[Any, Dict[tuple, Dict[str, Tuple[torch.Size, 
     weakref.WeakKeyDictionary()
 
 
-def _memo_owner(model_fn):
-    return getattr(model_fn, "module", model_fn)
-
-
 def _shapes_key(names, x, params) -> tuple:
     if isinstance(x, Tensor):
         return (tuple(names), tuple(x.shape), x.dtype, x.device)
@@ -291,7 +286,7 @@ def _probe_shapes(model_fn, params, x, names, fn) -> Dict[str, Tuple[torch.Size,
 def layer_shapes(model_fn, params, x, names, fn, *, refresh: bool = False):
     """``{name: (shape, dtype)}`` of the layers' outputs for ``x``, from the memo (one forward without
     autograd on a miss, or when ``refresh``)."""
-    owner = _memo_owner(model_fn)
+    owner = memo_owner_of(model_fn)
     key = _shapes_key(names, x, params)
     try:
         memo = _SHAPES.setdefault(owner, {})

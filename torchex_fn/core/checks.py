@@ -14,6 +14,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor
 from .env import concrete_any, reads_values
+from .types import module_of
 
 
 class TrainingModeWarning(UserWarning):
@@ -144,8 +145,8 @@ def check_eval_mode(fn: str, model_fn: Any) -> None:
     """Warn (:class:`TrainingModeWarning`) when the model behind ``model_fn`` would run batch norm or
     dropout in training mode. Looks at the modules' ``training`` flags only (no forward pass); a
     ``model_fn`` not built by ``functionalize`` is not inspected."""
-    module = getattr(model_fn, "module", None)
-    if not isinstance(module, torch.nn.Module):
+    module = module_of(model_fn)
+    if module is None:
         return
     found = []
     for name, sub in module.named_modules():

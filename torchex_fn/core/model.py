@@ -5,7 +5,7 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Mapping
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -13,8 +13,9 @@ from torch import Tensor, nn
 from . import autodiff as _autodiff, checks as _checks
 from .capture import active as _active_capture
 from . import env as _env
+from .types import Params, aliases_of, lock_of, memo_owner_of, module_of, output_of
 
-__all__ = ["functionalize", "FunctionalModel", "params_of"]
+__all__ = ["functionalize", "FunctionalModel", "Wrapped", "params_of"]
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -96,13 +97,17 @@ class FunctionalModel:
     serialised by a per-module lock, because ``functional_call`` swaps tensors into the shared
     module for the length of the call (two threads with different ``params`` would otherwise see
     each other's weights).
+
+    It implements :class:`torchex_fn.core.types.ModelView`: ``module``, ``output``, ``lock`` (the per-module
+    lock), ``aliases`` (tied parameters), ``memo_owner`` (the module), ``layer_names()`` and ``name_of()``.
     """
 
     def __init__(self, module: nn.Module, output: Any = None):
         self.module = module
         self.output = output
-        self._lock = _lock_for(module)
-        self._aliases, self._caches = _aliases_and_caches(module)
+        self.lock = _lock_for(module)
+        self.memo_owner: Any = module
+        self.aliases, self._caches = _aliases_and_caches(module)
         # modules with buffers: in training mode they may write into them (batch norm's running statistics)
         self._stateful = [(mod, [f"{prefix}.{b}" if prefix else b for b, v in mod._buffers.items() if v is not None])
                           for prefix, mod in module.named_modules()
@@ -121,7 +126,7 @@ class FunctionalModel:
         session = _active_capture()
         # torch.compile cannot enter a lock; a compiled graph takes the parameters as its inputs and
         # swaps nothing into the module at run time, so there is nothing to serialise there.
-        with contextlib.nullcontext() if _env.compiling() else self._lock:
+        with contextlib.nullcontext() if _env.compiling() else self.lock:
             handles: list = []
             hidden: list = []
             try:
@@ -134,7 +139,7 @@ class FunctionalModel:
                 for mod, names in self._stateful:  # pure: a training-mode write lands in a copy, not in params
                     if mod.training:
                         full.update((n, full[n].clone()) for n in names if isinstance(full.get(n), Tensor))
-                for alias, name in self._aliases:  # a tensor tied into another module: the same value
+                for alias, name in self.aliases:  # a tensor tied into another module: the same value
                     if name in full and alias not in full:
                         full[alias] = full[name]
                 hidden = [(mod, attr, getattr(mod, attr)) for mod, attr in self._caches
@@ -153,6 +158,91 @@ class FunctionalModel:
     def __repr__(self) -> str:
         chosen = "" if self.output is None else f", output={self.output!r}"
         return f"FunctionalModel({type(self.module).__name__}{chosen})"
+
+
+_KEEP: Any = object()  # Wrapped(output=): keep the inner model_fn's choice
+
+
+class Wrapped:
+    """``model_fn`` with its view kept and only its call changed.
+
+    The view (:class:`torchex_fn.core.types.ModelView`) is the inner ``model_fn``'s: its module, layer names,
+    ``name_of``, lock, tied-parameter aliases and memo owner (so memos of layer shapes stay keyed by the
+    user's model or function, not by this wrapper), and its ``output=`` choice unless ``output`` overrides it.
+    Around a :class:`FunctionalModel` the wrapper is a :class:`FunctionalModel` too (what needs one, such as
+    ``deeplift(backend="captum")``, accepts it); around a plain function it knows no module.
+
+    A call ``wrapped(params, x)``:
+
+    1. ``x = before(x)`` (when given);
+    2. with ``hook=(name, fn)``: under the model's lock, ``fn`` is registered as a forward hook on the
+       submodule ``name`` for the length of the call (before the hooks of an active capture, which therefore
+       see what ``fn`` returns);
+    3. ``out = model_fn(params, x)``;
+    4. ``out = after(x_given, out)`` (when given; ``x_given`` the input the wrapper was called with).
+
+    Example:
+      >>> logits_fn = Wrapped(model_fn, after=lambda x, out: out.logits, output=None)
+      >>> seen = []
+      >>> spy = Wrapped(model_fn, after=lambda x, out: seen.append(out) or out)
+    """
+
+    inner: Any
+    module: Any
+    output: Any
+    lock: Any
+    aliases: Any
+    memo_owner: Any
+
+    def __new__(cls, model_fn: Any, **changes: Any) -> Wrapped:
+        if cls is Wrapped and isinstance(model_fn, FunctionalModel):
+            cls = _WrappedFunctional
+        return super().__new__(cls)
+
+    def __init__(self, model_fn: Any, *, before: Optional[Callable[[Any], Any]] = None,
+                 after: Optional[Callable[[Any, Any], Any]] = None,
+                 hook: Optional[Tuple[str, Callable[..., Any]]] = None, output: Any = _KEEP):
+        _checks.check_model_fn("Wrapped", model_fn)
+        if hook is not None and module_of(model_fn) is None:
+            raise _checks.type_error("Wrapped", "a model_fn that knows its module (from functionalize) for hook=",
+                                     _checks.describe(model_fn))
+        self.inner = model_fn
+        self.module = module_of(model_fn)
+        self.output = output_of(model_fn) if output is _KEEP else output
+        self.lock = lock_of(model_fn)
+        self.aliases = aliases_of(model_fn)
+        self.memo_owner = memo_owner_of(model_fn)
+        self._before, self._after, self._hook = before, after, hook
+
+    def layer_names(self) -> Dict[str, nn.Module]:
+        return self.inner.layer_names()
+
+    def name_of(self, layer: nn.Module) -> str:
+        return self.inner.name_of(layer)
+
+    def __call__(self, params: Params, x: Any) -> Any:
+        given = x
+        if self._before is not None:
+            x = self._before(x)
+        if self._hook is None:
+            out = self.inner(params, x)
+        else:
+            name, hook = self._hook
+            with self.lock if self.lock is not None else contextlib.nullcontext():
+                handle = self.module.get_submodule(name).register_forward_hook(hook)
+                try:
+                    out = self.inner(params, x)
+                finally:
+                    handle.remove()
+        return out if self._after is None else self._after(given, out)
+
+    def __repr__(self) -> str:
+        return f"Wrapped({self.inner!r})"
+
+
+class _WrappedFunctional(Wrapped, FunctionalModel):
+    """A :class:`Wrapped` around a :class:`FunctionalModel`: also a :class:`FunctionalModel` (its own
+    ``__init__`` and ``__call__`` are :class:`Wrapped`'s; it evaluates through the inner one)."""
 
 
 def functionalize(module: nn.Module, *, output: Any = None) -> Tuple[FunctionalModel, Dict[str, Tensor]]:

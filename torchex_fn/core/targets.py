@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import checks as _checks
 from .inputs import split_output
+from .types import output_of
 
 __all__ = ["resolve", "resolve_index", "check", "log_prob", "prob", "logit", "select_output", "selector"]
 
@@ -69,7 +70,7 @@ def select_output(out: Any, output: Any = None, *, fn: str = "resolve") -> Tenso
 
 def selector(model_fn: Any) -> Any:
     """The ``output=`` choice a ``model_fn`` from :func:`torchex_fn.functionalize` carries (else ``None``)."""
-    return getattr(model_fn, "output", None)
+    return output_of(model_fn)
 
 
 def check(fn: str, target: Any, batch: Optional[int] = None) -> None:

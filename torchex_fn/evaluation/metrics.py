@@ -25,7 +25,7 @@ from ..core import checks as _checks
 from ..core import docs as _docs
 from ..core import grid as _grid
 from ..core import targets as _targets
-from ..core.types import ModelFn, Params, Target
+from ..core.types import ModelFn, Params, Target, module_of
 from ..core.arguments import check_call
 
 __all__ = [
@@ -372,7 +372,7 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _default_layers(fn: str, model_fn: Any, params: Params) -> List[str]:
-    module = getattr(model_fn, "module", None)
+    module = module_of(model_fn)
     if module is None:
         raise _checks.type_error(fn, "layers (parameter-name prefixes, output side first) for a model_fn "
                                  "not built by functionalize", "None")

@@ -44,7 +44,7 @@ from ..core import docs as _docs
 from ..core import grid as _grid
 from ..core import targets as _targets
 from ..core.autodiff import grad_of_sum, grads_of_sums
-from ..core.types import ModelFn, Params, Target
+from ..core.types import ModelFn, Params, Target, memo_owner_of
 from ..core.capture import active as _active_capture, intermediates as _intermediates, resolve_layers as _resolve_layers
 from ..core.arguments import check_call
 
@@ -276,7 +276,7 @@ _LAYOUTS: weakref.WeakKeyDictionary[Any, Dict[tuple, tuple]] = weakref.WeakKeyDi
 
 
 def _probe(fn: str, model_fn, params, x, refresh: bool) -> List[Tuple[torch.Size, torch.dtype]]:
-    owner = getattr(model_fn, "module", model_fn)
+    owner = memo_owner_of(model_fn)
     key = (tuple(x.shape), x.dtype, x.device)
     try:
         memo = _SHAPES.setdefault(owner, {})
@@ -557,7 +557,7 @@ def legrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, 
     # Which attention call belongs to which block: a forward without autograd learns the order of
     # the blocks' outputs and of the attention calls, and the probabilities' shapes. It is memoised
     # per (model, blocks, input shape) and checked against the perturbed pass on every use.
-    owner = getattr(model_fn, "module", model_fn)
+    owner = memo_owner_of(model_fn)
     key = (tuple(names), tuple(x.shape), x.dtype, x.device)
     try:
         memo = _LAYOUTS.setdefault(owner, {})

@@ -31,7 +31,8 @@ from ..core import docs as _docs
 from ..core.capture import TailMismatch, run_tail, intermediates, layer_gradients, resolve_layers, tap
 from ..core import grid as _grid
 from ..core import targets as _targets
-from ..core.types import Layer, LayerSpec, ModelFn, Params, Target
+from ..core.model import Wrapped
+from ..core.types import Layer, LayerSpec, ModelFn, Params, Target, aliases_of, module_of
 from ..core.arguments import check_call
 
 __all__ = ["cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam",
@@ -161,7 +162,7 @@ def _fc_weight(fn: str, model_fn, params, fc: Any) -> Tensor:
     if isinstance(fc, Tensor):
         weight = fc
     else:
-        module = getattr(model_fn, "module", None)
+        module = module_of(model_fn)
         if fc is None:
             if module is None:
                 raise _checks.type_error(fn, "fc (a weight tensor [classes, K] or a parameter name) for a model_fn "
@@ -176,7 +177,7 @@ def _fc_weight(fn: str, model_fn, params, fc: Any) -> Tensor:
             raise _checks.type_error(fn, "fc: a layer name, an nn.Linear, a weight tensor or None",
                                      _checks.describe(fc))
         key = fc if fc in params else f"{fc}.weight"
-        tied = dict(getattr(model_fn, "_aliases", ()))  # a weight tied to another module's (GPT-2's lm_head)
+        tied = dict(aliases_of(model_fn))  # a weight tied to another module's (GPT-2's lm_head)
         key = tied.get(key, key) if key not in params else key
         if key not in params:
             raise _checks.unknown_name(fn, "fc parameter", key, params.keys())
@@ -650,19 +651,11 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
 _INPUT = "<input>"
 
 
-class _InputTapped:
-    """``model_fn`` with its input marked by ``tap``, so that :func:`layer_gradients` also returns
-    ``d score / d x`` from the same backward pass. ``module`` keeps the memo of layer shapes keyed
-    by the user's model (or function), not by this short-lived wrapper; ``output`` keeps
-    ``functionalize``'s choice of the tensor that integer targets index."""
-
-    def __init__(self, model_fn):
-        self.model_fn = model_fn
-        self.module = getattr(model_fn, "module", model_fn)
-        self.output = getattr(model_fn, "output", None)
-
-    def __call__(self, params, x):
-        return self.model_fn(params, tap(_INPUT, x))
+def _tap_input(x):
+    """``x`` marked by ``tap``: a model_fn ``Wrapped(model_fn, before=_tap_input)`` lets :func:`layer_gradients`
+    also return ``d score / d x`` from the same backward pass (the wrapper keeps the memo of layer shapes
+    keyed by the user's model or function, and ``functionalize``'s choice of output)."""
+    return tap(_INPUT, x)
 
 
 _BIAS_MODULES = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}
@@ -670,7 +663,7 @@ _BIAS_MODULES = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d),
 
 def _bias_layers(fn: str, model_fn, x: Tensor) -> List[str]:
     """The convolutions and batch norms with a bias whose grid has ``x``'s spatial rank."""
-    module = getattr(model_fn, "module", None)
+    module = module_of(model_fn)
     if module is None:
         raise _checks.type_error(fn, "layer (the names of the layers with biases) for a model_fn not built by "
                                  "functionalize", "None")
@@ -690,7 +683,7 @@ def _bias_of(fn: str, model_fn, params, name: str) -> Tensor:
         raise _checks.value_error(fn, f"layer {name!r} to have a bias ({key!r} in params)", "none",
                                   "FullGrad uses the layers with biases (convolutions, batch norms).")
     bias = params[key]
-    module = getattr(model_fn, "module", None)
+    module = module_of(model_fn)
     layer = module.get_submodule(name) if module is not None else None
     mean, var = params.get(f"{name}.running_mean"), params.get(f"{name}.running_var")
     if isinstance(layer, nn.modules.batchnorm._BatchNorm) and mean is not None and var is not None:
@@ -767,7 +760,7 @@ def fullgrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     names = _bias_layers(fn, model_fn, x) if layer is None else list(dict.fromkeys(resolve_layers(fn, model_fn,
                                                                                                layer)[0]))
     biases = {name: _bias_of(fn, model_fn, params, name) for name in names}
-    result = layer_gradients(_InputTapped(model_fn), params, x, target, layers=[_INPUT, *names], fn=fn)
+    result = layer_gradients(Wrapped(model_fn, before=_tap_input), params, x, target, layers=[_INPUT, *names], fn=fn)
     total = _scaled_channel_sum((result.grads[_INPUT] * x).abs(), x)
     for name in names:
         grid = _to_grid(fn, name, result.acts[name], x, reshape)

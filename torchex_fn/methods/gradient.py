@@ -1,7 +1,6 @@
 """Input-gradient family: saliency (simple gradient), input x gradient, and ``smooth`` (SmoothGrad)."""
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -12,7 +11,8 @@ from ..core import docs as _docs
 from ..core.autodiff import grad_of_sum
 from ..core import targets as _targets
 from ..core.capture import intermediates, layer_gradients, resolve_layers
-from ..core.types import ModelFn, Params, Target
+from ..core.model import Wrapped
+from ..core.types import ModelFn, Params, Target, module_of
 from ..core.arguments import check_call
 
 __all__ = ["saliency", "input_x_gradient", "input_gradient", "smooth"]
@@ -132,7 +132,7 @@ def input_x_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Targe
 
 def _noise_layer(fn: str, model_fn: ModelFn, layer: Any) -> str:
     """The one layer whose output :func:`smooth` perturbs for integer inputs."""
-    if getattr(model_fn, "module", None) is None:
+    if module_of(model_fn) is None:
         raise _checks.type_error(fn, "a model_fn from functionalize(model) for integer x (token ids)",
                                  _checks.describe(model_fn),
                                  "The noise goes to the layer's output through a forward hook on that module.")
@@ -143,44 +143,27 @@ def _noise_layer(fn: str, model_fn: ModelFn, layer: Any) -> str:
     return names[0]
 
 
-class _LayerNoise:
+def _layer_noise(model_fn: Any, name: str, noise: Tensor) -> Wrapped:
     """``model_fn`` with ``noise`` ``[n, *layer]`` added to one layer's output during each call.
 
-    A forward hook on that module, registered for the length of one call under the model's lock
-    (before the capture hooks, which therefore see the noisy output). A call of ``r * n`` examples
-    (a method repeating its input ``r`` times block after block, as integrated gradients' path
+    A forward hook on that module, registered by :class:`Wrapped` for the length of one call under the
+    model's lock (before the capture hooks, which therefore see the noisy output). A call of ``r * n``
+    examples (a method repeating its input ``r`` times block after block, as integrated gradients' path
     points do) gets the noise repeated ``r`` times; any other batch size is an error.
     """
 
-    def __init__(self, model_fn: Any, name: str, noise: Tensor):
-        self.model_fn, self.name, self.noise = model_fn, name, noise
-        self.module = model_fn.module
-        self.output = getattr(model_fn, "output", None)
-
-    def layer_names(self):
-        return self.model_fn.layer_names()
-
-    def name_of(self, layer):
-        return self.model_fn.name_of(layer)
-
-    def _hook(self, module: Any, args: Any, out: Any) -> Tensor:
-        n = self.noise.shape[0]
-        if not isinstance(out, Tensor) or out.shape[0] % n or out.shape[1:] != self.noise.shape[1:]:
+    def add_noise(module: Any, args: Any, out: Any) -> Tensor:
+        n = noise.shape[0]
+        if not isinstance(out, Tensor) or out.shape[0] % n or out.shape[1:] != noise.shape[1:]:
             raise _checks.value_error(
-                "smooth", f"layer {self.name!r} to output [r * {n}, {', '.join(map(str, self.noise.shape[1:]))}] "
+                "smooth", f"layer {name!r} to output [r * {n}, {', '.join(map(str, noise.shape[1:]))}] "
                 "(the noisy batch, possibly repeated)", _checks.describe(out),
                 "The wrapped method split the batch: leave its batch_size unset and cap memory with smooth's.")
         reps = out.shape[0] // n
-        noise = self.noise if reps == 1 else self.noise.repeat(reps, *([1] * (self.noise.ndim - 1)))
-        return out + noise.to(out.dtype)
+        repeated = noise if reps == 1 else noise.repeat(reps, *([1] * (noise.ndim - 1)))
+        return out + repeated.to(out.dtype)
 
-    def __call__(self, params: Params, x: Any) -> Any:
-        with getattr(self.model_fn, "_lock", contextlib.nullcontext()):
-            handle = self.module.get_submodule(self.name).register_forward_hook(self._hook)
-            try:
-                return self.model_fn(params, x)
-            finally:
-                handle.remove()
+    return Wrapped(model_fn, hook=(name, add_noise))
 
 
 def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0.15, kind: str = "smoothgrad",
@@ -338,7 +321,7 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
                     maps = method(model_fn, params, xs, g_target, **options)
                 else:
                     noise = (scale * unit[:, None]).expand(k, size, *value.shape[1:]).flatten(0, 1)
-                    noisy_fn = _LayerNoise(model_fn, name, noise)
+                    noisy_fn = _layer_noise(model_fn, name, noise)
                     maps = method(noisy_fn, params, _inputs.repeat(_inputs.take(x, g0, g1), k), g_target, **options)
                 if not isinstance(maps, Tensor):
                     raise _checks.type_error(fn, "method to return one tensor [B, ...]", _checks.describe(maps),

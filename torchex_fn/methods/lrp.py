@@ -74,7 +74,7 @@ from ..core import checks as _checks, inputs as _inputs, intercept as _rewrite
 from ..core import docs as _docs
 from ..core import targets as _targets
 from ..core.autodiff import grad_of_sum
-from ..core.types import ModelFn, Params, Target
+from ..core.types import ModelFn, Params, Target, module_of
 from ..core.arguments import check_call
 
 __all__ = ["lrp", "COMPOSITES", "RULES"]
@@ -686,8 +686,8 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     if not isinstance(x, Tensor):
         raise _checks.type_error(FN, "x, a floating-point tensor [B, *input]", _checks.describe(x),
                                  "LRP follows one input tensor through the model; a dict of inputs is not supported.")
-    module = getattr(model_fn, "module", None)
-    if not isinstance(module, nn.Module):
+    module = module_of(model_fn)
+    if module is None:
         raise _checks.type_error(FN, "model_fn from functionalize(model), which knows its modules",
                                  _checks.describe(model_fn),
                                  "LRP assigns rules to modules by type and name: `model_fn, params = "

@@ -17,7 +17,6 @@ processes wrote it, nor on where an earlier run was interrupted.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import queue
@@ -33,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ...core import checks as _checks
 from ...core import targets as _targets
-from ...core.model import FunctionalModel
+from ...core.model import Wrapped
 from . import codec, store
 
 __all__ = ["attribute_dataset"]
@@ -145,31 +144,15 @@ def _predictions(logits: Optional[Tensor], batch: int) -> Tensor:
     return logits.detach().argmax(1).to("cpu", torch.long)
 
 
-class _SeeingModel(FunctionalModel):
-    """The caller's ``FunctionalModel`` (same module, output choice and lock) that also reports its calls."""
-
-    def __init__(self, inner: FunctionalModel, seen: _Seen):
-        self.__dict__.update(inner.__dict__)
-        self._inner, self._seen = inner, seen
-
-    def __call__(self, params, x):
-        out = self._inner(params, x)
-        self._seen.see(x, out)
-        return out
-
-
 def _seeing(model_fn: Callable, seen: _Seen) -> Callable:
-    if isinstance(model_fn, FunctionalModel):
-        return _SeeingModel(model_fn, seen)
+    """The caller's ``model_fn`` that also reports its calls to ``seen``. It keeps the model's view (module,
+    output choice, lock, layer-shape memo), and around a ``FunctionalModel`` it is one (see :class:`Wrapped`),
+    as ``deeplift(backend="captum")`` requires."""
 
-    @functools.wraps(model_fn)
-    def fn(params, x):
-        out = model_fn(params, x)
+    def report(x, out):
         seen.see(x, out)
         return out
-    return fn
-
-
+    return Wrapped(model_fn, after=report)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -364,7 +347,7 @@ def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype,
     seeds = _generator_seeds(options)
     output = _targets.selector(model_fn)
     seen = _Seen(output)
-    fn = _seeing(model_fn, seen)  # one wrapper per call: plain-function models keep their layer-shape memo
+    fn = _seeing(model_fn, seen)  # one wrapper per call; memos stay keyed by the caller's model or function
     writer = store.Writer(root)
     bar = tqdm(total=total, initial=done, unit="ex", desc=_FN, disable=not progress or rank != 0, smoothing=0.1)
     shape = None

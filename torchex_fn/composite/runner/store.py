@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ...core import checks as _checks
 from ...core import targets as _targets
+from ...core.types import layer_name_of
 from . import codec
 
 __all__ = ["Attributions", "open_attributions", "FN", "FORMAT", "Writer", "manifest", "check_store", "write_index",
@@ -45,13 +46,7 @@ def fingerprint(value: Any, model_fn: Any = None) -> Any:
     if isinstance(value, torch.dtype):
         return str(value)
     if isinstance(value, torch.nn.Module):
-        name = None
-        if hasattr(model_fn, "name_of"):
-            try:
-                name = model_fn.name_of(value)
-            except KeyError:
-                name = None
-        return {"module": type(value).__qualname__, "name": name}
+        return {"module": type(value).__qualname__, "name": layer_name_of(model_fn, value)}
     if isinstance(value, functools.partial):
         return {"partial": fingerprint(value.func, model_fn), "args": fingerprint(value.args, model_fn),
                 "keywords": fingerprint(value.keywords, model_fn)}
