@@ -18,7 +18,9 @@ twice: ``torch.func.grad`` of a loss on a saliency or Grad-CAM map of a ViT or B
 The math backend (``softmax(QK^T / sqrt(d) + mask) V`` in ordinary operations) is differentiable any
 number of times. torchvision's ``nn.MultiheadAttention`` reaches the same function through
 ``F.multi_head_attention_forward``; its no-grad fast path ``torch._native_multi_head_attention`` is
-only taken when nothing requires grad, so it never sits inside a gradient.
+only taken when nothing requires grad, so it never sits inside a gradient. This is torch's own math
+backend, not the decomposition of :mod:`torchex_fn.core.attention`: that one serves the interceptor,
+which must see the pieces; here the model runs unchanged, on a backend it can be differentiated through twice.
 
 The choice is made here, because every gradient-based method differentiates through
 :func:`grad_of_sum`, and only while one of its inner gradients is in progress (a plain forward,
@@ -262,7 +264,8 @@ def grads_of_sums(f: Callable[[Any], Any], primal: Any, *, has_aux: bool = False
     One forward and one backward per total (each reaches back only as far as its total depends on
     ``primal``); with ``has_aux``, ``f -> (totals, aux)`` and ``(grads, aux)``. The second graph is
     recorded as in :func:`grad_of_sum`. Attention is not switched here: callers that need this compute
-    attention explicitly (:mod:`torchex_fn.attention`).
+    attention explicitly (the decomposition of :mod:`torchex_fn.core.attention`, through
+    ``intercept.run(..., attention=True)``).
     """
     totals, vjp_fn, *aux = torch.func.vjp(f, primal, has_aux=has_aux)
     create_graph = torch.is_grad_enabled() and any(tracked(t) for t in totals)

@@ -1,18 +1,24 @@
-"""Intercept operations for the length of one call.
+"""Intercept operations for the length of one call: the one interceptor of the package.
 
-Modified back-propagation rules (DeepLIFT, guided back-propagation) act on *operations*, not on
+Modified back-propagation rules (DeepLIFT, guided back-propagation, LRP) act on *operations*, not on
 modules: a module reused in one forward (torchvision's ``BasicBlock`` calls ``self.relu`` twice), an
 in-place ``nn.ReLU(inplace=True)`` and a nonlinearity written as a function (``F.relu``,
 ``torch.sigmoid``, ``x.relu()``, ``x * x.sigmoid()``) all reach the same few functions. :func:`run`
 enters a :class:`torch.overrides.TorchFunctionMode` (public API) around one call of a model. The
 mode is entered and left in ``try/finally`` (a ``with`` block), so it never outlives the call, also
-when the model raises; modes are thread-local, so other threads are not affected.
+when the model raises; modes are thread-local, so other threads are not affected. The attention
+methods (rollout, gradient rollout, LeGrad) use the same mode to read and perturb the attention
+probabilities, which fused attention never forms.
 
-Two ways to run:
+Three ways to run:
 
 * **Activations only** (``tainted=None``; guided back-propagation): every call of a known
   activation, softmax or max pooling is handed to the ``handler`` as a :class:`Call`; everything
   else runs unchanged.
+* **Attention only** (``tainted=None, attention=True``; the attention methods): every call of
+  ``F.scaled_dot_product_attention`` and ``F.multi_head_attention_forward`` is computed by the
+  decomposition of :mod:`torchex_fn.core.attention`, and its probabilities are handed over as a
+  :class:`Call` of kind ``"attention"``, in call order; everything else runs unchanged.
 * **Tracking the input** (``tainted=[x]``; DeepLIFT): the mode follows which tensors depend on the
   given ones ("tainted": an operation's floating-point outputs are tainted when one of its tensor
   arguments is). Operations on untainted tensors run unchanged (``w * x`` with ``w`` a parameter is
@@ -30,8 +36,10 @@ Two ways to run:
   - a *decomposition* into the above, run with the mode still active so that its pieces are seen:
     layer / group / RMS / instance norm and batch norm with batch statistics (mean, centring,
     variance as a mean of a product, ``rsqrt``, a product, the affine map),
-    ``F.scaled_dot_product_attention`` (scores as a product, masks, softmax, a product; this
-    replaces the fused kernels), ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``),
+    ``F.scaled_dot_product_attention`` and ``F.multi_head_attention_forward``
+    (``nn.MultiheadAttention``) by :mod:`torchex_fn.core.attention` (scores as a product, masks,
+    softmax, a product; this replaces the fused kernels; with ``attention=True`` the probabilities
+    are handed over too, as kind ``"attention"``),
     ``a / b`` (``a * reciprocal(b)``), ``maximum(a, b)`` (``a + relu(b - a)``), ``var``/``std``,
     ``F.normalize``, ``norm``, ``glu``, ``softmin``, ``addcmul``, ``addmm`` with two tainted factors;
   - anything else raises :class:`NoRule`: an operation that is not known to be linear is never
@@ -60,6 +68,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from . import attention as _attention
+
 __all__ = ["Call", "NoRule", "run", "supported", "LINEAR"]
 
 
@@ -70,8 +80,10 @@ class Call(NamedTuple):
       index: Position of the call among the intercepted calls of this run (0, 1, ...).
       kind: ``"elementwise"`` (``y = f(z)`` element by element, ``y`` possibly broadcast to a larger
         shape than ``z``), ``"bilinear"`` (``y = f(a, b)``, linear in each of ``a`` and ``b``),
-        ``"softmax"``, ``"maxpool"``, or ``"linear"`` (only the linear operations a caller asked for
-        with ``run(..., linear=...)``).
+        ``"softmax"``, ``"maxpool"``, ``"scale"`` (a normaliser's ``d * r``, see :func:`scale`),
+        ``"linear"`` (only the linear operations a caller asked for with ``run(..., linear=...)``),
+        or ``"attention"`` (an attention call's probabilities, only with ``run(..., attention=True)``:
+        ``inputs`` is ``(probs,)``, ``apply`` the identity, and the handler's value replaces them).
       name: The operation's canonical name (``"relu"``, ``"mul"``, ``"softmax"``, ``"max_pool2d"``,
         ...), the same for every spelling (module, function, method, in-place variant).
       inputs: The tainted tensor inputs: ``(z,)``, or ``(a, b)`` for ``"bilinear"``.
@@ -254,11 +266,12 @@ def supported() -> Tuple[str, ...]:
 # Input tracking: state shared by a mode and the modes nested in it for decompositions.
 
 class _State:
-    def __init__(self, handler: Handler, tracking: bool, linear: Sequence[str] = ()):
+    def __init__(self, handler: Handler, tracking: bool, linear: Sequence[str] = (), attention: bool = False):
         self.handler = handler
         self.count = 0
         self.ids: Optional[Dict[int, Any]] = {} if tracking else None
         self.linear = frozenset(linear)  # canonical names of linear operations handed over as kind "linear"
+        self.attention = attention  # hand over the attention probabilities as kind "attention"
 
     def mark(self, t: Any) -> None:
         """Taint ``t`` (a tensor, or the floating-point tensors of a tuple / list)."""
@@ -737,85 +750,49 @@ def _conv_with_weight(mode, func, args, kwargs):
     raise NoRule(_name(func), "a convolution whose weight depends on the input")
 
 
-def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """``F.scaled_dot_product_attention`` as its documented math: products, masks, softmax."""
-    if dropout_p > 0:
+# --------------------------------------------------------------------------------------------
+# Attention: the one decomposition of core/attention.py, in every mode that sees attention.
+
+_SDPA_SIGNATURE = inspect.signature(_attention.sdpa)
+
+
+def _sdpa_entry(mode: _Mode, func, args, kwargs):
+    """``F.scaled_dot_product_attention`` as its math (products, masks, softmax), in place of the fused kernels."""
+    st = mode.state
+    if st.ids is not None and _SDPA_SIGNATURE.bind(*args, **kwargs).arguments.get("dropout_p", 0.0) > 0:
         raise NoRule("scaled_dot_product_attention", "dropout_p > 0 draws different masks for the input and "
                      "the baseline; use the model in eval mode")
-    length, source = query.size(-2), key.size(-2)
-    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
-    if enable_gqa:
-        key = key.repeat_interleave(query.size(-3) // key.size(-3), -3)
-        value = value.repeat_interleave(query.size(-3) // value.size(-3), -3)
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
-    if is_causal:
-        keep = torch.ones(length, source, dtype=torch.bool, device=query.device).tril(diagonal=0)
-        scores = scores.masked_fill(keep.logical_not(), float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(attn_mask.logical_not(), float("-inf"))
-        else:
-            scores = scores + attn_mask
-    return torch.matmul(torch.softmax(scores, dim=-1), value)
+    with _Mode(st):  # the pieces are seen: rules (tracking) and the probabilities (attention)
+        return _attention.sdpa(*args, **kwargs)
 
 
-def _mha(query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v,
-         add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training=True, key_padding_mask=None,
-         need_weights=True, attn_mask=None, use_separate_proj_weight=False, q_proj_weight=None,
-         k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None, average_attn_weights=True,
-         is_causal=False):
+def _mha_entry(mode: _Mode, func, args, kwargs):
     """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) written with batch and heads apart."""
-    if bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None or static_v is not None:
-        raise NoRule("multi_head_attention_forward", "bias_k / bias_v / add_zero_attn / static_k / static_v")
-    if training and dropout_p > 0:
+    st = mode.state
+    a = _attention.mha_arguments(*args, **kwargs)
+    if _attention.adds_keys(a):
+        raise NoRule("multi_head_attention_forward", _attention.ADDED_KEYS)
+    if st.ids is not None and a["training"] and a["dropout_p"] > 0:
         raise NoRule("multi_head_attention_forward", "dropout in training mode; use the model in eval mode")
-    batched = query.dim() == 3
-    if not batched:
-        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        if key_padding_mask is not None:
-            key_padding_mask = key_padding_mask.unsqueeze(0)
-    tgt, bsz, embed = query.shape
-    src = key.shape[0]
-    head = embed // num_heads
-    if use_separate_proj_weight:
-        weights = (q_proj_weight, k_proj_weight, v_proj_weight)
-    else:
-        weights = in_proj_weight.chunk(3)
-    biases = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
-    q = F.linear(query, weights[0], biases[0])
-    k = F.linear(key, weights[1], biases[1])
-    v = F.linear(value, weights[2], biases[2])
-    # [L, B, E] -> [B, H, L, D]
-    q = q.reshape(tgt, bsz, num_heads, head).permute(1, 2, 0, 3)
-    k = k.reshape(src, bsz, num_heads, head).permute(1, 2, 0, 3)
-    v = v.reshape(src, bsz, num_heads, head).permute(1, 2, 0, 3)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(head))
-    if attn_mask is not None:
-        if attn_mask.dim() == 3:  # [B * H, L, S]
-            attn_mask = attn_mask.reshape(bsz, num_heads, tgt, src)
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
-    elif is_causal:
-        keep = torch.ones(tgt, src, dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(keep.logical_not(), float("-inf"))
-    if key_padding_mask is not None:
-        pad = key_padding_mask.reshape(bsz, 1, 1, src)
-        if pad.dtype == torch.bool:
-            scores = scores.masked_fill(pad, float("-inf"))
-        else:
-            scores = scores + pad
-    weights_ = torch.softmax(scores, dim=-1)
-    out = torch.matmul(weights_, v)                               # [B, H, L, D]
-    out = out.permute(2, 0, 1, 3).reshape(tgt, bsz, embed)
-    out = F.linear(out, out_proj_weight, out_proj_bias)
-    if not batched:
-        out = out.squeeze(1)
-    if not need_weights:
-        return out, None
-    attn = weights_.mean(dim=1) if average_attn_weights else weights_
-    return out, (attn if batched else attn.squeeze(0))
+    with _Mode(st):
+        return _attention.multi_head_attention(a)
+
+
+def _same(p: Tensor) -> Tensor:
+    return p
+
+
+def _probabilities_entry(mode: _Mode, func, args, kwargs):
+    """The attention probabilities (:func:`torchex_fn.core.attention.probabilities`): handed over when asked for."""
+    st = mode.state
+    p = args[0]
+    if not st.attention:
+        return p
+    return st.hand("attention", "probabilities", (p,), _same, {})
+
+
+_ATTENTION = {F.scaled_dot_product_attention: _sdpa_entry, F.multi_head_attention_forward: _mha_entry,
+              _attention.probabilities: _probabilities_entry}
 
 
 # --------------------------------------------------------------------------------------------
@@ -932,8 +909,8 @@ def _tracking_table() -> Dict[Any, Callable[..., Any]]:
     put(_decompose(_normalize), [F.normalize])
     put(_decompose(_glu), [F.glu])
     put(_decompose(_softmin), [F.softmin])
-    put(_decompose(_sdpa), [F.scaled_dot_product_attention])
-    put(_decompose(_mha), [F.multi_head_attention_forward])
+    for func, entry in _ATTENTION.items():
+        table[func] = entry
     for name in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
                  "feature_dropout"):
         put(_dropout_entry, _funcs(name) + _funcs(name + "_"))
@@ -1013,6 +990,9 @@ class _Mode(TorchFunctionMode):
         kwargs = kwargs or {}
         st = self.state
         if st.ids is None:
+            if st.attention:  # attention only: decompose attention calls, hand over their probabilities
+                entry = _ATTENTION.get(func)
+                return func(*args, **kwargs) if entry is None else entry(self, func, args, kwargs)
             binder = _REGISTRY.get(func)
             if binder is not None:
                 kind, name, z, apply, options = binder(*args, **kwargs)
@@ -1034,7 +1014,7 @@ class _Mode(TorchFunctionMode):
 
 
 def run(fn: Callable[..., Any], handler: Handler, *args: Any, tainted: Optional[Sequence[Tensor]] = None,
-        linear: Sequence[str] = ()) -> Tuple[Any, int]:
+        linear: Sequence[str] = (), attention: bool = False) -> Tuple[Any, int]:
     """Call ``fn(*args)`` with operations handed to ``handler`` (see the module docstring).
 
     Args:
@@ -1048,6 +1028,12 @@ def run(fn: Callable[..., Any], handler: Handler, *args: Any, tainted: Optional[
       linear: With ``tainted``, canonical names (see :data:`LINEAR`: ``"conv2d"``, ``"linear"``,
         ``"batch_norm"``, ``"avg_pool2d"``, ``"add"``, ...) of linear operations to hand over too, as
         calls of kind ``"linear"`` (layer-wise relevance propagation gives them rules). Default: none.
+      attention: Hand over the probabilities ``[B, heads, L, S]`` of every attention call
+        (``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``), computed by the
+        decomposition of :mod:`torchex_fn.core.attention`, as calls of kind ``"attention"``; the
+        handler's value is used in their place. Without ``tainted``, *only* these are handed over
+        (every other operation runs unchanged); with it, they come in addition to the rules (each
+        right after its softmax), for attention calls on input-dependent tensors. Default: False.
 
     Returns:
       ``(fn's result, number of intercepted calls)``.
@@ -1058,7 +1044,7 @@ def run(fn: Callable[..., Any], handler: Handler, *args: Any, tainted: Optional[
     Example:
       >>> out, n = run(model_fn, lambda call: call.apply(*call.inputs), params, x)   # an unchanged run
     """
-    state = _State(handler, tracking=tainted is not None, linear=linear)
+    state = _State(handler, tracking=tainted is not None, linear=linear, attention=attention)
     for t in tainted or ():
         state.mark(t)
     mode = _Mode(state)

@@ -3,8 +3,9 @@
 Attention probabilities are not module outputs: torchvision's ``nn.MultiheadAttention`` is called
 with ``need_weights=False``, and timm and HuggingFace models call ``F.scaled_dot_product_attention``,
 whose fused kernels never form them. So the *operation* is intercepted for the length of one call,
-as :mod:`torchex_fn._rewrite` does for nonlinearities: a :class:`torch.overrides.TorchFunctionMode`
-(public API), entered and left in ``try/finally``, hands every call of
+by the interceptor that DeepLIFT and LRP use (:func:`torchex_fn.core.intercept.run` with
+``attention=True``, a :class:`torch.overrides.TorchFunctionMode`, entered and left in
+``try/finally``). It computes every call of
 
 * ``F.scaled_dot_product_attention`` (timm with fused attention, HuggingFace's ``"sdpa"``
   implementation, ``F.multi_head_attention_forward`` with ``need_weights=False``), and
@@ -12,11 +13,12 @@ as :mod:`torchex_fn._rewrite` does for nonlinearities: a :class:`torch.overrides
   ``has_torch_function`` is true, so neither it nor ``nn.TransformerEncoderLayer`` takes its fused
   fast path, ``torch._native_multi_head_attention`` / ``torch._transformer_encoder_layer_fwd``)
 
-to an explicit computation ``softmax(Q K^T / sqrt(d) + mask) V`` with dropout off, and records the
-probabilities ``[B, heads, N, N]`` in call order (call ``k`` is "layer" ``k``). For the gradient
+by the one decomposition of :mod:`torchex_fn.core.attention`, ``softmax(Q K^T / sqrt(d) + mask) V``
+with dropout off, and hands over the probabilities; this module records them ``[B, heads, N, N]``
+in call order (call ``k`` is "layer" ``k``). For the gradient
 methods, each selected layer's probabilities ``A`` are replaced by ``A + delta`` with ``delta = 0``:
-the gradient w.r.t. ``delta`` is the gradient w.r.t. ``A`` (the idea of :mod:`torchex_fn.capture`),
-computed by :mod:`torchex_fn._autodiff`. Because attention is computed from ordinary operations,
+the gradient w.r.t. ``delta`` is the gradient w.r.t. ``A`` (the idea of :mod:`torchex_fn.core.capture`),
+computed by :mod:`torchex_fn.core.autodiff`. Because attention is computed from ordinary operations,
 all three methods can be differentiated again (``torch.func.grad`` w.r.t. ``params``) and composed
 with ``vmap``.
 
@@ -29,18 +31,16 @@ Modes are thread-local; the mode never outlives the call, also when the model ra
 """
 from __future__ import annotations
 
-import inspect
 import math
 import weakref
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from ..core import checks as _checks
 from ..core import docs as _docs
+from ..core import intercept as _intercept
 from ..core import grid as _grid
 from ..core import targets as _targets
 from ..core.autodiff import grad_of_sum, grads_of_sums
@@ -64,118 +64,35 @@ class _Mismatch(Exception):
     """Internal: a memoised perturbation shape no longer matches; recompute and retry."""
 
 
-_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+def _run(model_fn, params, x, perturb: Optional[Mapping[int, Tensor]] = None,
+         fn: str = "attention_probabilities") -> Tuple[Any, List[AttentionCall]]:
+    """``model_fn(params, x)`` and its attention calls (call ``k``'s probabilities plus ``perturb[k]``)."""
+    return _intercepted(fn, model_fn, perturb, params, x)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, scale: Optional[float],
-            perturb: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """Explicit attention ``softmax(q k^T * scale + mask) v`` (sdpa's conventions for ``mask``)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-    if causal:
-        n, s = scores.shape[-2:]
-        keep = torch.ones(n, s, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = torch.softmax(scores, dim=-1)
-    if perturb is not None:
-        if tuple(perturb.shape) != tuple(probs.shape) or perturb.dtype != probs.dtype:
-            raise _Mismatch()
-        probs = probs + perturb
-    return torch.matmul(probs, v), probs
+def _intercepted(fn: str, call: Callable[..., Any], perturb: Optional[Mapping[int, Tensor]],
+                 *args: Any) -> Tuple[Any, List[AttentionCall]]:
+    """``call(*args)`` under the shared interceptor (attention only): the attention calls in order."""
+    perturb = dict(perturb or {})
+    calls: List[AttentionCall] = []
 
-
-class _Mode(TorchFunctionMode):
-    """Computes every attention call explicitly, records its probabilities, adds the perturbations."""
-
-    def __init__(self, perturb: Optional[Mapping[int, Tensor]] = None, fn: str = "attention_probabilities"):
-        super().__init__()
-        self.fn = fn
-        self.perturb = dict(perturb or {})
-        self.calls: List[AttentionCall] = []
-
-    def _record(self, probs: Tensor) -> None:
+    def record(c: _intercept.Call) -> Tensor:
+        probs = c.input
+        delta = perturb.get(c.index)
+        if delta is not None:
+            if tuple(delta.shape) != tuple(probs.shape) or delta.dtype != probs.dtype:
+                raise _Mismatch()
+            probs = probs + delta
         session = _active_capture()
-        self.calls.append(AttentionCall(probs, 0 if session is None else len(session.acts)))
+        calls.append(AttentionCall(probs, 0 if session is None else len(session.acts)))
+        return probs
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return self._sdpa(*args, **kwargs)
-        if func is F.multi_head_attention_forward:
-            return self._mha(*args, **kwargs)
-        return func(*args, **kwargs)
-
-    def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-              enable_gqa=False):
-        del dropout_p  # dropout off: attribution assumes inference behaviour
-        if enable_gqa and query.ndim >= 3 and key.shape[-3] != query.shape[-3]:
-            repeat = query.shape[-3] // key.shape[-3]
-            key, value = key.repeat_interleave(repeat, dim=-3), value.repeat_interleave(repeat, dim=-3)
-        single = query.ndim == 3  # [B, N, E]: one head
-        if single:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-            if attn_mask is not None and attn_mask.ndim == 3:
-                attn_mask = attn_mask.unsqueeze(1)
-        out, probs = _attend(query, key, value, attn_mask, is_causal, scale, self.perturb.get(len(self.calls)))
-        self._record(probs)
-        return out.squeeze(1) if single else out
-
-    def _mha(self, *args, **kwargs):
-        bound = _MHA_SIGNATURE.bind(*args, **kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
-        if a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"] or \
-                a["static_k"] is not None or a["static_v"] is not None:
-            raise _checks.value_error(self.fn, "nn.MultiheadAttention without bias_k/bias_v/add_zero_attn/static_k",
-                                      "one that uses them", "These add key tokens; they are not supported.")
-        query, key, value = a["query"], a["key"], a["value"]
-        unbatched = query.ndim == 2
-        if unbatched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        length, batch, embed = query.shape
-        source = key.shape[0]
-        heads = a["num_heads"]
-        head_dim = embed // heads
-        w, b = a["in_proj_weight"], a["in_proj_bias"]
-        if a["use_separate_proj_weight"]:
-            ws = (a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"])
-        else:
-            ws = w.chunk(3)
-        bs = (None, None, None) if b is None else b.chunk(3)
-        q, k, v = (F.linear(t, wi, bi) for t, wi, bi in zip((query, key, value), ws, bs))
-
-        def split(t: Tensor, n: int) -> Tensor:  # [n, B, E] -> [B, H, n, d]
-            return t.reshape(n, batch, heads, head_dim).permute(1, 2, 0, 3)
-
-        q, k, v = split(q, length), split(k, source), split(v, source)
-        mask = None
-        attn_mask, padding = a["attn_mask"], a["key_padding_mask"]
-        if attn_mask is not None:  # MHA: bool True = masked out; 2-D [L, S] or 3-D [B*H, L, S]
-            m = attn_mask if attn_mask.ndim == 2 else attn_mask.reshape(batch, heads, length, source)
-            mask = torch.zeros_like(m, dtype=q.dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m
-        if padding is not None:  # [B, S], True = ignore
-            p = padding.reshape(batch, 1, 1, source)
-            p = torch.zeros_like(p, dtype=q.dtype).masked_fill(p, float("-inf")) if p.dtype == torch.bool else p
-            mask = p if mask is None else mask + p
-        out, probs = _attend(q, k, v, mask, bool(a["is_causal"]) and attn_mask is None, None,
-                             self.perturb.get(len(self.calls)))
-        self._record(probs)
-        out = out.permute(2, 0, 1, 3).reshape(length, batch, embed)
-        out = F.linear(out, a["out_proj_weight"], a["out_proj_bias"])
-        weights = None
-        if a["need_weights"]:
-            weights = probs.mean(dim=1) if a["average_attn_weights"] else probs
-            weights = weights.squeeze(0) if unbatched else weights
-        return (out.squeeze(1) if unbatched else out), weights
-
-
-def _run(model_fn, params, x, perturb=None, fn: str = "attention_probabilities") -> Tuple[Any, List[AttentionCall]]:
-    mode = _Mode(perturb, fn)
-    with mode:  # pushed here, popped in __exit__ (also when the model raises)
-        out = model_fn(params, x)
-    return out, mode.calls
+    try:
+        out, _ = _intercept.run(call, record, *args, attention=True)
+    except _intercept.NoRule:  # the only attention-only refusal: nn.MultiheadAttention adding key tokens
+        raise _checks.value_error(fn, "nn.MultiheadAttention without bias_k/bias_v/add_zero_attn/static_k",
+                                  "one that uses them", "These add key tokens; they are not supported.") from None
+    return out, calls
 
 
 def attention_probabilities(model_fn: ModelFn, params: Params, x: Tensor) -> Tuple[Any, List[Tensor]]:
@@ -593,7 +510,5 @@ def legrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, 
 
 def _blocks_run(fn, model_fn, params, x, names, deltas):
     wrapped = _intermediates(model_fn, layers=names, fn=fn)
-    mode = _Mode(deltas, fn)
-    with mode:  # pushed here, popped in __exit__ (also when the model raises)
-        out, acts = wrapped(params, x)
-    return out, acts, mode.calls
+    (out, acts), calls = _intercepted(fn, wrapped, deltas, params, x)
+    return out, acts, calls
