@@ -84,7 +84,7 @@ def main() -> None:
     # equal on resnet18: in its stem a ReLU feeds an overlapping 3x3 / stride 2 max pool, where
     # captum's adjacent module hooks give another map (and its un-pooling keeps one of the
     # overlapping windows' shares). Where a layer separates them and windows do not overlap, the
-    # maps agree to float precision (tests/test_deeplift.py::test_equals_captum).
+    # maps agree to float precision (tests/methods/test_deeplift.py::test_equals_captum).
     with torch.no_grad():
         delta = (model(x) - model(torch.full_like(x, baseline))).gather(1, target[:, None])[:, 0]
     gaps = {name: ((f().flatten(1).sum(1) - delta).abs().max() / delta.abs().max()).item()

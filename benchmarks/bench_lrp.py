@@ -9,7 +9,7 @@ the floor is ``d score / d x`` by plain autograd on the same model.
 Before timing, the two maps are compared (max abs difference over the map's max abs). zennit's
 batch-norm merge turns each merged batch norm into ``(x - 0) / sqrt(1 + eps) * 1 + 0``, a scaling
 by ``1 / sqrt(1 + eps)`` that the model does not have; on this model at 224 px in float32 that gives
-4e-4, and 3e-5 (float32 rounding) once the batch norms' ``eps`` is 0. tests/test_lrp.py compares
+4e-4, and 3e-5 (float32 rounding) once the batch norms' ``eps`` is 0. tests/methods/test_lrp.py compares
 with ``eps = 0`` at 32 px: <= 3.2e-6 in float32, 8e-15 in float64.
 
 Repetitions are interleaved (one of each method per round) and the median is reported; the

@@ -1,6 +1,6 @@
 """Which methods compile without a graph break, and do the compiled maps agree (all of METHODS).
 
-For every entry of ``tests/test_contracts.py``'s METHODS table (its tiny CNN, batch 3 at 8 x 8):
+For every entry of ``tests/support/contracts.py``'s METHODS table (its tiny CNN, batch 3 at 8 x 8):
 ``torch.compile(..., backend="eager", fullgraph=True)`` (does dynamo capture the whole call?); if not,
 ``torch._dynamo.explain`` (graphs, breaks, first reasons) and ``torch.compile(..., backend="aot_eager")``
 with graph breaks allowed, checked against the eager map. Prints a markdown table. Not a test.
@@ -21,7 +21,7 @@ import torch
 import torch._dynamo
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-import test_contracts as tc  # noqa: E402
+import support.contracts as tc  # noqa: E402
 
 import torchex_fn as tx  # noqa: E402
 
@@ -29,7 +29,7 @@ import torchex_fn as tx  # noqa: E402
 def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    fn, params = tx.functionalize(tc._model())
+    fn, params = tx.functionalize(tc.contract_model())
     x, target = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2])
     names = sys.argv[1:] or list(tc.METHODS)
     print("| method | fullgraph | graphs / breaks | break reasons (dynamo's first line) | max abs diff | s |")

@@ -5,7 +5,7 @@ Run from the repository root (about 10-20 minutes on 2 CPU cores):
     python docs/architectures.py            # all architectures whose package is installed
     python docs/architectures.py tv/swin_t  # some of them, printed only
 
-The models are those of ``tests/_zoo.py`` (random weights, small inputs, batch 2), called as a user
+The models are those of ``tests/support/zoo.py`` (random weights, small inputs, batch 2), called as a user
 would: images as tensors, the HuggingFace text models with a tokenizer's dict of token ids and the
 input-space methods at their embedding layer (``layer=``), CAM methods on the layer and ``reshape=``
 the zoo names. DeepLIFT's cell also reports its completeness error (the map's sum against
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 import torchex_fn as tx  # noqa: E402
-import _zoo  # noqa: E402
+from support import zoo as _zoo  # noqa: E402
 
 
 def _case(arch, model, fn, params, x, y) -> Dict[str, Callable[[], Any]]:
@@ -150,7 +150,7 @@ def main(argv: List[str]) -> None:
              "Text models are called with a tokenizer's dict of token ids; input-space methods then attribute "
              "the embedding layer (`layer=`), CAM methods the last block's tokens as a 1-d grid "
              "(`reshape=`, `upsample=False`). The layer and `reshape=` used for each model are in "
-             "`tests/_zoo.py`. OK: the call returns a map (DeepLIFT: with its relative completeness error); "
+             "`tests/support/zoo.py`. OK: the call returns a map (DeepLIFT: with its relative completeness error); "
              "a number in brackets is the error a user gets, listed below the table.", "",
              "| model | " + " | ".join(methods) + " |",
              "| --- | " + " | ".join("---" for _ in methods) + " |"]

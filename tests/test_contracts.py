@@ -1,4 +1,8 @@
-"""Every public method against the shared contract (DESIGN.md, STYLE.md section 7.6)."""
+"""Every public method against the shared contract (DESIGN.md, STYLE.md section 7.6).
+
+The cases (tests/support/contracts.py) take their functions and output shapes from the registry
+(torchex_fn/registry.py); the first tests below fail when a registry method has no case, or a case
+names a method or an option the registry does not have."""
 import copy
 import functools
 
@@ -7,90 +11,10 @@ import torch
 from torch import nn
 
 import torchex_fn as tx
-from _models import TinyCNN
-
-
-def _model(seed=0, act=nn.ReLU):
-    torch.manual_seed(seed)
-    model = TinyCNN(act)
-    model.features.add_module("2", nn.BatchNorm2d(6))
-    with torch.no_grad():  # non-trivial running statistics, so buffers matter
-        model.features[2].running_mean.uniform_(-0.5, 0.5)
-        model.features[2].running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
-def _rise(model_fn, params, x, target, **options):
-    """RISE with a fresh seeded generator per call (randomness only through ``generator``)."""
-    return tx.rise(model_fn, params, x, target, generator=torch.Generator().manual_seed(7), **options)
-
-
-def _smooth(model_fn, params, x, target, *, method, kind="smoothgrad", samples=3, **options):
-    """SmoothGrad-style transform of ``method`` with a fresh seeded generator per call."""
-    smoothed = tx.smooth(method, samples=samples, kind=kind, generator=torch.Generator().manual_seed(7))
-    return smoothed(model_fn, params, x, target, **options)
-
-
-def _gradient_shap(model_fn, params, x, target, **options):
-    """GradientSHAP with two fixed baselines and a fresh seeded generator per call."""
-    baselines = torch.linspace(-0.5, 0.5, 2 * x[0].numel(), dtype=x.dtype).view(2, *x.shape[1:])
-    return tx.gradient_shap(model_fn, params, x, target, baselines=baselines,
-                            generator=torch.Generator().manual_seed(7), **options)
-
-
-def _cells(method, split, seeded=False):
-    """A feature method on a grid mask of ``split`` cells over x's last two axes, whatever x's size
-    (on 8 x 8 inputs: (2, 2) gives 4 features, 16 coalitions for exact Shapley values; (2, 4) gives 8),
-    with a fresh seeded generator per call for the random ones."""
-    def call(model_fn, params, x, target, **options):
-        cells = tuple(-(-n // c) for n, c in zip(x.shape[-2:], split))
-        if seeded:
-            options["generator"] = torch.Generator().manual_seed(7)
-        return method(model_fn, params, x, target, feature_mask=tx.masks.grid(x.shape[-2:], cells), **options)
-    return call
-
-
-# name -> (function, keyword options, output shape from x's shape)
-METHODS = {
-    "saliency": (tx.saliency, {}, lambda s: s),
-    "saliency_abs": (tx.saliency, {"abs": True}, lambda s: s),
-    "input_x_gradient": (tx.input_x_gradient, {}, lambda s: s),
-    "cam": (tx.cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
-    "grad_cam": (tx.grad_cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
-    "grad_cam_small": (tx.grad_cam, {"layer": "conv1", "upsample": False, "relu": False}, lambda s: (s[0], 1, *s[2:])),
-    "grad_cam_pp": (tx.grad_cam_pp, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
-    "score_cam": (tx.score_cam, {"layer": "features", "batch_size": 8}, lambda s: (s[0], 1, *s[2:])),
-    "layer_cam": (tx.layer_cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
-    "xgrad_cam": (tx.xgrad_cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
-    "hires_cam": (tx.hires_cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
-    "eigen_cam": (tx.eigen_cam, {"layer": "features"}, lambda s: (s[0], 1, *s[2:])),
-    "ablation_cam": (tx.ablation_cam, {"layer": "features", "batch_size": 8}, lambda s: (s[0], 1, *s[2:])),
-    "fullgrad": (tx.fullgrad, {}, lambda s: (s[0], 1, *s[2:])),
-    "integrated_gradients": (tx.integrated_gradients, {"baseline": 0.1, "steps": 8}, lambda s: s),
-    "integrated_gradients_chunked": (tx.integrated_gradients,
-                                     {"steps": 5, "method": "riemann_trapezoid", "batch_size": 4}, lambda s: s),
-    "smoothgrad": (_smooth, {"method": tx.saliency}, lambda s: s),
-    "vargrad_grad_cam": (_smooth, {"method": tx.grad_cam, "kind": "vargrad", "layer": "features"},
-                         lambda s: (s[0], 1, *s[2:])),
-    "occlusion": (tx.occlusion, {"window": (3, 4, 4), "stride": 2, "batch_size": 8}, lambda s: s),
-    "guided_backprop": (tx.guided_backprop, {}, lambda s: s),
-    "deeplift": (tx.deeplift, {"baseline": 0.1}, lambda s: s),
-    "lrp": (tx.lrp, {"composite": "epsilon_alpha2_beta1_flat"}, lambda s: s),
-    "rise": (_rise, {"num_masks": 24, "cell_size": 3, "batch_size": 16}, lambda s: (s[0], 1, *s[2:])),
-    "gradient_shap": (_gradient_shap, {"samples": 3, "stdev": 0.1, "batch_size": 6}, lambda s: s),
-    "feature_ablation": (_cells(tx.feature_ablation, (2, 4)), {"baseline": 0.1, "batch_size": 8}, lambda s: s),
-    "shapley_values": (_cells(tx.shapley_values, (2, 2)), {"batch_size": 8}, lambda s: s),
-    "shapley_value_sampling": (_cells(tx.shapley_value_sampling, (2, 4), seeded=True),
-                               {"samples": 2, "batch_size": 8}, lambda s: s),
-    "kernel_shap": (_cells(tx.kernel_shap, (2, 2), seeded=True), {"samples": 10, "batch_size": 8}, lambda s: s),
-    "lime": (_cells(tx.lime, (2, 2), seeded=True), {"samples": 10, "batch_size": 8}, lambda s: s),
-}
-DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small", "grad_cam_pp", "score_cam",
-                  "layer_cam", "xgrad_cam", "hires_cam", "ablation_cam", "fullgrad",  # eigen_cam: no fc dependence (test_cam_zoo)
-                  "integrated_gradients", "integrated_gradients_chunked", "smoothgrad", "vargrad_grad_cam",
-                  "occlusion", "guided_backprop", "deeplift", "rise", "gradient_shap",
-                  "lrp",
-                  "feature_ablation", "shapley_values", "shapley_value_sampling", "kernel_shap", "lime"]
+from torchex_fn.registry import METHODS as REGISTRY
+from support.contracts import (CASES, DIFFERENTIABLE, METHODS, NOT_IN_CONTRACTS, OUTPUT_SHAPES, call,
+                               contract_model as _model, output_of)
+from support.models import TinyCNN
 
 
 # FullGrad's gradient passes through a min-max scaling per channel (divisions by each map's range,
@@ -99,14 +23,31 @@ DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_s
 GRAD_TOLERANCE = {"fullgrad": {"rtol": 1e-4, "atol": 1e-3}}
 
 
-def call(name, fn, params, x, target):
-    method, options, _ = METHODS[name]
-    return method(fn, params, x, target, **options)
-
-
 @pytest.fixture
 def x():
     return torch.randn(3, 3, 8, 8)
+
+
+def test_every_registry_method_has_a_case_and_every_case_a_registry_method():
+    covered = {spec[0] for spec in CASES.values()}
+    missing = set(REGISTRY) - covered - set(NOT_IN_CONTRACTS)
+    assert not missing, f"registry methods without a case in tests/support/contracts.py CASES: {sorted(missing)}"
+    assert covered <= set(REGISTRY), sorted(covered - set(REGISTRY))
+    assert set(NOT_IN_CONTRACTS) <= set(REGISTRY) and not covered & set(NOT_IN_CONTRACTS), \
+        sorted(covered & set(NOT_IN_CONTRACTS))
+    assert set(DIFFERENTIABLE) <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_case_options_are_options_of_its_registry_method(name):
+    method, options = CASES[name][:2]
+    entry = REGISTRY[method]
+    if entry.transform:  # smooth(method, ...): its own options, the rest go to the method it wraps
+        inner = next(m for m in REGISTRY.values() if m.function is options["method"])
+        assert set(options) - {"method"} <= set(entry.options) | set(inner.options), (name, options)
+    else:
+        assert set(options) <= set(entry.options), (name, sorted(set(options) - set(entry.options)))
+    assert METHODS[name][2] is OUTPUT_SHAPES[output_of(method, options)]
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import torchex_fn as tx
-from _ranks import CALLS, SUPPORTED, RANKS, input_for, model_for
-from test_dtypes import EXCEPTIONS, RANDOM, SCORE_SCALED, TARGET, TOLERANCE, _act
+from support.dtypes import EXCEPTIONS, RANDOM, SCORE_SCALED, TARGET, TOLERANCE, act_for as _act
+from support.ranks import CALLS, SUPPORTED, RANKS, input_for, model_for
 
 pytestmark = pytest.mark.cuda
 

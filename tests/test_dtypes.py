@@ -1,6 +1,6 @@
 """dtypes and memory layouts: every method in float32 and bfloat16 against float64 with stated
-tolerances (docs/input_ranks.md, "dtypes"); channels_last and strided views give the maps of
-contiguous inputs; inputs and params that require grad give the same maps, keep their
+tolerances (docs/input_ranks.md, "dtypes"; tests/support/dtypes.py); channels_last and strided views
+give the maps of contiguous inputs; inputs and params that require grad give the same maps, keep their
 ``requires_grad`` and get no ``.grad``. float16 runs here on the CPU (torch 2.14 has CPU kernels
 for every operation these nets use) and on CUDA in tests/test_cuda_dtypes.py.
 
@@ -14,32 +14,16 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import torchex_fn as tx
-from _ranks import CALLS, GRID_RANKS, RANKS, SUPPORTED, functional, input_for, model_for
+from support.dtypes import EXCEPTIONS, RANDOM, SCORE_SCALED, TARGET, TOLERANCE, act_for as _act
+from support.ranks import CALLS, GRID_RANKS, RANKS, SUPPORTED, functional, input_for, model_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TARGET = torch.tensor([1, 2])
-RELU_METHODS = {"deeplift", "deeplift_shap", "guided_backprop"}
-RANDOM = {"smooth", "gradient_shap"}        # noise drawn in x's dtype: compared on the same draws
-SCORE_SCALED = {"occlusion", "feature_ablation", "shapley_values", "shapley_value_sampling", "kernel_shap",
-                "lime"}  # differences of two nearly equal scores: measured against the score
-
-# max |map_d - map_64| / scale, the scale being max |map_64| (max |score| for SCORE_SCALED).
-TOLERANCE = {torch.float32: 5e-6, torch.bfloat16: 4e-2, torch.float16: 5e-3}
-# Measured exceptions (seed 0 nets; see docs/input_ranks.md): bfloat16 flips ReLU units of the
-# 3-d ReLU net (pre-activations within bfloat16 rounding of 0), which moves guided back-propagation.
-EXCEPTIONS = {("guided_backprop", torch.bfloat16, "volume"): 0.25}
 
 
 def _cells():
     return [(name, rank) for name in CALLS for rank in RANKS if rank in SUPPORTED[name]]
-
-
-def _act(name):
-    return nn.ReLU if name in RELU_METHODS else nn.Softplus
 
 
 def _error(name, rank, dtype):

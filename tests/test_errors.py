@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import torchex_fn as tx
-from _models import TinyCNN
+from support.models import TinyCNN
 
 
 class Counting(TinyCNN):

@@ -18,8 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchex_fn as tx
 from torchex_fn.core import checks as _checks
-from _models import TinyCNN
-from test_contracts import METHODS, _model, call
+from support.models import TinyCNN
+from support.contracts import METHODS, call, contract_model as _model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -291,7 +291,8 @@ def test_bad_target_on_cuda_is_a_device_assertion_with_the_message():
     because a device-side assertion leaves the CUDA context unusable."""
     import subprocess
     import sys
-    code = ("import torch, torchex_fn as tx, sys; sys.path.insert(0, 'tests'); from test_contracts import _model\n"
+    code = ("import torch, torchex_fn as tx, sys; sys.path.insert(0, 'tests')\n"
+            "from support.contracts import contract_model as _model\n"
             "fn, p = tx.functionalize(_model().cuda())\n"
             "m = tx.saliency(fn, p, torch.randn(2, 3, 8, 8, device='cuda'), torch.tensor([1, 9], device='cuda'))\n"
             "torch.cuda.synchronize()\n")

@@ -5,7 +5,7 @@ What each case promises:
 
 * a forward that raises: the error reaches the caller unchanged and nothing is left behind (hooks,
   swapped tensors, ``torch.func`` levels, function modes, attention backend flags, the library's own
-  context variables and holds; ``tests/_state.py``), also inside ``torch.func.grad`` w.r.t. the
+  context variables and holds; ``tests/support/state.py``), also inside ``torch.func.grad`` w.r.t. the
   parameters of a model with attention (where the math attention backend is held);
 * a forward returning a tuple, a dict without ``"logits"`` or a dataclass: integer and ``None``
   targets without ``functionalize(output=)`` get a ``ValueError`` that names ``output=`` and callable
@@ -28,10 +28,9 @@ from torch import nn
 
 import torchex_fn as tx
 from torchex_fn.core import autodiff as _autodiff
-from _models import TinyCNN
-from _state import Snapshot
-from test_contracts import DIFFERENTIABLE, METHODS, _model
-from test_untouched import TinyAttention
+from support.models import TinyAttention, TinyCNN
+from support.state import Snapshot
+from support.contracts import DIFFERENTIABLE, METHODS, contract_model as _model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,30 +8,25 @@ step or applies the peer's documented transform to ours, and says which.
 Tolerance: float32 throughout, ``rtol=1e-5``. Entries of a map are sums over K channels (or
 gradients summed over many paths) whose terms are of the order of the map's largest entry; an entry
 near zero is a cancellation of such terms, so its rounding error scales with the map's magnitude,
-not with the entry itself. ``_assert_parity`` therefore pairs ``rtol=1e-5`` with
+not with the entry itself. ``_assert_parity`` (support/parity.py) therefore pairs ``rtol=1e-5`` with
 ``atol = 1e-5 * max|reference|`` (an error of 1e-5 *relative to the map's scale*), which is far
 below any real discrepancy (a wrong weight, a missing ReLU, a transposed target would be O(1)).
 
-Each comparison is made non-vacuous by ``_assert_nontrivial``: the reference map must have a
-non-negligible magnitude and structure, so that two all-zero maps cannot pass.
+Each comparison is made non-vacuous by ``assert_nontrivial`` (support/parity.py): the reference map
+must have a non-negligible magnitude and structure, so that two all-zero maps cannot pass.
 """
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from captum.attr import InputXGradient, LayerAttribution, LayerGradCam, Saliency
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torchcam.methods import CAM as TorchcamCAM
 
 import torchex_fn as tx
-
-RTOL = 1e-5
-BATCH = 3
-SIZE = 64
-MODEL_SEED = 1234
-INPUT_SEED = 4321
+from support.parity import (BATCH, SIZE, assert_no_hooks as _assert_no_hooks, assert_parity as _assert_parity,
+                            peer_input as _input, peer_model as _model)
 
 # The second model differs from resnet18 in structure: inverted residuals, squeeze-excitation
 # (a multiplicative gate), Hardswish, and a two-layer classifier head. Fast at 64x64 (2.5M params).
@@ -45,37 +40,6 @@ GRAD_CAM_CASES = [
 ]
 TARGET_KINDS = ["tensor", "int", "none"]
 
-_CACHE = {}
-
-
-def _model(name):
-    """A randomly initialised torchvision model in eval mode, built once per session, seeded.
-
-    At torchvision's initialisation, BatchNorm in eval mode is the identity (mean 0, var 1), and
-    mobilenet_v3_small's activations then shrink ~10x per stage (logits ~1e-9, input gradients
-    ~1e-11): nearly linear, and a weak test. So the BatchNorm statistics are calibrated once on a
-    random batch (train-mode forward, cumulative average), as a trained model's would be: every
-    layer then carries O(1) activations, and BatchNorm has non-zero effective biases.
-    """
-    if name not in _CACHE:
-        torch.manual_seed(MODEL_SEED)
-        model = getattr(torchvision.models, name)(weights=None)
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.momentum = None  # cumulative average: running stats = this batch's stats
-                m.reset_running_stats()
-        with torch.no_grad():
-            model.train()(torch.randn(16, 3, SIZE, SIZE))
-        model.eval()
-        fn, params = tx.functionalize(model)
-        _CACHE[name] = (model, fn, params)
-    return _CACHE[name]
-
-
-def _input():
-    g = torch.Generator().manual_seed(INPUT_SEED)
-    return torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
-
 
 def _targets(kind, model, x):
     """(target for torchex_fn, the equivalent [B] LongTensor for the peers)."""
@@ -88,31 +52,6 @@ def _targets(kind, model, x):
         with torch.no_grad():
             return None, model(x).argmax(1)
     raise AssertionError(kind)
-
-
-def _assert_nontrivial(ref):
-    """The reference has a real magnitude and is not constant, so parity is not vacuous."""
-    ref = torch.as_tensor(ref)
-    assert torch.isfinite(ref).all()
-    scale = ref.abs().max()
-    assert scale > 1e-4, f"reference map is (almost) zero: max |ref| = {scale}"
-    # Not one constant across the batch. (A single example's ReLU'd map may legitimately be all
-    # zero: a class with only negative evidence at a 2x2 layer.)
-    assert ref.max() - ref.min() > 1e-3 * scale, "the reference maps are constant"
-
-
-def _assert_parity(ours, ref, rtol=RTOL):
-    """``|ours - ref| <= rtol * |ref| + rtol * max|ref|`` (see the module docstring)."""
-    ref = torch.as_tensor(ref)
-    _assert_nontrivial(ref)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    torch.testing.assert_close(ours, ref, rtol=rtol, atol=rtol * ref.abs().max().item())
-
-
-def _assert_no_hooks(model):
-    """Peers register hooks on the shared model; make sure they took them all away again."""
-    for name, m in model.named_modules():
-        assert not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks), name
 
 
 def _requiring_grad(x):

@@ -5,7 +5,7 @@ For every method, hypothesis draws a batch size (1-5), an odd or non-square imag
 computation, and checks the contract on each draw:
 
 * shape and dtype as the table says, finite values;
-* nothing left behind (``tests/_state.py``): module hooks of every kind and global module hooks,
+* nothing left behind (``tests/support/state.py``): module hooks of every kind and global module hooks,
   parameter and buffer objects and values, ``requires_grad``, ``.grad``, ``training`` flags, the
   caller's ``params`` dict, global modes and flags, the global RNG (randomness comes only from
   ``generator=``);
@@ -26,8 +26,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import torchex_fn as tx
-from _state import Snapshot
-from test_contracts import METHODS, _model
+from support.state import Snapshot
+from support.contracts import METHODS, contract_model as _model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,5 +1,5 @@
 """Input ranks: every method on tabular [B, F], sequences [B, C, T], images [B, C, H, W] and volumes
-[B, C, D, H, W] (tests/_ranks.py), the docs/input_ranks.md table checked cell by cell, and values
+[B, C, D, H, W] (tests/support/ranks.py), the docs/input_ranks.md table checked cell by cell, and values
 against captum (gradient and perturbation methods, any rank), pytorch-grad-cam (Grad-CAM, Grad-CAM++
 and XGrad-CAM on 3-d convolutions) and hand computations with hooks and F.interpolate (1-d CAMs,
 Score-CAM, Ablation-CAM, CAM's closed form, RISE's masks)."""
@@ -14,14 +14,34 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchex_fn as tx
-from _ranks import (BATCH, CALLS, GRID_RANKS, MAP_METHODS, RANKS, SHAPES, SUPPORTED, ConvNet, expected_shape,
-                    functional, input_for)
+from torchex_fn.registry import METHODS as REGISTRY
+from support.ranks import (BATCH, CALLS, GRID_RANKS, MAP_METHODS, NOT_IN_RANKS, OPTIONS, RANKS, SHAPES, SUPPORTED,
+                           ConvNet, expected_shape, functional, input_for)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "input_ranks.md"
 TARGET = torch.tensor([1, 2])
 MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+# --------------------------------------------------------------------------------------------
+# The methods: the registry's, each with its options here (tests/support/ranks.py OPTIONS).
+
+def test_every_registry_method_has_a_ranks_entry_and_every_entry_a_registry_method():
+    missing = set(REGISTRY) - set(OPTIONS) - set(NOT_IN_RANKS)
+    assert not missing, f"registry methods without options in tests/support/ranks.py OPTIONS: {sorted(missing)}"
+    assert set(OPTIONS) <= set(REGISTRY), sorted(set(OPTIONS) - set(REGISTRY))
+    assert set(NOT_IN_RANKS) <= set(REGISTRY) and not set(OPTIONS) & set(NOT_IN_RANKS)
+    assert list(SHAPES) == RANKS and set(GRID_RANKS) < set(RANKS)
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_entry_options_are_options_of_its_registry_method(name):
+    entry, options = REGISTRY[name], set(OPTIONS[name](input_for("image")))
+    if entry.transform:  # smooth(method, ...): the method it wraps, then its own options
+        options.discard("method")
+    assert options <= set(entry.options), (name, sorted(options - set(entry.options)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,7 +84,7 @@ def test_docs_table_matches_the_cells():
         for rank, column in zip(RANKS, columns):
             assert row[column].startswith("yes" if rank in SUPPORTED[name] else "error"), (name, rank, row[column])
     # every attribution method exported today has a row (methods added later join by a row here
-    # and an entry in tests/_ranks.py CALLS)
+    # and an entry in tests/support/ranks.py OPTIONS)
     assert set(table) == set(CALLS) | {"attention_rollout", "grad_rollout", "legrad"}
     # attention methods: images upsampled, every rank on the token grid with upsample=False
     # (test_attention_maps_on_a_token_grid_at_every_rank_and_upsampled_for_images)

@@ -10,7 +10,7 @@ after ``torch.func.grad`` of a scalar of a differentiable method w.r.t. the para
 method that raises in the middle of its call (a target out of range, found once the output exists),
 the parameters are the same ``nn.Parameter`` objects with the same values, ``requires_grad`` and
 ``.grad``; buffers, modes and attributes are unchanged; no hook of any kind is left; the caller's
-``params`` dict is untouched; global state is as before (``tests/_state.py``); and the model still
+``params`` dict is untouched; global state is as before (``tests/support/state.py``); and the model still
 deep-copies.
 """
 import copy
@@ -20,36 +20,11 @@ import torch
 from torch import nn
 
 import torchex_fn as tx
-from _models import TinyCNN
-from _state import Snapshot
-from test_contracts import DIFFERENTIABLE, METHODS, _model
+from support.contracts import DIFFERENTIABLE, METHODS, contract_model as _model
+from support.models import TinyAttention, TinyCNN
+from support.state import Snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class TinyAttention(nn.Module):
-    """conv -> ``features`` -> tokens -> layer norm -> self-attention -> MLP -> mean -> ``fc`` (5 classes).
-
-    ``shared`` is ``mlp[0]``: one ``Linear`` registered under two names.
-    """
-
-    def __init__(self, classes: int = 5):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.act1 = nn.GELU()
-        self.features = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.GELU())
-        self.norm = nn.LayerNorm(6)
-        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
-        self.shared = self.mlp[0]
-        self.fc = nn.Linear(6, classes)
-
-    def forward(self, x):
-        tokens = self.features(self.act1(self.conv1(x))).flatten(2).transpose(1, 2)   # [B, HW, 6]
-        h = self.norm(tokens)
-        tokens = tokens + self.attn(h, h, h, need_weights=False)[0]
-        tokens = tokens + self.mlp(tokens)
-        return self.fc(tokens.mean(1))
 
 
 class Normalised(TinyCNN):

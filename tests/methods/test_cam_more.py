@@ -7,8 +7,9 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import torchex_fn as tx
 from torchex_fn.methods.cam import grad_cam_pp, score_cam
-from _models import LinearHead, TinyCNN, smooth_double
-from test_parity import _assert_no_hooks, _assert_parity, _input, _model
+from support.models import LinearHead, TinyCNN, smooth_double
+from support.parity import (assert_no_hooks as _assert_no_hooks, assert_parity as _assert_parity, peer_input as _input,
+                            peer_model as _model)
 
 
 def _tiny(seed=0):

@@ -5,7 +5,7 @@ from torch import nn
 
 import torchex_fn as tx
 from torchex_fn.methods.perturbation import occlusion
-from _models import TinyCNN
+from support.models import TinyCNN
 
 captum_attr = pytest.importorskip("captum.attr")
 feature_ablation = pytest.importorskip("captum.attr._core.feature_ablation")

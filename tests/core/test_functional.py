@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import torchex_fn as tx
-from _models import TinyCNN
+from support.models import TinyCNN
 
 
 def test_functionalize_params_and_buffers_detached():

@@ -18,7 +18,7 @@ from torch import nn
 import torchex_fn as tx
 from torchex_fn.methods.propagation import deeplift
 
-import _zoo
+from support import zoo as _zoo
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,7 +40,7 @@ class _Embeds(nn.Module):
 
 
 def _zoo_model(name, shape=None, attn=None):
-    """A model of ``tests/_zoo.py`` (the architecture table's), as a function of a float input.
+    """A model of ``tests/support/zoo.py`` (the architecture table's), as a function of a float input.
 
     ``shape`` overrides the zoo's input size for convolutional networks (smaller here, for time); text
     models take ``inputs_embeds`` ``[6, 32]`` (DeepLIFT's completeness is about the float path through

@@ -21,6 +21,31 @@ class TinyCNN(nn.Module):
         return self.fc(self.pool(h).flatten(1))
 
 
+class TinyAttention(nn.Module):
+    """conv -> ``features`` -> tokens -> layer norm -> self-attention -> MLP -> mean -> ``fc`` (5 classes).
+
+    ``shared`` is ``mlp[0]``: one ``Linear`` registered under two names.
+    """
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.act1 = nn.GELU()
+        self.features = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.GELU())
+        self.norm = nn.LayerNorm(6)
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+        self.shared = self.mlp[0]
+        self.fc = nn.Linear(6, classes)
+
+    def forward(self, x):
+        tokens = self.features(self.act1(self.conv1(x))).flatten(2).transpose(1, 2)   # [B, HW, 6]
+        h = self.norm(tokens)
+        tokens = tokens + self.attn(h, h, h, need_weights=False)[0]
+        tokens = tokens + self.mlp(tokens)
+        return self.fc(tokens.mean(1))
+
+
 class LinearHead(nn.Module):
     """Features are the input itself: ``out = W · mean_ij(x) + b``; Grad-CAM and CAM have closed forms."""
 

@@ -14,8 +14,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torchcam.methods import LayerCAM as TorchcamLayerCAM, XGradCAM as TorchcamXGradCAM
 
 import torchex_fn as tx
-from _models import LinearHead, TinyCNN, smooth_double
-from test_parity import _assert_no_hooks, _assert_parity, _model
+from support.models import LinearHead, TinyCNN, smooth_double
+from support.parity import assert_no_hooks as _assert_no_hooks, assert_parity as _assert_parity, peer_model as _model
 
 GRADIENT_METHODS = {"layer_cam": tx.layer_cam, "xgrad_cam": tx.xgrad_cam, "hires_cam": tx.hires_cam}
 PGC = {"layer_cam": LayerCAM, "xgrad_cam": XGradCAM, "hires_cam": HiResCAM, "eigen_cam": EigenCAM,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torchex_fn import targets
 from torchex_fn.methods.perturbation import _DRAW_BLOCK, _draw_masks, _interpolation_matrix, rise
 from torchex_fn.core.model import functionalize
-from _models import TinyCNN
+from support.models import TinyCNN
 
 
 def _gen(seed=0):
@@ -260,7 +260,7 @@ def test_generator_on_another_device_is_refused():
 
 
 def test_seed_class_binds_options():
-    from _models import TinyCNN
+    from support.models import TinyCNN
     import torchex_fn as tx
 
     model = TinyCNN().eval()

@@ -19,7 +19,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import torchex_fn as tx
 from torchex_fn.methods.cam import _clear_layout
-from test_parity import _assert_no_hooks, _assert_parity
+from support.parity import assert_no_hooks as _assert_no_hooks, assert_parity as _assert_parity
 
 to_first = tx.postprocess.channels_last_to_first
 

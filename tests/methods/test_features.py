@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import torchex_fn as tx
-from _models import TinyCNN
+from support.models import TinyCNN
 
 captum_attr = pytest.importorskip("captum.attr")
 

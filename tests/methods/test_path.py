@@ -5,7 +5,7 @@ from torch import nn
 from captum.attr import IntegratedGradients
 
 from torchex_fn.methods.path import integrated_gradients, quadrature
-from _models import smooth_double
+from support.models import smooth_double
 
 
 def _setup(seed=0):

@@ -6,7 +6,7 @@ import torch
 
 import torchex_fn as tx
 from torchex_fn import metrics
-from _models import TinyCNN
+from support.models import TinyCNN
 
 H = W = 8
 REGION = (slice(0, 4), slice(0, 4))  # 16 of 64 pixels

@@ -15,7 +15,7 @@ import torch
 import torchex_fn as tx
 from torchex_fn.composite import runner as ds
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # The model and data, as source, so that subprocesses (SIGKILL, torchrun) build the very same ones.
 SETUP = textwrap.dedent('''

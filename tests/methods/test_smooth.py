@@ -6,7 +6,7 @@ from torch import nn
 import torchex_fn as tx
 from torchex_fn.methods.gradient import smooth
 from torchex_fn.methods.path import integrated_gradients
-from _models import smooth_double
+from support.models import smooth_double
 
 
 def _gen(seed=3):

@@ -8,7 +8,7 @@ from torch import nn
 
 import torchex_fn as tx
 from torchex_fn.methods.propagation import guided_backprop
-from _models import TinyCNN
+from support.models import TinyCNN
 
 
 class PoolNet(nn.Module):

@@ -2,8 +2,8 @@ import torch
 from torch import nn
 
 import torchex_fn as tx
-from _models import central_difference, smooth_double, LinearHead, TinyCNN
-import _reference
+from support.models import central_difference, smooth_double, LinearHead, TinyCNN
+from support import reference as _reference
 
 
 def test_grad_cam_of_linear_head_has_closed_form():

@@ -2,8 +2,8 @@ import torch
 from torch import nn
 
 import torchex_fn as tx
-from _models import central_difference, smooth_double, TinyCNN
-import _reference
+from support.models import central_difference, smooth_double, TinyCNN
+from support import reference as _reference
 
 
 def test_saliency_of_linear_model_is_the_weight_row():

@@ -12,7 +12,7 @@ import torch
 
 from torchex_fn.data import PALETTE, decoy_shapes
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
 
 def _example(name):

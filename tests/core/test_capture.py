@@ -4,8 +4,8 @@ from torch import nn
 
 import torchex_fn as tx
 from torchex_fn.core import capture as capture_mod
-from _models import TinyCNN, tapped_mlp
-import _reference
+from support.models import TinyCNN, tapped_mlp
+from support import reference as _reference
 
 
 def _mlp_params(dtype=torch.float64):
