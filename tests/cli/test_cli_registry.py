@@ -10,7 +10,7 @@ from torchex_fn.cli import explain
 from torchex_fn.cli.main import _parser
 from torchex_fn.registry import METHODS
 
-HOOKS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "hooks.py"
+HOOKS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "hooks.py"
 
 
 def _runnable_from_the_command_line():
