@@ -10,7 +10,7 @@ from torch import nn
 from torch.overrides import has_torch_function
 
 import torchex_fn as tx
-from torchex_fn.core import intercept as _rewrite
+from torchex_fn.core import intercept
 from torchex_fn.methods.propagation import deeplift, deeplift_shap
 
 with warnings.catch_warnings():  # captum's import warns about torch.jit.script under recent torch
@@ -513,9 +513,9 @@ def test_rewrite_mode_is_popped_when_the_handler_raises():
     def handler(call):
         raise KeyError("handler")
     with pytest.raises(KeyError):
-        _rewrite.run(lambda t: torch.relu(t), handler, torch.randn(3))
+        intercept.run(lambda t: torch.relu(t), handler, torch.randn(3))
     assert not _mode_active()
-    out, count = _rewrite.run(lambda t: torch.tanh(t) + t.sigmoid(), lambda c: c.apply(c.input), torch.zeros(2))
+    out, count = intercept.run(lambda t: torch.tanh(t) + t.sigmoid(), lambda c: c.apply(c.input), torch.zeros(2))
     assert count == 2 and torch.equal(out, torch.full((2,), 0.5))
 
 
@@ -633,7 +633,7 @@ def test_a_parameter_times_the_input_stays_linear():
     x = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
     torch.testing.assert_close(deeplift(model_fn, params, x, 0, baseline=0.5),
                                (x - 0.5) * params["w"])
-    _, count = _rewrite.run(model_fn, lambda c: calls.append(c) or c.apply(*c.inputs), params, x, tainted=[x])
+    _, count = intercept.run(model_fn, lambda c: calls.append(c) or c.apply(*c.inputs), params, x, tainted=[x])
     assert count == 0 and not calls
 
 
@@ -736,7 +736,7 @@ def test_inplace_write_of_an_input_dependent_value_taints_its_target():
         return buf * buf
     calls = []
     x = torch.randn(3, 2)
-    _rewrite.run(model_fn, lambda c: calls.append((c.kind, c.name)) or c.apply(*c.inputs), {"w": torch.ones(2)}, x,
+    intercept.run(model_fn, lambda c: calls.append((c.kind, c.name)) or c.apply(*c.inputs), {"w": torch.ones(2)}, x,
                  tainted=[x])
     assert calls == [("elementwise", "tanh"), ("bilinear", "mul")]
 

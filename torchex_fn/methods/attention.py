@@ -44,7 +44,7 @@ from ..core import intercept as _intercept
 from ..core import grid as _grid
 from ..core import targets as _targets
 from ..core.autodiff import grad_of_sum, grads_of_sums
-from ..core.types import ModelFn, Params, Target, memo_owner_of
+from ..core.types import ModelFn, Params, Target, memo_owner_of, view_of
 from ..core.capture import active as _active_capture, intermediates as _intermediates, resolve_layers as _resolve_layers
 from ..core.arguments import check_call
 
@@ -412,7 +412,7 @@ def legrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, 
     fn = "legrad"
     _check_options(fn, model_fn, params, x, target, layers=None, token=0, prefix_tokens=prefix_tokens,
                    grid=grid, upsample=upsample)
-    if not hasattr(model_fn, "layer_names"):
+    if view_of(model_fn) is None:
         raise _checks.type_error(fn, "model_fn built by functionalize (blocks are named submodules)",
                                  type(model_fn).__name__, "Use `model_fn, params = torchex_fn.functionalize(model)`.")
     if pool not in ("mean", "token"):

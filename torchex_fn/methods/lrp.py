@@ -38,7 +38,7 @@ rule sees ``w * gamma / sqrt(var + eps)`` and the merged bias) and ``ResNetCanon
 sum of a block gets the ``norm`` rule, here for every sum or difference of two input-dependent
 tensors). The merge is a computation on ``params``: the user's module and tensors are never changed.
 
-How it is computed (no hook, no module change; one call of :func:`torchex_fn._rewrite.run` per pass):
+How it is computed (no hook, no module change; one call of :func:`torchex_fn.core.intercept.run` per pass):
 
 1. **Record pass**, ordinary differentiable code: the model runs with every convolution, linear
    layer, batch norm, activation, pooling and residual sum handed to this module as an *operation*
@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import checks as _checks, inputs as _inputs, intercept as _rewrite
+from ..core import checks as _checks, inputs as _inputs, intercept as _intercept
 from ..core import docs as _docs
 from ..core import targets as _targets
 from ..core.autodiff import grad_of_sum
@@ -107,7 +107,7 @@ _PASS = frozenset(("relu", "leaky_relu", "elu", "selu", "celu", "sigmoid", "tanh
 _NONNEGATIVE = frozenset(("relu", "relu6", "sigmoid", "softplus", "hardsigmoid"))
 _POOLS = frozenset(("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
                     "adaptive_avg_pool3d", "mean", "sum"))
-_HANDED = tuple(name for name in _rewrite.LINEAR)
+_HANDED = tuple(name for name in _intercept.LINEAR)
 _USES_OUTPUT = frozenset(("epsilon", "zero", "gamma", "zbox"))  # rules that need the layer's own output
 
 # Leaf modules that need no rule of their own (their operations are handled one by one).
@@ -484,12 +484,12 @@ class _Recorder:
     def _mark(self, t: Tensor) -> None:
         self.nonneg[id(t)] = t
 
-    def __call__(self, call: _rewrite.Call) -> Any:
+    def __call__(self, call: _intercept.Call) -> Any:
         record, value = self._record(call)
         self.records.append(record)
         return value
 
-    def _record(self, call: _rewrite.Call) -> Tuple[_Record, Any]:
+    def _record(self, call: _intercept.Call) -> Tuple[_Record, Any]:
         name = call.name
         if call.kind == "elementwise":
             if name not in _PASS:
@@ -531,11 +531,11 @@ class _Recorder:
             return _Record(name, y, norm=self._norm(call, y)), y
         raise _no_rule(name)
 
-    def _norm(self, call: _rewrite.Call, y: Tensor):
+    def _norm(self, call: _intercept.Call, y: Tensor):
         """The norm rule's record: the inputs and ``1 / stab(y)``."""
         return call.inputs, torch.reciprocal(_stab(y, self.opt.stabilizer))
 
-    def _layer(self, call: _rewrite.Call) -> Tuple[_Record, Tensor]:
+    def _layer(self, call: _intercept.Call) -> Tuple[_Record, Tensor]:
         name = call.name
         binder = _bind_linear if name == "linear" else _bind_conv
         bound = binder(*call.options["args"], **call.options["kwargs"])
@@ -577,7 +577,7 @@ class _Recorder:
 def _relevance_handler(records: List[_Record]):
     """The relevance pass's handler: the k-th call returns the k-th record's output, with its rule as backward."""
 
-    def handler(call: _rewrite.Call) -> Any:
+    def handler(call: _intercept.Call) -> Any:
         k = call.index
         record = records[k] if k < len(records) else None
         if record is None or record.name != call.name:
@@ -723,8 +723,8 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
 
     recorder = _Recorder(plan, params, opt)
     try:
-        out, count = _rewrite.run(model_fn, recorder, params, x, tainted=[x], linear=_HANDED)
-    except _rewrite.NoRule as err:
+        out, count = _intercept.run(model_fn, recorder, params, x, tainted=[x], linear=_HANDED)
+    except _intercept.NoRule as err:
         raise _no_rule(err.op, err.detail) from None
     recorder.nonneg.clear()
     records = recorder.records
@@ -743,8 +743,8 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
 
     def total(v: Tensor) -> Tensor:
         try:
-            out_v, n = _rewrite.run(model_fn, handler, params, v, tainted=[v], linear=_HANDED)
-        except _rewrite.NoRule as err:
+            out_v, n = _intercept.run(model_fn, handler, params, v, tainted=[v], linear=_HANDED)
+        except _intercept.NoRule as err:
             raise _no_rule(err.op, err.detail) from None
         if n != count:
             raise RuntimeError(_checks.message(FN, f"the relevance pass to make the record pass's {count} calls",

@@ -25,7 +25,7 @@ method's defining property) on any network built from the operations below:
   their math: products, masks, softmax;
 * max pooling: captum's rule (it conserves).
 
-Which tensors depend on the input is tracked through the call (:mod:`._rewrite`), so that
+Which tensors depend on the input is tracked through the call (:mod:`..core.intercept`), so that
 ``w * x`` with a parameter ``w`` stays linear while ``a * b`` of two activations is a product. An
 operation on an input-dependent tensor that has no rule and is not known to be linear raises
 ``NotImplementedError`` naming it: it is never treated as linear in silence (which is how completeness
@@ -34,7 +34,7 @@ used to fail, by factors up to 3,900, on ConvNeXt, EfficientNet, Swin, ViT and B
 How it is computed here (native, no captum at run time), for one call:
 
 1. **Baseline pass** ``model_fn(params, baseline)``: every operation with a rule (see
-   :mod:`._rewrite`; it is intercepted as an *operation*, so reused modules, in-place modules and
+   :mod:`..core.intercept`; it is intercepted as an *operation*, so reused modules, in-place modules and
    ``F.relu`` in ``forward`` are all seen) records its inputs ``z_0`` and output ``y_0``. A baseline
    shared by all examples (a number, or a tensor whose batch dimension is 1 or absent) runs as a
    batch of one.
@@ -70,7 +70,7 @@ from torch import Tensor
 
 from ..core import checks as _checks, inputs as _inputs
 from ..core import docs as _docs
-from ..core import intercept as _rewrite
+from ..core import intercept as _intercept
 from ..core.autodiff import grad_of_sum, tracked
 from ..core import targets as _targets
 from ..core.types import ModelFn, Params, Target
@@ -127,14 +127,14 @@ class _Mismatch(Exception):
     """Internal: the two passes did not make the same calls (the message says what differed)."""
 
 
-def _returned(call: _rewrite.Call, out: Any) -> Any:
+def _returned(call: _intercept.Call, out: Any) -> Any:
     """What the model receives from a call whose full result is ``out``."""
     if call.kind == "maxpool" and not call.options["return_indices"]:
         return out[0]
     return out
 
 
-def _derivative(call: _rewrite.Call, z: Tensor, shape: Sequence[int]) -> Tensor:
+def _derivative(call: _intercept.Call, z: Tensor, shape: Sequence[int]) -> Tensor:
     """``g'(z)`` of an elementwise op, shaped like its output ``shape`` (used where ``z_x ≈ z_0``)."""
     if call.name == "relu":
         return (z > 0).to(z.dtype)
@@ -184,7 +184,7 @@ class _Elementwise:
     round-off (see :func:`_near`), ``g'((z_x + z_0) / 2)``.
     """
 
-    def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
+    def __init__(self, call: _intercept.Call, x: _Record, base: _Record, eps: float):
         (z_x,), (z_0,) = x.inputs, base.inputs
         dz, small, safe = _differences(z_x, z_0, eps)
         self.z_x, self.y_x = z_x, x.out
@@ -197,7 +197,7 @@ class _Elementwise:
         mid = torch.where(small, 0.5 * (z_x + z_0), z_x)
         self.m = torch.where(small, _derivative(call, mid, x.out.shape), (x.out - base.out) / safe)
 
-    def __call__(self, call: _rewrite.Call) -> Tensor:
+    def __call__(self, call: _intercept.Call) -> Tensor:
         return self.y_x + self.m * (call.input - self.z_x)
 
 
@@ -212,13 +212,13 @@ class _Bilinear:
     over the other factor at its input and at its baseline value).
     """
 
-    def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
+    def __init__(self, call: _intercept.Call, x: _Record, base: _Record, eps: float):
         (a_x, b_x), (a_0, b_0) = x.inputs, base.inputs
         self.a_x, self.b_x, self.t_x = a_x, b_x, x.out
         self.a_mean, self.b_mean = 0.5 * (a_x + a_0), 0.5 * (b_x + b_0)
         self.shapes = (a_x.shape, b_x.shape)
 
-    def __call__(self, call: _rewrite.Call) -> Tensor:
+    def __call__(self, call: _intercept.Call) -> Tensor:
         a, b = call.inputs
         return self.t_x + call.apply(a - self.a_x, self.b_mean) + call.apply(self.a_mean, b - self.b_x)
 
@@ -242,7 +242,7 @@ class _Scale:
     Transformers: Better Explanations through Conservative Propagation", ICML 2022.
     """
 
-    def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
+    def __init__(self, call: _intercept.Call, x: _Record, base: _Record, eps: float):
         (d_x, r_x), (d_0, r_0) = x.inputs, base.inputs
         beta = torch.reciprocal(1 + (r_x / r_0) ** 2)        # (var_x + eps) / (var_x + var_0 + 2 eps)
         self.r_w = beta * r_x + (1 - beta) * r_0
@@ -250,7 +250,7 @@ class _Scale:
         self.d_x, self.r_x, self.t_x = d_x, r_x, x.out
         self.shapes = (d_x.shape, r_x.shape)
 
-    def __call__(self, call: _rewrite.Call) -> Tensor:
+    def __call__(self, call: _intercept.Call) -> Tensor:
         d, r = call.inputs
         return self.t_x + (d - self.d_x) * self.r_w + self.d_w * (r - self.r_x)
 
@@ -271,7 +271,7 @@ class _Softmax:
     float32 for attention scores that move by ~90 between the input and the baseline).
     """
 
-    def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
+    def __init__(self, call: _intercept.Call, x: _Record, base: _Record, eps: float):
         (z_x,), (z_0,) = x.inputs, base.inputs
         self.dim = call.options["dim"]
         dz, small, safe = _differences(z_x, z_0, eps)
@@ -296,7 +296,7 @@ class _Softmax:
         self.z_x, self.y_x = z_x, x.out
         self.shapes = (z_x.shape,)
 
-    def __call__(self, call: _rewrite.Call) -> Tensor:
+    def __call__(self, call: _intercept.Call) -> Tensor:
         v = torch.where(self.dead, 0.0, call.input - self.z_x)
         mv = self.m * v
         return self.y_x + self.r_w * mv - self.e_w * mv.sum(dim=self.dim, keepdim=True)
@@ -314,7 +314,7 @@ class _SoftmaxCaptum:
     couples the examples; here each example is its own. This rule does not conserve the difference.
     """
 
-    def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
+    def __init__(self, call: _intercept.Call, x: _Record, base: _Record, eps: float):
         (z_x,), (z_0,) = x.inputs, base.inputs
         dz, small, safe = _differences(z_x, z_0, eps)
         self.dim = call.options["dim"]
@@ -328,7 +328,7 @@ class _SoftmaxCaptum:
         """The softmax Jacobian at output ``y`` times ``t`` (the Jacobian is symmetric)."""
         return y * (t - (y * t).sum(dim=self.dim, keepdim=True))
 
-    def __call__(self, call: _rewrite.Call) -> Tensor:
+    def __call__(self, call: _intercept.Call) -> Tensor:
         v = call.input - self.z_x
         mean = v.mean(dim=self.reduce, keepdim=True)
         sv, smean = self.small * v, self.small * mean
@@ -354,7 +354,7 @@ class _MaxPool:
     where ``|dz| < eps``: the value is ``o_x`` and its transpose is that rule.
     """
 
-    def __init__(self, call: _rewrite.Call, x: _Record, base: _Record, eps: float):
+    def __init__(self, call: _intercept.Call, x: _Record, base: _Record, eps: float):
         (z_x,), (z_0,) = x.inputs, base.inputs
         dz, small, safe = _differences(z_x, z_0, eps)
         (o_x, self.i_x), (o_0, i_0) = x.out, base.out
@@ -367,7 +367,7 @@ class _MaxPool:
         self.inv = (1 - self.small) / safe
         self.shapes = (z_x.shape,)
 
-    def __call__(self, call: _rewrite.Call) -> Any:
+    def __call__(self, call: _intercept.Call) -> Any:
         v = call.input - self.z_x
         w = v * self.inv
         n = self.spatial
@@ -385,7 +385,7 @@ def _describe_call(name: str, inputs: Sequence[Tensor]) -> str:
     return f"{name} on " + " and ".join(str(list(t.shape)) for t in inputs)
 
 
-def _pair(records: List[_Record], call: _rewrite.Call) -> _Record:
+def _pair(records: List[_Record], call: _intercept.Call) -> _Record:
     """The baseline record paired with ``call`` of the input side (the k-th with the k-th)."""
     k = call.index
     if k >= len(records):
@@ -399,13 +399,13 @@ def _pair(records: List[_Record], call: _rewrite.Call) -> _Record:
     return rec
 
 
-def _no_rule(fn: str, err: _rewrite.NoRule) -> NotImplementedError:
+def _no_rule(fn: str, err: _intercept.NoRule) -> NotImplementedError:
     detail = f" ({err.detail})" if err.detail else ""
     return NotImplementedError(_checks.message(
         fn, "operations with a DeepLIFT rule on input-dependent tensors",
         f"'{err.op}'{detail}, which has no rule and is not known to be linear",
         "DeepLIFT never treats an unknown operation as linear, since that would break completeness silently; "
-        "rewrite that part of the model with supported operations (see torchex_fn._rewrite)."))
+        "rewrite that part of the model with supported operations (see torchex_fn.core.intercept)."))
 
 
 def _rescale(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor, eps: float,
@@ -418,7 +418,7 @@ def _rescale(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor
         base = torch.broadcast_to(baseline, x.shape)[:batch].contiguous()
         try:
             return _rescale_once(fn, model_fn, params, x, target, baseline, base, eps, rules)
-        except _rewrite.NoRule as err:
+        except _intercept.NoRule as err:
             raise _no_rule(fn, err) from None
         except _Mismatch as err:
             if batch != x.shape[0]:
@@ -433,7 +433,7 @@ def _rescale(fn: str, model_fn, params, x: Tensor, target: Any, baseline: Tensor
 class _Wrt:
     """What DeepLIFT attributes, and how a pass reaches it.
 
-    ``run(handler, inp, v)`` runs the model on ``inp`` under :func:`_rewrite.run` with input
+    ``run(handler, inp, v)`` runs the model on ``inp`` under :func:`_intercept.run` with input
     dependence tracked from ``v`` and returns ``(out, value, count)``: for the input itself ``v`` is
     the input and ``value`` is ``v``; for a layer, ``v`` is a perturbation of the layer's output (zero;
     the gradient pass differentiates w.r.t. it, which gives the gradient w.r.t. the layer's output) and
@@ -460,7 +460,7 @@ class _Wrt:
             def forward(params, v):
                 out, acts = step(params, inp)
                 return out, acts[self.layer]
-        (out, value), count = _rewrite.run(forward, handler, self.params, v, tainted=[v])
+        (out, value), count = _intercept.run(forward, handler, self.params, v, tainted=[v])
         return out, value, count
 
 
@@ -470,7 +470,7 @@ def _rescale_once(fn: str, model_fn, params, x: Tensor, target: Any, baseline: T
     output = _targets.selector(model_fn)
     records0: List[_Record] = []
 
-    def on_baseline(call: _rewrite.Call) -> Any:
+    def on_baseline(call: _intercept.Call) -> Any:
         out = call.apply(*call.inputs)
         records0.append(_Record(call.name, call.inputs, out))
         return _returned(call, out)
@@ -484,7 +484,7 @@ def _rescale_once(fn: str, model_fn, params, x: Tensor, target: Any, baseline: T
         # differentiable for the caller's transforms while constant for the inner gradient.
         rules: list = []
 
-        def on_input(call: _rewrite.Call) -> Any:
+        def on_input(call: _intercept.Call) -> Any:
             rec0 = _pair(records0, call)
             out = call.apply(*call.inputs)
             rules.append(rule_set[call.kind](call, _Record(call.name, call.inputs, out), rec0, eps))
@@ -495,7 +495,7 @@ def _rescale_once(fn: str, model_fn, params, x: Tensor, target: Any, baseline: T
         choice = _targets.resolve_index(out_x, target, fn=fn, output=output) if by_index else target
         del out_x
 
-        def on_gradient(call: _rewrite.Call) -> Any:
+        def on_gradient(call: _intercept.Call) -> Any:
             k = call.index
             rule = rules[k] if k < len(rules) else None
             if rule is None or rule.shapes != tuple(t.shape for t in call.inputs):
@@ -509,7 +509,7 @@ def _rescale_once(fn: str, model_fn, params, x: Tensor, target: Any, baseline: T
         # pass from detached inputs, which saves the input pass.
         choice = target
 
-        def on_gradient(call: _rewrite.Call) -> Any:
+        def on_gradient(call: _intercept.Call) -> Any:
             rec0 = _pair(records0, call)
             zs = tuple(t.detach() for t in call.inputs)
             rule = rule_set[call.kind](call, _Record(call.name, zs, call.apply(*zs)), rec0, eps)
@@ -604,7 +604,7 @@ def deeplift(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *
     max pooling (overlapping windows add up); ``scaled_dot_product_attention`` and
     ``nn.MultiheadAttention`` run as their math. Linear operations keep their gradients. So the map
     sums to ``f(x) - f(baseline)`` (completeness; see the module docstring for the rules and
-    ``tests/test_deeplift_arch.py`` for 28 torchvision, timm and HuggingFace models, complete to
+    ``tests/methods/test_deeplift_arch.py`` for 28 torchvision, timm and HuggingFace models, complete to
     1e-4 in float32). An operation on an input-dependent tensor that has neither a rule nor a place
     on the list of linear operations raises instead of passing as linear.
 
@@ -712,7 +712,7 @@ def deeplift(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *
         base = _inputs.baseline_input(fn, baseline, x, key)
     try:
         return _rescale_once(fn, model_fn, params, x, target, base, base, float(eps), rules, wrt)
-    except _rewrite.NoRule as err:
+    except _intercept.NoRule as err:
         raise _no_rule(fn, err) from None
     except _Mismatch as err:
         raise _checks.value_error(
@@ -832,7 +832,7 @@ class _GuidedReLU(torch.autograd.Function):
         return torch.ops.aten.threshold_backward(tangent, y, 0)
 
 
-def _guided(call: _rewrite.Call) -> Any:
+def _guided(call: _intercept.Call) -> Any:
     """ReLU calls get the guided rule; every other intercepted operation runs unchanged."""
     if call.name == "relu":
         return _GuidedReLU.apply(call.input)
@@ -848,7 +848,7 @@ def guided_backprop(model_fn: ModelFn, params: Params, x: Tensor, target: Target
     forward input was positive *and* the signal itself is positive. Every other operation keeps
     its gradient. With no ReLU on the path the map is the plain gradient (:func:`saliency`).
 
-    ReLU is recognised as an operation for the length of one call (see :mod:`._rewrite`):
+    ReLU is recognised as an operation for the length of one call (see :mod:`..core.intercept`):
     ``nn.ReLU`` modules (reused ones too, as torchvision's ``BasicBlock`` reuses ``self.relu``),
     ``nn.ReLU(inplace=True)`` (run out of place; the model must use the returned value),
     ``F.relu``, ``torch.relu`` and ``x.relu()``. Other rectifiers (ReLU6, LeakyReLU, Hardtanh) keep
@@ -891,6 +891,6 @@ def guided_backprop(model_fn: ModelFn, params: Params, x: Tensor, target: Target
     check_call(fn, model_fn, params, x, target, layer_option=False)
 
     def total(xi: Tensor) -> Tensor:
-        out, _ = _rewrite.run(model_fn, _guided, params, xi)
+        out, _ = _intercept.run(model_fn, _guided, params, xi)
         return _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn)).sum()
     return grad_of_sum(total, x)
