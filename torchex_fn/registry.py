@@ -70,7 +70,6 @@ class Method:
         return "required" if "layer" in self.required else "optional"
 
 
-_IMAGE = frozenset({"image"})
 _GRID = frozenset(GRID_RANKS)
 
 _ALL = [
@@ -100,9 +99,10 @@ _ALL = [
     Method("shapley_value_sampling", features.shapley_value_sampling, "features"),
     Method("kernel_shap", features.kernel_shap, "features"),
     Method("lime", features.lime, "features"),
-    Method("attention_rollout", attention.attention_rollout, "attention", output="map", ranks=_IMAGE),
-    Method("grad_rollout", attention.grad_rollout, "attention", output="map", ranks=_IMAGE),
-    Method("legrad", attention.legrad, "attention", output="map", ranks=_IMAGE),
+    # any rank the attention model takes; upsampled to x's grid only for images (upsample=False otherwise)
+    Method("attention_rollout", attention.attention_rollout, "attention", output="map"),
+    Method("grad_rollout", attention.grad_rollout, "attention", output="map"),
+    Method("legrad", attention.legrad, "attention", output="map"),
 ]
 
 METHODS: Dict[str, Method] = {m.name: m for m in _ALL}
