@@ -86,13 +86,14 @@ def tracked(t: Tensor) -> bool:
             or forward_ad.unpack_dual(t).tangent is not None)
 
 
-def _leaves(value: Any) -> List[Tensor]:
+def leaves(value: Any) -> List[Tensor]:
+    """The tensors in ``value`` (a tensor, or mappings, lists and tuples of them), in order."""
     if isinstance(value, Tensor):
         return [value]
     if isinstance(value, Mapping):
         value = list(value.values())
     if isinstance(value, (list, tuple)):
-        return [leaf for item in value for leaf in _leaves(item)]
+        return [leaf for item in value for leaf in leaves(item)]
     return []
 
 
@@ -193,9 +194,9 @@ def attention_context(params: Any, x: Any = None) -> Any:
     state = _INNER.get()
     if state is None or state.math:
         return contextlib.nullcontext()
-    if any(tracked(v) for v in _leaves(params)):
+    if any(tracked(v) for v in leaves(params)):
         return math_attention()
-    if any(tracked(v) for v in _leaves(x)):
+    if any(tracked(v) for v in leaves(x)):
         return _NO_FASTPATH()
     return contextlib.nullcontext()
 
@@ -247,7 +248,7 @@ def grad_of_sum(f: Callable[[Any], Any], primal: Any, *, has_aux: bool = False) 
         (grads,) = vjp_fn(torch.ones_like(total), create_graph=True)
         return (grads, aux[0]) if has_aux else grads
     parent = _INNER.get()
-    state = _Inner((parent is not None and parent.math) or any(tracked(t) for t in _leaves(primal)))
+    state = _Inner((parent is not None and parent.math) or any(tracked(t) for t in leaves(primal)))
     total, vjp_fn, *aux = _vjp(f, primal, has_aux, state)
     create_graph = torch.is_grad_enabled() and tracked(total)
     if create_graph and not state.math and _has_fused_attention(state.root):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import checks as _checks, inputs as _inputs
 from . import targets as _targets
-from .autodiff import grad_of_sum
+from .autodiff import grad_of_sum, leaves
 from .types import ModelFn, layer_name_of, layer_names_of, memo_owner_of, module_of
 
 __all__ = ["tap", "intermediates", "capture", "layer_gradients", "LayerGradients", "resolve_layers", "run_tail",
@@ -184,20 +184,10 @@ def run_tail(model_fn, params, x: Any, name: str, values: Tensor, *, fn: str = "
     except RuntimeError as error:   # shapes that do not broadcast: the tail needs the prefix's rows
         raise TailMismatch(str(error)) from None
     _check_reached(fn, (name,), acts)
-    rows = [t.shape[0] for t in _flat_tensors(out) if t.ndim > 0]
+    rows = [t.shape[0] for t in leaves(out) if t.ndim > 0]
     if not rows or any(r != values.shape[0] for r in rows):
         raise TailMismatch(f"output rows {rows}, expected {values.shape[0]}")
     return out
-
-
-def _flat_tensors(value: Any) -> List[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _flat_tensors(item)]
-    return []
 
 
 # --------------------------------------------------------------------------------------------
