@@ -55,6 +55,14 @@ def _gradient_shap(gradient_shap):
     return _named(call, gradient_shap)
 
 
+def _deeplift_shap(deeplift_shap):
+    """DeepLIFT over two fixed baselines (the same two as GradientSHAP's)."""
+    def call(model_fn, params, x, target, **options):
+        baselines = torch.linspace(-0.5, 0.5, 2 * x[0].numel(), dtype=x.dtype).view(2, *x.shape[1:])
+        return deeplift_shap(model_fn, params, x, target, baselines=baselines, **options)
+    return _named(call, deeplift_shap)
+
+
 def _cells(split, seeded=False):
     """A feature method on a grid mask of ``split`` cells over x's last two axes, whatever x's size
     (on 8 x 8 inputs: (2, 2) gives 4 features, 16 coalitions for exact Shapley values; (2, 4) gives 8),
@@ -94,6 +102,7 @@ CASES = {
     "occlusion": ("occlusion", {"window": (3, 4, 4), "stride": 2, "batch_size": 8}),
     "guided_backprop": ("guided_backprop", {}),
     "deeplift": ("deeplift", {"baseline": 0.1}),
+    "deeplift_shap": ("deeplift_shap", {}, _deeplift_shap),
     "lrp": ("lrp", {"composite": "epsilon_alpha2_beta1_flat"}),
     "rise": ("rise", {"num_masks": 24, "cell_size": 3, "batch_size": 16}, _rise),
     "gradient_shap": ("gradient_shap", {"samples": 3, "stdev": 0.1, "batch_size": 6}, _gradient_shap),
@@ -106,8 +115,6 @@ CASES = {
 
 # Registry methods without a case, and why (each is tested elsewhere, named here).
 NOT_IN_CONTRACTS = {
-    "deeplift_shap": "DeepLIFT averaged over baselines: tests/methods/test_deeplift.py (and every rank: "
-                     "tests/test_ranks.py, tests/test_dtypes.py)",
     "attention_rollout": "needs a model with attention layers: tests/methods/test_attention.py",
     "grad_rollout": "needs a model with attention layers: tests/methods/test_attention.py",
     "legrad": "needs a model with attention blocks: tests/methods/test_attention.py",
@@ -135,7 +142,7 @@ METHODS = {case: _entry(*spec) for case, spec in CASES.items()}
 DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small", "grad_cam_pp", "score_cam",
                   "layer_cam", "xgrad_cam", "hires_cam", "ablation_cam", "fullgrad",  # eigen_cam: no fc dependence (test_cam_zoo)
                   "integrated_gradients", "integrated_gradients_chunked", "smoothgrad", "vargrad_grad_cam",
-                  "occlusion", "guided_backprop", "deeplift", "rise", "gradient_shap",
+                  "occlusion", "guided_backprop", "deeplift", "deeplift_shap", "rise", "gradient_shap",
                   "lrp",
                   "feature_ablation", "shapley_values", "shapley_value_sampling", "kernel_shap", "lime"]
 
