@@ -11,8 +11,8 @@ teacher-forced forward pass of ``[p; c]``: the logits at position ``t - 1`` pred
 * the same matrix by token ablation (each prompt token replaced by a reference token),
   :func:`continuation_ablation`.
 
-The gradient matrix takes one call: the methods of :mod:`torchex_fn.gradient` and
-:mod:`torchex_fn.path` run once, under ``torch.func.vmap`` over one-hot weights of the output tokens,
+The gradient matrix takes one call: the methods of :mod:`torchex_fn.methods.gradient` and
+:mod:`torchex_fn.methods.path` run once, under ``torch.func.vmap`` over one-hot weights of the output tokens,
 so the forward passes are shared by all output tokens and only the backward passes are batched over
 them (captum's ``LLMGradientAttribution`` runs one attribution, with its own forwards, per output token).
 

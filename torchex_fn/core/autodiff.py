@@ -28,7 +28,7 @@ and a user's own training step through ``model_fn``, keep whatever backend torch
 
 1. at entry, a primal that is already tracked (``x`` differentiated by a caller, as in
    ``grad(lambda x: saliency(fn, p, x).sum())``) => the whole inner gradient uses the math backend;
-2. :class:`torchex_fn.functional.FunctionalModel` asks :func:`attention_context` with its
+2. :class:`torchex_fn.core.model.FunctionalModel` asks :func:`attention_context` with its
    ``params``: a tracked parameter (``grad`` w.r.t. ``params`` of an explanation loss) => its
    forward uses the math backend;
 3. otherwise the forward runs with the fused kernels, and only if its result turns out to be

@@ -93,7 +93,7 @@ class FunctionalModel:
     dropped after the call; train such statistics with ``torch.func.functional_call`` directly).
     It keeps the module so that layers can be named by
     their dotted path, and registers forward hooks only for the layers that the active
-    :mod:`torchex_fn.capture` asked for, only for the length of one call. Calls on one module are
+    :mod:`torchex_fn.core.capture` asked for, only for the length of one call. Calls on one module are
     serialised by a per-module lock, because ``functional_call`` swaps tensors into the shared
     module for the length of the call (two threads with different ``params`` would otherwise see
     each other's weights).

@@ -14,7 +14,7 @@ the output itself when it is a tensor, and its ``logits`` entry when it is a map
 callable target always receives the raw output.
 Ranges are checked as soon as the output exists, before any backward pass, and so are the picked
 scores: NaN or Inf there is an error naming the method (a gradient of a NaN score is NaN everywhere).
-Both checks go through :func:`torchex_fn._checks.check_values`: a ``ValueError`` on a CPU tensor run
+Both checks go through :func:`torchex_fn.core.checks.check_values`: a ``ValueError`` on a CPU tensor run
 eagerly, ``torch._assert_async`` (no host-device synchronisation) on an accelerator and under
 ``torch.compile``; under ``vmap`` values are not available and the gather kernel reports bad indices.
 """

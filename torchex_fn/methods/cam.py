@@ -574,7 +574,7 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
       ...     maps = ablation_cam(fn, params, images, labels, layer="layer4", batch_size=64)   # [8, 1, 224, 224]
 
     Cost: one forward over ``x``, then for each image ``ceil(K / batch_size)`` runs of the network from
-    the layer on (:func:`torchex_fn.capture.run_tail`): the layers before it run once per run on the
+    the layer on (:func:`torchex_fn.core.capture.run_tail`): the layers before it run once per run on the
     one image, the rest on up to ``batch_size`` ablated activations (for torchvision's ResNet at
     ``layer4``, only ``avgpool`` and ``fc``); no backward. A model whose rest needs the earlier layers'
     batch (a tensor concatenated past the layer) gets ``ceil(B K / batch_size)`` full forwards of up
