@@ -152,3 +152,11 @@ def test_no_public_name_shadows_a_module():
         if name in top:
             assert getattr(tx, name) is importlib.import_module(f"torchex_fn.{name}"), name
     assert not {"capture", "cam"} & top
+
+
+def test_the_registry_families_are_the_method_files():
+    from torchex_fn.registry import FAMILIES, METHODS
+    files = {m.rsplit(".", 1)[-1] for m in MODULES if m.startswith("torchex_fn.methods.")}
+    assert set(FAMILIES) == files
+    assert {m.family for m in METHODS.values()} == files
+    assert all(m.function.__module__ == f"torchex_fn.methods.{m.family}" for m in METHODS.values())

@@ -19,7 +19,7 @@ from typing import Callable, Dict, FrozenSet, Tuple
 
 from .methods import attention, cam, features, gradient, lrp, path, perturbation, propagation
 
-__all__ = ["Method", "METHODS", "RANKS", "GRID_RANKS", "FAMILIES", "by_family"]
+__all__ = ["Method", "METHODS", "RANKS", "GRID_RANKS", "FAMILIES"]
 
 RANKS = ("tabular", "sequence", "image", "volume")   # [B, F], [B, C, T], [B, C, H, W], [B, C, D, H, W]
 GRID_RANKS = ("sequence", "image", "volume")
@@ -52,6 +52,9 @@ class Method:
     required: Tuple[str, ...] = field(init=False)      # keyword options without a default
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"registry: {self.name}'s family, one of {FAMILIES} (the files of methods/), "
+                             f"got {self.family!r}")
         params = inspect.signature(self.function).parameters.values()
         keyword = [p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
         object.__setattr__(self, "options", tuple(p.name for p in keyword))
@@ -106,8 +109,3 @@ _ALL = [
 ]
 
 METHODS: Dict[str, Method] = {m.name: m for m in _ALL}
-
-
-def by_family(family: str) -> Dict[str, Method]:
-    """The methods of one family, in the registry's order."""
-    return {name: m for name, m in METHODS.items() if m.family == family}
