@@ -44,8 +44,10 @@ class _Session:
     """What one call asked to capture, and what it found."""
 
     def __init__(self, names: Sequence[str], perturb: Optional[Mapping[str, Tensor]], fn: str,
-                 replace: Optional[Mapping[str, Tensor]] = None, widen: bool = False):
+                 replace: Optional[Mapping[str, Tensor]] = None, widen: bool = False,
+                 transform: Optional[Mapping[str, Callable[[Any, Any], Any]]] = None):
         self.names = tuple(dict.fromkeys(names))
+        self.transform = dict(transform or {})  # name -> (args, output) -> output, every call of the module
         self.perturb = dict(perturb or {})
         self.replace = dict(replace or {})
         self.widen = widen    # a replacement may have more rows than the output of one example it replaces
@@ -83,6 +85,13 @@ class _Session:
             return self.visit(name, output) if _ACTIVE.get() is self else output
         return forward_hook
 
+    def transform_hook(self, name: str) -> Callable:
+        function = self.transform[name]
+
+        def forward_hook(module: nn.Module, args: Any, output: Any) -> Any:
+            return function(args, output) if _ACTIVE.get() is self else output
+        return forward_hook
+
 
 _ACTIVE: contextvars.ContextVar[Optional[_Session]] = contextvars.ContextVar("torchex_fn_capture", default=None)
 
@@ -108,8 +117,8 @@ def tap(name: str, value: Tensor) -> Tensor:
 
 
 def _run(model_fn, params, x, names: Sequence[str], perturb=None, fn: str = "capture", replace=None,
-         widen: bool = False):
-    session = _Session(names, perturb, fn, replace, widen)
+         widen: bool = False, transform=None):
+    session = _Session(names, perturb, fn, replace, widen, transform)
     token = _ACTIVE.set(session)
     try:
         out = model_fn(params, x)
@@ -127,7 +136,8 @@ def _check_reached(fn: str, names: Sequence[str], acts: Mapping[str, Tensor]) ->
 
 
 def intermediates(model_fn: ModelFn, *, layers: Sequence[str], perturb: Optional[Mapping[str, Tensor]] = None,
-                  fn: str = "intermediates", replace: Optional[Mapping[str, Tensor]] = None) -> Callable:
+                  fn: str = "intermediates", replace: Optional[Mapping[str, Tensor]] = None,
+                  transform: Optional[Mapping[str, Callable[[Any, Any], Any]]] = None) -> Callable:
     """Wrap ``model_fn`` into ``(params, x) -> (out, {name: activation})`` for one call at a time.
 
     Args:
@@ -138,6 +148,9 @@ def intermediates(model_fn: ModelFn, *, layers: Sequence[str], perturb: Optional
       replace: Optional ``{name: value}``; the model continues with ``value`` (of the activation's
         shape) in place of the activation, whose own value is still returned in ``acts`` (the layer
         attribution of integrated gradients runs the model from interpolated layer outputs).
+      transform: Optional ``{name: f}``: every call of module ``name`` returns ``f(args, output)``
+        instead of ``output`` (``args`` its positional inputs); not captured, and a module may run
+        more than once (LRP marks activation modules this way).
 
     Raises:
       ValueError: right after the call, if a name was never reached.
@@ -145,7 +158,7 @@ def intermediates(model_fn: ModelFn, *, layers: Sequence[str], perturb: Optional
     names = tuple(layers)
 
     def wrapped(params, x):
-        out, acts = _run(model_fn, params, x, names, perturb, fn, replace)
+        out, acts = _run(model_fn, params, x, names, perturb, fn, replace, transform=transform)
         _check_reached(fn, names, acts)
         return out, acts
 

@@ -70,7 +70,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import attention as _attention
 
-__all__ = ["Call", "NoRule", "run", "supported", "LINEAR"]
+__all__ = ["Call", "NoRule", "Held", "run", "supported", "activation", "LINEAR"]
 
 
 class Call(NamedTuple):
@@ -82,6 +82,7 @@ class Call(NamedTuple):
         shape than ``z``), ``"bilinear"`` (``y = f(a, b)``, linear in each of ``a`` and ``b``),
         ``"softmax"``, ``"maxpool"``, ``"scale"`` (a normaliser's ``d * r``, see :func:`scale`),
         ``"linear"`` (only the linear operations a caller asked for with ``run(..., linear=...)``),
+        ``"activation"`` (an activation module's output, see :func:`activation`: ``inputs`` is ``(z, y)``),
         or ``"attention"`` (an attention call's probabilities, only with ``run(..., attention=True)``:
         ``inputs`` is ``(probs,)``, ``apply`` the identity, and the handler's value replaces them).
       name: The operation's canonical name (``"relu"``, ``"mul"``, ``"softmax"``, ``"max_pool2d"``,
@@ -114,6 +115,21 @@ class NoRule(NotImplementedError):
         self.detail = detail
         super().__init__(f"no rule for operation '{op}' on an input-dependent tensor"
                          + (f" ({detail})" if detail else ""))
+
+
+class Held:
+    """A handler's result that is *held*: input-dependent, but flagged as a quantity held constant.
+
+    A handler returns ``Held(value)`` instead of ``value`` to flag it (LRP's conservative propagation
+    flags the attention probabilities). The flag follows the value through linear operations (an
+    output is held when every input-dependent argument is), and the calls handed over later say which
+    of their inputs are held, in ``options["held"]`` (one bool per input; present once anything is held).
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
 
 
 Handler = Callable[[Call], Any]
@@ -270,6 +286,7 @@ class _State:
         self.handler = handler
         self.count = 0
         self.ids: Optional[Dict[int, Any]] = {} if tracking else None
+        self.held: Dict[int, Any] = {}  # id -> weakref of the tainted tensors flagged as held (see Held)
         self.linear = frozenset(linear)  # canonical names of linear operations handed over as kind "linear"
         self.attention = attention  # hand over the attention probabilities as kind "attention"
 
@@ -289,6 +306,22 @@ class _State:
             for item in t:
                 self.mark(item)
 
+    def hold(self, t: Any) -> None:
+        """Flag ``t`` (a tensor, or the tensors of a tuple / list) as held (see :class:`Held`)."""
+        if isinstance(t, Tensor):
+            key, held = id(t), self.held
+
+            def forget(ref, key=key, held=held):
+                if held.get(key) is ref:
+                    del held[key]
+            held[key] = weakref.ref(t, forget)
+        elif isinstance(t, (tuple, list)):
+            for item in t:
+                self.hold(item)
+
+    def is_held(self, t: Any) -> bool:
+        return isinstance(t, Tensor) and id(t) in self.held
+
     def tainted(self, t: Any) -> bool:
         if isinstance(t, Tensor):
             return id(t) in self.ids  # type: ignore[operator]  # only asked while tracking
@@ -298,9 +331,14 @@ class _State:
 
     def hand(self, kind: str, name: str, inputs: Tuple[Tensor, ...], apply: Callable[..., Any],
              options: Mapping[str, Any]) -> Any:
+        if self.held:
+            options = {**options, "held": tuple(self.is_held(t) for t in inputs)}
         call = Call(self.count, kind, name, tuple(inputs), apply, options)
         self.count += 1
         out = self.handler(call)
+        if isinstance(out, Held):
+            out = out.value
+            self.hold(out)
         self.mark(out)
         return out
 
@@ -350,6 +388,11 @@ def _run_linear(mode: _Mode, func, args, kwargs):
     out = func(*args, **kwargs)
     st = mode.state
     st.mark(out)
+    if st.held:  # held when every input-dependent argument is held
+        inputs = [a for a in list(args) + list(kwargs.values()) if st.tainted(a)]
+        if inputs and all(st.is_held(a) or (isinstance(a, (tuple, list)) and all(
+                st.is_held(i) for i in a if st.tainted(i))) for a in inputs):
+            st.hold(out)
     name = getattr(func, "__name__", "")
     if args and isinstance(args[0], Tensor) and (name.endswith("_") and not name.endswith("__")
                                                  or name.startswith("__i") or name == "__setitem__"):
@@ -592,6 +635,27 @@ def scale(d: Tensor, r: Tensor) -> Tensor:
     if torch.overrides.has_torch_function((d, r)):
         return torch.overrides.handle_torch_function(scale, (d, r), d, r)
     return d * r
+
+
+def activation(z: Tensor, y: Tensor) -> Tensor:
+    """``y``, an activation module's output, computed from ``z`` element by element (any code inside).
+
+    The value is ``y``; the mode hands it over as a call of kind ``"activation"`` with inputs
+    ``(z, y)`` (``apply`` returns ``y``), so that a rule can treat an activation written as several
+    operations (``0.5 * z * (1 + tanh(...))``) as one elementwise function. Its pieces were handed over
+    before it, as they ran.
+    """
+    if torch.overrides.has_torch_function((z, y)):
+        return torch.overrides.handle_torch_function(activation, (z, y), z, y)
+    return y
+
+
+def _activation_entry(mode: _Mode, func, args, kwargs):
+    st = mode.state
+    z, y = args
+    if not st.tainted(z) or not isinstance(y, Tensor):
+        return y
+    return st.hand("activation", "activation", (z, y), lambda *_: y, {})
 
 
 def _scale_entry(mode: _Mode, func, args, kwargs):
@@ -895,6 +959,7 @@ def _tracking_table() -> Dict[Any, Callable[..., Any]]:
         put(_bilinear_or_linear((0, 1), name, _conv_with_weight), _funcs(name))
     # normalisation, attention and other compositions
     put(_scale_entry, [scale])
+    put(_activation_entry, [activation])
     put(_decompose(_layer_norm), [F.layer_norm, torch.layer_norm])
     put(_decompose(_group_norm), [F.group_norm, torch.group_norm])
     put(_decompose(_rms_norm), [getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)])

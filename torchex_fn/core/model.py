@@ -135,6 +135,9 @@ class FunctionalModel:
                     for name in session.names:
                         if name in modules:
                             handles.append(modules[name].register_forward_hook(session.hook(name)))
+                    for name in session.transform:
+                        if name in modules:
+                            handles.append(modules[name].register_forward_hook(session.transform_hook(name)))
                 full = dict(params)
                 for mod, names in self._stateful:  # pure: a training-mode write lands in a copy, not in params
                     if mod.training:

@@ -74,10 +74,11 @@ from ..core import checks as _checks, inputs as _inputs, intercept as _intercept
 from ..core import docs as _docs
 from ..core import targets as _targets
 from ..core.autodiff import grad_of_sum
+from ..core.capture import intermediates, layer_shapes, resolve_layers
 from ..core.types import ModelFn, Params, Target, module_of
 from ..core.arguments import check_call
 
-__all__ = ["lrp", "COMPOSITES", "RULES"]
+__all__ = ["lrp", "COMPOSITES", "RULES", "TRANSFORMER_COMPOSITES"]
 
 FN = "lrp"
 
@@ -620,8 +621,8 @@ def _leaves_dot(out: Any, cot: Any) -> Any:
 
 
 @_docs.fill
-def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
-        composite: str = "epsilon_plus_flat", epsilon: float = 1e-6, gamma: float = 0.25, stabilizer: float = 1e-6,
+def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, layer: Any = None,
+        composite: str = "epsilon_plus_flat", epsilon: Optional[float] = None, gamma: float = 0.25, stabilizer: float = 1e-6,
         low: Any = None, high: Any = None, canonize: bool = True,
         rules: Optional[Mapping[Any, str]] = None) -> Tensor:
     """Layer-wise relevance propagation with one of zennit's composites: relevance per input element.
@@ -682,7 +683,14 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
       Anders, Neumann, Samek, Müller and Lapuschkin, "Software for Dataset-wide XAI: From Local
       Explanations to Global Insights with Zennit, CoRelAy, and ViRelAy", 2021 (the composites).
     """
-    check_call(FN, model_fn, params, x, target, layer_option=False)
+    transformer = isinstance(composite, str) and composite in TRANSFORMER_COMPOSITES
+    check_call(FN, model_fn, params, x, target, layer=layer, layer_option=transformer)
+    if transformer:
+        return _lrp_transformer(model_fn, params, x, target, composite=composite, layer=layer, epsilon=epsilon,
+                                rules=rules)
+    if layer is not None:
+        raise _checks.value_error(FN, f"layer= with a transformer composite ({', '.join(TRANSFORMER_COMPOSITES)})",
+                                  f"layer={layer!r} with composite={composite!r}")
     if not isinstance(x, Tensor):
         raise _checks.type_error(FN, "x, a floating-point tensor [B, *input]", _checks.describe(x),
                                  "LRP follows one input tensor through the model; a dict of inputs is not supported.")
@@ -695,10 +703,10 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     if not isinstance(composite, str):
         raise _checks.type_error(FN, f"composite, one of {', '.join(COMPOSITES)}", _checks.describe(composite))
     if composite not in COMPOSITES:
-        raise _checks.value_error(FN, f"composite one of {', '.join(repr(c) for c in COMPOSITES)}",
+        raise _checks.value_error(FN, f"composite one of {', '.join(repr(c) for c in (*COMPOSITES, *TRANSFORMER_COMPOSITES))}",
                                   _checks.describe(composite))
     _checks.check_bool(FN, "canonize", canonize)
-    opt = _Options(_check_float("epsilon", epsilon), _check_float("gamma", gamma),
+    opt = _Options(_check_float("epsilon", 1e-6 if epsilon is None else epsilon), _check_float("gamma", gamma),
                    _check_float("stabilizer", stabilizer), _check_bound("low", low, x), _check_bound("high", high, x))
     if rules is not None:
         if not isinstance(rules, Mapping):
@@ -752,3 +760,301 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
         return _leaves_dot(_as_pytree(out_v, choice)[0], cotangent)
 
     return grad_of_sum(total, x)
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer composites: AttnLRP and CP-LRP as input x modified gradient (one forward, one backward).
+
+TRANSFORMER_COMPOSITES = ("attnlrp", "cp_lrp")
+"""Composites for transformers (and every other architecture): AttnLRP and conservative propagation."""
+
+_TINY = 1e-10  # the identity rule's stabiliser of ``y / z``
+
+
+def _sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """``t`` summed over the dimensions it was broadcast along to reach its shape from ``shape``."""
+    if tuple(t.shape) == tuple(shape):
+        return t
+    lead = t.ndim - len(shape)
+    t = t.sum(tuple(range(lead))) if lead else t
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+class _Ratio(torch.autograd.Function):
+    """The identity rule of an elementwise ``y = f(z)`` in input x gradient form: ``d/dz := y / z``.
+
+    Relevance ``z * g_z = y * g_y`` passes through unchanged (Achtibat et al. 2024, eq. 9). The backward
+    is written with differentiable operations on the saved ``z`` and ``y``, so outer derivatives (w.r.t.
+    ``params``) differentiate the rule; ``y`` gets no first-order gradient of its own.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor, y: Tensor) -> Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Any:
+        z, y = ctx.saved_tensors
+        return _sum_to(g * y / _stab(z, _TINY), z.shape), None
+
+
+class _Times(torch.autograd.Function):
+    """The identity with its gradient times a constant: the uniform rule of a product (``factor = 1/2``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(y: Tensor, factor: float) -> Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
+        ctx.factor = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Any:
+        return g * ctx.factor, None
+
+
+class _Epsilon(torch.autograd.Function):
+    """The epsilon rule of a linear layer ``z = W a + b`` in gradient form: ``g -> g * z / stab(z)`` at its output."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor, eps: float) -> Tensor:
+        return z.view_as(z)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
+        ctx.eps = inputs[1]
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Any:
+        (z,) = ctx.saved_tensors
+        return g * z / _stab(z, ctx.eps), None
+
+
+class _OneSided(torch.autograd.Function):
+    """A product ``f(a, b)`` (linear in each) whose gradient goes to one operand only, in full.
+
+    The other operand is held constant for the rule (a normaliser's scale, the attention probabilities
+    and the gate of conservative propagation), but stays an input: the backward uses its value, so
+    outer derivatives see how it depends on ``params``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a: Tensor, b: Tensor, apply: Any, keep: int) -> Tensor:
+        return apply(a, b)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
+        ctx.product, ctx.keep = inputs[2], inputs[3]
+        ctx.save_for_backward(inputs[0], inputs[1])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Any:
+        a, b = ctx.saved_tensors
+        if ctx.keep == 0:
+            _, pull = torch.func.vjp(lambda u: ctx.product(u, b), a)
+            return pull(g)[0], None, None, None
+        _, pull = torch.func.vjp(lambda v: ctx.product(a, v), b)
+        return None, pull(g)[0], None, None
+
+
+_NORMALISERS = frozenset(("rsqrt", "reciprocal"))
+
+
+class _Modified:
+    """The handler of the transformer composites: each operation returns its value with its rule's gradient.
+
+    * elementwise operations and activation modules: the identity rule (:class:`_Ratio`);
+    * products of two input-dependent tensors (``QK^T``, ``AV``, gates): AttnLRP's uniform rule, half of
+      the gradient to each operand (:class:`_Times`); a normaliser's ``x * rsqrt(var)`` or ``x / std``
+      (one operand a reciprocal broadcast over the other): the normaliser held constant;
+    * softmax: the gradient (AttnLRP's softmax rule in gradient form); CP-LRP holds the probabilities
+      constant, and the products they enter pass all of the gradient to the other operand;
+    * CP-LRP's gated units ``act(gate) * up``: the gate held constant;
+    * normalisation layers (the interceptor's ``scale``): the scale held constant;
+    * convolution and linear layers: the epsilon rule (:class:`_Epsilon`); everything else linear
+      (residual sums, shapes, pooling, embeddings) passes the gradient, i.e. relevance in proportion.
+    """
+
+    def __init__(self, composite: str, epsilon: float, layer_rules: Mapping[str, str], owners: Mapping[int, str]):
+        self.cp = composite == "cp_lrp"
+        self.epsilon = epsilon
+        self.layer_rules, self.owners = layer_rules, owners
+        self.normalisers: Dict[int, Tensor] = {}
+        self.activations: Dict[int, Tensor] = {}
+
+    def _is(self, table: Dict[int, Tensor], t: Tensor) -> bool:
+        return table.get(id(t)) is t
+
+    def __call__(self, call: _intercept.Call) -> Any:
+        kind = call.kind
+        if kind == "elementwise":
+            z = call.input
+            out = _Ratio.apply(z, call.apply(z))
+            (self.normalisers if call.name in _NORMALISERS else self.activations)[id(out)] = out
+            return out
+        if kind == "activation":
+            z, y = call.inputs
+            out = _Ratio.apply(z, y)
+            self.activations[id(out)] = out
+            return out
+        if kind == "softmax":
+            y = call.apply(call.input)
+            return _intercept.Held(y) if self.cp else y
+        if kind == "maxpool":
+            out = call.apply(call.input)
+            return out if call.options["return_indices"] else out[0]
+        if kind == "scale":
+            d, r = call.inputs
+            return _OneSided.apply(d, r, torch.mul, 0)
+        if kind == "bilinear":
+            return self._product(call)
+        if kind == "linear":
+            return self._layer(call)
+        raise _no_rule(call.name, f"an operation of kind {kind!r}")  # pragma: no cover - kinds are fixed
+
+    def _product(self, call: _intercept.Call) -> Any:
+        a, b = call.inputs
+        held = call.options.get("held", (False, False))
+        if held[0] and held[1]:
+            return _intercept.Held(call.apply(a, b))
+        if held[0] or held[1]:
+            return _OneSided.apply(a, b, call.apply, 1 if held[0] else 0)
+        if call.name == "mul":
+            for keep, other in ((0, b), (1, a)):  # x * rsqrt(var), x / std: the normaliser is held constant
+                mine = a if keep == 0 else b
+                if self._is(self.normalisers, other) and other.numel() < mine.numel():
+                    return _OneSided.apply(a, b, call.apply, keep)
+            if self.cp:
+                gate_a, gate_b = self._is(self.activations, a), self._is(self.activations, b)
+                if gate_a != gate_b:  # act(gate) * up: the gate is held constant
+                    return _OneSided.apply(a, b, call.apply, 1 if gate_a else 0)
+        return _Times.apply(call.apply(a, b), 0.5)
+
+    def _layer(self, call: _intercept.Call) -> Any:
+        y = call.apply(call.input)
+        args, kwargs = call.options["args"], call.options["kwargs"]
+        if call.options["positions"] not in ((0,), ("input",)):
+            return y
+        binder = _bind_linear if call.name == "linear" else _bind_conv
+        owner = self.owners.get(id(binder(*args, **kwargs)["weight"]))
+        rule = self.layer_rules.get(owner, "epsilon") if owner is not None else "epsilon"
+        eps = 0.0 if rule == "zero" else self.epsilon
+        return _Epsilon.apply(y, eps) if eps > 0 else y
+
+
+_ACTIVATION_MODULES = ("transformers.activations", "timm.layers.activations")
+
+
+def _activation_modules(module: nn.Module) -> List[str]:
+    """Names of the activation modules written as several operations (HuggingFace's, timm's)."""
+    names = []
+    for name, mod in module.named_modules():
+        if any(True for _ in mod.children()) or any(True for _ in mod.parameters(recurse=False)):
+            continue
+        if type(mod).__module__.startswith(_ACTIVATION_MODULES):
+            names.append(name)
+    return names
+
+
+def _as_activation(args: Any, out: Any) -> Any:
+    if args and isinstance(args[0], Tensor) and isinstance(out, Tensor) and out.shape == args[0].shape:
+        return _intercept.activation(args[0], out)
+    return out
+
+
+def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, composite: str, layer: Optional[str],
+                  epsilon: float, rules: Optional[Mapping[Any, str]]) -> Tensor:
+    """AttnLRP / CP-LRP: the relevance ``value * d score / d value`` with every operation's gradient modified."""
+    module = module_of(model_fn)
+    assert module is not None
+    layer_rules: Dict[str, str] = {}
+    for name, mod in module.named_modules():
+        for key, rule in (rules or {}).items():
+            if key == name or (isinstance(key, type) and isinstance(mod, key)):
+                layer_rules[name] = rule
+    owners = {id(t): name.rpartition(".")[0] for name, t in params.items() if isinstance(t, Tensor)}
+    transform = {name: _as_activation for name in _activation_modules(module)}
+    output = _targets.selector(model_fn)
+    if layer is None:
+        step = intermediates(model_fn, layers=(), transform=transform, fn=FN)
+
+        def forward(v: Tensor) -> Tuple[Any, Tensor]:
+            return step(params, v)[0], v
+        start = x
+    else:
+        names = (layer,)
+        shape, dtype = layer_shapes(model_fn, params, x, [layer], FN)[layer]
+        start = torch.zeros(shape, dtype=dtype, device=_inputs.device_of(x))
+
+        def forward(v: Tensor) -> Tuple[Any, Tensor]:
+            step = intermediates(model_fn, layers=names, perturb={layer: v}, transform=transform, fn=FN)
+            out, acts = step(params, x)
+            return out, acts[layer]
+
+    def total(v: Tensor) -> Tuple[Tensor, Tensor]:
+        handler = _Modified(composite, epsilon, layer_rules, owners)
+        try:
+            (out, value), _ = _intercept.run(forward, handler, v, tainted=[v], linear=("linear", "conv1d", "conv2d",
+                                                                                    "conv3d"))
+        except _intercept.NoRule as err:
+            raise _no_rule(err.op, err.detail) from None
+        scores = _targets.resolve(out, target, fn=FN, output=output)
+        return scores.sum(), value
+
+    grads, value = grad_of_sum(total, start, has_aux=True)
+    return value * grads
+
+
+_GRADIENT_FORM_RULES = ("epsilon", "zero")
+
+
+def _lrp_transformer(model_fn: ModelFn, params: Params, x: Any, target: Target, *, composite: str, layer: Any,
+                     epsilon: Optional[float], rules: Optional[Mapping[Any, str]]) -> Tensor:
+    """Checks for the transformer composites, then :func:`_modified_lrp`."""
+    module = module_of(model_fn)
+    if module is None:
+        raise _checks.type_error(FN, "model_fn from functionalize(model), which knows its modules",
+                                 _checks.describe(model_fn),
+                                 "LRP finds activation modules and assigns layer rules by module: `model_fn, params = "
+                                 "torchex_fn.functionalize(model)`.")
+    eps = _check_float("epsilon", 0.0 if epsilon is None else epsilon)
+    if rules is not None:
+        if not isinstance(rules, Mapping):
+            raise _checks.type_error(FN, "rules, a dict {module name or type: rule name}", _checks.describe(rules))
+        known = dict(module.named_modules())
+        for key, rule in rules.items():
+            if isinstance(key, str):
+                if key not in known:
+                    raise _checks.unknown_name(FN, "layer in rules", key, list(known))
+            elif not (isinstance(key, type) and issubclass(key, nn.Module)):
+                raise _checks.type_error(FN, "rules keys, module names or nn.Module types", _checks.describe(key))
+            if not isinstance(rule, str) or rule not in _GRADIENT_FORM_RULES:
+                raise _checks.value_error(FN, f"a rule in rules for composite {composite!r}, one of "
+                                          f"{', '.join(repr(r) for r in _GRADIENT_FORM_RULES)}", _checks.describe(rule))
+    name: Optional[str] = None
+    if layer is not None:
+        names, _ = resolve_layers(FN, model_fn, layer)
+        if len(names) != 1 or isinstance(layer, (list, tuple, dict)):
+            raise _checks.type_error(FN, "layer, one dotted name or module", _checks.describe(layer),
+                                     "Call lrp once per layer.")
+        name = names[0]
+    elif not isinstance(x, Tensor):
+        raise _checks.value_error(FN, "layer= for a dict x (e.g. the token embeddings)", "layer=None",
+                                  "Relevance is read at a floating-point tensor: name the embedding layer, e.g. "
+                                  "layer='model.embed_tokens'.")
+    return _modified_lrp(model_fn, params, x, target, composite=composite, layer=name, epsilon=eps, rules=rules)
