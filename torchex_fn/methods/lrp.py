@@ -768,7 +768,7 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
 TRANSFORMER_COMPOSITES = ("attnlrp", "cp_lrp")
 """Composites for transformers (and every other architecture): AttnLRP and conservative propagation."""
 
-_TINY = 1e-10  # the identity rule's stabiliser of ``y / z``
+_TINY = 1e-30  # the identity rule's stabiliser of ``y / z`` (at least the dtype's smallest normal number)
 
 
 def _sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:
@@ -802,7 +802,7 @@ class _Ratio(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Any:
         z, y = ctx.saved_tensors
-        return _sum_to(g * y / _stab(z, _TINY), z.shape), None
+        return _sum_to(g * y / _stab(z, max(_TINY, torch.finfo(z.dtype).tiny)), z.shape), None
 
 
 class _Times(torch.autograd.Function):
