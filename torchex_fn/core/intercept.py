@@ -389,9 +389,8 @@ def _run_linear(mode: _Mode, func, args, kwargs):
     st = mode.state
     st.mark(out)
     if st.held:  # held when every input-dependent argument is held
-        inputs = [a for a in list(args) + list(kwargs.values()) if st.tainted(a)]
-        if inputs and all(st.is_held(a) or (isinstance(a, (tuple, list)) and all(
-                st.is_held(i) for i in a if st.tainted(i))) for a in inputs):
+        tainted = [a for a in list(args) + list(kwargs.values()) if st.tainted(a)]
+        if tainted and all(st.is_held(a) for a in tainted):
             st.hold(out)
     name = getattr(func, "__name__", "")
     if args and isinstance(args[0], Tensor) and (name.endswith("_") and not name.endswith("__")

@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from ..core import checks as _checks, inputs as _inputs, intercept as _intercept
 from ..core import docs as _docs
 from ..core import targets as _targets
-from ..core.autodiff import grad_of_sum
+from ..core.autodiff import grad_of_sum, leaves, tracked
 from ..core.capture import intermediates, layer_shapes, resolve_layers
 from ..core.types import ModelFn, Params, Target, module_of
 from ..core.arguments import check_call
@@ -763,7 +763,7 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
 
 
 # --------------------------------------------------------------------------------------------
-# Transformer composites: AttnLRP and CP-LRP as input x modified gradient (one forward, one backward).
+# Transformer composites: AttnLRP and CP-LRP as input x modified gradient.
 
 TRANSFORMER_COMPOSITES = ("attnlrp", "cp_lrp")
 """Composites for transformers (and every other architecture): AttnLRP and conservative propagation."""
@@ -781,182 +781,181 @@ def _sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:
     return t.sum(dims, keepdim=True) if dims else t
 
 
-class _Ratio(torch.autograd.Function):
-    """The identity rule of an elementwise ``y = f(z)`` in input x gradient form: ``d/dz := y / z``.
+class _Modified(torch.autograd.Function):
+    """One operation's recorded output, with its rule's gradient: ``Modified.apply(rule, n, *inputs, *tensors)``.
 
-    Relevance ``z * g_z = y * g_y`` passes through unchanged (Achtibat et al. 2024, eq. 9). The backward
-    is written with differentiable operations on the saved ``z`` and ``y``, so outer derivatives (w.r.t.
-    ``params``) differentiate the rule; ``y`` gets no first-order gradient of its own.
+    ``tensors[0]`` is the operation's output, returned as it is; the other tensors are what the rule's
+    backward ``rule(g, tensors) -> n gradients`` needs. The gradients go to the ``n`` inputs of this
+    call, none to the tensors: their values were computed from the recorded pass's tensors (or from this
+    pass's, when no outer derivative is asked for), so outer derivatives w.r.t. ``params`` differentiate
+    the rule's formula through ordinary autograd, as :class:`_Propagate` does for the zennit composites.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(z: Tensor, y: Tensor) -> Tensor:
-        return y.view_as(y)
+    def forward(rule: Any, n: int, *args: Tensor) -> Tensor:
+        return args[n].view_as(args[n])
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
-        ctx.save_for_backward(*inputs)
+        ctx.rule, ctx.n = inputs[0], inputs[1]
+        ctx.save_for_backward(*inputs[2 + inputs[1]:])
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Any:
-        z, y = ctx.saved_tensors
-        return _sum_to(g * y / _stab(z, max(_TINY, torch.finfo(z.dtype).tiny)), z.shape), None
+        tensors = ctx.saved_tensors
+        return (None, None) + tuple(ctx.rule(g, tensors)) + (None,) * len(tensors)
 
 
-class _Times(torch.autograd.Function):
-    """The identity with its gradient times a constant: the uniform rule of a product (``factor = 1/2``)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(y: Tensor, factor: float) -> Tensor:
-        return y.view_as(y)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
-        ctx.factor = inputs[1]
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Any:
-        return g * ctx.factor, None
+def _product_vjp(name: str, apply: Any, a: Tensor, b: Tensor, g: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(J_a^T g, J_b^T g)`` of a product ``y = f(a, b)`` linear in each operand."""
+    if name == "mul":
+        return _sum_to(g * b, a.shape), _sum_to(g * a, b.shape)
+    if name == "matmul" and a.ndim >= 2 and b.ndim >= 2:
+        return _sum_to(g @ b.mT, a.shape), _sum_to(a.mT @ g, b.shape)
+    _, pull = torch.func.vjp(apply, a, b)
+    return pull(g)
 
 
-class _Epsilon(torch.autograd.Function):
-    """The epsilon rule of a linear layer ``z = W a + b`` in gradient form: ``g -> g * z / stab(z)`` at its output."""
+class _Rules:
+    """The handler of the transformer composites, in one of three roles (see :func:`_modified_lrp`).
 
-    generate_vmap_rule = True
+    For each operation it computes the output and the tensors of its rule from the call's inputs
+    (``"once"``: and returns the output with the rule as its gradient; ``"record"``: and keeps them,
+    returning the plain output), or (``"replay"``) returns the recorded output with the recorded rule.
 
-    @staticmethod
-    def forward(z: Tensor, eps: float) -> Tensor:
-        return z.view_as(z)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
-        ctx.eps = inputs[1]
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Any:
-        (z,) = ctx.saved_tensors
-        return g * z / _stab(z, ctx.eps), None
-
-
-class _OneSided(torch.autograd.Function):
-    """A product ``f(a, b)`` (linear in each) whose gradient goes to one operand only, in full.
-
-    The other operand is held constant for the rule (a normaliser's scale, the attention probabilities
-    and the gate of conservative propagation), but stays an input: the backward uses its value, so
-    outer derivatives see how it depends on ``params``.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(a: Tensor, b: Tensor, apply: Any, keep: int) -> Tensor:
-        return apply(a, b)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
-        ctx.product, ctx.keep = inputs[2], inputs[3]
-        ctx.save_for_backward(inputs[0], inputs[1])
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Any:
-        a, b = ctx.saved_tensors
-        if ctx.keep == 0:
-            _, pull = torch.func.vjp(lambda u: ctx.product(u, b), a)
-            return pull(g)[0], None, None, None
-        _, pull = torch.func.vjp(lambda v: ctx.product(a, v), b)
-        return None, pull(g)[0], None, None
-
-
-_NORMALISERS = frozenset(("rsqrt", "reciprocal"))
-
-
-class _Modified:
-    """The handler of the transformer composites: each operation returns its value with its rule's gradient.
-
-    * elementwise operations and activation modules: the identity rule (:class:`_Ratio`);
+    * elementwise operations and activation modules: the identity rule, ``d/dz := y / z``;
     * products of two input-dependent tensors (``QK^T``, ``AV``, gates): AttnLRP's uniform rule, half of
-      the gradient to each operand (:class:`_Times`); a normaliser's ``x * rsqrt(var)`` or ``x / std``
-      (one operand a reciprocal broadcast over the other): the normaliser held constant;
-    * softmax: the gradient (AttnLRP's softmax rule in gradient form); CP-LRP holds the probabilities
-      constant, and the products they enter pass all of the gradient to the other operand;
+      the gradient to each operand; a normaliser's ``x * rsqrt(var)`` or ``x / std`` (one operand the
+      output of ``rsqrt`` / ``reciprocal`` broadcast over the other): the normaliser held constant;
+    * softmax: its gradient (AttnLRP's softmax rule in input x gradient form); CP-LRP holds the
+      probabilities constant: no gradient, and the products they enter pass all of it to the other operand;
     * CP-LRP's gated units ``act(gate) * up``: the gate held constant;
     * normalisation layers (the interceptor's ``scale``): the scale held constant;
-    * convolution and linear layers: the epsilon rule (:class:`_Epsilon`); everything else linear
-      (residual sums, shapes, pooling, embeddings) passes the gradient, i.e. relevance in proportion.
+    * convolution and linear layers: the epsilon rule, ``g -> W^T (g z / stab(z))`` (``epsilon = 0``:
+      the gradient); everything else is linear and passes the gradient (residual sums, shapes, pooling,
+      embeddings), which shares relevance in proportion to each input's contribution.
     """
 
-    def __init__(self, composite: str, epsilon: float, layer_rules: Mapping[str, str], owners: Mapping[int, str]):
-        self.cp = composite == "cp_lrp"
-        self.epsilon = epsilon
+    def __init__(self, role: str, composite: str, epsilon: float, layer_rules: Mapping[str, str],
+                 owners: Mapping[int, str], records: Optional[List[Any]] = None):
+        self.role, self.cp, self.epsilon = role, composite == "cp_lrp", epsilon
         self.layer_rules, self.owners = layer_rules, owners
+        self.records: List[Any] = [] if records is None else records
         self.normalisers: Dict[int, Tensor] = {}
         self.activations: Dict[int, Tensor] = {}
+
+    def __call__(self, call: _intercept.Call) -> Any:
+        if self.role == "replay":
+            k = call.index
+            record = self.records[k] if k < len(self.records) else None
+            if record is None or record[0] != call.name:
+                raise RuntimeError(_checks.message(FN, "the relevance pass to repeat the record pass's operations",
+                                                   f"'{call.name}' at call {k}",
+                                                   "The model must not branch on its input's values."))
+            _, rule, tensors, held, extra = record
+        else:
+            rule, tensors, held, extra = self._prepare(call)
+            if self.role == "record":
+                self.records.append((call.name, rule, tensors, held, extra))
+                out = tensors[0] if extra is None else (tensors[0], extra)
+                return _intercept.Held(out) if held else out
+        inputs = call.inputs if call.kind != "activation" else call.inputs[:1]
+        out = _Modified.apply(rule, len(inputs), *inputs, *tensors)
+        if extra is not None:  # max pooling's indices
+            out = (out, extra)
+        if self.role == "once":
+            (self.normalisers if call.kind == "elementwise" and call.name in _NORMALISERS
+             else self.activations if call.kind in ("elementwise", "activation") else {})[id(out)] = out
+        return _intercept.Held(out) if held else out
+
+    def _remember(self, out: Tensor, kind: str, name: str) -> None:
+        if kind in ("elementwise", "activation"):
+            (self.normalisers if name in _NORMALISERS else self.activations)[id(out)] = out
 
     def _is(self, table: Dict[int, Tensor], t: Tensor) -> bool:
         return table.get(id(t)) is t
 
-    def __call__(self, call: _intercept.Call) -> Any:
+    def _prepare(self, call: _intercept.Call) -> Tuple[Any, Tuple[Tensor, ...], bool, Any]:
+        """``(rule, tensors, held, extra)`` of one call, ``tensors[0]`` its output."""
         kind = call.kind
-        if kind == "elementwise":
-            z = call.input
-            out = _Ratio.apply(z, call.apply(z))
-            (self.normalisers if call.name in _NORMALISERS else self.activations)[id(out)] = out
-            return out
-        if kind == "activation":
-            z, y = call.inputs
-            out = _Ratio.apply(z, y)
-            self.activations[id(out)] = out
-            return out
+        if kind in ("elementwise", "activation"):
+            z = call.inputs[0]
+            y = call.apply(z) if kind == "elementwise" else call.inputs[1]
+            ratio = y / _stab(z, max(_TINY, torch.finfo(z.dtype).tiny))
+            shape = z.shape
+            self._remember(y, kind, call.name)  # the record pass's output stands for the replayed one
+            return (lambda g, t: (_sum_to(g * t[1], shape),)), (y, ratio), False, None
         if kind == "softmax":
             y = call.apply(call.input)
-            return _intercept.Held(y) if self.cp else y
+            if self.cp:
+                return (lambda g, t: (None,)), (y,), True, None
+            dim, dtype = call.options["dim"], call.input.dtype
+            return (lambda g, t: ((t[0] * (g - (t[0] * g).sum(dim, keepdim=True))).to(dtype),)), (y,), False, None
         if kind == "maxpool":
-            out = call.apply(call.input)
-            return out if call.options["return_indices"] else out[0]
+            z = call.input
+            y, idx = call.apply(z)
+            apply = call.apply
+
+            def pool(g: Tensor, t: Sequence[Tensor]) -> Tuple[Tensor]:
+                _, pull = torch.func.vjp(lambda u: apply(u)[0], t[1])
+                return (pull(g)[0],)
+            return pool, (y, z), False, (idx if call.options["return_indices"] else None)
         if kind == "scale":
             d, r = call.inputs
-            return _OneSided.apply(d, r, torch.mul, 0)
+            shape = d.shape
+            return (lambda g, t: (_sum_to(g * t[1], shape), None)), (d * r, r), False, None
         if kind == "bilinear":
             return self._product(call)
         if kind == "linear":
             return self._layer(call)
         raise _no_rule(call.name, f"an operation of kind {kind!r}")  # pragma: no cover - kinds are fixed
 
-    def _product(self, call: _intercept.Call) -> Any:
+    def _product(self, call: _intercept.Call) -> Tuple[Any, Tuple[Tensor, ...], bool, Any]:
         a, b = call.inputs
+        name, apply = call.name, call.apply
+        y = apply(a, b)
         held = call.options.get("held", (False, False))
         if held[0] and held[1]:
-            return _intercept.Held(call.apply(a, b))
+            return (lambda g, t: (None, None)), (y,), True, None
+        keep: Optional[int] = None  # the one operand that gets all of the gradient
         if held[0] or held[1]:
-            return _OneSided.apply(a, b, call.apply, 1 if held[0] else 0)
-        if call.name == "mul":
-            for keep, other in ((0, b), (1, a)):  # x * rsqrt(var), x / std: the normaliser is held constant
-                mine = a if keep == 0 else b
+            keep = 1 if held[0] else 0
+        elif name == "mul":
+            for i, (mine, other) in enumerate(((a, b), (b, a))):  # x * rsqrt(var), x / std
                 if self._is(self.normalisers, other) and other.numel() < mine.numel():
-                    return _OneSided.apply(a, b, call.apply, keep)
-            if self.cp:
-                gate_a, gate_b = self._is(self.activations, a), self._is(self.activations, b)
-                if gate_a != gate_b:  # act(gate) * up: the gate is held constant
-                    return _OneSided.apply(a, b, call.apply, 1 if gate_a else 0)
-        return _Times.apply(call.apply(a, b), 0.5)
+                    keep = i
+            if keep is None and self.cp and self._is(self.activations, a) != self._is(self.activations, b):
+                keep = 1 if self._is(self.activations, a) else 0  # act(gate) * up: the gate held constant
+        factor = 0.5 if keep is None else 1.0
 
-    def _layer(self, call: _intercept.Call) -> Any:
-        y = call.apply(call.input)
+        def rule(g: Tensor, t: Sequence[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+            ga, gb = _product_vjp(name, apply, t[1], t[2], g * factor if factor != 1 else g)
+            return (None if keep == 1 else ga), (None if keep == 0 else gb)
+        return rule, (y, a, b), False, None
+
+    def _layer(self, call: _intercept.Call) -> Tuple[Any, Tuple[Tensor, ...], bool, Any]:
+        a = call.input
+        y = call.apply(a)
         args, kwargs = call.options["args"], call.options["kwargs"]
-        if call.options["positions"] not in ((0,), ("input",)):
-            return y
-        binder = _bind_linear if call.name == "linear" else _bind_conv
-        owner = self.owners.get(id(binder(*args, **kwargs)["weight"]))
-        rule = self.layer_rules.get(owner, "epsilon") if owner is not None else "epsilon"
-        eps = 0.0 if rule == "zero" else self.epsilon
-        return _Epsilon.apply(y, eps) if eps > 0 else y
+        apply = call.apply
+        if call.options["positions"] not in ((0,), ("input",)):  # pragma: no cover - a weight is never "linear"
+            def plain(g: Tensor, t: Sequence[Tensor]) -> Tuple[Tensor]:
+                _, pull = torch.func.vjp(apply, t[1])
+                return (pull(g)[0],)
+            return plain, (y, a), False, None
+        w = (_bind_linear if call.name == "linear" else _bind_conv)(*args, **kwargs)["weight"]
+        owner = self.owners.get(id(w))
+        eps = 0.0 if self.layer_rules.get(owner or "", "epsilon") == "zero" else self.epsilon
+        geometry = _Geometry(call.name, args, kwargs, a.shape)
+        if eps == 0:
+            return (lambda g, t: (geometry.transpose(g, t[1]),)), (y, w), False, None
+        s = y / _stab(y, eps)
+        return (lambda g, t: (geometry.transpose(g * t[2], t[1]),)), (y, w, s), False, None
 
 
+_NORMALISERS = frozenset(("rsqrt", "reciprocal"))
 _ACTIVATION_MODULES = ("transformers.activations", "timm.layers.activations")
 
 
@@ -979,7 +978,13 @@ def _as_activation(args: Any, out: Any) -> Any:
 
 def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, composite: str, layer: Optional[str],
                   epsilon: float, rules: Optional[Mapping[Any, str]]) -> Tensor:
-    """AttnLRP / CP-LRP: the relevance ``value * d score / d value`` with every operation's gradient modified."""
+    """AttnLRP / CP-LRP: the relevance ``value * d score / d value`` with every operation's gradient modified.
+
+    Without outer derivatives (nothing in ``params`` or ``x`` tracked) one forward computes each
+    operation with its rule and one backward gives the map. When ``params`` or ``x`` carry derivatives,
+    a record pass first runs the model with true derivatives and keeps each operation's output and its
+    rule's tensors; the relevance pass returns those (the rule's formula then differentiates correctly).
+    """
     module = module_of(model_fn)
     assert module is not None
     layer_rules: Dict[str, str] = {}
@@ -990,6 +995,7 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
     owners = {id(t): name.rpartition(".")[0] for name, t in params.items() if isinstance(t, Tensor)}
     transform = {name: _as_activation for name in _activation_modules(module)}
     output = _targets.selector(model_fn)
+    linear = ("linear", "conv1d", "conv2d", "conv3d")
     if layer is None:
         step = intermediates(model_fn, layers=(), transform=transform, fn=FN)
 
@@ -1006,13 +1012,26 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
             out, acts = step(params, x)
             return out, acts[layer]
 
-    def total(v: Tensor) -> Tuple[Tensor, Tensor]:
-        handler = _Modified(composite, epsilon, layer_rules, owners)
+    def run(handler: _Rules, v: Tensor) -> Tuple[Any, Tensor, int]:
         try:
-            (out, value), _ = _intercept.run(forward, handler, v, tainted=[v], linear=("linear", "conv1d", "conv2d",
-                                                                                    "conv3d"))
+            (out, value), count = _intercept.run(forward, handler, v, tainted=[v], linear=linear)
         except _intercept.NoRule as err:
             raise _no_rule(err.op, err.detail) from None
+        return out, value, count
+
+    records: Optional[List[Any]] = None
+    count = 0
+    if any(tracked(t) for t in leaves([params, x])):
+        recorder = _Rules("record", composite, epsilon, layer_rules, owners)
+        _, _, count = run(recorder, start)
+        records = recorder.records
+
+    def total(v: Tensor) -> Tuple[Tensor, Tensor]:
+        handler = _Rules("once" if records is None else "replay", composite, epsilon, layer_rules, owners, records)
+        out, value, n = run(handler, v)
+        if records is not None and n != count:
+            raise RuntimeError(_checks.message(FN, f"the relevance pass to make the record pass's {count} calls",
+                                               f"{n} calls", "The model must not branch on its input's values."))
         scores = _targets.resolve(out, target, fn=FN, output=output)
         return scores.sum(), value
 
