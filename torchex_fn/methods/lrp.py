@@ -72,7 +72,8 @@ from torch import Tensor, nn
 
 from ..core import checks as _checks, inputs as _inputs, intercept as _intercept
 from ..core import docs as _docs
-from ..core import targets as _targets
+from ..core import relevance as _relevance, targets as _targets
+from ..core.capture import intermediates, layer_shapes
 from ..core.autodiff import grad_of_sum
 from ..core.types import ModelFn, Params, Target, module_of
 from ..core.arguments import check_call
@@ -574,6 +575,36 @@ class _Recorder:
         return w_merged, b_merged, y * scale.reshape(out_shape) + shift.reshape(out_shape)
 
 
+def _check_layer_options(model_fn: ModelFn, params: Params, x: Tensor, layer: Any, condition: Any
+                         ) -> Tuple[Optional[str], Optional[List[List[int]]], bool]:
+    """``layer=`` / ``condition=``: (the layer to read at or None, the concept groups or None, one concept)."""
+    if layer is not None and condition is not None:
+        raise _checks.value_error(FN, "layer= or condition=, not both", "both",
+                                  "condition= gives input heatmaps of concepts; layer= the relevance at a layer.")
+    if layer is None and condition is None:
+        return None, None, False
+    groups: Optional[List[List[int]]] = None
+    single = False
+    if condition is not None:
+        name, groups, single = _relevance.check_condition(FN, model_fn, condition)
+    else:
+        name = _relevance.check_layer(FN, model_fn, layer)
+    shape, dtype = layer_shapes(model_fn, params, x, (name,), FN)[name]
+    if groups is not None:
+        _relevance.channel_masks(FN, groups, torch.empty((0,) + tuple(shape[1:]), dtype=dtype))
+    return name, groups, single
+
+
+def _at_layer(model_fn: ModelFn, x: Tensor, name: str, value: Tensor, total: Any,
+              groups: Optional[List[List[int]]], single: bool) -> Tensor:
+    """The relevance pass ``total`` read at layer ``name`` (``layer=``) or conditioned there (``condition=``)."""
+    if groups is None:
+        return _relevance.layer_relevance(FN, model_fn, x, name, value, total)
+    masks = _relevance.channel_masks(FN, groups, value)
+    heatmaps = _relevance.conditional_relevance(FN, model_fn, x, name, value, total, masks)
+    return heatmaps[:, 0] if single else heatmaps
+
+
 def _relevance_handler(records: List[_Record]):
     """The relevance pass's handler: the k-th call returns the k-th record's output, with its rule as backward."""
 
@@ -620,10 +651,10 @@ def _leaves_dot(out: Any, cot: Any) -> Any:
 
 
 @_docs.fill
-def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
+def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Any = None,
         composite: str = "epsilon_plus_flat", epsilon: float = 1e-6, gamma: float = 0.25, stabilizer: float = 1e-6,
         low: Any = None, high: Any = None, canonize: bool = True,
-        rules: Optional[Mapping[Any, str]] = None) -> Tensor:
+        rules: Optional[Mapping[Any, str]] = None, condition: Optional[Mapping[Any, Any]] = None) -> Tensor:
     """Layer-wise relevance propagation with one of zennit's composites: relevance per input element.
 
     The relevance entering the network is the target score (captum's convention): for a class
@@ -652,15 +683,31 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
       rules: Optional ``{module name or type: rule}`` overriding the composite for convolution and
         linear modules; rules are ``"epsilon"``, ``"zero"`` (LRP-0), ``"zplus"`` (= ``"alpha1_beta0"``),
         ``"alpha2_beta1"``, ``"gamma"``, ``"flat"``, ``"wsquare"``, ``"zbox"``.
+      layer: Optional layer (dotted name or submodule): return the relevance at its output instead of
+        at ``x`` (captum's ``LayerLRP``), ``[B, *layer output]``: the relevance arriving there from every
+        path after it. Where the rules conserve, it sums to the same total as the input relevance when
+        every path from the input to the output passes through the layer.
+      condition: Optional concept condition (CRP, Achtibat et al. 2023) ``{layer: channels}``: the
+        relevance at ``layer``'s output is masked to the given channels (dimension 1 of the output,
+        zennit-crp's ``ChannelConcept``) and sent on to ``x``. ``channels`` is an int (one concept:
+        ``[B, *input]``), a list or 1-D integer tensor of ``K`` ints (``K`` concepts of one channel
+        each, in one batched call: ``[B, K, *input]``), or a list of ``K`` lists of ints (``K``
+        concept groups, each masking several channels: ``[B, K, *input]``). Only relevance that passes
+        through the layer is counted (zennit-crp's default ``exclude_parallel=True``): the heatmaps of
+        all channels sum to the unconditioned map when every path from the input to the output
+        passes through the layer, and to the map minus what bypasses the layer otherwise (a
+        residual connection around it). One layer per call; not together with ``layer=``.
 
     Returns:
-      ``[B, *input]`` relevance on ``x``'s device and dtype.
+      ``[B, *input]`` relevance on ``x``'s device and dtype; ``[B, *layer output]`` with ``layer=``;
+      ``[B, K, *input]`` with a list of ``K`` concepts in ``condition=``.
 
     Raises:
       TypeError: a ``model_fn`` not built by ``functionalize``; non-float ``x``; a bad ``target``,
         ``low``, ``high`` or option type.
       ValueError: an unknown composite or rule (the known names are listed), missing ``low`` /
-        ``high`` for z-box, a target out of range, NaN in ``x``.
+        ``high`` for z-box, a target out of range, NaN in ``x``, an unknown layer, a condition on
+        more than one layer or with a channel out of range, ``layer=`` and ``condition=`` together.
       NotImplementedError: modules or operations without a rule (named), e.g. layer norm, attention,
         softmax, transposed convolutions, products of two input-dependent tensors.
 
@@ -668,11 +715,16 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
       >>> fn, params = functionalize(resnet.eval())
       >>> lrp(fn, params, images, labels).shape                  # [8, 3, 224, 224] -> [8, 3, 224, 224]
       >>> lrp(fn, params, images, composite="epsilon_gamma_box", low=-3.0, high=3.0)
+      >>> lrp(fn, params, images, labels, layer="layer3").shape                 # [8, 256, 14, 14]
+      >>> lrp(fn, params, images, labels, condition={"layer3": [5, 17]}).shape  # [8, 2, 3, 224, 224]
       >>> torch.func.vmap(lambda p: lrp(fn, p, images, labels))(stacked)   # ensemble [E, 8, 3, 224, 224]
 
     Cost: one forward with the rules' modified forward passes (z-plus: one more convolution per
       layer on non-negative inputs, two otherwise), one backward with their transposes; no
       parameter gradients. Memory: each layer's input and denominators until the backward.
+      ``layer=``: the backward stops at the layer. ``condition=`` with ``K`` concepts: one more
+      backward from the output to the layer, then ``K`` backwards from the layer to ``x`` as one
+      batched (``vmap``) backward.
 
     References:
       Bach, Binder, Montavon, Klauschen, Müller and Samek, "On Pixel-Wise Explanations for Non-Linear
@@ -720,12 +772,16 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
                                   f"low={low!r}, high={high!r}" if not isinstance(low, Tensor) else "a missing bound",
                                   f"composite {composite!r} uses z-box on the first convolution; e.g. for images "
                                   "normalised per channel, low=(0 - mean) / std and high=(1 - mean) / std.")
+    read_at, groups, single = _check_layer_options(model_fn, params, x, layer, condition)
 
     recorder = _Recorder(plan, params, opt)
+    record_fn = model_fn if read_at is None else intermediates(model_fn, layers=[read_at], fn=FN)
     try:
-        out, count = _intercept.run(model_fn, recorder, params, x, tainted=[x], linear=_HANDED)
+        out, count = _intercept.run(record_fn, recorder, params, x, tainted=[x], linear=_HANDED)
     except _intercept.NoRule as err:
         raise _no_rule(err.op, err.detail) from None
+    if read_at is not None:
+        out, acts = out
     recorder.nonneg.clear()
     records = recorder.records
     output = _targets.selector(model_fn)
@@ -741,9 +797,9 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     (cotangent,) = pullback(scores)  # score * d score / d out: the relevance entering the network
     handler = _relevance_handler(records)
 
-    def total(v: Tensor) -> Tensor:
+    def total(v: Tensor, model: Any = model_fn, extra: Sequence[Tensor] = ()) -> Tensor:
         try:
-            out_v, n = _intercept.run(model_fn, handler, params, v, tainted=[v], linear=_HANDED)
+            out_v, n = _intercept.run(model, handler, params, v, tainted=[v, *extra], linear=_HANDED)
         except _intercept.NoRule as err:
             raise _no_rule(err.op, err.detail) from None
         if n != count:
@@ -751,4 +807,6 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
                                                f"{n} calls", "The model must not branch on its input's values."))
         return _leaves_dot(_as_pytree(out_v, choice)[0], cotangent)
 
-    return grad_of_sum(total, x)
+    if read_at is None:
+        return grad_of_sum(total, x)
+    return _at_layer(model_fn, x, read_at, acts[read_at], total, groups, single)
