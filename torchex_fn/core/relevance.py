@@ -146,7 +146,7 @@ def conditional_relevance(fn: str, model_fn: Callable, x: Tensor, name: str, val
         score = run_pass(v, _replaced(model_fn, name, copy, fn, box), (copy,))
         return score, box[name]
 
-    (score, act), pullback = torch.func.vjp(passes, x, value)
+    (score, act), pullback = torch.func.vjp(passes, x, value)  # type: ignore[misc]  # 2 values without has_aux
     zero_score, zero_act = torch.zeros_like(score), torch.zeros_like(act)
     _, relevance = pullback((torch.ones_like(score), zero_act))
     if relevance.shape != act.shape:  # pragma: no cover - replace= checks the shape

@@ -670,6 +670,10 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, 
       {params}
       {x.float}
       {target}
+      layer: Optional layer (dotted name or submodule): return the relevance at its output instead of
+        at ``x`` (captum's ``LayerLRP``), ``[B, *layer output]``: the relevance arriving there from every
+        path after it. Where the rules conserve, it sums to the same total as the input relevance when
+        every path from the input to the output passes through the layer.
       composite: ``"epsilon_plus_flat"`` (default), ``"epsilon_plus"``, ``"epsilon_gamma_box"``,
         ``"epsilon_alpha2_beta1"`` or ``"epsilon_alpha2_beta1_flat"`` (zennit's names and layer maps).
       epsilon: The epsilon rule's stabiliser (linear layers). Default: 1e-6 (zennit's).
@@ -683,10 +687,6 @@ def lrp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, 
       rules: Optional ``{module name or type: rule}`` overriding the composite for convolution and
         linear modules; rules are ``"epsilon"``, ``"zero"`` (LRP-0), ``"zplus"`` (= ``"alpha1_beta0"``),
         ``"alpha2_beta1"``, ``"gamma"``, ``"flat"``, ``"wsquare"``, ``"zbox"``.
-      layer: Optional layer (dotted name or submodule): return the relevance at its output instead of
-        at ``x`` (captum's ``LayerLRP``), ``[B, *layer output]``: the relevance arriving there from every
-        path after it. Where the rules conserve, it sums to the same total as the input relevance when
-        every path from the input to the output passes through the layer.
       condition: Optional concept condition (CRP, Achtibat et al. 2023) ``{layer: channels}``: the
         relevance at ``layer``'s output is masked to the given channels (dimension 1 of the output,
         zennit-crp's ``ChannelConcept``) and sent on to ``x``. ``channels`` is an int (one concept:
