@@ -216,3 +216,19 @@ def test_errors_and_model_untouched():
     tx.lrp(fn, params, x, 0, condition={model[0]: [0, 1]})
     assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_vmap_over_examples_equals_the_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).double().eval()
+    fn, params = tx.functionalize(model)
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for options in ({"layer": "1"}, {"condition": {"0": [0, [1, 2]]}}):
+        batch = tx.lrp(fn, params, x, 1, composite="epsilon_plus", **options)
+        def one(xi, options=options):
+            return tx.lrp(fn, params, xi[None], 1, composite="epsilon_plus", **options)[0]
+
+        mapped = torch.func.vmap(one)(x)
+        torch.testing.assert_close(mapped, batch, rtol=1e-12, atol=1e-15)
+        assert batch.abs().max() > 0
