@@ -6,7 +6,7 @@ This file only hands names on. The package is layered, and imports point down on
 """
 from . import data as datasets
 from . import registry
-from .composite import generation
+from .composite import concepts, generation
 from .composite.classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
 from .composite.generation import continuation_ablation, continuation_attribution, continuation_logprob
 from .composite.runner import Attributions, attribute_dataset, open_attributions
@@ -47,5 +47,5 @@ __all__ = [
     "infidelity", "sensitivity_max",
     "datasets", "metrics", "postprocess", "targets", "text", "viz", "registry",
     "TrainingModeWarning",
-    "generation", "continuation_logprob", "continuation_attribution", "continuation_ablation",
+    "concepts", "generation", "continuation_logprob", "continuation_attribution", "continuation_ablation",
 ]

@@ -72,8 +72,9 @@ from torch import Tensor, nn
 
 from ..core import checks as _checks, inputs as _inputs, intercept as _intercept
 from ..core import docs as _docs
-from ..core import targets as _targets
+from ..core import relevance as _relevance, targets as _targets
 from ..core.autodiff import grad_of_sum, leaves, tracked
+from ..core.env import compiling
 from ..core.capture import intermediates, layer_shapes, resolve_layers
 from ..core.types import ModelFn, Params, Target, module_of
 from ..core.arguments import check_call
@@ -575,6 +576,36 @@ class _Recorder:
         return w_merged, b_merged, y * scale.reshape(out_shape) + shift.reshape(out_shape)
 
 
+def _check_layer_options(model_fn: ModelFn, params: Params, x: Tensor, layer: Any, condition: Any
+                         ) -> Tuple[Optional[str], Optional[List[List[int]]], bool]:
+    """``layer=`` / ``condition=``: (the layer to read at or None, the concept groups or None, one concept)."""
+    if layer is not None and condition is not None:
+        raise _checks.value_error(FN, "layer= or condition=, not both", "both",
+                                  "condition= gives input heatmaps of concepts; layer= the relevance at a layer.")
+    if layer is None and condition is None:
+        return None, None, False
+    groups: Optional[List[List[int]]] = None
+    single = False
+    if condition is not None:
+        name, groups, single = _relevance.check_condition(FN, model_fn, condition)
+    else:
+        name = _relevance.check_layer(FN, model_fn, layer)
+    shape, dtype = layer_shapes(model_fn, params, x, (name,), FN)[name]
+    if groups is not None:
+        _relevance.channel_masks(FN, groups, torch.empty((0,) + tuple(shape[1:]), dtype=dtype))
+    return name, groups, single
+
+
+def _at_layer(model_fn: ModelFn, x: Tensor, name: str, value: Tensor, total: Any,
+              groups: Optional[List[List[int]]], single: bool) -> Tensor:
+    """The relevance pass ``total`` read at layer ``name`` (``layer=``) or conditioned there (``condition=``)."""
+    if groups is None:
+        return _relevance.layer_relevance(FN, model_fn, x, name, value, total)
+    masks = _relevance.channel_masks(FN, groups, value)
+    heatmaps = _relevance.conditional_relevance(FN, model_fn, x, name, value, total, masks)
+    return heatmaps[:, 0] if single else heatmaps
+
+
 def _relevance_handler(records: List[_Record]):
     """The relevance pass's handler: the k-th call returns the k-th record's output, with its rule as backward."""
 
@@ -622,10 +653,11 @@ def _leaves_dot(out: Any, cot: Any) -> Any:
 
 @_docs.fill
 def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, layer: Any = None,
-        composite: str = "epsilon_plus_flat", epsilon: Optional[float] = None, gamma: float = 0.25, stabilizer: float = 1e-6,
+        composite: str = "epsilon_plus_flat", epsilon: Optional[float] = None, gamma: float = 0.25,
+        stabilizer: float = 1e-6,
         low: Any = None, high: Any = None, canonize: bool = True,
-        rules: Optional[Mapping[Any, str]] = None) -> Tensor:
-    """Layer-wise relevance propagation with one of zennit's composites: relevance per input element.
+        rules: Optional[Mapping[Any, str]] = None, condition: Optional[Mapping[Any, Any]] = None) -> Tensor:
+    """Layer-wise relevance propagation: zennit's composites for CNNs, AttnLRP and CP-LRP for transformers.
 
     The relevance entering the network is the target score (captum's convention): for a class
     index ``c`` the output relevance is ``one_hot(c) * out_c``, for a callable target ``s`` it is
@@ -634,15 +666,39 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
     -> 0 without biases, z-plus on non-negative inputs without biases), the map sums to the target
     score per example.
 
+    ``composite="attnlrp"`` (Achtibat et al., ICML 2024) and ``"cp_lrp"`` (Ali et al., ICML 2022) run on
+    every architecture, transformers and language models included, as input x modified gradient (LXT's
+    formulation; equal to LXT 2.1 without patching any class): elementwise non-linearities and
+    activation modules get the identity rule; products of two input-dependent tensors (``QK^T``,
+    ``AV``, gated MLPs) the uniform rule (half the relevance to each); softmax its gradient (AttnLRP's
+    softmax rule, which absorbs relevance like a bias and does not conserve); layer and RMS norms their
+    scale held constant; convolution and linear layers the epsilon rule (default ``epsilon=0``, LXT's);
+    residual sums, embeddings and shape operations pass relevance in proportion. ``"cp_lrp"`` also
+    holds the attention probabilities and the gates of gated units constant, and conserves: with every
+    additive constant zero (biases, position embeddings) the map sums to the target logit. The
+    relevance entering the network is ``out * d score / d out`` (the logit for a class index). Fused
+    attention (SDPA, ``nn.MultiheadAttention``) is decomposed, grouped-query attention included. For
+    token ids pass ``layer=`` the embedding layer: ``lrp(fn, params, {{"input_ids": ids}}, target,
+    composite="attnlrp", layer="model.embed_tokens")`` gives ``[B, T, D]``; ``tx.text.token_scores`` sums it
+    per token. Cost: one forward and one backward (a second forward when ``params`` or ``x`` carry
+    derivatives, so that the map's derivative is exact).
+
     Args:
       model_fn: From ``functionalize(model)``: rules are assigned to its modules by type and name,
         as zennit does. The model must be in eval mode (batch norm with running statistics).
       {params}
-      {x.float}
+      x: Input batch ``[B, *input]`` (float); with ``layer=`` and a transformer composite, token ids or a
+        tokenizer's dict too.
       {target}
+      layer: Optional layer (dotted name or submodule): return the relevance at its output instead of
+        at ``x`` (captum's ``LayerLRP``), ``[B, *layer output]``: the relevance arriving there from every
+        path after it. Where the rules conserve, it sums to the same total as the input relevance when
+        every path from the input to the output passes through the layer.
       composite: ``"epsilon_plus_flat"`` (default), ``"epsilon_plus"``, ``"epsilon_gamma_box"``,
-        ``"epsilon_alpha2_beta1"`` or ``"epsilon_alpha2_beta1_flat"`` (zennit's names and layer maps).
-      epsilon: The epsilon rule's stabiliser (linear layers). Default: 1e-6 (zennit's).
+        ``"epsilon_alpha2_beta1"`` or ``"epsilon_alpha2_beta1_flat"`` (zennit's names and layer maps);
+        ``"attnlrp"`` or ``"cp_lrp"`` (transformers, any architecture; see above).
+      epsilon: The epsilon rule's stabiliser (linear layers). Default: 1e-6 (zennit's) for the zennit
+        composites, 0 (LXT's) for ``"attnlrp"`` and ``"cp_lrp"``.
       gamma: The gamma rule's weight on positive parts. Default: 0.25 (zennit's).
       stabilizer: The stabiliser of every other rule's denominator. Default: 1e-6 (zennit's).
       low: z-box's lower bound of the input (``"epsilon_gamma_box"`` only): a float or a tensor
@@ -652,45 +708,73 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
         sums the norm rule (zennit's ``SequentialMergeBatchNorm`` and ``ResNetCanonizer``). Default: True.
       rules: Optional ``{module name or type: rule}`` overriding the composite for convolution and
         linear modules; rules are ``"epsilon"``, ``"zero"`` (LRP-0), ``"zplus"`` (= ``"alpha1_beta0"``),
-        ``"alpha2_beta1"``, ``"gamma"``, ``"flat"``, ``"wsquare"``, ``"zbox"``.
+        ``"alpha2_beta1"``, ``"gamma"``, ``"flat"``, ``"wsquare"``, ``"zbox"``; with ``"attnlrp"`` /
+        ``"cp_lrp"``: ``"epsilon"`` or ``"zero"``.
+      condition: Optional concept condition (CRP, Achtibat et al. 2023) ``{layer: channels}``: the
+        relevance at ``layer``'s output is masked to the given channels (dimension 1 of the output,
+        zennit-crp's ``ChannelConcept``) and sent on to ``x``. ``channels`` is an int (one concept:
+        ``[B, *input]``), a list or 1-D integer tensor of ``K`` ints (``K`` concepts of one channel
+        each, in one batched call: ``[B, K, *input]``), or a list of ``K`` lists of ints (``K``
+        concept groups, each masking several channels: ``[B, K, *input]``). Only relevance that passes
+        through the layer is counted (zennit-crp's default ``exclude_parallel=True``): the heatmaps of
+        all channels sum to the unconditioned map when every path from the input to the output
+        passes through the layer, and to the map minus what bypasses the layer otherwise (a
+        residual connection around it). One layer per call; not together with ``layer=``; zennit
+        composites only.
 
     Returns:
-      ``[B, *input]`` relevance on ``x``'s device and dtype.
+      ``[B, *input]`` relevance on ``x``'s device and dtype; ``[B, *layer output]`` with ``layer=``;
+      ``[B, K, *input]`` with a list of ``K`` concepts in ``condition=``.
 
     Raises:
       TypeError: a ``model_fn`` not built by ``functionalize``; non-float ``x``; a bad ``target``,
         ``low``, ``high`` or option type.
       ValueError: an unknown composite or rule (the known names are listed), missing ``low`` /
-        ``high`` for z-box, a target out of range, NaN in ``x``.
-      NotImplementedError: modules or operations without a rule (named), e.g. layer norm, attention,
-        softmax, transposed convolutions, products of two input-dependent tensors.
+        ``high`` for z-box, a target out of range, NaN in ``x``, an unknown layer, a condition on
+        more than one layer or with a channel out of range, ``layer=`` and ``condition=`` together.
+      NotImplementedError: modules or operations without a rule (named); for the zennit composites
+        e.g. layer norm, attention, softmax, transposed convolutions, products of two input-dependent
+        tensors (use ``"attnlrp"`` / ``"cp_lrp"`` there).
 
     Example:
       >>> fn, params = functionalize(resnet.eval())
       >>> lrp(fn, params, images, labels).shape                  # [8, 3, 224, 224] -> [8, 3, 224, 224]
       >>> lrp(fn, params, images, composite="epsilon_gamma_box", low=-3.0, high=3.0)
+      >>> lrp(fn, params, images, labels, layer="layer3").shape                 # [8, 256, 14, 14]
+      >>> lrp(fn, params, images, labels, condition={"layer3": [5, 17]}).shape  # [8, 2, 3, 224, 224]
+      >>> fn, params = functionalize(llama.eval(), output=lambda o: o.logits[:, -1])
+      >>> lrp(fn, params, {"input_ids": ids}, composite="attnlrp", layer="model.embed_tokens").shape  # [B, T, D]
       >>> torch.func.vmap(lambda p: lrp(fn, p, images, labels))(stacked)   # ensemble [E, 8, 3, 224, 224]
 
     Cost: one forward with the rules' modified forward passes (z-plus: one more convolution per
       layer on non-negative inputs, two otherwise), one backward with their transposes; no
       parameter gradients. Memory: each layer's input and denominators until the backward.
+      ``layer=``: the backward stops at the layer. ``condition=`` with ``K`` concepts: one more
+      backward from the output to the layer, then ``K`` backwards from the layer to ``x`` as one
+      batched (``vmap``) backward.
 
     References:
       Bach, Binder, Montavon, Klauschen, Müller and Samek, "On Pixel-Wise Explanations for Non-Linear
       Classifier Decisions by Layer-Wise Relevance Propagation", PLoS ONE 2015.
       Montavon, Binder, Lapuschkin, Samek and Müller, "Layer-Wise Relevance Propagation: An
       Overview", in Explainable AI, LNCS 11700, 2019.
+      Achtibat, Hatefi, Dreyer, Jain, Wiegand, Lapuschkin and Samek, "AttnLRP: Attention-Aware
+      Layer-Wise Relevance Propagation for Transformers", ICML 2024.
+      Ali, Schnake, Eberle, Montavon, Müller and Wolf, "XAI for Transformers: Better Explanations
+      through Conservative Propagation", ICML 2022.
       Anders, Neumann, Samek, Müller and Lapuschkin, "Software for Dataset-wide XAI: From Local
       Explanations to Global Insights with Zennit, CoRelAy, and ViRelAy", 2021 (the composites).
     """
     transformer = isinstance(composite, str) and composite in TRANSFORMER_COMPOSITES
     check_call(FN, model_fn, params, x, target, layer=layer, layer_option=transformer)
     if transformer:
+        if condition is not None:
+            raise _checks.value_error(FN, "condition= with a zennit composite (concept relevance on CNNs)",
+                                      f"condition with composite={composite!r}",
+                                      "Concept conditions are implemented for the CNN composites only; read the "
+                                      "relevance at the layer with layer= instead.")
         return _lrp_transformer(model_fn, params, x, target, composite=composite, layer=layer, epsilon=epsilon,
                                 rules=rules)
-    if layer is not None:
-        raise _checks.value_error(FN, f"layer= with a transformer composite ({', '.join(TRANSFORMER_COMPOSITES)})",
-                                  f"layer={layer!r} with composite={composite!r}")
     if not isinstance(x, Tensor):
         raise _checks.type_error(FN, "x, a floating-point tensor [B, *input]", _checks.describe(x),
                                  "LRP follows one input tensor through the model; a dict of inputs is not supported.")
@@ -703,7 +787,8 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
     if not isinstance(composite, str):
         raise _checks.type_error(FN, f"composite, one of {', '.join(COMPOSITES)}", _checks.describe(composite))
     if composite not in COMPOSITES:
-        raise _checks.value_error(FN, f"composite one of {', '.join(repr(c) for c in (*COMPOSITES, *TRANSFORMER_COMPOSITES))}",
+        listed = ", ".join(repr(c) for c in (*COMPOSITES, *TRANSFORMER_COMPOSITES))
+        raise _checks.value_error(FN, f"composite one of {listed}",
                                   _checks.describe(composite))
     _checks.check_bool(FN, "canonize", canonize)
     opt = _Options(_check_float("epsilon", 1e-6 if epsilon is None else epsilon), _check_float("gamma", gamma),
@@ -728,12 +813,16 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
                                   f"low={low!r}, high={high!r}" if not isinstance(low, Tensor) else "a missing bound",
                                   f"composite {composite!r} uses z-box on the first convolution; e.g. for images "
                                   "normalised per channel, low=(0 - mean) / std and high=(1 - mean) / std.")
+    read_at, groups, single = _check_layer_options(model_fn, params, x, layer, condition)
 
     recorder = _Recorder(plan, params, opt)
+    record_fn = model_fn if read_at is None else intermediates(model_fn, layers=[read_at], fn=FN)
     try:
-        out, count = _intercept.run(model_fn, recorder, params, x, tainted=[x], linear=_HANDED)
+        out, count = _intercept.run(record_fn, recorder, params, x, tainted=[x], linear=_HANDED)
     except _intercept.NoRule as err:
         raise _no_rule(err.op, err.detail) from None
+    if read_at is not None:
+        out, acts = out
     recorder.nonneg.clear()
     records = recorder.records
     output = _targets.selector(model_fn)
@@ -749,9 +838,9 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
     (cotangent,) = pullback(scores)  # score * d score / d out: the relevance entering the network
     handler = _relevance_handler(records)
 
-    def total(v: Tensor) -> Tensor:
+    def total(v: Tensor, model: Any = model_fn, extra: Sequence[Tensor] = ()) -> Tensor:
         try:
-            out_v, n = _intercept.run(model_fn, handler, params, v, tainted=[v], linear=_HANDED)
+            out_v, n = _intercept.run(model, handler, params, v, tainted=[v, *extra], linear=_HANDED)
         except _intercept.NoRule as err:
             raise _no_rule(err.op, err.detail) from None
         if n != count:
@@ -759,7 +848,9 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
                                                f"{n} calls", "The model must not branch on its input's values."))
         return _leaves_dot(_as_pytree(out_v, choice)[0], cotangent)
 
-    return grad_of_sum(total, x)
+    if read_at is None:
+        return grad_of_sum(total, x)
+    return _at_layer(model_fn, x, read_at, acts[read_at], total, groups, single)
 
 
 # --------------------------------------------------------------------------------------------
@@ -814,8 +905,9 @@ def _product_vjp(name: str, apply: Any, a: Tensor, b: Tensor, g: Tensor) -> Tupl
         return _sum_to(g * b, a.shape), _sum_to(g * a, b.shape)
     if name == "matmul" and a.ndim >= 2 and b.ndim >= 2:
         return _sum_to(g @ b.mT, a.shape), _sum_to(a.mT @ g, b.shape)
-    _, pull = torch.func.vjp(apply, a, b)
-    return pull(g)
+    _, pull = torch.func.vjp(apply, a, b)  # type: ignore[misc]  # 2 values without has_aux
+    ga, gb = pull(g)
+    return ga, gb
 
 
 class _Rules:
@@ -865,9 +957,8 @@ class _Rules:
         out = _Modified.apply(rule, len(inputs), *inputs, *tensors)
         if extra is not None:  # max pooling's indices
             out = (out, extra)
-        if self.role == "once":
-            (self.normalisers if call.kind == "elementwise" and call.name in _NORMALISERS
-             else self.activations if call.kind in ("elementwise", "activation") else {})[id(out)] = out
+        if self.role == "once" and isinstance(out, Tensor):
+            self._remember(out, call.kind, call.name)
         return _intercept.Held(out) if held else out
 
     def _remember(self, out: Tensor, kind: str, name: str) -> None:
@@ -883,10 +974,10 @@ class _Rules:
         if kind in ("elementwise", "activation"):
             z = call.inputs[0]
             y = call.apply(z) if kind == "elementwise" else call.inputs[1]
-            ratio = y / _stab(z, max(_TINY, torch.finfo(z.dtype).tiny))
-            shape = z.shape
+            shape, tiny = z.shape, max(_TINY, torch.finfo(z.dtype).tiny)
             self._remember(y, kind, call.name)  # the record pass's output stands for the replayed one
-            return (lambda g, t: (_sum_to(g * t[1], shape),)), (y, ratio), False, None
+            # y / z, with z = 0 read as the smallest normal number (adding it changes no other z)
+            return (lambda g, t: (_sum_to(g * t[0] / torch.where(t[1] == 0, tiny, t[1]), shape),)), (y, z), False, None
         if kind == "softmax":
             y = call.apply(call.input)
             if self.cp:
@@ -899,7 +990,7 @@ class _Rules:
             apply = call.apply
 
             def pool(g: Tensor, t: Sequence[Tensor]) -> Tuple[Tensor]:
-                _, pull = torch.func.vjp(lambda u: apply(u)[0], t[1])
+                _, pull = torch.func.vjp(lambda u: apply(u)[0], t[1])  # type: ignore[misc]
                 return (pull(g)[0],)
             return pool, (y, z), False, (idx if call.options["return_indices"] else None)
         if kind == "scale":
@@ -923,7 +1014,7 @@ class _Rules:
         if held[0] or held[1]:
             keep = 1 if held[0] else 0
         elif name == "mul":
-            for i, (mine, other) in enumerate(((a, b), (b, a))):  # x * rsqrt(var), x / std
+            for i, (mine, other) in enumerate(((a, b), (b, a))):  # type: Tuple[int, Tuple[Tensor, Tensor]]  # x * rsqrt(var), x / std
                 if self._is(self.normalisers, other) and other.numel() < mine.numel():
                     keep = i
             if keep is None and self.cp and self._is(self.activations, a) != self._is(self.activations, b):
@@ -942,7 +1033,7 @@ class _Rules:
         apply = call.apply
         if call.options["positions"] not in ((0,), ("input",)):  # pragma: no cover - a weight is never "linear"
             def plain(g: Tensor, t: Sequence[Tensor]) -> Tuple[Tensor]:
-                _, pull = torch.func.vjp(apply, t[1])
+                _, pull = torch.func.vjp(apply, t[1])  # type: ignore[misc]
                 return (pull(g)[0],)
             return plain, (y, a), False, None
         w = (_bind_linear if call.name == "linear" else _bind_conv)(*args, **kwargs)["weight"]
@@ -995,7 +1086,8 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
     owners = {id(t): name.rpartition(".")[0] for name, t in params.items() if isinstance(t, Tensor)}
     transform = {name: _as_activation for name in _activation_modules(module)}
     output = _targets.selector(model_fn)
-    linear = ("linear", "conv1d", "conv2d", "conv3d")
+    # with epsilon 0 every layer's rule is its gradient: nothing to hand over
+    linear = ("linear", "conv1d", "conv2d", "conv3d") if epsilon > 0 else ()
     if layer is None:
         step = intermediates(model_fn, layers=(), transform=transform, fn=FN)
 
@@ -1021,7 +1113,16 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
 
     records: Optional[List[Any]] = None
     count = 0
-    if any(tracked(t) for t in leaves([params, x])):
+    outer = any(tracked(t) for t in leaves([params, x]))
+    if not outer and not torch._C._are_functorch_transforms_active() and not compiling():
+        # nothing asks for derivatives of the map: one forward and one backward of plain autograd
+        leaf = start.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out, value, _ = run(_Rules("once", composite, epsilon, layer_rules, owners), leaf)
+            scores = _targets.resolve(out, target, fn=FN, output=output)
+            (g,) = torch.autograd.grad(scores.sum(), leaf, allow_unused=True)
+        return value.detach() * g if g is not None else torch.zeros_like(value.detach())
+    if outer:
         recorder = _Rules("record", composite, epsilon, layer_rules, owners)
         _, _, count = run(recorder, start)
         records = recorder.records
