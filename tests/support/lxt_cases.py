@@ -52,7 +52,7 @@ class LxtCase:
     conservation: Dict[str, torch.Tensor] = field(default_factory=dict)  # float64, zero biases (README)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _file(family: str) -> Dict[str, Any]:
     return torch.load(os.path.join(REFERENCE_DIR, f"{family}.pt"), weights_only=False)
 
