@@ -62,7 +62,8 @@ HF_CONFIGS: Dict[str, Tuple[str, str, Dict[str, Any]]] = {
         num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=False,
         use_sliding_window=False)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
-        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2)),
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2,
+        bos_token_id=0, eos_token_id=0)),  # inside the vocabulary (transformers 5.x logs otherwise)
     "bert": ("BertConfig", "BertForSequenceClassification", dict(
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=64, type_vocab_size=2, num_labels=3, initializer_range=0.2)),
