@@ -94,11 +94,12 @@ def load_case(name: str, dtype: torch.dtype = torch.float32) -> LxtCase:
 
 def plain_logits(case: LxtCase) -> torch.Tensor:
     """The rebuilt model's logits, computed the way the reference did (``inputs_embeds=`` for text)."""
+    model: Any = case.model   # a HuggingFace model (get_input_embeddings) or the ViT
     with torch.no_grad():
         if case.family == "vit":
-            return case.model(case.inputs)
-        emb = case.model.get_input_embeddings()(case.inputs["input_ids"])
-        return case.model(inputs_embeds=emb).logits
+            return model(case.inputs)
+        emb = model.get_input_embeddings()(case.inputs["input_ids"])
+        return model(inputs_embeds=emb).logits
 
 
 def target_logit(case: LxtCase, logits: torch.Tensor) -> torch.Tensor:
