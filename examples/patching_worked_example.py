@@ -15,8 +15,9 @@
 
 What it shows: the name at position 1 matters in the embeddings only; after block 0 only the last
 position carries it, so block 0's attention (one head above all) moved it there: the responsible
-layer and position. AtP ranks the cells as activation patching does, though it underestimates the
-largest effect (the softmax of the answer saturates: a first-order estimate).
+layer and position. AtP ranks the cells by size as activation patching does (Spearman of ``|effect|``, the
+ranking Kramár et al. use to pick the nodes to verify), though it underestimates the largest effects (a
+first-order estimate of saturated changes) and the signs of the tiny cells are noise.
 """
 from __future__ import annotations
 
@@ -43,9 +44,9 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
-def show(title: str, rows: list, table: torch.Tensor) -> None:
+def show(title: str, rows: list, table: torch.Tensor, column: str = "pos") -> None:
     print(title)
-    print("            " + "".join(f"{f'pos {t}':>9}" for t in range(table.shape[1])))
+    print("            " + "".join(f"{f'{column} {t}':>9}" for t in range(table.shape[1])))
     for name, row in zip(rows, table):
         print(f"  {name:<10}" + "".join(f"{v:9.2f}" for v in row.tolist()))
 
@@ -89,17 +90,15 @@ def main() -> None:
              rows, patched)
         show(f"{title}: attribution patching (AtP)  [{t_atp * 1e3:.0f} ms]", rows, atp)
         layer, position = divmod(int(patched.argmin()), patched.shape[1])
-        print(f"largest effect: {rows[layer]} at position {position}; "
-              f"Spearman(activation patching, AtP) = {spearman(patched, atp):.3f}")
+        print(f"largest effect: {rows[layer]} at position {position}; Spearman(activation patching, AtP): "
+              f"of the sizes |.| {spearman(patched.abs(), atp.abs()):.3f}, signed {spearman(patched, atp):.3f}")
 
     heads = ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
     patched = tx.activation_patching(fn, params, clean, corrupt, metric, layers=heads, heads=4, positions=[-1]) - base
     atp = tx.attribution_patching(fn, params, clean, corrupt, metric, layers=heads, heads=4, positions=[-1])
     print()
-    show("per head at the last position: activation patching", ["attn 0", "attn 1"],
-         patched[:, 0])
-    show("per head at the last position: AtP", ["attn 0", "attn 1"], atp[:, 0])
-    print("(columns are heads here)")
+    show("per head at the last position: activation patching", ["attn 0", "attn 1"], patched[:, 0], "head")
+    show("per head at the last position: AtP", ["attn 0", "attn 1"], atp[:, 0], "head")
 
     many = tx.datasets.name_task(32, seed=3, repeat="first")
     metric = tx.patching.logit_difference(many.answer, many.corrupt_answer)
@@ -109,9 +108,13 @@ def main() -> None:
     patched = tx.activation_patching(fn, params, many.clean, many.corrupt, metric, layers=layers,
                                      batch_size=64) - base_many[:, None, None]
     atp = tx.attribution_patching(fn, params, many.clean, many.corrupt, metric, layers=layers)
-    each = torch.tensor([spearman(p, a) for p, a in zip(patched, atp)])
-    print(f"\n32 prompts, all 7 layers x 8 positions: Spearman per prompt median {float(each.median()):.3f}, "
-          f"min {float(each.min()):.3f}; of the mean tables {spearman(patched.mean(0), atp.mean(0)):.3f}")
+    sizes = torch.tensor([spearman(p.abs(), a.abs()) for p, a in zip(patched, atp)])
+    signed = torch.tensor([spearman(p, a) for p, a in zip(patched, atp)])
+    print(f"\n32 prompts, all 7 layers x 8 positions, Spearman(activation patching, AtP) per prompt:\n"
+          f"  of the sizes |.|: median {float(sizes.median()):.3f}, min {float(sizes.min()):.3f}; "
+          f"of the mean tables {spearman(patched.abs().mean(0), atp.abs().mean(0)):.3f}\n"
+          f"  signed:           median {float(signed.median()):.3f}, min {float(signed.min()):.3f} "
+          "(the cells below 1 % of the flip have AtP's sign at random)")
 
 
 if __name__ == "__main__":
