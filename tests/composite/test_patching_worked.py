@@ -67,7 +67,7 @@ def test_activation_patching_finds_the_layer_and_atp_agrees(trained):
     # so block 0's attention moved it: its output at the last position carries (nearly) all of it
     assert share[3, 7] > 0.9 and share[3:].flatten().argmax() == 7
     # AtP ranks the cells by size as activation patching does (Spearman >= 0.8 per prompt and on the
-    # mean table); measured: median 0.99, minimum 0.95 over the 16 prompts
+    # mean table); measured: median 0.987, minimum 0.936 over the 16 prompts, 0.986 on the mean table
     per_prompt = torch.tensor([_spearman(e.abs(), a.abs()) for e, a in zip(effect, atp)])
     assert per_prompt.min() >= 0.8, per_prompt
     assert _spearman(effect.abs().mean(0), atp.abs().mean(0)) >= 0.9
