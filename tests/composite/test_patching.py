@@ -367,3 +367,31 @@ def test_unchanged_cells_are_not_recomputed():
     for t in (1, 2):                                                          # two variants of 2 rows: 4 rows
         ref = _hand_metric(_hand(params, clean, ("h", t, torch.tanh(corrupt @ params["w1"]))))[0] + 4 * 1e-3 * 4
         assert abs(float(table[0, 0, t] - ref)) <= 1e-12
+
+
+def test_llama_heads_through_o_proj_equal_explicit_forwards():
+    """Grouped-query attention (4 query heads, 2 key/value heads): o_proj's input holds the 4 query heads."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                   attn_implementation="eager", initializer_range=0.2)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    fn, params = tx.functionalize(model)
+    clean, corrupt, answer, wrong = _inputs()
+    metric = patching.logit_difference(answer, wrong)
+    name = "model.layers.1.self_attn.o_proj"
+    heads = tx.activation_patching(fn, params, clean, corrupt, metric, layers=[name], heads=4, positions=[3, 5])
+    z_corrupt = _input_of(model, name, corrupt)
+    for j, t in enumerate((3, 5)):
+        for h in range(4):
+            def pre_hook(m, args, t=t, h=h):
+                z = args[0].clone()
+                z[:, t, h * 8:(h + 1) * 8] = z_corrupt[:, t, h * 8:(h + 1) * 8]
+                return (z,)
+            handle = model.get_submodule(name).register_forward_pre_hook(pre_hook)
+            with torch.no_grad():
+                ref = _metric_ref(model(clean).logits, answer, wrong)
+            handle.remove()
+            assert (heads[:, 0, j, h] - ref).abs().max() <= 1e-6
+    with torch.no_grad():
+        assert (heads - metric(model(clean))[:, None, None, None]).abs().max() > 1e-3
