@@ -4,7 +4,7 @@
 
 1. Trains a 2-block GPT-2 (n_embd 64, 4 heads; HuggingFace ``GPT2LMHeadModel``, random initialisation)
    for 300 steps on the package's name task (``tx.datasets.name_task``): prompts ``A B f f f f f X``
-   whose answer is the name that ``X`` does not repeat. A few seconds on one CPU core.
+   whose answer is the name that ``X`` does not repeat. 5-15 s on one core of a shared 2-core CPU.
 2. Takes a clean prompt ``A B .. A`` (answer ``B``) and its corruption ``A C .. A`` (answer ``C``), and
    the metric ``logit(B) - logit(C)`` at the last position.
 3. Patches every layer's output at every position with its corrupt value (``tx.activation_patching``,
