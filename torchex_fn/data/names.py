@@ -88,9 +88,16 @@ def train_name_model(*, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, len
     the defaults (300 Adam steps of 64 prompts) took 5-15 s on a shared 2-core CPU and reach full accuracy.
 
     Args:
-      n_layer: Transformer blocks. n_embd: Width. n_head: Attention heads.
-      length: Prompt length. names: Name tokens. fillers: Filler tokens (see :func:`name_task`).
-      steps: Optimiser steps. batch: Prompts a step. lr: AdamW's learning rate. seed: The seed.
+      n_layer: Transformer blocks.
+      n_embd: The width.
+      n_head: Attention heads.
+      length: The prompt length (see :func:`name_task`).
+      names: Name tokens.
+      fillers: Filler tokens.
+      steps: Optimiser steps.
+      batch: Prompts a step.
+      lr: AdamW's learning rate.
+      seed: The seed of the initialisation and of the data.
 
     Returns:
       The trained ``transformers.GPT2LMHeadModel`` in eval mode (eager attention, no dropout).
