@@ -6,9 +6,10 @@ This file only hands names on. The package is layered, and imports point down on
 """
 from . import data as datasets
 from . import registry
-from .composite import concepts, generation
+from .composite import concepts, generation, patching
 from .composite.classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
 from .composite.generation import continuation_ablation, continuation_attribution, continuation_logprob
+from .composite.patching import activation_patching, attribution_patching
 from .composite.runner import Attributions, attribute_dataset, open_attributions
 from .core import targets
 from .core.capture import capture, intermediates, layer_gradients, tap
@@ -48,4 +49,5 @@ __all__ = [
     "datasets", "metrics", "postprocess", "targets", "text", "viz", "registry",
     "TrainingModeWarning",
     "concepts", "generation", "continuation_logprob", "continuation_attribution", "continuation_ablation",
+    "patching", "activation_patching", "attribution_patching",
 ]
