@@ -426,3 +426,21 @@ def test_errors():
     with pytest.raises(ValueError, match="unknown|not a layer|lrp"):
         tx.lrp(fn, params, x, 0, composite="cp_lrp", layer="nope")
     assert math.isfinite(float(tx.lrp(fn, params, x, 0, composite="cp_lrp", layer="norm2").sum()))
+
+
+@pytest.mark.parametrize("rule", ["gamma", "zplus", "alpha2_beta1"])
+def test_zennit_rules_in_gradient_form_equal_the_zennit_path(rule):
+    """zennit's layer rules combine with the transformer composites (LXT recommends gamma on a ViT's
+    linear layers): on a network of convolutions, ReLU, max pooling and linear layers, where both paths
+    apply, ``attnlrp`` with ``rules=`` equals the zennit composite with the same rules."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 3, stride=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    fn, params = tx.functionalize(model)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    target = torch.tensor([0, 2])
+    rules = {nn.Conv2d: rule, "6": rule, "8": "epsilon"}
+    zennit_path = tx.lrp(fn, params, x, target, composite="epsilon_plus", rules=rules, canonize=False)
+    ours = tx.lrp(fn, params, x, target, composite="attnlrp", rules=rules, epsilon=1e-6)
+    torch.testing.assert_close(ours, zennit_path, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(ours, tx.lrp(fn, params, x, target, composite="attnlrp", epsilon=1e-6))

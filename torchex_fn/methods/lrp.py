@@ -327,7 +327,10 @@ class _Terms:
         self.layout.append((coef, inp is not None, w is not None, tuple(w_shape) if w_shape is not None else None))
         self.tensors += [t for t in (inp, w) if t is not None] + [s]
 
-    def relevance(self, g: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    def relevance(self, g: Tensor, tensors: Sequence[Tensor], gradient: bool = False) -> Tensor:
+        """``R_in`` from ``R = g``; with ``gradient``, ``R_in / a``: each term's input factor (``a``, ``a+`` or
+        ``a-``) replaced by where it is non-zero (the rule in input x gradient form; inputs other than
+        ``a`` and its parts have no such form)."""
         total: Optional[Tensor] = None
         it = iter(tensors)
         for coef, has_inp, has_w, w_shape in self.layout:
@@ -337,7 +340,7 @@ class _Terms:
             gs = g * s
             back = (self.geometry.transpose(gs, w) if w is not None
                     else self.geometry.transpose_ones(gs, w_shape))  # type: ignore[arg-type]  # set without w
-            term = back if inp is None else inp * back
+            term = back if inp is None else ((inp != 0).to(back.dtype) if gradient else inp) * back
             term = term if coef == 1 else coef * term
             total = term if total is None else total + term
         assert total is not None  # every layer adds at least one term
@@ -709,7 +712,9 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
       rules: Optional ``{module name or type: rule}`` overriding the composite for convolution and
         linear modules; rules are ``"epsilon"``, ``"zero"`` (LRP-0), ``"zplus"`` (= ``"alpha1_beta0"``),
         ``"alpha2_beta1"``, ``"gamma"``, ``"flat"``, ``"wsquare"``, ``"zbox"``; with ``"attnlrp"`` /
-        ``"cp_lrp"``: ``"epsilon"`` or ``"zero"``.
+        ``"cp_lrp"`` (which give every layer the epsilon rule): ``"epsilon"``, ``"zero"``, ``"gamma"``,
+        ``"zplus"``, ``"alpha2_beta1"``, e.g. ``rules={nn.Linear: "gamma"}`` on a ViT as LXT recommends
+        (``"flat"``, ``"wsquare"`` and ``"zbox"`` give relevance that is not the input times a gradient).
       condition: Optional concept condition (CRP, Achtibat et al. 2023) ``{layer: channels}``: the
         relevance at ``layer``'s output is masked to the given channels (dimension 1 of the output,
         zennit-crp's ``ChannelConcept``) and sent on to ``x``. ``channels`` is an int (one concept:
@@ -774,7 +779,7 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
                                       "Concept conditions are implemented for the CNN composites only; read the "
                                       "relevance at the layer with layer= instead.")
         return _lrp_transformer(model_fn, params, x, target, composite=composite, layer=layer, epsilon=epsilon,
-                                rules=rules)
+                                gamma=gamma, stabilizer=stabilizer, rules=rules)
     if not isinstance(x, Tensor):
         raise _checks.type_error(FN, "x, a floating-point tensor [B, *input]", _checks.describe(x),
                                  "LRP follows one input tensor through the model; a dict of inputs is not supported.")
@@ -930,9 +935,10 @@ class _Rules:
       embeddings), which shares relevance in proportion to each input's contribution.
     """
 
-    def __init__(self, role: str, composite: str, epsilon: float, layer_rules: Mapping[str, str],
+    def __init__(self, role: str, composite: str, options: _Options, layer_rules: Mapping[str, str],
                  owners: Mapping[int, str], records: Optional[List[Any]] = None):
-        self.role, self.cp, self.epsilon = role, composite == "cp_lrp", epsilon
+        self.role, self.cp, self.options = role, composite == "cp_lrp", options
+        self.epsilon = options.epsilon
         self.layer_rules, self.owners = layer_rules, owners
         self.records: List[Any] = [] if records is None else records
         self.normalisers: Dict[int, Tensor] = {}
@@ -1036,10 +1042,17 @@ class _Rules:
                 _, pull = torch.func.vjp(apply, t[1])  # type: ignore[misc]
                 return (pull(g)[0],)
             return plain, (y, a), False, None
-        w = (_bind_linear if call.name == "linear" else _bind_conv)(*args, **kwargs)["weight"]
+        bound = (_bind_linear if call.name == "linear" else _bind_conv)(*args, **kwargs)
+        w = bound["weight"]
         owner = self.owners.get(id(w))
-        eps = 0.0 if self.layer_rules.get(owner or "", "epsilon") == "zero" else self.epsilon
+        rule = self.layer_rules.get(owner or "", "epsilon")
+        eps = 0.0 if rule == "zero" else self.epsilon
         geometry = _Geometry(call.name, args, kwargs, a.shape)
+        if rule not in ("epsilon", "zero"):  # zennit's rules, in input x gradient form: R = z g at the output
+            terms = _layer_terms(rule, geometry, a, w, bound["bias"], y, False, self.options)
+            n = len(terms.tensors)
+            return ((lambda g, t: (terms.relevance(t[0] * g, t[1:1 + n], gradient=True),)), (y, *terms.tensors), False,
+                    None)
         if eps == 0:
             return (lambda g, t: (geometry.transpose(g, t[1]),)), (y, w), False, None
         s = y / _stab(y, eps)
@@ -1068,7 +1081,7 @@ def _as_activation(args: Any, out: Any) -> Any:
 
 
 def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, composite: str, layer: Optional[str],
-                  epsilon: float, rules: Optional[Mapping[Any, str]]) -> Tensor:
+                  epsilon: float, gamma: float, stabilizer: float, rules: Optional[Mapping[Any, str]]) -> Tensor:
     """AttnLRP / CP-LRP: the relevance ``value * d score / d value`` with every operation's gradient modified.
 
     Without outer derivatives (nothing in ``params`` or ``x`` tracked) one forward computes each
@@ -1086,8 +1099,9 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
     owners = {id(t): name.rpartition(".")[0] for name, t in params.items() if isinstance(t, Tensor)}
     transform = {name: _as_activation for name in _activation_modules(module)}
     output = _targets.selector(model_fn)
-    # with epsilon 0 every layer's rule is its gradient: nothing to hand over
-    linear = ("linear", "conv1d", "conv2d", "conv3d") if epsilon > 0 else ()
+    # with epsilon 0 and no rule of zennit's, every layer's rule is its gradient: nothing to hand over
+    linear = ("linear", "conv1d", "conv2d", "conv3d") if epsilon > 0 or layer_rules else ()
+    options = _Options(epsilon, gamma, stabilizer, None, None)
     if layer is None:
         step = intermediates(model_fn, layers=(), transform=transform, fn=FN)
 
@@ -1118,17 +1132,17 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
         # nothing asks for derivatives of the map: one forward and one backward of plain autograd
         leaf = start.detach().requires_grad_(True)
         with torch.enable_grad():
-            out, value, _ = run(_Rules("once", composite, epsilon, layer_rules, owners), leaf)
+            out, value, _ = run(_Rules("once", composite, options, layer_rules, owners), leaf)
             scores = _targets.resolve(out, target, fn=FN, output=output)
             (g,) = torch.autograd.grad(scores.sum(), leaf, allow_unused=True)
         return value.detach() * g if g is not None else torch.zeros_like(value.detach())
     if outer:
-        recorder = _Rules("record", composite, epsilon, layer_rules, owners)
+        recorder = _Rules("record", composite, options, layer_rules, owners)
         _, _, count = run(recorder, start)
         records = recorder.records
 
     def total(v: Tensor) -> Tuple[Tensor, Tensor]:
-        handler = _Rules("once" if records is None else "replay", composite, epsilon, layer_rules, owners, records)
+        handler = _Rules("once" if records is None else "replay", composite, options, layer_rules, owners, records)
         out, value, n = run(handler, v)
         if records is not None and n != count:
             raise RuntimeError(_checks.message(FN, f"the relevance pass to make the record pass's {count} calls",
@@ -1140,11 +1154,12 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
     return value * grads
 
 
-_GRADIENT_FORM_RULES = ("epsilon", "zero")
+_GRADIENT_FORM_RULES = ("epsilon", "zero", "zplus", "alpha1_beta0", "alpha2_beta1", "gamma")
 
 
 def _lrp_transformer(model_fn: ModelFn, params: Params, x: Any, target: Target, *, composite: str, layer: Any,
-                     epsilon: Optional[float], rules: Optional[Mapping[Any, str]]) -> Tensor:
+                     epsilon: Optional[float], gamma: float, stabilizer: float,
+                     rules: Optional[Mapping[Any, str]]) -> Tensor:
     """Checks for the transformer composites, then :func:`_modified_lrp`."""
     module = module_of(model_fn)
     if module is None:
@@ -1177,4 +1192,7 @@ def _lrp_transformer(model_fn: ModelFn, params: Params, x: Any, target: Target, 
         raise _checks.value_error(FN, "layer= for a dict x (e.g. the token embeddings)", "layer=None",
                                   "Relevance is read at a floating-point tensor: name the embedding layer, e.g. "
                                   "layer='model.embed_tokens'.")
-    return _modified_lrp(model_fn, params, x, target, composite=composite, layer=name, epsilon=eps, rules=rules)
+    rules = None if rules is None else {k: ("zplus" if r == "alpha1_beta0" else r) for k, r in rules.items()}
+    return _modified_lrp(model_fn, params, x, target, composite=composite, layer=name, epsilon=eps,
+                         gamma=_check_float("gamma", gamma), stabilizer=_check_float("stabilizer", stabilizer),
+                         rules=rules)
