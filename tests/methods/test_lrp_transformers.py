@@ -418,7 +418,7 @@ def test_model_left_as_it_was(composite):
 def test_errors():
     _, fn, params, x = _block()
     with pytest.raises(ValueError, match="lrp.*rule in rules for composite 'attnlrp'"):
-        tx.lrp(fn, params, x, 0, composite="attnlrp", rules={"up": "gamma"})
+        tx.lrp(fn, params, x, 0, composite="attnlrp", rules={"up": "flat"})
     with pytest.raises(ValueError, match="lrp.*layer="):
         tx.lrp(fn, params, {"input_ids": torch.zeros(2, 3, dtype=torch.long)}, 0, composite="attnlrp")
     with pytest.raises(ValueError, match="lrp.*composite one of .*'attnlrp', 'cp_lrp'"):
