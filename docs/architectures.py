@@ -4,6 +4,7 @@ Run from the repository root (about 10-20 minutes on 2 CPU cores):
 
     python docs/architectures.py            # all architectures whose package is installed
     python docs/architectures.py tv/swin_t  # some of them, printed only
+    python docs/architectures.py --columns "lrp attnlrp,lrp cp_lrp"   # (re)compute these columns only
 
 The models are those of ``tests/support/zoo.py`` (random weights, small inputs, batch 2), called as a user
 would: images as tensors, the HuggingFace text models with a tokenizer's dict of token ids and the
@@ -90,6 +91,8 @@ def _case(arch, model, fn, params, x, y) -> Dict[str, Callable[[], Any]]:
         "grad_rollout": lambda: tx.grad_rollout(fn, params, x, y, **att),
         "legrad": (lambda: tx.legrad(fn, params, x, y, blocks=list(arch.blocks), head=arch.head, **att))
         if arch.blocks else None,
+        "lrp attnlrp": lambda: tx.lrp(fn, params, x, y, composite="attnlrp", **lay),
+        "lrp cp_lrp": lambda: tx.lrp(fn, params, x, y, composite="cp_lrp", **lay),
         "vmap ensemble": ensemble,
         "grad of grad_cam": meta_grad,
     }
@@ -122,8 +125,54 @@ def run(arch) -> Dict[str, Tuple[bool, str]]:
     return cells
 
 
+def columns(names: List[str]) -> None:
+    """Compute the methods ``names`` on every model and put them into docs/architectures.md as columns (new
+    ones before the last two), keeping the other cells and the errors' numbering."""
+    path = os.path.join(HERE, "architectures.md")
+    text = open(path).read().split("\n")
+    head = next(i for i, line in enumerate(text) if line.startswith("| model |"))
+    methods = [c.strip() for c in text[head].strip("|").split("|")][1:]
+    errors_at = text.index("## Errors")
+    notes = {line.split(". ", 1)[1].strip("`"): int(line.split(".", 1)[0])
+             for line in text[errors_at + 1:] if line[:1].isdigit()}
+    table: Dict[str, Dict[str, str]] = {}
+    for line in text[head + 2:]:
+        if not line.startswith("| "):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        table[cells[0]] = dict(zip(methods, cells[1:]))
+    for name in names:
+        if name not in methods:
+            methods.insert(len(methods) - 2, name)
+    for arch in _zoo.ARCHS:
+        if arch.name not in table or not _zoo.available(arch):
+            continue
+        model = _zoo.build(arch)
+        fn, params = _zoo.functionalize(arch, model)
+        x = _zoo.inputs(arch)
+        case = _case(arch, model, fn, params, x, torch.tensor([1, 3]))
+        for name in names:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    case[name]()
+                table[arch.name][name] = "OK"
+            except Exception as err:  # the exact error a user gets
+                note = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+                table[arch.name][name] = f"[{notes.setdefault(note, len(notes) + 1)}]"
+        print(arch.name, [table[arch.name][n] for n in names], flush=True)
+    rows = [f"| {name} | " + " | ".join(cells.get(m, "n/a") for m in methods) + " |" for name, cells in table.items()]
+    out = (text[:head] + ["| model | " + " | ".join(methods) + " |", "| --- | " + " | ".join("---" for _ in methods)
+                          + " |"] + rows + ["", "## Errors", ""] + [f"{k}. `{note}`" for note, k in notes.items()])
+    with open(path, "w") as fh:
+        fh.write("\n".join(out) + "\n")
+
+
 def main(argv: List[str]) -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if argv[:1] == ["--columns"]:
+        columns(argv[1].split(","))
+        return
     chosen = [a for a in _zoo.ARCHS if (not argv or a.name in argv) and _zoo.available(a)]
     rows, errors = [], {}
     started = time.perf_counter()
