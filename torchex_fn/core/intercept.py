@@ -82,6 +82,7 @@ class Call(NamedTuple):
         shape than ``z``), ``"bilinear"`` (``y = f(a, b)``, linear in each of ``a`` and ``b``),
         ``"softmax"``, ``"maxpool"``, ``"scale"`` (a normaliser's ``d * r``, see :func:`scale`),
         ``"linear"`` (only the linear operations a caller asked for with ``run(..., linear=...)``),
+        ``"sdpa"`` (a whole ``F.scaled_dot_product_attention``, only with ``run(..., fused=True)``),
         ``"activation"`` (an activation module's output, see :func:`activation`: ``inputs`` is ``(z, y)``),
         or ``"attention"`` (an attention call's probabilities, only with ``run(..., attention=True)``:
         ``inputs`` is ``(probs,)``, ``apply`` the identity, and the handler's value replaces them).
@@ -282,8 +283,10 @@ def supported() -> Tuple[str, ...]:
 # Input tracking: state shared by a mode and the modes nested in it for decompositions.
 
 class _State:
-    def __init__(self, handler: Handler, tracking: bool, linear: Sequence[str] = (), attention: bool = False):
+    def __init__(self, handler: Handler, tracking: bool, linear: Sequence[str] = (), attention: bool = False,
+                 fused: bool = False):
         self.handler = handler
+        self.fused = fused  # hand F.scaled_dot_product_attention over whole (kind "sdpa") instead of decomposing
         self.count = 0
         self.ids: Optional[Dict[int, Any]] = {} if tracking else None
         self.held: Dict[int, Any] = {}  # id -> weakref of the tainted tensors flagged as held (see Held)
@@ -825,6 +828,13 @@ def _sdpa_entry(mode: _Mode, func, args, kwargs):
     if st.ids is not None and _SDPA_SIGNATURE.bind(*args, **kwargs).arguments.get("dropout_p", 0.0) > 0:
         raise NoRule("scaled_dot_product_attention", "dropout_p > 0 draws different masks for the input and "
                      "the baseline; use the model in eval mode")
+    if st.fused and st.ids is not None:  # handed over whole (kind "sdpa"), the caller's rule on its operands
+        bound = _SDPA_SIGNATURE.bind(*args, **kwargs)
+        q, k, v = (bound.arguments[n] for n in ("query", "key", "value"))
+        if not (st.tainted(bound.arguments.get("attn_mask")) or st.tainted(bound.arguments.get("scale"))):
+            rest = {n: a for n, a in bound.arguments.items() if n not in ("query", "key", "value")}
+            return st.hand("sdpa", "scaled_dot_product_attention", (q, k, v),
+                           lambda a, b, c: func(a, b, c, **rest), {"tainted": tuple(st.tainted(t) for t in (q, k, v))})
     with _Mode(st):  # the pieces are seen: rules (tracking) and the probabilities (attention)
         return _attention.sdpa(*args, **kwargs)
 
@@ -1078,7 +1088,7 @@ class _Mode(TorchFunctionMode):
 
 
 def run(fn: Callable[..., Any], handler: Handler, *args: Any, tainted: Optional[Sequence[Tensor]] = None,
-        linear: Sequence[str] = (), attention: bool = False) -> Tuple[Any, int]:
+        linear: Sequence[str] = (), attention: bool = False, fused: bool = False) -> Tuple[Any, int]:
     """Call ``fn(*args)`` with operations handed to ``handler`` (see the module docstring).
 
     Args:
@@ -1098,6 +1108,10 @@ def run(fn: Callable[..., Any], handler: Handler, *args: Any, tainted: Optional[
         handler's value is used in their place. Without ``tainted``, *only* these are handed over
         (every other operation runs unchanged); with it, they come in addition to the rules (each
         right after its softmax), for attention calls on input-dependent tensors. Default: False.
+      fused: With ``tainted``, hand ``F.scaled_dot_product_attention`` over whole as a call of kind
+        ``"sdpa"`` (``inputs`` query, key, value; ``apply`` the fused kernel with the call's other
+        arguments; ``options["tainted"]`` which of the three depend on the input) instead of decomposing
+        it, when its mask and scale do not depend on the input. Default: False.
 
     Returns:
       ``(fn's result, number of intercepted calls)``.
@@ -1108,7 +1122,7 @@ def run(fn: Callable[..., Any], handler: Handler, *args: Any, tainted: Optional[
     Example:
       >>> out, n = run(model_fn, lambda call: call.apply(*call.inputs), params, x)   # an unchanged run
     """
-    state = _State(handler, tracking=tainted is not None, linear=linear, attention=attention)
+    state = _State(handler, tracking=tainted is not None, linear=linear, attention=attention, fused=fused)
     for t in tainted or ():
         state.mark(t)
     mode = _Mode(state)

@@ -955,6 +955,8 @@ class _Rules:
             _, rule, tensors, held, extra = record
         else:
             rule, tensors, held, extra = self._prepare(call)
+            if extra == "fused":  # its operands carry the rule; the kernel's own gradient does the rest
+                return tensors[0]
             if self.role == "record":
                 self.records.append((call.name, rule, tensors, held, extra))
                 out = tensors[0] if extra is None else (tensors[0], extra)
@@ -1007,6 +1009,14 @@ class _Rules:
             return self._product(call)
         if kind == "linear":
             return self._layer(call)
+        if kind == "sdpa":  # (one pass only) the fused kernel with its operands' gradients scaled: AttnLRP's
+            # uniform rule on QK^T and AV is a quarter of the gradient to q and k and half to v (LXT's form);
+            # CP-LRP holds the probabilities: nothing to q and k, the gradient to v
+            factors = (0.0, 0.0, 1.0) if self.cp else (0.25, 0.25, 0.5)
+            scaled = [_Modified.apply(_scaled(f), 1, t, t) if tainted else t
+                      for t, f, tainted in zip(call.inputs, factors, call.options["tainted"])]
+            y = call.apply(*scaled)
+            return (lambda g, t: (g, g, g)), (y,), False, "fused"
         raise _no_rule(call.name, f"an operation of kind {kind!r}")  # pragma: no cover - kinds are fixed
 
     def _product(self, call: _intercept.Call) -> Tuple[Any, Tuple[Tensor, ...], bool, Any]:
@@ -1057,6 +1067,11 @@ class _Rules:
             return (lambda g, t: (geometry.transpose(g, t[1]),)), (y, w), False, None
         s = y / _stab(y, eps)
         return (lambda g, t: (geometry.transpose(g * t[2], t[1]),)), (y, w, s), False, None
+
+
+def _scaled(factor: float) -> Any:
+    """The rule ``g -> factor * g`` (None for 0)."""
+    return lambda g, t: ((g * factor) if factor else None,)
 
 
 _NORMALISERS = frozenset(("rsqrt", "reciprocal"))
@@ -1119,8 +1134,9 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
             return out, acts[layer]
 
     def run(handler: _Rules, v: Tensor) -> Tuple[Any, Tensor, int]:
-        try:
-            (out, value), count = _intercept.run(forward, handler, v, tainted=[v], linear=linear)
+        try:  # one pass: fused attention kept, its operands' gradients scaled (record / replay decompose it)
+            (out, value), count = _intercept.run(forward, handler, v, tainted=[v], linear=linear,
+                                                 fused=handler.role == "once")
         except _intercept.NoRule as err:
             raise _no_rule(err.op, err.detail) from None
         return out, value, count
