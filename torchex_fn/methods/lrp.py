@@ -955,8 +955,9 @@ class _Rules:
             _, rule, tensors, held, extra = record
         else:
             rule, tensors, held, extra = self._prepare(call)
-            if extra == "fused":  # its operands carry the rule; the kernel's own gradient does the rest
-                return tensors[0]
+            if extra == "fused":  # the rule is in the value's own graph (one pass: no outer derivative)
+                self._remember(tensors[0], call.kind, call.name)
+                return _intercept.Held(tensors[0]) if held else tensors[0]
             if self.role == "record":
                 self.records.append((call.name, rule, tensors, held, extra))
                 out = tensors[0] if extra is None else (tensors[0], extra)
@@ -988,6 +989,8 @@ class _Rules:
             return (lambda g, t: (_sum_to(g * t[0] / torch.where(t[1] == 0, tiny, t[1]), shape),)), (y, z), False, None
         if kind == "softmax":
             y = call.apply(call.input)
+            if self.role == "once":  # nothing differentiates the map: autograd's own softmax backward, or none
+                return None, ((y.detach() if self.cp else y),), self.cp, "fused"
             if self.cp:
                 return (lambda g, t: (None,)), (y,), True, None
             dim, dtype = call.options["dim"], call.input.dtype
@@ -1015,8 +1018,7 @@ class _Rules:
             factors = (0.0, 0.0, 1.0) if self.cp else (0.25, 0.25, 0.5)
             scaled = [_Modified.apply(_scaled(f), 1, t, t) if tainted else t
                       for t, f, tainted in zip(call.inputs, factors, call.options["tainted"])]
-            y = call.apply(*scaled)
-            return (lambda g, t: (g, g, g)), (y,), False, "fused"
+            return None, (call.apply(*scaled),), False, "fused"
         raise _no_rule(call.name, f"an operation of kind {kind!r}")  # pragma: no cover - kinds are fixed
 
     def _product(self, call: _intercept.Call) -> Tuple[Any, Tuple[Tensor, ...], bool, Any]:
@@ -1036,6 +1038,10 @@ class _Rules:
             if keep is None and self.cp and self._is(self.activations, a) != self._is(self.activations, b):
                 keep = 1 if self._is(self.activations, a) else 0  # act(gate) * up: the gate held constant
         factor = 0.5 if keep is None else 1.0
+        if self.role == "once":  # autograd's own product backward, the rule by a stop or a scaled gradient
+            if keep is None:
+                return None, (_Modified.apply(_scaled(0.5), 1, y, y),), False, "fused"
+            return None, (apply(a, b.detach()) if keep == 0 else apply(a.detach(), b),), False, "fused"
 
         def rule(g: Tensor, t: Sequence[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
             ga, gb = _product_vjp(name, apply, t[1], t[2], g * factor if factor != 1 else g)
@@ -1150,7 +1156,8 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
         with torch.enable_grad():
             out, value, _ = run(_Rules("once", composite, options, layer_rules, owners), leaf)
             scores = _targets.resolve(out, target, fn=FN, output=output)
-            (g,) = torch.autograd.grad(scores.sum(), leaf, allow_unused=True)
+            total = scores.sum()  # no graph at all when every path is held (cp_lrp's softmax alone)
+            (g,) = torch.autograd.grad(total, leaf, allow_unused=True) if total.requires_grad else (None,)
         return value.detach() * g if g is not None else torch.zeros_like(value.detach())
     if outer:
         recorder = _Rules("record", composite, options, layer_rules, owners)
