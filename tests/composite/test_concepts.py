@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import torchex_fn as tx
 
+from support.models import torchvision_lrp_model
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REFERENCES = Path(__file__).resolve().parents[1] / "references" / "crp"
@@ -20,19 +22,7 @@ REFERENCES = Path(__file__).resolve().parents[1] / "references" / "crp"
 
 def _build(arch):
     """As tests/references/crp_reference.py builds it."""
-    torchvision = pytest.importorskip("torchvision")
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)(num_classes=10).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.uniform_(-0.2, 0.2, generator=g)
-                m.eps = 0.0
-    return model
+    return torchvision_lrp_model(arch)
 
 
 def _rel(a, b):

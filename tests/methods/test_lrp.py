@@ -5,6 +5,8 @@ from torch import nn
 
 import torchex_fn as tx
 
+from support.models import torchvision_lrp_model
+
 COMPOSITES = ["epsilon_plus", "epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1",
               "epsilon_alpha2_beta1_flat"]
 
@@ -13,22 +15,7 @@ COMPOSITES = ["epsilon_plus", "epsilon_plus_flat", "epsilon_gamma_box", "epsilon
 # Parity with zennit 0.5.1 (same composite, zennit's canonizers).
 
 def _torchvision_model(arch, dtype=torch.float32):
-    torchvision = pytest.importorskip("torchvision")
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)(num_classes=10).eval().to(dtype)
-    with torch.no_grad():  # non-trivial batch-norm statistics and affine parameters
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.uniform_(-0.2, 0.2, generator=g)
-                # zennit's merge turns a batch norm into (x - 0) / sqrt(1 + eps): a scaling by 1 / sqrt(1 + eps)
-                # per merged layer that the model does not have (1e-5 relative on these maps). With eps = 0
-                # its merged model is the model, and the maps can be compared exactly.
-                m.eps = 0.0
-    return model
+    return torchvision_lrp_model(arch, dtype)
 
 
 def _zennit(model, x, target, composite, **options):

@@ -11,6 +11,8 @@ from torch import nn
 
 import torchex_fn as tx
 
+from support.models import torchvision_lrp_model
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 W1 = [[1.0, 2.0], [-1.0, 1.0], [0.5, -3.0]]
@@ -61,24 +63,7 @@ def test_layer_and_condition_closed_form():
 
 
 def _torchvision(arch, zero_shifts):
-    torchvision = pytest.importorskip("torchvision")
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)(num_classes=10).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.uniform_(-0.2, 0.2, generator=g)
-                m.eps = 0.0  # zennit's merge is then the model itself (see tests/methods/test_lrp.py)
-                if zero_shifts:
-                    m.running_mean.zero_()
-                    m.bias.zero_()
-        if zero_shifts and hasattr(model, "fc"):
-            model.fc.bias.zero_()
-    return model
+    return torchvision_lrp_model(arch, zero_shifts=zero_shifts)
 
 
 def _zennit_at_layer(model, x, target, layer):

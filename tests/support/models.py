@@ -1,4 +1,5 @@
 """Hand-weighted and tiny models whose answers are known on paper or cheap to check."""
+import pytest
 import torch
 from torch import nn
 
@@ -79,3 +80,28 @@ def central_difference(loss, params, name, index, eps=1e-6):
     bump = torch.zeros_like(params[name])
     bump[index] = eps
     return (loss({**params, name: params[name] + bump}) - loss({**params, name: params[name] - bump})) / (2 * eps)
+
+
+def torchvision_lrp_model(arch, dtype=torch.float32, zero_shifts=False):
+    """A seeded torchvision model (``num_classes=10``, eval) with non-trivial batch-norm statistics and affine
+    parameters, as the LRP and concept tests compare it with zennit / zennit-crp (and as
+    ``tests/references/crp_reference.py`` builds it). ``eps = 0``: zennit's batch-norm merge is then the model
+    itself. ``zero_shifts``: batch-norm means and biases and the classifier's bias zero (conservation tests)."""
+    torchvision = pytest.importorskip("torchvision")
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=10).eval().to(dtype)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.uniform_(-0.2, 0.2, generator=g)
+                m.eps = 0.0
+                if zero_shifts:
+                    m.running_mean.zero_()
+                    m.bias.zero_()
+        if zero_shifts and hasattr(model, "fc"):
+            model.fc.bias.zero_()
+    return model

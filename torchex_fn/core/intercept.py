@@ -282,6 +282,22 @@ def supported() -> Tuple[str, ...]:
 # --------------------------------------------------------------------------------------------
 # Input tracking: state shared by a mode and the modes nested in it for decompositions.
 
+def _remember(table: Dict[int, Any], t: Any, floating: bool) -> None:
+    """Put ``t`` (a tensor, or the tensors of a tuple / list; with ``floating``, only floating-point and complex
+    ones) into ``table`` by id, with a weak reference that removes the entry when the tensor goes."""
+    if isinstance(t, Tensor):
+        if not floating or t.is_floating_point() or t.is_complex():
+            key = id(t)
+
+            def forget(ref, key=key, table=table):
+                if table.get(key) is ref:
+                    del table[key]
+            table[key] = weakref.ref(t, forget)
+    elif isinstance(t, (tuple, list)):
+        for item in t:
+            _remember(table, item, floating)
+
+
 class _State:
     def __init__(self, handler: Handler, tracking: bool, linear: Sequence[str] = (), attention: bool = False,
                  fused: bool = False):
@@ -295,32 +311,12 @@ class _State:
 
     def mark(self, t: Any) -> None:
         """Taint ``t`` (a tensor, or the floating-point tensors of a tuple / list)."""
-        if self.ids is None:
-            return
-        if isinstance(t, Tensor):
-            if t.is_floating_point() or t.is_complex():
-                key, ids = id(t), self.ids
-
-                def forget(ref, key=key, ids=ids):
-                    if ids.get(key) is ref:
-                        del ids[key]
-                ids[key] = weakref.ref(t, forget)
-        elif isinstance(t, (tuple, list)):
-            for item in t:
-                self.mark(item)
+        if self.ids is not None:
+            _remember(self.ids, t, floating=True)
 
     def hold(self, t: Any) -> None:
         """Flag ``t`` (a tensor, or the tensors of a tuple / list) as held (see :class:`Held`)."""
-        if isinstance(t, Tensor):
-            key, held = id(t), self.held
-
-            def forget(ref, key=key, held=held):
-                if held.get(key) is ref:
-                    del held[key]
-            held[key] = weakref.ref(t, forget)
-        elif isinstance(t, (tuple, list)):
-            for item in t:
-                self.hold(item)
+        _remember(self.held, t, floating=False)
 
     def is_held(self, t: Any) -> bool:
         return isinstance(t, Tensor) and id(t) in self.held

@@ -798,20 +798,7 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
     _checks.check_bool(FN, "canonize", canonize)
     opt = _Options(_check_float("epsilon", 1e-6 if epsilon is None else epsilon), _check_float("gamma", gamma),
                    _check_float("stabilizer", stabilizer), _check_bound("low", low, x), _check_bound("high", high, x))
-    if rules is not None:
-        if not isinstance(rules, Mapping):
-            raise _checks.type_error(FN, "rules, a dict {module name or type: rule name}", _checks.describe(rules))
-        known = dict(module.named_modules())
-        for key, rule in rules.items():
-            if isinstance(key, str):
-                if key not in known:
-                    raise _checks.unknown_name(FN, "layer in rules", key, list(known))
-            elif not (isinstance(key, type) and issubclass(key, nn.Module)):
-                raise _checks.type_error(FN, "rules keys, module names or nn.Module types", _checks.describe(key))
-            if not isinstance(rule, str) or rule not in RULES:
-                raise _checks.value_error(FN, f"a rule in rules, one of {', '.join(repr(r) for r in RULES)}",
-                                          _checks.describe(rule))
-        rules = {k: ("zplus" if r == "alpha1_beta0" else r) for k, r in rules.items()}
+    rules = _check_rules(module, rules, RULES, "a rule in rules")
     plan = _Plan(module, composite, rules, canonize)
     if "zbox" in plan.rules.values() and (opt.low is None or opt.high is None):
         raise _checks.value_error(FN, "low= and high= (the input's bounds) for the z-box rule",
@@ -1156,8 +1143,8 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
         with torch.enable_grad():
             out, value, _ = run(_Rules("once", composite, options, layer_rules, owners), leaf)
             scores = _targets.resolve(out, target, fn=FN, output=output)
-            total = scores.sum()  # no graph at all when every path is held (cp_lrp's softmax alone)
-            (g,) = torch.autograd.grad(total, leaf, allow_unused=True) if total.requires_grad else (None,)
+            summed = scores.sum()  # no graph at all when every path is held (cp_lrp's softmax alone)
+            (g,) = torch.autograd.grad(summed, leaf, allow_unused=True) if summed.requires_grad else (None,)
         return value.detach() * g if g is not None else torch.zeros_like(value.detach())
     if outer:
         recorder = _Rules("record", composite, options, layer_rules, owners)
@@ -1177,6 +1164,25 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
     return value * grads
 
 
+def _check_rules(module: nn.Module, rules: Any, allowed: Sequence[str], what: str) -> Optional[Dict[Any, str]]:
+    """``rules`` checked (module names or types to rule names in ``allowed``), ``"alpha1_beta0"`` as ``"zplus"``."""
+    if rules is None:
+        return None
+    if not isinstance(rules, Mapping):
+        raise _checks.type_error(FN, "rules, a dict {module name or type: rule name}", _checks.describe(rules))
+    known = dict(module.named_modules())
+    for key, rule in rules.items():
+        if isinstance(key, str):
+            if key not in known:
+                raise _checks.unknown_name(FN, "layer in rules", key, list(known))
+        elif not (isinstance(key, type) and issubclass(key, nn.Module)):
+            raise _checks.type_error(FN, "rules keys, module names or nn.Module types", _checks.describe(key))
+        if not isinstance(rule, str) or rule not in allowed:
+            raise _checks.value_error(FN, f"{what}, one of {', '.join(repr(r) for r in allowed)}",
+                                      _checks.describe(rule))
+    return {k: ("zplus" if r == "alpha1_beta0" else r) for k, r in rules.items()}
+
+
 _GRADIENT_FORM_RULES = ("epsilon", "zero", "zplus", "alpha1_beta0", "alpha2_beta1", "gamma")
 
 
@@ -1191,19 +1197,7 @@ def _lrp_transformer(model_fn: ModelFn, params: Params, x: Any, target: Target, 
                                  "LRP finds activation modules and assigns layer rules by module: `model_fn, params = "
                                  "torchex_fn.functionalize(model)`.")
     eps = _check_float("epsilon", 0.0 if epsilon is None else epsilon)
-    if rules is not None:
-        if not isinstance(rules, Mapping):
-            raise _checks.type_error(FN, "rules, a dict {module name or type: rule name}", _checks.describe(rules))
-        known = dict(module.named_modules())
-        for key, rule in rules.items():
-            if isinstance(key, str):
-                if key not in known:
-                    raise _checks.unknown_name(FN, "layer in rules", key, list(known))
-            elif not (isinstance(key, type) and issubclass(key, nn.Module)):
-                raise _checks.type_error(FN, "rules keys, module names or nn.Module types", _checks.describe(key))
-            if not isinstance(rule, str) or rule not in _GRADIENT_FORM_RULES:
-                raise _checks.value_error(FN, f"a rule in rules for composite {composite!r}, one of "
-                                          f"{', '.join(repr(r) for r in _GRADIENT_FORM_RULES)}", _checks.describe(rule))
+    rules = _check_rules(module, rules, _GRADIENT_FORM_RULES, f"a rule in rules for composite {composite!r}")
     name: Optional[str] = None
     if layer is not None:
         names, _ = resolve_layers(FN, model_fn, layer)
@@ -1215,7 +1209,6 @@ def _lrp_transformer(model_fn: ModelFn, params: Params, x: Any, target: Target, 
         raise _checks.value_error(FN, "layer= for a dict x (e.g. the token embeddings)", "layer=None",
                                   "Relevance is read at a floating-point tensor: name the embedding layer, e.g. "
                                   "layer='model.embed_tokens'.")
-    rules = None if rules is None else {k: ("zplus" if r == "alpha1_beta0" else r) for k, r in rules.items()}
     return _modified_lrp(model_fn, params, x, target, composite=composite, layer=name, epsilon=eps,
                          gamma=_check_float("gamma", gamma), stabilizer=_check_float("stabilizer", stabilizer),
                          rules=rules)
