@@ -783,12 +783,7 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
     if not isinstance(x, Tensor):
         raise _checks.type_error(FN, "x, a floating-point tensor [B, *input]", _checks.describe(x),
                                  "LRP follows one input tensor through the model; a dict of inputs is not supported.")
-    module = module_of(model_fn)
-    if module is None:
-        raise _checks.type_error(FN, "model_fn from functionalize(model), which knows its modules",
-                                 _checks.describe(model_fn),
-                                 "LRP assigns rules to modules by type and name: `model_fn, params = "
-                                 "torchex_fn.functionalize(model)`.")
+    module = _module(model_fn, "LRP assigns rules to modules by type and name")
     if not isinstance(composite, str):
         raise _checks.type_error(FN, f"composite, one of {', '.join(COMPOSITES)}", _checks.describe(composite))
     if composite not in COMPOSITES:
@@ -1164,6 +1159,15 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
     return value * grads
 
 
+def _module(model_fn: ModelFn, why: str) -> nn.Module:
+    module = module_of(model_fn)
+    if module is None:
+        raise _checks.type_error(FN, "model_fn from functionalize(model), which knows its modules",
+                                 _checks.describe(model_fn),
+                                 f"{why}: `model_fn, params = torchex_fn.functionalize(model)`.")
+    return module
+
+
 def _check_rules(module: nn.Module, rules: Any, allowed: Sequence[str], what: str) -> Optional[Dict[Any, str]]:
     """``rules`` checked (module names or types to rule names in ``allowed``), ``"alpha1_beta0"`` as ``"zplus"``."""
     if rules is None:
@@ -1190,12 +1194,7 @@ def _lrp_transformer(model_fn: ModelFn, params: Params, x: Any, target: Target, 
                      epsilon: Optional[float], gamma: float, stabilizer: float,
                      rules: Optional[Mapping[Any, str]]) -> Tensor:
     """Checks for the transformer composites, then :func:`_modified_lrp`."""
-    module = module_of(model_fn)
-    if module is None:
-        raise _checks.type_error(FN, "model_fn from functionalize(model), which knows its modules",
-                                 _checks.describe(model_fn),
-                                 "LRP finds activation modules and assigns layer rules by module: `model_fn, params = "
-                                 "torchex_fn.functionalize(model)`.")
+    module = _module(model_fn, "LRP finds activation modules and assigns layer rules by module")
     eps = _check_float("epsilon", 0.0 if epsilon is None else epsilon)
     rules = _check_rules(module, rules, _GRADIENT_FORM_RULES, f"a rule in rules for composite {composite!r}")
     name: Optional[str] = None
