@@ -251,6 +251,13 @@ def test_a_second_run_on_one_out_is_refused_naming_the_lock(tmp_path, reference)
     assert files(out) == reference and not (out / "lock").exists()
 
 
+def test_an_out_that_is_a_file_is_refused_before_any_lock(tmp_path):
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(ValueError, match=r"attribute_dataset: expected out, a folder .* got '.*f', a file"):
+        run(tmp_path / "f", 12, 2)
+    assert (tmp_path / "f").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
 def test_without_flock_the_holders_pid_decides(tmp_path, reference, monkeypatch):
     # some network file systems have no flock: the lock file's pid, host and process start decide
     monkeypatch.setattr(store, "fcntl", None)

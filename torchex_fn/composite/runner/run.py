@@ -300,8 +300,10 @@ def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, dat
         if rank == 0:  # one lock per job: torchrun's ranks share rank 0's
             try:
                 lock = store.Lock.acquire(root)
-            except ValueError as err:
-                refusal = str(err)
+            except (ValueError, OSError) as err:
+                if world == 1:
+                    raise
+                refusal = str(err)  # raised on every rank, not only here (the others would wait forever)
         refusal = _from_rank_0(refusal, world, device)
         if refusal is not None:
             raise ValueError(refusal)

@@ -315,6 +315,9 @@ class Lock:
 
     @classmethod
     def acquire(cls, root: Path) -> Lock:
+        if root.exists() and not root.is_dir():
+            raise _checks.value_error(FN, "out, a folder (new, empty, or written by attribute_dataset)",
+                                      f"{str(root)!r}, a file", "Choose another out folder.")
         root.mkdir(parents=True, exist_ok=True)
         path = root / LOCK
         me = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
