@@ -321,7 +321,8 @@ def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, dat
                           *(root / "checks").glob(".*.tmp*")]:
                 stale.unlink()  # partial writes of a killed run (no other run writes here: the lock)
         _barrier(world, device)
-        threads = (old or manifest)["compute"]["threads"]
+        # every rank computes with the thread count of the manifest rank 0 wrote (or the first run's)
+        threads = codec.read_json(root / "manifest.json", checked=True)["compute"]["threads"]
         _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype, num_workers, options,
              rank, world, device, progress, threads)
         _barrier(world, device)
