@@ -14,7 +14,7 @@ import socket
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -355,7 +355,8 @@ class Lock:
     @staticmethod
     def _holder(fd: int) -> Dict[str, Any]:
         try:
-            text = os.pread(fd, 4096, 0).decode("utf-8")
+            os.lseek(fd, 0, os.SEEK_SET)
+            text = os.read(fd, 4096).decode("utf-8")
             holder = json.loads(text) if text.strip() else {}
         except (OSError, ValueError, UnicodeDecodeError):
             return {}
@@ -365,7 +366,8 @@ class Lock:
     def _write(fd: int, holder: Mapping) -> None:
         data = json.dumps(holder, sort_keys=True).encode()
         os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, data)
         os.fsync(fd)
 
     @staticmethod
@@ -469,7 +471,7 @@ class Attributions:
         self.maps = _Maps(self)
         self._meta: Optional[Tensor] = None
         self._offsets: Dict[int, int] = {}
-        self._verified: set = set()
+        self._verified: Set[Tuple[int, str]] = set()
 
     def _verify(self, b: int, key: str) -> None:
         """Raise unless file ``key`` ("maps" or "meta") of shard ``b`` has the size and SHA-256 of the index;
