@@ -573,7 +573,9 @@ def open_attributions(out: Union[str, os.PathLike]) -> Attributions:
     Returns:
       An :class:`Attributions`: ``len(store)``, ``store.maps[i]`` (``[*map_shape]``, read from disk on
       access; slices read ``[k, *map_shape]``), ``store.indices``, ``store.targets``,
-      ``store.predictions`` (``[N]`` int64, loaded on first access), ``store.manifest``.
+      ``store.predictions`` (``[N]`` int64, loaded on first access), ``store.manifest``,
+      ``store.format`` (``"torchex_fn.attributions/2"``, or ``/1`` for an older store),
+      ``store.checksums`` (False for format 1) and ``store.verify()``.
 
     Raises:
       ValueError: ``out`` is not a finished store (no ``index.json``: an interrupted run, which the
