@@ -1,22 +1,25 @@
 """The store's file format: ``.npy`` arrays (NumPy's documented format, written without NumPy) and JSON,
-each written atomically (a temporary file renamed into place), and the shard names of a batch."""
+each written atomically (a temporary file, flushed, renamed into place, the folder flushed; a failed write
+removes its temporary file), SHA-256 checksums of files and of JSON records, and the file names of a batch."""
 from __future__ import annotations
 
 import ast
 import ctypes
+import hashlib
 import json
 import os
 import struct
 import sys
 from pathlib import Path
-from typing import Any, Tuple
+from collections.abc import Mapping
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 
 __all__ = ["NPY_DTYPES", "TORCH_DTYPES", "raw", "npy_header", "read_header", "write_atomic", "write_json_atomic",
-           "shard_names", "stored"]
+           "read_json", "json_digest", "file_digest", "npy_digest", "shard_names", "check_name", "complete"]
 
 
 NPY_DTYPES = {torch.float16: "f2", torch.float32: "f4", torch.float64: "f8", torch.int64: "i8"}
@@ -64,34 +67,119 @@ def read_header(path: Path) -> Tuple[int, torch.dtype, Tuple[int, ...]]:
     return start + length, TORCH_DTYPES[descr[1:]], tuple(info["shape"])
 
 
-def write_atomic(path: Path, t: Tensor) -> None:
-    """``t`` as a ``.npy`` file: written under a temporary name, flushed to disk, then renamed into place."""
-    data, owner = raw(t)
+def _write_all(f: Any, parts: Sequence[Any]) -> None:
+    """Every part to the open file ``f`` (the one place that writes bytes: a test makes it fail here)."""
+    for part in parts:
+        f.write(part)
+
+
+def _commit(path: Path, parts: Sequence[Any]) -> None:
+    """``parts`` as the file ``path``: written under a temporary name, flushed to disk, renamed into place, and
+    the folder flushed so that the rename survives a power cut. On any error the temporary file is removed and
+    nothing of it is visible under ``path``."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(npy_header(owner))
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            _write_all(f, parts)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory descriptors: the rename is atomic, only less durable
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, t: Tensor) -> None:
+    """``t`` as a ``.npy`` file, atomically (see :func:`_commit`)."""
+    data, owner = raw(t)
+    _commit(path, [npy_header(owner), data])
     del owner
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def npy_digest(t: Tensor) -> Tuple[str, int]:
+    """``(SHA-256, size in bytes)`` of the ``.npy`` file :func:`write_atomic` writes for ``t``, from memory."""
+    data, owner = raw(t)
+    head = npy_header(owner)
+    digest = hashlib.sha256(head)
+    digest.update(data)
+    del owner
+    return digest.hexdigest(), len(head) + len(data)
+
+
+def file_digest(path: Path) -> Tuple[str, int]:
+    """``(SHA-256, size in bytes)`` of a file, read in blocks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            if not block:
+                break
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def json_digest(obj: Mapping) -> str:
+    """SHA-256 of a JSON record's canonical text, its own ``"sha256"`` entry left out."""
+    body = {k: v for k, v in obj.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any, *, checked: bool = False) -> None:
+    """``obj`` as JSON, atomically; ``checked``: with a ``"sha256"`` entry of its canonical text
+    (:func:`json_digest`), which :func:`read_json` verifies."""
+    if checked:
+        obj = {**obj, "sha256": json_digest(obj)}
+    _commit(path, [json.dumps(obj, indent=1, sort_keys=True).encode()])
+
+
+def read_json(path: Path, *, checked: bool) -> Dict[str, Any]:
+    """A JSON object; raises ``ValueError`` naming the file if it does not parse, or if ``checked`` and its
+    ``"sha256"`` entry is missing or does not match its text (a changed or damaged file)."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"expected {str(path)!r} to hold a JSON object, got a file that does not parse ({err}): "
+                         "it was damaged or changed after it was written") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected {str(path)!r} to hold a JSON object, got {type(obj).__name__}")
+    if checked and obj.get("sha256") != json_digest(obj):
+        raise ValueError(f"expected {str(path)!r} to match the SHA-256 written into it, got "
+                         f"{'no checksum' if 'sha256' not in obj else 'another content'}: it was damaged or changed "
+                         "after it was written")
+    return obj
 
 
 def shard_names(b: int) -> Tuple[str, str]:
     return f"shards/{b:06d}.maps.npy", f"shards/{b:06d}.meta.npy"
 
 
-def stored(root: Path, b: int, rows: int) -> bool:
-    """Whether batch ``b`` (``rows`` examples) is fully on disk: both files, whole, of the right length."""
+def check_name(b: int) -> str:
+    """The record of batch ``b`` (rows, size and SHA-256 of both files), written before them."""
+    return f"checks/{b:06d}.json"
+
+
+def complete(root: Path, b: int, rows: int) -> bool:
+    """Whether batch ``b`` (``rows`` examples) has both files, whole, of the length their headers announce
+    (the test of format 1, which has no checksums)."""
     for name in shard_names(b):
         path = root / name
         if not path.is_file():

@@ -5,15 +5,18 @@ NumPy) plus two JSON files, so that NumPy, or any tool that reads ``.npy``, open
 torchex_fn; :func:`open_attributions` reads them back lazily. The layout is described in
 ``docs/dataset_storage.md``::
 
+    out/lock                      held (flock) while a run writes; names its pid and host
     out/manifest.json             what produced the store (method, options, batch size, data, dtype,
-                                  a hash of params); a rerun with other arguments is refused
+                                  a hash of params, the thread count); a rerun with other arguments is refused
+    out/checks/000012.json        batch 12's record: rows, size and SHA-256 of its two files
     out/shards/000012.meta.npy    int64 [n, 3]: example index, target class, predicted class
     out/shards/000012.maps.npy    the maps of batch 12, [n, *map_shape]
-    out/index.json                written last, once every batch is stored: shards, count, shape, dtype
+    out/index.json                written last, once every batch is stored: shards, checksums, shape, dtype
 
 Batch ``b`` is always examples ``[b * batch_size, (b + 1) * batch_size)`` of the data, whatever the
-number of processes, so the store (and every map in it, bit for bit) does not depend on how many
-processes wrote it, nor on where an earlier run was interrupted.
+number of processes, and a resumed run on CPU computes with the first run's thread count, so the store
+(and every map in it, bit for bit) does not depend on how many processes wrote it, nor on where an
+earlier run was interrupted.
 """
 from __future__ import annotations
 
@@ -202,11 +205,16 @@ def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, dat
     and each batch is passed to ``method(model_fn, params, x, target, **options)``, the same public
     function a caller would use on one batch. Each batch's maps, example indices, targets and
     predicted classes are written as one shard (two ``.npy`` files, each written under a temporary
-    name and renamed into place), so a run killed at any point loses at most the batches in flight:
-    the same call again skips the stored batches and computes only the others, and the finished store
-    is bit for bit the one an uninterrupted run writes. A ``manifest.json`` records the arguments
-    (method, options, batch size, dtype, a SHA-256 of ``params``, the data's length, type and first
-    example); a call with other arguments into the same ``out`` raises instead of mixing results.
+    name and renamed into place, after a record of their sizes and SHA-256), so a run killed at any
+    point, or stopped by a full disk, loses at most the batches in flight and leaves nothing
+    half-written: the same call again checks the stored batches against their checksums, computes
+    only the others (and any damaged one), and the finished store is bit for bit the one an
+    uninterrupted run writes (on CPU a resumed run computes with the first run's thread count, which
+    some kernels' sums depend on). A ``manifest.json`` records the arguments (method, options, batch
+    size, dtype, a SHA-256 of ``params``, the data's length, type and first example); a call with
+    other arguments into the same ``out`` raises instead of mixing results. A second run on the same
+    ``out`` while one is writing raises, naming the lock file ``out/lock`` and its holder (a lock
+    left by a killed run is taken over). See ``docs/dataset_storage.md``.
 
     Under ``torchrun --nproc_per_node=N`` every process calls this function with the same arguments.
     The process group is created if the caller has not (``gloo`` for CPU params, ``nccl`` for CUDA
@@ -249,7 +257,9 @@ def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, dat
       TypeError: ``method``, ``model_fn``, ``params`` or ``data`` of the wrong kind; non-integer targets;
         a method that does not return one tensor ``[B, ...]``.
       ValueError: a bad ``batch_size``, ``num_workers`` or ``dtype``; an ``out`` folder written with other
-        arguments, or holding other files.
+        arguments, holding other files, of another store format, or in use by another run (the lock).
+      OSError: a file could not be written (e.g. ``errno.ENOSPC``, a full disk), with the file and what
+        to do; the batches stored before are kept and the same call resumes.
 
     Example:
       >>> fn, params = functionalize(resnet.eval())
@@ -282,29 +292,61 @@ def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, dat
     root = Path(out)
     device = next((t.device for t in params.values() if isinstance(t, Tensor)), torch.device("cpu"))
     rank, world, created = _dist_setup(device)
+    lock = None
     try:
-        manifest = store.manifest(method, model_fn, params, dataset, n, batch_size, dtype, options)
+        manifest = store.manifest(method, model_fn, params, dataset, n, batch_size, dtype, options, device)
         _barrier(world, device)  # everyone has read the folder's state before rank 0 changes it
-        fresh = store.check_store(root, manifest)
+        refusal = None
+        if rank == 0:  # one lock per job: torchrun's ranks share rank 0's
+            try:
+                lock = store.Lock.acquire(root)
+            except (ValueError, OSError) as err:
+                if world == 1:
+                    raise
+                refusal = str(err)  # raised on every rank, not only here (the others would wait forever)
+        refusal = _from_rank_0(refusal, world, device)
+        if refusal is not None:
+            raise ValueError(refusal)
+        old = store.check_store(root, manifest)
         _barrier(world, device)
         if rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            if fresh:
-                codec.write_json_atomic(root / "manifest.json", manifest)
-            (root / "shards").mkdir(exist_ok=True)
-            for stale in [*root.glob(".*.tmp*"), *(root / "shards").glob(".*.tmp*")]:  # partial writes of a kill
-                stale.unlink()
+            if old is None:
+                try:
+                    codec.write_json_atomic(root / "manifest.json", manifest, checked=True)
+                except OSError as err:
+                    raise store.write_error(err, root / "manifest.json") from err
+            for folder in ("shards", "checks"):
+                (root / folder).mkdir(exist_ok=True)
+            for stale in [*root.glob(".*.tmp*"), *(root / "shards").glob(".*.tmp*"),
+                          *(root / "checks").glob(".*.tmp*")]:
+                stale.unlink()  # partial writes of a killed run (no other run writes here: the lock)
         _barrier(world, device)
+        # every rank computes with the thread count of the manifest rank 0 wrote (or the first run's)
+        threads = codec.read_json(root / "manifest.json", checked=True)["compute"]["threads"]
         _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype, num_workers, options,
-             rank, world, device, progress)
+             rank, world, device, progress, threads)
         _barrier(world, device)
         if rank == 0 and not (root / "index.json").is_file():
-            store.write_index(root, n, batch_size)
+            try:
+                store.write_index(root, n, batch_size)
+            except OSError as err:
+                raise store.write_error(err, root / "index.json") from err
         _barrier(world, device)
     finally:
+        if lock is not None:
+            lock.release()
         if created:
             dist.destroy_process_group()
     return store.open_attributions(root)
+
+
+def _from_rank_0(value: Optional[str], world: int, device: torch.device) -> Optional[str]:
+    """Rank 0's ``value`` on every rank (a refusal every rank raises)."""
+    if world <= 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=device if dist.get_backend() == "nccl" else None)
+    return box[0]
 
 
 
@@ -329,16 +371,39 @@ def _batch_options(options: Dict[str, Any], seeds: Dict[str, Tuple[int, torch.de
 
 
 def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype, num_workers, options,
-         rank, world, device, progress) -> None:
-    from tqdm.auto import tqdm
-
+         rank, world, device, progress, threads) -> None:
     batches = store.batches(n, batch_size)
     mine = [b for b in range(len(batches)) if b % world == rank]
-    todo = [b for b in mine if not codec.stored(root, b, len(batches[b]))]
-    total = sum(len(batches[b]) for b in mine)
-    done = total - sum(len(batches[b]) for b in todo)
+    todo = [b for b in mine if not store.stored(root, b, len(batches[b]))]  # checks every stored file's SHA-256
     if not todo:
         return
+    (root / "index.json").unlink(missing_ok=True)  # damaged shards are recomputed: unfinished until then
+    # CPU kernels split their sums by thread count: the same count as the first run, so the same bits
+    before = torch.get_num_threads()
+    if device.type == "cpu" and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        _compute(method, model_fn, params, dataset, collate, root, batch_size, dtype, num_workers, options,
+                 rank, device, progress, batches, mine, todo)
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _compute(method, model_fn, params, dataset, collate, root, batch_size, dtype, num_workers, options,
+             rank, device, progress, batches, mine, todo) -> None:
+    from tqdm.auto import tqdm
+
+    total = sum(len(batches[b]) for b in mine)
+    done = total - sum(len(batches[b]) for b in todo)
     cuda = device.type == "cuda"
     loader = DataLoader(dataset, batch_sampler=[list(batches[b]) for b in todo], num_workers=num_workers,
                         pin_memory=cuda, **({"collate_fn": collate} if collate is not None else {}))
@@ -349,7 +414,8 @@ def _run(method, model_fn, params, dataset, collate, root, n, batch_size, dtype,
     seen = _Seen(output)
     fn = _seeing(model_fn, seen)  # one wrapper per call; memos stay keyed by the caller's model or function
     writer = store.Writer(root)
-    bar = tqdm(total=total, initial=done, unit="ex", desc=_FN, disable=not progress or rank != 0, smoothing=0.1)
+    # no bar object at all without a bar: tqdm's class lock is a multiprocessing semaphore, leaked by a killed run
+    bar = tqdm(total=total, initial=done, unit="ex", desc=_FN, smoothing=0.1) if progress and rank == 0 else _NoBar()
     shape = None
     try:
         for b, item in zip(todo, loader):
