@@ -24,7 +24,8 @@ from .methods.cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad
 from .methods.features import feature_ablation, kernel_shap, lime, shapley_value_sampling, shapley_values
 from .methods.gradient import input_x_gradient, saliency, smooth
 from .methods.lrp import lrp
-from .methods.path import gradient_shap, integrated_gradients
+from .methods.path import (gradient_shap, integrated_gradients, internal_influence, layer_conductance,
+                           neuron_conductance)
 from .methods.perturbation import occlusion, rise
 from .methods.propagation import deeplift, deeplift_shap, guided_backprop
 from .tools import masks, postprocess, text, viz
@@ -35,6 +36,7 @@ __all__ = [
     "functionalize", "params_of",
     "capture", "intermediates", "layer_gradients", "tap",
     "saliency", "input_x_gradient", "smooth", "integrated_gradients", "gradient_shap",
+    "layer_conductance", "neuron_conductance", "internal_influence",
     "cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam", "ablation_cam",
     "fullgrad",
     "deeplift", "deeplift_shap", "guided_backprop",
