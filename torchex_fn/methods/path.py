@@ -494,7 +494,8 @@ class _InputPath:
         self.key = None if isinstance(x, Tensor) else _inputs.attributed_key(fn, x)
         base_input = _inputs.baseline_input(fn, baseline, x, self.key)
         self.end: Tensor = x if self.key is None else x[self.key]
-        self.start: Tensor = (base_input if self.key is None else base_input[self.key]).expand_as(self.end)
+        start: Tensor = base_input if self.key is None else base_input[self.key]  # type: ignore[index, assignment]
+        self.start = start.expand_as(self.end)
         self.delta = self.end - self.start
         self.alphas = alphas
         batch = _inputs.batch_of(x)
@@ -773,7 +774,7 @@ def neuron_conductance(model_fn: ModelFn, params: Params, x: Any, target: Target
             score = _targets.resolve(out, g_target, fn=fn, output=output).sum()
             return score, _neuron_of(fn, index, acts[name]).sum()
 
-        (score, neuron), pullback = torch.func.vjp(both, point, zero)
+        (score, neuron), pullback = torch.func.vjp(both, point, zero)  # type: ignore[misc]  # 2 values without has_aux
         _, d_layer = pullback((torch.ones_like(score), torch.zeros_like(neuron)))
         d_input, _ = pullback((torch.zeros_like(score), torch.ones_like(neuron)))
         mid = _neuron_of(fn, index, d_layer)                                          # d f / d n, [k * size]
