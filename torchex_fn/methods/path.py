@@ -14,7 +14,7 @@ from ..core import docs as _docs
 from ..core import targets as _targets
 from ..core.autodiff import grad_of_sum
 from ..core.types import ModelFn, Params, Target
-from ..core.capture import intermediates, layer_gradients, layer_shapes, resolve_layers
+from ..core.capture import intermediates, layer_gradients, resolve_layers
 from ..core.arguments import check_call
 
 __all__ = ["integrated_gradients", "gradient_shap", "quadrature", "layer_conductance", "internal_influence",
@@ -721,8 +721,9 @@ def neuron_conductance(model_fn: ModelFn, params: Params, x: Any, target: Target
         ``[B]`` ints, or a callable ``out -> [B]`` receiving the output of one chunk's examples for one
         path point at a time, in ``x``'s order.
       layer: The layer (a dotted name or module) whose output holds the neuron.
-      index: The neuron: a tuple of ints (slices are summed) into the layer's output without the batch
-        axis, e.g. ``(3, 5, 5)`` for channel 3 at row 5, column 5; or a callable ``layer output -> [B]``.
+      index: The neuron: a tuple of ints into the layer's output without the batch axis, e.g. ``(3, 5, 5)``
+        for channel 3 at row 5, column 5 (slices, and the axes an index shorter than the layer's rank
+        leaves, are summed: ``(3,)`` is all of channel 3); or a callable ``layer output -> [B]``.
       baseline: The reference input ``x0``, in the input's space: a float, or a float tensor broadcastable
         to ``x``; for a dict ``x`` a dict of the entries to replace, or a number / tensor for the
         floating-point entry. Default: 0.0.
@@ -745,8 +746,8 @@ def neuron_conductance(model_fn: ModelFn, params: Params, x: Any, target: Target
     Example:
       >>> neuron_conductance(fn, params, images, labels, layer="layer3", index=(7, 2, 2)).shape  # [8, 3, 224, 224]
 
-    Cost: ``steps`` forward passes of ``B`` examples and two backward passes (one down to the layer, one
-      from the neuron to the input), plus one forward for ``target=None``.
+    Cost: ``2 steps`` forward passes of ``B`` examples and two backward passes per path point (one from
+      the output down to the layer, one from the neuron to the input), plus one forward for ``target=None``.
     References: Dhamdhere et al., "How Important Is a Neuron?", ICLR 2019.
     """
     fn = "neuron_conductance"
@@ -759,24 +760,20 @@ def neuron_conductance(model_fn: ModelFn, params: Params, x: Any, target: Target
     name = names[0]
     alphas, weights = quadrature(method, steps)
     path = _InputPath(fn, model_fn, params, x, target, baseline, alphas, batch_size)
-    key, output = path.key, _targets.selector(model_fn)
+    key = path.key
     sums: List[Tensor] = []
     for (g0, g1), first, k, xs, g_target in path.chunks():
         size = g1 - g0
         point = xs if key is None else xs[key]
-        shapes = layer_shapes(model_fn, params, xs, (name,), fn)
-        shape, dtype = shapes[name]
-        zero = torch.zeros(shape, dtype=dtype, device=point.device)
+        # d f / d a at the layer (a backward down to the layer), and d n / d x (a backward from the
+        # neuron to the input): two passes through grad_of_sum, which chooses the attention backend.
+        d_layer = layer_gradients(model_fn, params, xs, g_target, layers=[name], fn=fn).grads[name]
 
-        def both(v: Tensor, d: Tensor, xs: Any = xs, g_target: Any = g_target) -> Tuple[Tensor, Tensor]:
-            out, acts = intermediates(model_fn, layers=[name], perturb={name: d}, fn=fn)(
-                params, v if key is None else _inputs.replace(xs, key, v))
-            score = _targets.resolve(out, g_target, fn=fn, output=output).sum()
-            return score, _neuron_of(fn, index, acts[name]).sum()
-
-        (score, neuron), pullback = torch.func.vjp(both, point, zero)  # type: ignore[misc]  # 2 values without has_aux
-        _, d_layer = pullback((torch.ones_like(score), torch.zeros_like(neuron)))
-        d_input, _ = pullback((torch.zeros_like(score), torch.ones_like(neuron)))
+        def neuron_total(v: Tensor, xs: Any = xs) -> Tensor:
+            _, acts = intermediates(model_fn, layers=[name], fn=fn)(params, v if key is None else
+                                                                    _inputs.replace(xs, key, v))
+            return _neuron_of(fn, index, acts[name]).sum()
+        d_input = grad_of_sum(neuron_total, point)
         mid = _neuron_of(fn, index, d_layer)                                          # d f / d n, [k * size]
         w = torch.tensor(weights[first:first + k], dtype=torch.float64).to(device=mid.device, dtype=mid.dtype)
         scaled = (w[:, None] * mid.view(k, size)).view(k, size, *([1] * (d_input.ndim - 1)))
