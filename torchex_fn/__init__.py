@@ -9,6 +9,7 @@ from . import registry
 from .composite import concepts, generation, patching
 from .composite.classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
 from .composite.generation import continuation_ablation, continuation_attribution, continuation_logprob
+from .composite.neurons import neuron
 from .composite.patching import activation_patching, attribution_patching
 from .composite.runner import Attributions, attribute_dataset, open_attributions
 from .core import targets
@@ -36,7 +37,7 @@ __all__ = [
     "functionalize", "params_of",
     "capture", "intermediates", "layer_gradients", "tap",
     "saliency", "input_x_gradient", "smooth", "integrated_gradients", "gradient_shap",
-    "layer_conductance", "neuron_conductance", "internal_influence",
+    "layer_conductance", "neuron_conductance", "internal_influence", "neuron",
     "cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam", "ablation_cam",
     "fullgrad",
     "deeplift", "deeplift_shap", "guided_backprop",

@@ -669,31 +669,6 @@ def internal_influence(model_fn: ModelFn, params: Params, x: Any, target: Target
     return rebuild({n: torch.cat(sums[n]) for n in names})
 
 
-def _neuron_of(fn: str, index: Any, acts: Tensor) -> Tensor:
-    """The neuron ``index`` of a layer's output ``acts`` ``[B, *layer]``: ``[B]`` (a slice is summed)."""
-    if callable(index):
-        value = index(acts)
-        if not isinstance(value, Tensor) or value.shape != acts.shape[:1]:
-            raise _checks.value_error(fn, f"index(layer output) of shape [{acts.shape[0]}] (one value per example)",
-                                      _checks.describe(value))
-        return value
-    picked = acts[(slice(None), *index)]
-    return picked.reshape(acts.shape[0], -1).sum(1)
-
-
-def check_neuron_index(fn: str, index: Any) -> Tuple[Any, ...]:
-    """``index`` as a tuple of ints and slices (an int is a 1-tuple), or the callable it is."""
-    if callable(index):
-        return index
-    if isinstance(index, int) and not isinstance(index, bool):
-        return (index,)
-    if isinstance(index, tuple) and index and all(
-            isinstance(i, slice) or (isinstance(i, int) and not isinstance(i, bool)) for i in index):
-        return index
-    raise _checks.type_error(fn, "index, a tuple of ints (and slices) into the layer's output without the batch "
-                             "axis, or a callable layer output -> [B]", _checks.describe(index))
-
-
 @_docs.fill
 def neuron_conductance(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, layer: Any,
                        index: Any, baseline: Any = 0.0, steps: int = 50, method: str = "riemann_trapezoid",
@@ -752,7 +727,7 @@ def neuron_conductance(model_fn: ModelFn, params: Params, x: Any, target: Target
     """
     fn = "neuron_conductance"
     check_call(fn, model_fn, params, x, target)
-    index = check_neuron_index(fn, index)
+    index = _targets.check_neuron_index(fn, index)
     _check_path_options(fn, steps, method, batch_size, nodes=steps)
     names, _ = resolve_layers(fn, model_fn, layer)
     if len(names) != 1:
@@ -772,9 +747,9 @@ def neuron_conductance(model_fn: ModelFn, params: Params, x: Any, target: Target
         def neuron_total(v: Tensor, xs: Any = xs) -> Tensor:
             _, acts = intermediates(model_fn, layers=[name], fn=fn)(params, v if key is None else
                                                                     _inputs.replace(xs, key, v))
-            return _neuron_of(fn, index, acts[name]).sum()
+            return _targets.neuron_value(fn, index, acts[name]).sum()
         d_input = grad_of_sum(neuron_total, point)
-        mid = _neuron_of(fn, index, d_layer)                                          # d f / d n, [k * size]
+        mid = _targets.neuron_value(fn, index, d_layer)                                          # d f / d n, [k * size]
         w = torch.tensor(weights[first:first + k], dtype=torch.float64).to(device=mid.device, dtype=mid.dtype)
         scaled = (w[:, None] * mid.view(k, size)).view(k, size, *([1] * (d_input.ndim - 1)))
         part = (scaled * d_input.view(k, size, *d_input.shape[1:])).sum(0)
