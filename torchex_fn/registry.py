@@ -98,6 +98,7 @@ _ALL = [
     Method("deeplift", propagation.deeplift, "propagation", token_ids=True),
     Method("deeplift_shap", propagation.deeplift_shap, "propagation"),
     Method("guided_backprop", propagation.guided_backprop, "propagation"),
+    Method("deconvolution", propagation.deconvolution, "propagation"),
     Method("lrp", lrp.lrp, "lrp"),
     Method("occlusion", perturbation.occlusion, "perturbation"),
     Method("rise", perturbation.rise, "perturbation", output="map", ranks=_GRID),

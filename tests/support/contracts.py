@@ -107,6 +107,7 @@ CASES = {
     "vargrad_grad_cam": ("smooth", {"method": tx.grad_cam, "kind": "vargrad", "layer": "features"}, _smooth),
     "occlusion": ("occlusion", {"window": (3, 4, 4), "stride": 2, "batch_size": 8}),
     "guided_backprop": ("guided_backprop", {}),
+    "deconvolution": ("deconvolution", {}),
     "deeplift": ("deeplift", {"baseline": 0.1}),
     "deeplift_shap": ("deeplift_shap", {}, _deeplift_shap),
     "lrp": ("lrp", {"composite": "epsilon_alpha2_beta1_flat"}),
@@ -150,7 +151,7 @@ DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_s
                   "layer_cam", "xgrad_cam", "hires_cam", "ablation_cam", "fullgrad",  # eigen_cam: no fc dependence (test_cam_zoo)
                   "integrated_gradients", "integrated_gradients_chunked", "smoothgrad",
                   "layer_conductance", "layer_conductance_chunked", "internal_influence", "neuron_conductance", "vargrad_grad_cam",
-                  "occlusion", "guided_backprop", "deeplift", "deeplift_shap", "rise", "gradient_shap",
+                  "occlusion", "guided_backprop", "deconvolution", "deeplift", "deeplift_shap", "rise", "gradient_shap",
                   "lrp",
                   "feature_ablation", "shapley_values", "shapley_value_sampling", "kernel_shap", "lime"]
 

@@ -86,6 +86,7 @@ OPTIONS = {
     "deeplift": lambda x: {"baseline": 0.1},
     "deeplift_shap": lambda x: {"baselines": 0.1 * torch.ones_like(x[:1]).expand(2, *x.shape[1:]).clone()},
     "guided_backprop": lambda x: {},
+    "deconvolution": lambda x: {},
     "occlusion": lambda x: {"window": 2 if x.ndim <= 3 else 3, "stride": 2},
     "cam": lambda x: {"layer": "act2"},
     "grad_cam": lambda x: {"layer": "act2", "relu": False},
