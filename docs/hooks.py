@@ -74,7 +74,7 @@ def methods_page() -> str:
         "to its reference.",
         "",
         "- **output**: `input`, a map of `x`'s shape (of the layer output's shape with `layer=`); `map`,",
-        "  `[B, 1, *grid]` on `x`'s grid.",
+        "  `[B, 1, *grid]` on `x`'s grid; `layer`, a map of the layer output's shape.",
         "- **layer**: `required` (a layer method), `optional` (attributes at a layer's output with `layer=`,",
         "  else at `x`) or `none`.",
         "- **token ids**: takes integer token ids `[B, T]` as `x`, with `layer=` at the embeddings.",

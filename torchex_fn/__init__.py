@@ -9,6 +9,8 @@ from . import registry
 from .composite import concepts, generation, patching
 from .composite.classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
 from .composite.generation import continuation_ablation, continuation_attribution, continuation_logprob
+from .composite.guided import guided_grad_cam
+from .composite.neurons import neuron
 from .composite.patching import activation_patching, attribution_patching
 from .composite.runner import Attributions, attribute_dataset, open_attributions
 from .core import targets
@@ -24,9 +26,10 @@ from .methods.cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad
 from .methods.features import feature_ablation, kernel_shap, lime, shapley_value_sampling, shapley_values
 from .methods.gradient import input_x_gradient, saliency, smooth
 from .methods.lrp import lrp
-from .methods.path import gradient_shap, integrated_gradients
+from .methods.path import (gradient_shap, integrated_gradients, internal_influence, layer_conductance,
+                           neuron_conductance)
 from .methods.perturbation import occlusion, rise
-from .methods.propagation import deeplift, deeplift_shap, guided_backprop
+from .methods.propagation import deconvolution, deeplift, deeplift_shap, guided_backprop
 from .tools import masks, postprocess, text, viz
 
 __version__ = "0.2.0"
@@ -35,9 +38,10 @@ __all__ = [
     "functionalize", "params_of",
     "capture", "intermediates", "layer_gradients", "tap",
     "saliency", "input_x_gradient", "smooth", "integrated_gradients", "gradient_shap",
+    "layer_conductance", "neuron_conductance", "internal_influence", "neuron", "guided_grad_cam",
     "cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam", "ablation_cam",
     "fullgrad",
-    "deeplift", "deeplift_shap", "guided_backprop",
+    "deeplift", "deeplift_shap", "guided_backprop", "deconvolution",
     "lrp",
     "occlusion", "rise",
     "feature_ablation", "shapley_values", "shapley_value_sampling", "kernel_shap", "lime", "masks",

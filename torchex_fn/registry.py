@@ -35,7 +35,8 @@ class Method:
       function: The function. For a ``transform`` (``smooth``) it takes a method and returns one.
       family: The file of ``methods/`` it lives in (one of :data:`FAMILIES`).
       output: ``"input"``: a map of ``x``'s shape (of the layer output's shape with ``layer=``);
-        ``"map"``: ``[B, 1, *grid]`` on ``x``'s grid (the CAM family, RISE, the attention maps).
+        ``"map"``: ``[B, 1, *grid]`` on ``x``'s grid (the CAM family, RISE, the attention maps);
+        ``"layer"``: a map of the (required) layer's output shape (layer conductance, internal influence).
       ranks: The input ranks it runs on (:data:`RANKS`; ``docs/input_ranks.md`` has the table).
       token_ids: Takes integer token ids ``[B, T]`` as ``x`` with ``layer=`` at the embeddings.
       transform: A transform of a method (``smooth(method, ...)``) rather than a method.
@@ -81,6 +82,9 @@ _ALL = [
     Method("smooth", gradient.smooth, "gradient", transform=True),
     Method("integrated_gradients", path.integrated_gradients, "path", token_ids=True),
     Method("gradient_shap", path.gradient_shap, "path", token_ids=True),
+    Method("layer_conductance", path.layer_conductance, "path", output="layer"),
+    Method("neuron_conductance", path.neuron_conductance, "path"),
+    Method("internal_influence", path.internal_influence, "path", output="layer"),
     Method("cam", cam.cam, "cam", output="map", ranks=_GRID),
     Method("grad_cam", cam.grad_cam, "cam", output="map", ranks=_GRID),
     Method("grad_cam_pp", cam.grad_cam_pp, "cam", output="map", ranks=_GRID),
@@ -94,6 +98,7 @@ _ALL = [
     Method("deeplift", propagation.deeplift, "propagation", token_ids=True),
     Method("deeplift_shap", propagation.deeplift_shap, "propagation"),
     Method("guided_backprop", propagation.guided_backprop, "propagation"),
+    Method("deconvolution", propagation.deconvolution, "propagation"),
     Method("lrp", lrp.lrp, "lrp"),
     Method("occlusion", perturbation.occlusion, "perturbation"),
     Method("rise", perturbation.rise, "perturbation", output="map", ranks=_GRID),

@@ -16,7 +16,7 @@ HOOKS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "hooks.py"
 def _runnable_from_the_command_line():
     """From the registry: methods (no transforms) on images, without an option that takes a tensor."""
     return [m.name for m in METHODS.values()
-            if not m.transform and "image" in m.ranks and "baselines" not in m.required]
+            if not m.transform and "image" in m.ranks and "baselines" not in m.required and m.output != "layer"]
 
 
 def _method_action():

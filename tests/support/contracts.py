@@ -97,10 +97,17 @@ CASES = {
     "integrated_gradients": ("integrated_gradients", {"baseline": 0.1, "steps": 8}),
     "integrated_gradients_chunked": ("integrated_gradients",
                                      {"steps": 5, "method": "riemann_trapezoid", "batch_size": 4}),
+    "layer_conductance": ("layer_conductance", {"layer": "conv1", "baseline": 0.1, "steps": 4}),
+    "layer_conductance_chunked": ("layer_conductance", {"layer": "conv1", "steps": 5, "method": "riemann_trapezoid",
+                                                        "batch_size": 4}),
+    "internal_influence": ("internal_influence", {"layer": "conv1", "steps": 4}),
+    "neuron_conductance": ("neuron_conductance", {"layer": "features.0", "index": (4,), "steps": 4,
+                                                  "batch_size": 4}),
     "smoothgrad": ("smooth", {"method": tx.saliency}, _smooth),
     "vargrad_grad_cam": ("smooth", {"method": tx.grad_cam, "kind": "vargrad", "layer": "features"}, _smooth),
     "occlusion": ("occlusion", {"window": (3, 4, 4), "stride": 2, "batch_size": 8}),
     "guided_backprop": ("guided_backprop", {}),
+    "deconvolution": ("deconvolution", {}),
     "deeplift": ("deeplift", {"baseline": 0.1}),
     "deeplift_shap": ("deeplift_shap", {}, _deeplift_shap),
     "lrp": ("lrp", {"composite": "epsilon_alpha2_beta1_flat"}),
@@ -120,8 +127,9 @@ NOT_IN_CONTRACTS = {
     "legrad": "needs a model with attention blocks: tests/methods/test_attention.py",
 }
 
-# The output shape from x's shape, by the registry's ``output``.
-OUTPUT_SHAPES = {"input": lambda s: s, "map": lambda s: (s[0], 1, *s[2:])}
+# The output shape from x's shape, by the registry's ``output`` (``"layer"``: the cases' layer is TinyCNN's
+# ``conv1``, 4 channels on x's grid).
+OUTPUT_SHAPES = {"input": lambda s: s, "map": lambda s: (s[0], 1, *s[2:]), "layer": lambda s: (s[0], 4, *s[2:])}
 
 
 def output_of(method, options):
@@ -141,8 +149,9 @@ def _entry(method, options, wrap=None):
 METHODS = {case: _entry(*spec) for case, spec in CASES.items()}
 DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small", "grad_cam_pp", "score_cam",
                   "layer_cam", "xgrad_cam", "hires_cam", "ablation_cam", "fullgrad",  # eigen_cam: no fc dependence (test_cam_zoo)
-                  "integrated_gradients", "integrated_gradients_chunked", "smoothgrad", "vargrad_grad_cam",
-                  "occlusion", "guided_backprop", "deeplift", "deeplift_shap", "rise", "gradient_shap",
+                  "integrated_gradients", "integrated_gradients_chunked", "smoothgrad",
+                  "layer_conductance", "layer_conductance_chunked", "internal_influence", "neuron_conductance", "vargrad_grad_cam",
+                  "occlusion", "guided_backprop", "deconvolution", "deeplift", "deeplift_shap", "rise", "gradient_shap",
                   "lrp",
                   "feature_ablation", "shapley_values", "shapley_value_sampling", "kernel_shap", "lime"]
 

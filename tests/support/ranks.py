@@ -61,6 +61,11 @@ def _five(x):
     return (torch.arange(x[0].numel(), device=x.device) % 5).view(x.shape[1:])
 
 
+def _first_act(x):
+    """The first activation of the rank's model: the MLP's ``act`` ``[B, 16]``, the ConvNet's ``act1`` ``[B, 4, *grid]``."""
+    return "act" if x.ndim == 2 else "act1"
+
+
 def _gen(x):
     return torch.Generator(device=x.device).manual_seed(0)
 
@@ -74,10 +79,14 @@ OPTIONS = {
     "input_x_gradient": lambda x: {},
     "smooth": lambda x: {"method": tx.saliency, "samples": 3, "generator": _gen(x)},
     "integrated_gradients": lambda x: {"steps": 8},
+    "layer_conductance": lambda x: {"layer": _first_act(x), "steps": 6},
+    "internal_influence": lambda x: {"layer": _first_act(x), "steps": 6},
+    "neuron_conductance": lambda x: {"layer": _first_act(x), "index": (1,) * (x.ndim - 1), "steps": 6},
     "gradient_shap": lambda x: {"baselines": 0.5 * torch.ones_like(x[:1]), "samples": 4, "generator": _gen(x)},
     "deeplift": lambda x: {"baseline": 0.1},
     "deeplift_shap": lambda x: {"baselines": 0.1 * torch.ones_like(x[:1]).expand(2, *x.shape[1:]).clone()},
     "guided_backprop": lambda x: {},
+    "deconvolution": lambda x: {},
     "occlusion": lambda x: {"window": 2 if x.ndim <= 3 else 3, "stride": 2},
     "cam": lambda x: {"layer": "act2"},
     "grad_cam": lambda x: {"layer": "act2", "relu": False},
@@ -124,7 +133,13 @@ MAP_METHODS = {name for name in CALLS if REGISTRY[name].output == "map"}
 SUPPORTED = {name: set(REGISTRY[name].ranks) for name in CALLS}
 
 
+# Methods whose maps have the layer output's shape (the layer of OPTIONS: _first_act).
+LAYER_METHODS = {name for name in CALLS if REGISTRY[name].output == "layer"}
+
+
 def expected_shape(name: str, x: torch.Tensor) -> tuple:
+    if name in LAYER_METHODS:
+        return (x.shape[0], 16) if x.ndim == 2 else (x.shape[0], 4, *x.shape[2:])
     return (x.shape[0], 1, *x.shape[2:]) if name in MAP_METHODS else tuple(x.shape)
 
 

@@ -48,6 +48,8 @@ def unavailable(method: registry.Method) -> Optional[str]:
         return f"a transform of a method ({method.name}(method, ...) returns one), not a method"
     if "image" not in method.ranks:
         return "takes no images"
+    if method.output == "layer":
+        return "returns a map of a layer's output, not of the image"
     tensors = sorted(_TENSOR_OPTIONS & set(method.required))
     if tensors:
         return f"needs {', '.join(tensors)}, a tensor, which --option KEY=VALUE (a Python literal) cannot give"

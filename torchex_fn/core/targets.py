@@ -30,7 +30,8 @@ from . import checks as _checks
 from .inputs import split_output
 from .types import output_of
 
-__all__ = ["resolve", "resolve_index", "check", "log_prob", "prob", "logit", "select_output", "selector"]
+__all__ = ["resolve", "resolve_index", "check", "log_prob", "prob", "logit", "select_output", "selector",
+           "check_neuron_index", "neuron_value"]
 
 
 def select_output(out: Any, output: Any = None, *, fn: str = "resolve") -> Tensor:
@@ -203,3 +204,35 @@ def for_rows(target: Any, batch: int, g0: int, g1: int) -> Any:
     if isinstance(target, Tensor):
         return target.expand(batch)[g0:g1] if target.ndim == 0 else target[g0:g1]
     return target
+
+
+# --------------------------------------------------------------------------------------------
+# A neuron of a layer as the target (neuron conductance, tx.neuron).
+
+def neuron_value(fn: str, index: Any, acts: Tensor) -> Tensor:
+    """The neuron ``index`` of a layer's output ``acts`` ``[B, *layer]``: ``[B]`` (a slice is summed)."""
+    if callable(index):
+        value = index(acts)
+        if not isinstance(value, Tensor) or value.shape != acts.shape[:1]:
+            raise _checks.value_error(fn, f"index(layer output) of shape [{acts.shape[0]}] (one value per example)",
+                                      _checks.describe(value))
+        return value
+    shape = tuple(acts.shape[1:])
+    if len(index) > len(shape) or any(isinstance(i, int) and not -n <= i < n for i, n in zip(index, shape)):
+        raise _checks.value_error(fn, f"index within the layer's output shape {list(shape)} (without the batch axis)",
+                                  repr(index))
+    picked = acts[(slice(None), *index)]
+    return picked.reshape(acts.shape[0], -1).sum(1)
+
+
+def check_neuron_index(fn: str, index: Any) -> Any:
+    """``index`` as a tuple of ints and slices (an int is a 1-tuple), or the callable it is."""
+    if callable(index):
+        return index
+    if isinstance(index, int) and not isinstance(index, bool):
+        return (index,)
+    if isinstance(index, tuple) and index and all(
+            isinstance(i, slice) or (isinstance(i, int) and not isinstance(i, bool)) for i in index):
+        return index
+    raise _checks.type_error(fn, "index, a tuple of ints (and slices) into the layer's output without the batch "
+                             "axis, or a callable layer output -> [B]", _checks.describe(index))

@@ -17,7 +17,8 @@ from ..core.types import ModelFn, Params, Target
 from ..core.capture import intermediates, layer_gradients, resolve_layers
 from ..core.arguments import check_call
 
-__all__ = ["integrated_gradients", "gradient_shap", "quadrature"]
+__all__ = ["integrated_gradients", "gradient_shap", "quadrature", "layer_conductance", "internal_influence",
+           "neuron_conductance"]
 
 METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 
@@ -461,3 +462,299 @@ def _gradient_shap(fn, model_fn, params, x, target, entries, key, value, names, 
     if names is None:
         return result["input"]
     return resolve_layers(fn, model_fn, layer)[1](result)
+
+
+# --------------------------------------------------------------------------------------------
+# Conductance: integrated gradients through a layer, with the path in the input's space.
+
+def _check_path_options(fn: str, steps: Any, method: Any, batch_size: Any, *, nodes: int) -> None:
+    """The options the path family shares; ``nodes`` is the number of quadrature nodes ``steps`` gives."""
+    _checks.check_positive_int(fn, "steps", steps)
+    if not isinstance(method, str):
+        raise _checks.type_error(fn, f"method, one of {METHODS}", _checks.describe(method))
+    if method not in METHODS:
+        raise _checks.unknown_name(fn, "method", method, METHODS)
+    if method == "riemann_trapezoid" and nodes < 2:
+        raise _checks.value_error(fn, "steps >= 2 for method 'riemann_trapezoid' (both ends of the path)",
+                                  _checks.describe(steps))
+    _checks.check_positive_int(fn, "batch_size", batch_size, allow_none=True)
+
+
+class _InputPath:
+    """The straight path ``x0 + a (x - x0)`` in the input's space, evaluated at ``alphas`` in chunks.
+
+    :meth:`chunks` yields ``(group, first, k, xs, target)``: the nodes ``alphas[first:first + k]`` for
+    the examples of ``group`` (``(g0, g1)``) as one input of ``k * (g1 - g0)`` examples, node after node
+    (captum's layout), and the target for it. Every node of a group comes before the next group's.
+    """
+
+    def __init__(self, fn: str, model_fn: ModelFn, params: Params, x: Any, target: Target, baseline: Any,
+                 alphas: List[float], batch_size: Optional[int]):
+        self.fn, self.model_fn, self.params, self.x, self.target = fn, model_fn, params, x, target
+        self.key = None if isinstance(x, Tensor) else _inputs.attributed_key(fn, x)
+        base_input = _inputs.baseline_input(fn, baseline, x, self.key)
+        self.end: Tensor = x if self.key is None else x[self.key]
+        start: Tensor = base_input if self.key is None else base_input[self.key]  # type: ignore[index, assignment]
+        self.start = start.expand_as(self.end)
+        self.delta = self.end - self.start
+        self.alphas = alphas
+        batch = _inputs.batch_of(x)
+        cap = batch if batch_size is None else batch_size
+        self.groups = [(g0, min(g0 + cap, batch)) for g0 in range(0, batch, cap)]
+        self.per_forward = _inputs.copies_per_forward(cap, batch, self.end)
+        output = _targets.selector(model_fn)
+        self.index: Optional[Tensor] = None
+        if target is None:  # the class predicted for x itself, not for each path point
+            self.index = torch.cat([_targets.resolve_index(model_fn(params, _inputs.take(x, g0, g1)), None,
+                                                           fn=fn, output=output) for g0, g1 in self.groups])
+        elif isinstance(target, Tensor):
+            self.index = target.to(device=self.end.device, dtype=torch.long).expand(batch)
+
+    def chunks(self):
+        table = torch.tensor(self.alphas, dtype=torch.float64).to(device=self.end.device, dtype=self.end.dtype)
+        spatial = (1,) * (self.end.ndim - 1)
+        for g0, g1 in self.groups:
+            size = g1 - g0
+            for first in range(0, len(self.alphas), self.per_forward):
+                k = min(self.per_forward, len(self.alphas) - first)
+                a = table[first:first + k].view(k, 1, *spatial)
+                points = torch.addcmul(self.start[g0:g1], a, self.delta[g0:g1]).flatten(0, 1)
+                xs = points if self.key is None else _inputs.replace(
+                    _inputs.repeat(_inputs.take(self.x, g0, g1), k), self.key, points)
+                g_target = _targets.for_blocks(self.target, k, size, None if self.index is None else self.index[g0:g1])
+                yield (g0, g1), first, k, xs, g_target
+
+
+@_docs.fill
+def layer_conductance(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, layer: Any,
+                      baseline: Any = 0.0, steps: int = 50, method: str = "gausslegendre",
+                      batch_size: Optional[int] = None) -> Any:
+    """Layer conductance: the flow of ``f`` through each unit of a layer along the input's straight path.
+
+    With ``a(t) = layer(x0 + t (x - x0))``, the conductance of unit ``j`` is
+    ``integral_0^1 d f / d a_j (t) * d a_j / dt dt``, here (as captum's ``LayerConductance``) the sum
+    ``sum_k d f / d a_j (t_k) * (a_j(t_{k+1}) - a_j(t_k))`` over the ``steps + 1`` nodes
+    ``t_0 < ... < t_steps`` of the quadrature rule ``method`` (:func:`quadrature`; its weights are not
+    used). Summed over the layer's units, the terms telescope through the chain rule, so the map sums to
+    ``f(x(t_steps)) - f(x(t_0))`` up to the Riemann error; with ``method="riemann_trapezoid"`` the nodes
+    are ``0`` and ``1`` at the ends and the total is ``f(x) - f(x0)`` ("completeness"). With the default
+    Gauss-Legendre nodes the ends are inside ``(0, 1)``, as in captum. Unlike :func:`integrated_gradients`
+    with ``layer``, the path runs in the input's space, not the layer's.
+
+    Args:
+      {model_fn}
+      {params}
+      x: A floating-point batch ``[B, *input]``, or a dict of named inputs batch first (the path runs in its
+        one floating-point entry; the other entries are the same at every path point).
+      target: ``None`` (the class predicted for ``x``, not for each path point; one extra forward), int,
+        ``[B]`` ints, or a callable ``out -> [B]`` receiving the output of one chunk's examples for one
+        path point at a time, in ``x``'s order.
+      layer: The layer (a dotted name or module, or a list / dict of them; the result mirrors it).
+      baseline: The reference input ``x0``, in the input's space: a float, or a float tensor broadcastable
+        to ``x``; for a dict ``x`` a dict of the entries to replace, or a number / tensor for the
+        floating-point entry. Default: 0.0.
+      steps: Number of path segments, >= 1 (``steps + 1`` nodes, as captum's ``n_steps``). Default: 50.
+      method: The quadrature rule whose nodes are taken: ``"gausslegendre"`` (default, as captum),
+        ``"riemann_left"``, ``"riemann_right"``, ``"riemann_middle"`` or ``"riemann_trapezoid"``.
+      batch_size: Memory cap: the most examples in one forward pass (``B`` times the path points per
+        chunk; one path point of ``batch_size`` examples when ``B > batch_size``). Default: None (one path
+        point for all ``B`` examples per forward, as :func:`integrated_gradients`). It never changes the
+        result beyond floating-point summation order.
+
+    Returns:
+      The layer output's shape ``[B, *layer]`` (or ``layer``'s structure of them), on its dtype and device.
+
+    Raises:
+      TypeError: non-float ``x``, bad option types, a bad ``target``.
+      ValueError: ``layer_conductance: expected steps >= 1, got int 0.``; an unknown ``method`` or layer;
+        a ``baseline`` that does not broadcast to ``x``; ``target`` out of range.
+
+    Example:
+      >>> layer_conductance(fn, params, images, labels, layer="layer3", steps=32).shape   # [8, 256, 14, 14]
+
+    Cost: ``steps + 1`` forward passes of ``B`` examples and backward passes down to the layer (in
+      ``ceil((steps + 1) / k)`` passes of ``k * B`` with ``k = batch_size // B``), plus one forward for
+      ``target=None``. Memory: one forward and backward of ``max(B, batch_size)`` examples.
+    References: Dhamdhere et al., "How Important Is a Neuron?", ICLR 2019.
+    """
+    fn = "layer_conductance"
+    check_call(fn, model_fn, params, x, target)
+    _check_path_options(fn, steps, method, batch_size, nodes=steps + 1)
+    names, rebuild = resolve_layers(fn, model_fn, layer)
+    names = list(dict.fromkeys(names))
+    path = _InputPath(fn, model_fn, params, x, target, baseline, quadrature(method, steps + 1)[0], batch_size)
+    sums: Dict[str, List[Tensor]] = {n: [] for n in names}
+    carry: Dict[str, Tuple[Tensor, Tensor]] = {}
+    for (g0, g1), first, k, xs, g_target in path.chunks():
+        size = g1 - g0
+        found = layer_gradients(model_fn, params, xs, g_target, layers=names, fn=fn)
+        for n in names:
+            acts = found.acts[n].view(k, size, *found.acts[n].shape[1:])
+            grads = found.grads[n].view(k, size, *found.grads[n].shape[1:])
+            if first:  # the last node of the previous chunk starts this chunk's first segment
+                last_acts, last_grads = carry[n]
+                acts, grads = torch.cat([last_acts[None], acts]), torch.cat([last_grads[None], grads])
+            else:
+                sums[n].append(torch.zeros_like(acts[0]))
+            if acts.shape[0] > 1:
+                sums[n][-1] = sums[n][-1] + (grads[:-1] * (acts[1:] - acts[:-1])).sum(0)
+            carry[n] = (acts[-1], grads[-1])
+    return rebuild({n: torch.cat(sums[n]) for n in names})
+
+
+@_docs.fill
+def internal_influence(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, layer: Any,
+                       baseline: Any = 0.0, steps: int = 50, method: str = "gausslegendre",
+                       batch_size: Optional[int] = None) -> Any:
+    """Internal influence: the gradient w.r.t. a layer's output, integrated along the input's straight path.
+
+    ``integral_0^1 d f / d a (x0 + t (x - x0)) dt ~ sum_k w_k d f / d a (x0 + t_k (x - x0))`` with the
+    nodes and weights of :func:`quadrature` (captum's ``InternalInfluence``). Not multiplied by any
+    difference: it is :func:`layer_conductance` without the factor ``d a / dt``.
+
+    Args:
+      {model_fn}
+      {params}
+      x: A floating-point batch ``[B, *input]``, or a dict of named inputs batch first (the path runs in its
+        one floating-point entry; the other entries are the same at every path point).
+      target: ``None`` (the class predicted for ``x``, not for each path point; one extra forward), int,
+        ``[B]`` ints, or a callable ``out -> [B]`` receiving the output of one chunk's examples for one
+        path point at a time, in ``x``'s order.
+      layer: The layer (a dotted name or module, or a list / dict of them; the result mirrors it).
+      baseline: The reference input ``x0``, in the input's space: a float, or a float tensor broadcastable
+        to ``x``; for a dict ``x`` a dict of the entries to replace, or a number / tensor for the
+        floating-point entry. Default: 0.0.
+      steps: Number of path points (quadrature nodes), >= 1 (>= 2 for ``riemann_trapezoid``). Default: 50.
+      method: ``"gausslegendre"`` (default, as captum), ``"riemann_left"``, ``"riemann_right"``,
+        ``"riemann_middle"`` or ``"riemann_trapezoid"``.
+      batch_size: Memory cap: the most examples in one forward pass (``B`` times the path points per
+        chunk; one path point of ``batch_size`` examples when ``B > batch_size``). Default: None (one path
+        point for all ``B`` examples per forward, as :func:`integrated_gradients`). It never changes the
+        result beyond floating-point summation order.
+
+    Returns:
+      The layer output's shape ``[B, *layer]`` (or ``layer``'s structure of them), on its dtype and device.
+
+    Raises:
+      TypeError: non-float ``x``, bad option types, a bad ``target``.
+      ValueError: ``internal_influence: expected steps >= 1, got int 0.``; an unknown ``method`` or layer;
+        a ``baseline`` that does not broadcast to ``x``; ``target`` out of range.
+
+    Example:
+      >>> internal_influence(fn, params, images, labels, layer="layer3").shape   # [8, 256, 14, 14]
+
+    Cost: ``steps`` forward passes of ``B`` examples and backward passes down to the layer, plus one
+      forward for ``target=None``.
+    References: Leino et al., "Influence-Directed Explanations for Deep Convolutional Networks", 2018.
+    """
+    fn = "internal_influence"
+    check_call(fn, model_fn, params, x, target)
+    _check_path_options(fn, steps, method, batch_size, nodes=steps)
+    names, rebuild = resolve_layers(fn, model_fn, layer)
+    names = list(dict.fromkeys(names))
+    alphas, weights = quadrature(method, steps)
+    path = _InputPath(fn, model_fn, params, x, target, baseline, alphas, batch_size)
+    sums: Dict[str, List[Tensor]] = {n: [] for n in names}
+    for (g0, g1), first, k, xs, g_target in path.chunks():
+        size = g1 - g0
+        grads = layer_gradients(model_fn, params, xs, g_target, layers=names, fn=fn).grads
+        w = torch.tensor(weights[first:first + k], dtype=torch.float64)
+        for n in names:
+            g = grads[n]
+            part = torch.einsum("k,k...->...", w.to(device=g.device, dtype=g.dtype), g.view(k, size, *g.shape[1:]))
+            if first:
+                sums[n][-1] = sums[n][-1] + part
+            else:
+                sums[n].append(part)
+    return rebuild({n: torch.cat(sums[n]) for n in names})
+
+
+@_docs.fill
+def neuron_conductance(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, layer: Any,
+                       index: Any, baseline: Any = 0.0, steps: int = 50, method: str = "riemann_trapezoid",
+                       batch_size: Optional[int] = None) -> Any:
+    """Neuron conductance: the part of a neuron's conductance that flows through each input feature.
+
+    For the neuron ``n = a[index]`` of the layer, on the input's straight path
+    ``x(t) = x0 + t (x - x0)``::
+
+        A_i = (x_i - x0_i) * integral_0^1 d f / d n (x(t)) * d n / d x_i (x(t)) dt
+
+    with the nodes and weights of :func:`quadrature`, as captum's ``NeuronConductance`` (whose default
+    rule, ``riemann_trapezoid``, is also the default here). Summed over the inputs it is the neuron's
+    layer conductance (:func:`layer_conductance` at ``index``) up to the quadrature error. A slice in
+    ``index`` or a callable stands for the sum of the neurons it selects: ``d f / d n`` is then the same
+    selection of ``d f / d a`` (a callable is applied to the gradient w.r.t. the layer's output as well
+    as to the output, as captum does; exact for a linear selection).
+
+    Args:
+      {model_fn}
+      {params}
+      x: A floating-point batch ``[B, *input]``, or a dict of named inputs batch first (the path runs in its
+        one floating-point entry; the other entries are the same at every path point).
+      target: ``None`` (the class predicted for ``x``, not for each path point; one extra forward), int,
+        ``[B]`` ints, or a callable ``out -> [B]`` receiving the output of one chunk's examples for one
+        path point at a time, in ``x``'s order.
+      layer: The layer (a dotted name or module) whose output holds the neuron.
+      index: The neuron: a tuple of ints into the layer's output without the batch axis, e.g. ``(3, 5, 5)``
+        for channel 3 at row 5, column 5 (slices, and the axes an index shorter than the layer's rank
+        leaves, are summed: ``(3,)`` is all of channel 3); or a callable ``layer output -> [B]``.
+      baseline: The reference input ``x0``, in the input's space: a float, or a float tensor broadcastable
+        to ``x``; for a dict ``x`` a dict of the entries to replace, or a number / tensor for the
+        floating-point entry. Default: 0.0.
+      steps: Number of path points (quadrature nodes), >= 1 (>= 2 for ``riemann_trapezoid``). Default: 50.
+      method: ``"riemann_trapezoid"`` (default, as captum's ``NeuronConductance``), ``"gausslegendre"``,
+        ``"riemann_left"``, ``"riemann_right"`` or ``"riemann_middle"``.
+      batch_size: Memory cap: the most examples in one forward pass (``B`` times the path points per
+        chunk; one path point of ``batch_size`` examples when ``B > batch_size``). Default: None (one path
+        point for all ``B`` examples per forward, as :func:`integrated_gradients`). It never changes the
+        result beyond floating-point summation order.
+
+    Returns:
+      ``[B, *input]`` attributions (of the floating-point entry for a dict ``x``) on ``x``'s dtype and device.
+
+    Raises:
+      TypeError: non-float ``x``, a bad ``index`` or option type, a bad ``target``.
+      ValueError: ``neuron_conductance: expected steps >= 1, got int 0.``; an unknown ``method`` or layer;
+        an index out of the layer's range; ``target`` out of range.
+
+    Example:
+      >>> neuron_conductance(fn, params, images, labels, layer="layer3", index=(7, 2, 2)).shape  # [8, 3, 224, 224]
+
+    Cost: ``2 steps`` forward passes of ``B`` examples and two backward passes per path point (one from
+      the output down to the layer, one from the neuron to the input), plus one forward for ``target=None``.
+    References: Dhamdhere et al., "How Important Is a Neuron?", ICLR 2019.
+    """
+    fn = "neuron_conductance"
+    check_call(fn, model_fn, params, x, target)
+    index = _targets.check_neuron_index(fn, index)
+    _check_path_options(fn, steps, method, batch_size, nodes=steps)
+    names, _ = resolve_layers(fn, model_fn, layer)
+    if len(names) != 1:
+        raise _checks.value_error(fn, "one layer (a dotted name or module)", f"{len(names)} layers")
+    name = names[0]
+    alphas, weights = quadrature(method, steps)
+    path = _InputPath(fn, model_fn, params, x, target, baseline, alphas, batch_size)
+    key = path.key
+    sums: List[Tensor] = []
+    for (g0, g1), first, k, xs, g_target in path.chunks():
+        size = g1 - g0
+        point = xs if key is None else xs[key]
+        # d f / d a at the layer (a backward down to the layer), and d n / d x (a backward from the
+        # neuron to the input): two passes through grad_of_sum, which chooses the attention backend.
+        d_layer = layer_gradients(model_fn, params, xs, g_target, layers=[name], fn=fn).grads[name]
+
+        def neuron_total(v: Tensor, xs: Any = xs) -> Tensor:
+            _, acts = intermediates(model_fn, layers=[name], fn=fn)(params, v if key is None else
+                                                                    _inputs.replace(xs, key, v))
+            return _targets.neuron_value(fn, index, acts[name]).sum()
+        d_input = grad_of_sum(neuron_total, point)
+        mid = _targets.neuron_value(fn, index, d_layer)                                          # d f / d n, [k * size]
+        w = torch.tensor(weights[first:first + k], dtype=torch.float64).to(device=mid.device, dtype=mid.dtype)
+        scaled = (w[:, None] * mid.view(k, size)).view(k, size, *([1] * (d_input.ndim - 1)))
+        part = (scaled * d_input.view(k, size, *d_input.shape[1:])).sum(0)
+        if first:
+            sums[-1] = sums[-1] + part
+        else:
+            sums.append(part)
+    return path.delta * torch.cat(sums)

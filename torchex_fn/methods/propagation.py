@@ -1,4 +1,4 @@
-"""Modified back-propagation: DeepLIFT with the Rescale rule, DeepLIFT-SHAP, guided back-propagation.
+"""Modified back-propagation: DeepLIFT with the Rescale rule, DeepLIFT-SHAP, guided back-propagation, deconvolution.
 
 DeepLIFT explains ``f(x) - f(baseline)``. Every nonlinear operation on the path gets a *multiplier*
 in place of its derivative, chosen so that it maps the operation's input difference (baseline
@@ -78,7 +78,7 @@ from ..core.arguments import check_call
 from ..core.capture import intermediates, layer_shapes, resolve_layers
 from ..core.model import FunctionalModel
 
-__all__ = ["deeplift", "deeplift_shap", "guided_backprop"]
+__all__ = ["deeplift", "deeplift_shap", "guided_backprop", "deconvolution"]
 
 _BACKENDS = ("native", "captum")
 
@@ -892,5 +892,86 @@ def guided_backprop(model_fn: ModelFn, params: Params, x: Tensor, target: Target
 
     def total(xi: Tensor) -> Tensor:
         out, _ = _intercept.run(model_fn, _guided, params, xi)
+        return _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn)).sum()
+    return grad_of_sum(total, x)
+
+
+# --------------------------------------------------------------------------------------------
+# Deconvolution: the ReLU's backward rectifies the arriving signal and ignores the forward mask.
+
+class _DeconvReLU(torch.autograd.Function):
+    """``relu(z)`` forward; backward ``max(g, 0)``, whatever the sign of ``z`` (the deconvnet's rule).
+
+    As :class:`_GuidedReLU`, the backward is written with differentiable operations on ``g`` (an outer
+    derivative of the map sees ``d/dg = (g > 0)``, and nothing w.r.t. ``z``); ``jvp`` is the ReLU's own
+    forward derivative; ``generate_vmap_rule`` batches it under ``vmap``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor) -> Tensor:
+        return torch.relu(z)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return torch.relu(grad)
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(tangent, y, 0)
+
+
+def _deconv(call: _intercept.Call) -> Any:
+    """ReLU calls get the deconvolution rule; every other intercepted operation runs unchanged."""
+    if call.name == "relu":
+        return _DeconvReLU.apply(call.input)
+    return _returned(call, call.apply(*call.inputs))
+
+
+@_docs.fill
+def deconvolution(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None) -> Tensor:
+    """Deconvolution (the deconvnet's backward): ``d score / d x`` with each ReLU passing back ``max(g, 0)``.
+
+    The backward pass through each ReLU ``y = max(z, 0)`` becomes ``max(g, 0)``, ``g`` the gradient
+    arriving at ``y``, in place of ``g * (z > 0)``: the signal is rectified as it goes back and the
+    forward pass's mask is not used (guided back-propagation, :func:`guided_backprop`, applies both).
+    Every other operation keeps its gradient. As captum's ``Deconvolution``, which hooks ``nn.ReLU``
+    modules; here ReLU is recognised as an operation for the length of one call (modules, reused
+    modules, in-place, ``F.relu``, ``torch.relu``, ``x.relu()``), so where each ReLU is a module called
+    once the two agree.
+
+    Args:
+      {model_fn}
+      {params}
+      {x.float}
+      {target}
+
+    Returns:
+      ``[B, *input]`` maps on ``x``'s device and dtype.
+
+    Raises:
+      TypeError: non-float ``x``, a non-callable ``model_fn``, a bad ``target`` type.
+      ValueError: ``deconvolution: expected target in [0, 10), got int 12.``; ``x`` of rank below 2;
+        NaN in ``x``.
+
+    Example:
+      >>> deconvolution(fn, params, images, labels).shape     # [8, 3, 224, 224]
+
+    Cost: one forward and one backward to the input, as :func:`guided_backprop`.
+
+    References:
+      Zeiler and Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014.
+    """
+    fn = "deconvolution"
+    check_call(fn, model_fn, params, x, target, layer_option=False)
+
+    def total(xi: Tensor) -> Tensor:
+        out, _ = _intercept.run(model_fn, _deconv, params, xi)
         return _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn)).sum()
     return grad_of_sum(total, x)

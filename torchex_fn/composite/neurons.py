@@ -1,0 +1,86 @@
+"""``neuron(method, layer=, index=)``: any attribution method, explaining one neuron of a layer instead of an output.
+
+The method runs unchanged on a wrapped ``model_fn`` whose output is the neuron's value ``[B, 1]`` (read
+from the layer by a forward hook held for the length of each call), with target ``0``. So what holds for
+the method holds for the neuron: integrated gradients sum to ``n(x) - n(x0)``, DeepLIFT too, and the
+result is a differentiable function of ``params`` that ``vmap`` runs over ensembles.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict
+
+from torch import Tensor
+
+from ..core import checks as _checks
+from ..core import targets as _targets
+from ..core.capture import resolve_layers
+from ..core.model import Wrapped
+from ..core.types import ModelFn, Params, module_of
+
+__all__ = ["neuron"]
+
+
+def neuron(method: Callable[..., Any], *, layer: Any, index: Any) -> Callable[..., Any]:
+    """Turn ``method`` into the attribution of one neuron of ``layer`` (captum's ``Neuron*`` classes).
+
+    ``neuron(tx.integrated_gradients, layer="layer3", index=(7, 2, 2))`` is a function
+    ``(model_fn, params, x, **options) -> map`` that calls ``method(model_fn', params, x, 0, **options)``
+    where ``model_fn'(params, x)`` runs the model and returns the neuron's value ``[B, 1]``. It equals
+    captum's ``NeuronGradient`` (``tx.saliency``), ``NeuronIntegratedGradients``
+    (``tx.integrated_gradients``), ``NeuronGradientShap`` (``tx.gradient_shap``; captum draws per
+    example, ``tx.gradient_shap`` one draw per sample shared by the batch: equal when both are given the
+    same draws, e.g. one example, or one baseline with ``stdev=0``), ``NeuronDeepLift`` (``tx.deeplift``),
+    ``NeuronGuidedBackprop`` (``tx.guided_backprop``) and ``NeuronFeatureAblation``
+    (``tx.feature_ablation``), with the same options.
+
+    Args:
+      method: An attribution method ``method(model_fn, params, x, target, **options)``: any of the
+        package's per-input methods (``tx.saliency``, ``tx.integrated_gradients``, ``tx.deeplift``, ...).
+      layer: The layer whose output holds the neuron: a dotted name or module of the model.
+      index: The neuron: a tuple of ints into the layer's output without the batch axis, e.g. ``(3, 5, 5)``
+        for channel 3 at row 5, column 5 (slices, and the axes an index shorter than the layer's rank
+        leaves, are summed: ``(3,)`` is all of channel 3); or a callable ``layer output -> [B]``.
+
+    Returns:
+      A function ``(model_fn, params, x, **options)`` returning ``method``'s map for the neuron. The
+      ``model_fn`` must come from :func:`torchex_fn.functionalize` (the layer is read by a forward hook on
+      its module, removed when the call ends).
+
+    Raises:
+      TypeError: ``method`` not callable, a bad ``index`` (at once); at the call, a ``model_fn`` without a
+        module, or a ``target=`` (the neuron is the target).
+      ValueError: at the call, an unknown layer, several layers, an index out of the layer's shape.
+
+    Example:
+      >>> ig_neuron = tx.neuron(tx.integrated_gradients, layer="layer3", index=(7, 2, 2))
+      >>> ig_neuron(fn, params, images, steps=32).shape                      # [8, 3, 224, 224]
+    """
+    fn = "neuron"
+    if not callable(method):
+        raise _checks.type_error(fn, "method, an attribution method (model_fn, params, x, target, ...)",
+                                 _checks.describe(method))
+    index = _targets.check_neuron_index(fn, index)
+
+    def attribute(model_fn: ModelFn, params: Params, x: Any, **options: Any) -> Any:
+        if "target" in options:
+            raise _checks.type_error(fn, "no target= (the neuron is the target)", _checks.describe(options["target"]))
+        if module_of(model_fn) is None:
+            raise _checks.type_error(fn, "a model_fn from torchex_fn.functionalize (the layer is read by a forward "
+                                     "hook on its module)", _checks.describe(model_fn))
+        names, _ = resolve_layers(fn, model_fn, layer)
+        if len(names) != 1:
+            raise _checks.value_error(fn, "one layer (a dotted name or module)", f"{len(names)} layers")
+        seen: Dict[str, Tensor] = {}
+
+        def keep(module: Any, args: Any, output: Any) -> None:
+            seen["acts"] = output
+
+        def value(x_given: Any, out: Any) -> Tensor:
+            return _targets.neuron_value(fn, index, seen.pop("acts"))[:, None]
+
+        neuron_fn = Wrapped(model_fn, hook=(names[0], keep), after=value, output=None)
+        return method(neuron_fn, params, x, 0, **options)
+
+    name = getattr(method, "__name__", "method")
+    attribute.__name__ = attribute.__qualname__ = f"neuron_{name}"
+    return attribute
