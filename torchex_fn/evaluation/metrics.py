@@ -27,12 +27,20 @@ from ..core import grid as _grid
 from ..core import targets as _targets
 from ..core.types import ModelFn, Params, Target, module_of
 from ..core.arguments import check_call
+from .maps import as_map as _as_map
+from .maps import as_mask as _as_mask
+from .complexity import complexity, effective_complexity, sparseness
+from .localisation import (attribution_localisation, auc, focus, relevance_mass_accuracy, relevance_rank_accuracy,
+                           top_k_intersection)
 
 __all__ = [
     "Curve", "deletion", "insertion", "gaussian_blur",
     "PointingGame", "pointing_game", "energy_pointing_game",
     "Randomization", "randomization_check", "spearman",
     "infidelity", "sensitivity_max", "uniform_perturbation",
+    "complexity", "effective_complexity", "sparseness",
+    "attribution_localisation", "auc", "focus", "relevance_mass_accuracy", "relevance_rank_accuracy",
+    "top_k_intersection",
 ]
 
 
@@ -76,34 +84,6 @@ class Randomization(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------- helpers
-def _as_map(fn: str, name: str, attribution: Any, batch: int, size: Sequence[int]) -> Tensor:
-    """``[B, 1, H, W]`` from ``[B, H, W]`` / ``[B, C, h, w]`` (channels summed, resized to ``size``)."""
-    if not isinstance(attribution, Tensor):
-        raise _checks.type_error(fn, f"{name}, a tensor of shape [B, H, W] or [B, C, H, W]",
-                                 _checks.describe(attribution))
-    if not attribution.is_floating_point():
-        raise _checks.type_error(fn, f"{name} of a floating-point dtype", _checks.describe(attribution))
-    if attribution.ndim == 3:
-        attribution = attribution.unsqueeze(1)
-    if attribution.ndim != 4 or attribution.shape[0] != batch:
-        raise _checks.value_error(fn, f"{name} of shape [B, H, W] or [B, C, H, W] with B = {batch}",
-                                  _checks.describe(attribution))
-    if attribution.shape[1] != 1:
-        attribution = attribution.sum(dim=1, keepdim=True)
-    return _grid.resize(attribution, size)
-
-
-def _as_mask(fn: str, mask: Any) -> Tensor:
-    """``[B, H, W]`` bool from ``[B, H, W]`` or ``[B, 1, H, W]``."""
-    if not isinstance(mask, Tensor):
-        raise _checks.type_error(fn, "mask, a bool tensor of shape [B, 1, H, W] or [B, H, W]", _checks.describe(mask))
-    if mask.ndim == 4 and mask.shape[1] == 1:
-        mask = mask[:, 0]
-    if mask.ndim != 3:
-        raise _checks.value_error(fn, "mask of shape [B, 1, H, W] or [B, H, W]", _checks.describe(mask))
-    return mask if mask.dtype == torch.bool else mask > 0
-
-
 def gaussian_blur(x: Tensor, *, sigma: float = 5.0, kernel_size: int = 11) -> Tensor:
     """Separable Gaussian blur of ``[B, C, H, W]`` images with reflected borders.
 
