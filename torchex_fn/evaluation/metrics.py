@@ -23,7 +23,6 @@ from torch import Tensor
 
 from ..core import checks as _checks
 from ..core import docs as _docs
-from ..core import grid as _grid
 from ..core import targets as _targets
 from ..core.types import ModelFn, Params, Target, module_of
 from ..core.arguments import check_call
