@@ -33,7 +33,7 @@ OURS = {
 
 def test_reference_was_made_with_quantus_0_6_0():
     assert REFERENCE["versions"]["quantus"] == "0.6.0"
-    assert len(REFERENCE["per_example"]) == 2 * len(OURS)
+    assert {name for _, name in REFERENCE["per_example"]} >= set(OURS)
 
 
 @pytest.mark.parametrize("method", METHODS)

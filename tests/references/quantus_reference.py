@@ -105,8 +105,22 @@ def main() -> None:
             run(quantus.Focus, {}, xn[i:i + 1], yn[i:i + 1], an[i:i + 1], sn[i:i + 1], batch_size=1, model=net,
                 custom_batch=[tuple(int(v) for v in quadrants[i])]) for i in range(8)])
 
+    for method, a in maps.items():  # model-based: non-sensitivity, one element at a time
+        an = a.numpy().astype(np.float64)
+        for name, options in {"non_sensitivity": {}, "non_sensitivity_white": {"perturb_baseline": "white",
+                                                                                "eps": 1e-3}}.items():
+            per_example[(method, name)] = torch.cat([
+                run(quantus.NonSensitivity, options, xn[i:i + 1], yn[i:i + 1], an[i:i + 1], sn[i:i + 1],
+                    batch_size=1, model=net) for i in range(8)])
+            per_batch[(method, name)] = run(quantus.NonSensitivity, options, xn, yn, an, sn, batch_size=8, model=net)
+
     a = maps["saliency"].numpy().astype(np.float64)
     bugs = {}
+    try:
+        run(quantus.NonSensitivity, {"features_in_step": 4}, xn, yn, a, sn, batch_size=8, model=net)
+        bugs["non_sensitivity_features_in_step_raises"] = ""
+    except Exception as err:  # noqa: BLE001 - what Quantus raises is the record
+        bugs["non_sensitivity_features_in_step_raises"] = f"{type(err).__name__}: {err}"
     empty = sn.copy()
     empty[0] = 0
     bugs["pointing_game_empty_mask"] = run(quantus.PointingGame, {}, xn, yn, a, empty, batch_size=8)

@@ -67,3 +67,18 @@ def prepare(values: Tensor, *, normalise: bool, absolute: bool) -> Tensor:
         peak = values.abs().amax(dim=1, keepdim=True)
         values = values / torch.where(peak == 0, torch.ones_like(peak), peak)
     return values.abs() if absolute else values
+
+
+def broadcast_attribution(fn: str, attribution: Any, x: Tensor) -> Tensor:
+    if not isinstance(attribution, Tensor):
+        raise _checks.type_error(fn, "attribution, a tensor broadcastable to x", _checks.describe(attribution))
+    if not attribution.is_floating_point():
+        raise _checks.type_error(fn, "attribution of a floating-point dtype", _checks.describe(attribution))
+    if attribution.ndim != x.ndim or attribution.shape[0] != x.shape[0]:
+        raise _checks.value_error(fn, f"attribution of rank {x.ndim} with batch {x.shape[0]}, broadcastable to "
+                                      f"x's shape {tuple(x.shape)}", _checks.describe(attribution))
+    try:
+        return attribution.expand_as(x)
+    except RuntimeError:
+        raise _checks.value_error(fn, f"attribution broadcastable to x's shape {tuple(x.shape)}",
+                                  _checks.describe(attribution)) from None

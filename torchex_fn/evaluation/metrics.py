@@ -28,6 +28,8 @@ from ..core.types import ModelFn, Params, Target, module_of
 from ..core.arguments import check_call
 from .maps import as_map as _as_map
 from .maps import as_mask as _as_mask
+from .maps import broadcast_attribution as _broadcast_attribution
+from .axiomatic import Completeness, completeness, non_sensitivity
 from .complexity import complexity, effective_complexity, sparseness
 from .localisation import (attribution_localisation, auc, focus, relevance_mass_accuracy, relevance_rank_accuracy,
                            top_k_intersection)
@@ -40,6 +42,7 @@ __all__ = [
     "complexity", "effective_complexity", "sparseness",
     "attribution_localisation", "auc", "focus", "relevance_mass_accuracy", "relevance_rank_accuracy",
     "top_k_intersection",
+    "Completeness", "completeness", "non_sensitivity",
 ]
 
 
@@ -547,21 +550,6 @@ def infidelity(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor
     else:
         errors = ((a - b) ** 2).sum(0)
     return (errors / n_perturb_samples).to(x.dtype)
-
-
-def _broadcast_attribution(fn: str, attribution: Any, x: Tensor) -> Tensor:
-    if not isinstance(attribution, Tensor):
-        raise _checks.type_error(fn, "attribution, a tensor broadcastable to x", _checks.describe(attribution))
-    if not attribution.is_floating_point():
-        raise _checks.type_error(fn, "attribution of a floating-point dtype", _checks.describe(attribution))
-    if attribution.ndim != x.ndim or attribution.shape[0] != x.shape[0]:
-        raise _checks.value_error(fn, f"attribution of rank {x.ndim} with batch {x.shape[0]}, broadcastable to "
-                                      f"x's shape {tuple(x.shape)}", _checks.describe(attribution))
-    try:
-        return attribution.expand_as(x)
-    except RuntimeError:
-        raise _checks.value_error(fn, f"attribution broadcastable to x's shape {tuple(x.shape)}",
-                                  _checks.describe(attribution)) from None
 
 
 def uniform_perturbation(x: Tensor, radius: float, generator: Optional[torch.Generator] = None) -> Tensor:
