@@ -33,6 +33,7 @@ from .axiomatic import Completeness, completeness, non_sensitivity
 from .complexity import complexity, effective_complexity, sparseness
 from .localisation import (attribution_localisation, auc, focus, relevance_mass_accuracy, relevance_rank_accuracy,
                            top_k_intersection)
+from .text_metrics import Aopc, aopc_comprehensiveness, aopc_sufficiency, auprc, token_f1, token_iou
 
 __all__ = [
     "Curve", "deletion", "insertion", "gaussian_blur",
@@ -43,6 +44,7 @@ __all__ = [
     "attribution_localisation", "auc", "focus", "relevance_mass_accuracy", "relevance_rank_accuracy",
     "top_k_intersection",
     "Completeness", "completeness", "non_sensitivity",
+    "Aopc", "aopc_comprehensiveness", "aopc_sufficiency", "token_f1", "token_iou", "auprc",
 ]
 
 
