@@ -80,9 +80,38 @@ COMPLEXITY = {
 def run(metric, options, x, y, a, s, batch_size, **call):
     instance = metric(disable_warnings=True, **options)
     scores = instance(model=call.pop("model", None), x_batch=x, y_batch=y, a_batch=a.copy(), s_batch=s,
-                      batch_size=batch_size, channel_first=True, explain_func=None, explain_func_kwargs=None,
-                      model_predict_kwargs=None, softmax=False, **call)
+                      batch_size=batch_size, channel_first=True, explain_func=call.pop("explain_func", None),
+                      explain_func_kwargs=None, model_predict_kwargs=None, softmax=False, **call)
     return torch.tensor(np.asarray(scores, dtype=np.float64))
+
+
+def saliency_of(net):
+    fn, params = tx.functionalize(net)
+
+    def explain(model, inputs, targets, **kwargs):
+        x, y = torch.as_tensor(inputs), torch.as_tensor(targets).long()
+        return tx.saliency(fn, params, x, y).sum(1, keepdim=True).detach().numpy()
+    return explain
+
+
+def random_logit() -> None:
+    """Adds Quantus's random logit (saliency, SSIM) to the file, one example at a time, and the class each
+    example's draw gave (Quantus seeds numpy with 42 and draws among the classes other than the target)."""
+    saved = torch.load(OUT, weights_only=True)
+    net = model()
+    net.load_state_dict(saved["state_dict"])
+    x, y, a = saved["x"].numpy(), saved["y"].numpy(), saved["maps"]["saliency"].numpy().astype(np.float64)
+    scores, off = [], []
+    for i in range(8):
+        scores.append(run(quantus.RandomLogit, {"num_classes": 10}, x[i:i + 1], y[i:i + 1], a[i:i + 1], None,
+                          batch_size=1, model=net, explain_func=saliency_of(net)))
+        np.random.seed(42)
+        others = [c for c in range(10) if c != y[i]]
+        off.append(others[int(np.random.randint(0, 9, 1)[0])])
+    saved["per_example"][("saliency", "random_logit")] = torch.cat(scores)
+    saved["random_logit_off_target"] = torch.tensor(off)
+    torch.save(saved, OUT)
+    print("random logit", torch.cat(scores), off)
 
 
 def main() -> None:
@@ -150,4 +179,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if "--random-logit-only" not in sys.argv:  # the full run takes minutes: the last part can be redone alone
+        main()
+    random_logit()

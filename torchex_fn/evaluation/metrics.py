@@ -33,6 +33,7 @@ from .axiomatic import Completeness, completeness, non_sensitivity
 from .complexity import complexity, effective_complexity, sparseness
 from .localisation import (attribution_localisation, auc, focus, relevance_mass_accuracy, relevance_rank_accuracy,
                            top_k_intersection)
+from .randomisation import random_logit, ssim
 from .text_metrics import Aopc, aopc_comprehensiveness, aopc_sufficiency, auprc, token_f1, token_iou
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "attribution_localisation", "auc", "focus", "relevance_mass_accuracy", "relevance_rank_accuracy",
     "top_k_intersection",
     "Completeness", "completeness", "non_sensitivity",
+    "random_logit", "ssim",
     "Aopc", "aopc_comprehensiveness", "aopc_sufficiency", "token_f1", "token_iou", "auprc",
 ]
 
