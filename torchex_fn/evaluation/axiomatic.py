@@ -5,6 +5,8 @@
   (Sundararajan et al., 2017), with the gap itself, not a float equality.
 * :func:`non_sensitivity`: the features whose removal does not move the score should be those with no
   attribution, and the other way round (Nguyen & Martinez, 2020).
+* :func:`input_invariance`: a constant shift of the input, undone by the first layer's bias, leaves
+  the model unchanged and should leave the map unchanged (Kindermans et al., 2019).
 
 Baselines follow Quantus's names, computed per example: ``"black"`` is the example's minimum,
 ``"white"`` its maximum, ``"mean"`` its mean; a float or a tensor broadcastable to ``x`` is used as given.
@@ -24,7 +26,7 @@ from ..core.arguments import check_call
 from ..core.types import ModelFn, Params, Target
 from . import maps as _maps
 
-__all__ = ["Completeness", "completeness", "non_sensitivity"]
+__all__ = ["Completeness", "completeness", "non_sensitivity", "input_invariance"]
 
 _NAMED = ("black", "white", "mean")
 
@@ -204,3 +206,73 @@ def non_sensitivity(model_fn: ModelFn, params: Params, x: Tensor, attribution: T
             scores = _scores(fn, model_fn, params, perturbed.reshape(-1, *x.shape[1:]), index.repeat(ids.shape[0]))
             inert.append(((scores.view(ids.shape[0], batch) - reference[None]).abs() < eps).T)
     return (torch.cat(inert, dim=1) ^ unattributed).sum(dim=1)
+
+
+@_docs.fill
+def input_invariance(method: Callable[..., Tensor], model_fn: ModelFn, params: Params, x: Tensor,
+                     target: Target = None, *, first_layer: str, input_shift: float = -1.0, rtol: float = 1e-5,
+                     atol: float = 1e-4, abs: bool = False, normalise: bool = False) -> Tensor:
+    """Input invariance: is the map the same for ``x + shift`` under a model that undoes the shift?
+
+    The shifted model has the first layer's bias ``b' = b - shift * W.sum(inputs)`` (for a ``Linear``
+    weight ``[out, in]`` or a convolution ``[out, in, *kernel]``), so it gives on ``x + shift`` what the
+    model gives on ``x`` (exactly for a linear layer or an unpadded convolution; a zero-padded
+    convolution differs on its border). The map passes where every element agrees,
+    ``|a - a'| <= atol + rtol |a'|`` (numpy's ``isclose``, Quantus's rule). Gradients pass; input x
+    gradient and methods with a zero baseline fail. Quantus sets each bias from the *smallest* value of
+    the layer's response to the shift (a border value of a padded convolution), so its shifted model
+    is off in the interior too; here the bias follows the paper.
+
+    Args:
+      method: ``(model_fn, params, x, target) -> map``.
+      {model_fn}
+      {params}
+      {x.batch}
+      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      first_layer: Parameter-name prefix of the first layer, a ``Linear`` or convolution with a bias
+        that ``x`` enters first (e.g. ``"conv1"``, ``"0"`` for an ``nn.Sequential``).
+      input_shift: The constant added to ``x``. Default: -1.0 (Quantus's).
+      rtol: Relative tolerance. Default: 1e-5.
+      atol: Absolute tolerance. Default: 1e-4 (Quantus's).
+      abs: Compare magnitudes. Default: False.
+      normalise: Divide each map by its largest magnitude first. Default: False (Quantus's).
+
+    Returns:
+      ``[B]`` bool, True where the map did not change.
+
+    Raises:
+      ValueError: a ``first_layer`` without ``.weight`` and ``.bias`` in ``params``.
+      TypeError: a non-callable ``method``, non-number shift or tolerances.
+
+    Example:
+      >>> input_invariance(saliency, fn, params, x, y, first_layer="conv1")          # -> [16] bool
+
+    Cost: one forward pass (for a ``None`` target) and two calls of ``method``.
+    References: Kindermans et al., "The (Un)reliability of Saliency Methods", in Explainable AI,
+      Springer 2019.
+    """
+    fn = "input_invariance"
+    if not callable(method):
+        raise _checks.type_error(fn, "method, a callable (model_fn, params, x, target) -> map",
+                                 _checks.describe(method))
+    check_call(fn, model_fn, params, x, target, min_ndim=2)
+    _maps.check_flags(fn, abs=abs, normalise=normalise)
+    for name, value in (("input_shift", input_shift), ("rtol", rtol), ("atol", atol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _checks.type_error(fn, f"{name}, a number", _checks.describe(value))
+    weight_key, bias_key = f"{first_layer}.weight", f"{first_layer}.bias"
+    if not isinstance(first_layer, str) or weight_key not in params or bias_key not in params:
+        raise _checks.unknown_name(fn, "first_layer (a prefix with .weight and .bias)", str(first_layer),
+                                   sorted({k.rsplit(".", 1)[0] for k in params if k.endswith(".bias")}))
+    weight = params[weight_key]
+    shifted = dict(params)
+    shifted[bias_key] = params[bias_key] - input_shift * weight.sum(dim=tuple(range(1, weight.ndim)))
+    if target is None:
+        with torch.no_grad():
+            target = _targets.resolve_index(model_fn(params, x), None, fn=fn)
+    batch = x.shape[0]
+    original = _maps.prepare(_maps.flat(fn, "the method's map", method(model_fn, params, x, target)),
+                             normalise=normalise, absolute=abs)
+    moved = _maps.prepare(_maps.flat(fn, "the method's map", method(model_fn, shifted, x + input_shift, target)),
+                          normalise=normalise, absolute=abs)
+    return ((original - moved).abs() <= atol + rtol * moved.abs()).reshape(batch, -1).all(dim=1)

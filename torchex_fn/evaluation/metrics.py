@@ -29,7 +29,7 @@ from ..core.arguments import check_call
 from .maps import as_map as _as_map
 from .maps import as_mask as _as_mask
 from .maps import broadcast_attribution as _broadcast_attribution
-from .axiomatic import Completeness, completeness, non_sensitivity
+from .axiomatic import Completeness, completeness, input_invariance, non_sensitivity
 from .complexity import complexity, effective_complexity, sparseness
 from .localisation import (attribution_localisation, auc, focus, relevance_mass_accuracy, relevance_rank_accuracy,
                            top_k_intersection)
@@ -44,7 +44,7 @@ __all__ = [
     "complexity", "effective_complexity", "sparseness",
     "attribution_localisation", "auc", "focus", "relevance_mass_accuracy", "relevance_rank_accuracy",
     "top_k_intersection",
-    "Completeness", "completeness", "non_sensitivity",
+    "Completeness", "completeness", "non_sensitivity", "input_invariance",
     "random_logit", "ssim",
     "Aopc", "aopc_comprehensiveness", "aopc_sufficiency", "token_f1", "token_iou", "auprc",
 ]
