@@ -23,16 +23,30 @@ from torch import Tensor
 
 from ..core import checks as _checks
 from ..core import docs as _docs
-from ..core import grid as _grid
 from ..core import targets as _targets
 from ..core.types import ModelFn, Params, Target, module_of
 from ..core.arguments import check_call
+from .maps import as_map as _as_map
+from .maps import as_mask as _as_mask
+from .maps import broadcast_attribution as _broadcast_attribution
+from .axiomatic import Completeness, completeness, input_invariance, non_sensitivity
+from .complexity import complexity, effective_complexity, sparseness
+from .localisation import (attribution_localisation, auc, focus, relevance_mass_accuracy, relevance_rank_accuracy,
+                           top_k_intersection)
+from .randomisation import random_logit, ssim
+from .text_metrics import Aopc, aopc_comprehensiveness, aopc_sufficiency, auprc, token_f1, token_iou
 
 __all__ = [
     "Curve", "deletion", "insertion", "gaussian_blur",
     "PointingGame", "pointing_game", "energy_pointing_game",
     "Randomization", "randomization_check", "spearman",
     "infidelity", "sensitivity_max", "uniform_perturbation",
+    "complexity", "effective_complexity", "sparseness",
+    "attribution_localisation", "auc", "focus", "relevance_mass_accuracy", "relevance_rank_accuracy",
+    "top_k_intersection",
+    "Completeness", "completeness", "non_sensitivity", "input_invariance",
+    "random_logit", "ssim",
+    "Aopc", "aopc_comprehensiveness", "aopc_sufficiency", "token_f1", "token_iou", "auprc",
 ]
 
 
@@ -76,34 +90,6 @@ class Randomization(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------- helpers
-def _as_map(fn: str, name: str, attribution: Any, batch: int, size: Sequence[int]) -> Tensor:
-    """``[B, 1, H, W]`` from ``[B, H, W]`` / ``[B, C, h, w]`` (channels summed, resized to ``size``)."""
-    if not isinstance(attribution, Tensor):
-        raise _checks.type_error(fn, f"{name}, a tensor of shape [B, H, W] or [B, C, H, W]",
-                                 _checks.describe(attribution))
-    if not attribution.is_floating_point():
-        raise _checks.type_error(fn, f"{name} of a floating-point dtype", _checks.describe(attribution))
-    if attribution.ndim == 3:
-        attribution = attribution.unsqueeze(1)
-    if attribution.ndim != 4 or attribution.shape[0] != batch:
-        raise _checks.value_error(fn, f"{name} of shape [B, H, W] or [B, C, H, W] with B = {batch}",
-                                  _checks.describe(attribution))
-    if attribution.shape[1] != 1:
-        attribution = attribution.sum(dim=1, keepdim=True)
-    return _grid.resize(attribution, size)
-
-
-def _as_mask(fn: str, mask: Any) -> Tensor:
-    """``[B, H, W]`` bool from ``[B, H, W]`` or ``[B, 1, H, W]``."""
-    if not isinstance(mask, Tensor):
-        raise _checks.type_error(fn, "mask, a bool tensor of shape [B, 1, H, W] or [B, H, W]", _checks.describe(mask))
-    if mask.ndim == 4 and mask.shape[1] == 1:
-        mask = mask[:, 0]
-    if mask.ndim != 3:
-        raise _checks.value_error(fn, "mask of shape [B, 1, H, W] or [B, H, W]", _checks.describe(mask))
-    return mask if mask.dtype == torch.bool else mask > 0
-
-
 def gaussian_blur(x: Tensor, *, sigma: float = 5.0, kernel_size: int = 11) -> Tensor:
     """Separable Gaussian blur of ``[B, C, H, W]`` images with reflected borders.
 
@@ -568,21 +554,6 @@ def infidelity(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor
     else:
         errors = ((a - b) ** 2).sum(0)
     return (errors / n_perturb_samples).to(x.dtype)
-
-
-def _broadcast_attribution(fn: str, attribution: Any, x: Tensor) -> Tensor:
-    if not isinstance(attribution, Tensor):
-        raise _checks.type_error(fn, "attribution, a tensor broadcastable to x", _checks.describe(attribution))
-    if not attribution.is_floating_point():
-        raise _checks.type_error(fn, "attribution of a floating-point dtype", _checks.describe(attribution))
-    if attribution.ndim != x.ndim or attribution.shape[0] != x.shape[0]:
-        raise _checks.value_error(fn, f"attribution of rank {x.ndim} with batch {x.shape[0]}, broadcastable to "
-                                      f"x's shape {tuple(x.shape)}", _checks.describe(attribution))
-    try:
-        return attribution.expand_as(x)
-    except RuntimeError:
-        raise _checks.value_error(fn, f"attribution broadcastable to x's shape {tuple(x.shape)}",
-                                  _checks.describe(attribution)) from None
 
 
 def uniform_perturbation(x: Tensor, radius: float, generator: Optional[torch.Generator] = None) -> Tensor:
