@@ -8,7 +8,8 @@ from . import data as datasets
 from . import registry
 from .composite import generation
 from .composite.classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
-from .composite.generation import continuation_ablation, continuation_attribution, continuation_logprob
+from .composite.generation import (continuation_ablation, continuation_attribution, continuation_logprob,
+                                  continuation_score, next_token_kl, token_scores)
 from .composite.runner import Attributions, attribute_dataset, open_attributions
 from .core import targets
 from .core.capture import capture, intermediates, layer_gradients, tap
@@ -48,4 +49,5 @@ __all__ = [
     "datasets", "metrics", "postprocess", "targets", "text", "viz", "registry",
     "TrainingModeWarning",
     "generation", "continuation_logprob", "continuation_attribution", "continuation_ablation",
+    "continuation_score", "token_scores", "next_token_kl",
 ]
