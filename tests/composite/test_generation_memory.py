@@ -174,3 +174,36 @@ def test_memory_options_errors():
         return fn(p, ids)
     with pytest.raises(TypeError, match=r"continuation_attribution: expected a model_fn from functionalize"):
         call(plain, params, prompt, cont, layer="transformer.wte", checkpoint=True)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_ablation_over_the_clean_key_value_cache_equals_full_forwards(dtype, tol):
+    model = _gpt2(dtype)
+    fn, params = tx.functionalize(model)
+    prompt, cont = _ids(n_in=7, n_out=3)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    full = tx.continuation_ablation(fn, params, prompt, cont, baseline=3, mask=mask)
+    cached = tx.continuation_ablation(fn, params, prompt, cont, baseline=3, mask=mask, cache=True)
+    assert full.token_attr.abs().max() > 1e-3
+    torch.testing.assert_close(cached.token_attr, full.token_attr, rtol=0, atol=tol)
+    # seq_attr differs two summed log-probabilities of ~12 in size: float32 resolves them to ~1e-6 each
+    torch.testing.assert_close(cached.seq_attr, full.seq_attr, rtol=0, atol=4 * tol if dtype == torch.float32 else tol)
+    # fewer tokens run: the clean forward, then T - i tokens for ablated position i (counted at the first block)
+    lengths = []
+    handle = model.transformer.h[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    try:
+        tx.continuation_ablation(fn, params, prompt, cont, baseline=3, cache=True)
+    finally:
+        handle.remove()
+    assert lengths == [10] + [10 - i for i in range(7)]
+
+
+def test_ablation_cache_needs_a_huggingface_cache():
+    fn, params = tx.functionalize(_gpt2(torch.float32))
+    prompt, cont = _ids()
+
+    def plain(p, ids):
+        return fn(p, ids)
+    with pytest.raises(ValueError, match=r"continuation_ablation: expected a model whose forward takes input_ids, "
+                                         r"past_key_values \(or cache\) and use_cache"):
+        tx.continuation_ablation(plain, params, prompt, cont, cache=True)
