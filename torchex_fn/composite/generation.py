@@ -1069,9 +1069,8 @@ def continuation_ablation(model_fn: ModelFn, params: Params, prompt_ids: Tensor,
     full = torch.cat([variants, cont[None].expand(1 + n_in, batch, n_out)], dim=2).flatten(0, 1)
     labels = cont.repeat(1 + n_in, 1)                                            # [(1 + T_in) B, T_out]
     if cache:
-        logp = _cached_ablation(fn, model_fn, params, prompt_ids, reference, cont)
-        logp = logp * weights.to(logp.dtype)                                     # [1 + T_in, B, T_out]
-        return _ablation_result(logp)
+        cached = _cached_ablation(fn, model_fn, params, prompt_ids, reference, cont)
+        return _ablation_result(cached * weights.to(cached.dtype))              # [1 + T_in, B, T_out]
     cap = batch if batch_size is None else batch_size
     first = True
     logp = []
