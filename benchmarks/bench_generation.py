@@ -63,7 +63,7 @@ def main():
     parser.add_argument("--out", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[0, 40],
-                        help="torchex_fn batch_size values (0: None, all path points in one forward)")
+                        help="torchex_fn internal_batch_size values (0: None, all path points in one forward)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     C.setup(args.threads)
@@ -85,9 +85,9 @@ def main():
     contenders = {"captum LLMGradientAttribution(LayerIntegratedGradients)":
                   lambda: captum_llm.attribute(text, target=generated, n_steps=args.steps).token_attr}
     for bs in [b or None for b in args.batch_sizes]:
-        contenders[f"torchex_fn.continuation_attribution batch_size={bs}"] = (
+        contenders[f"torchex_fn.continuation_attribution internal_batch_size={bs}"] = (
             lambda bs=bs: tx.continuation_attribution(fn, params, prompt, generated, steps=args.steps,
-                                                      batch_size=bs).token_attr)
+                                                      internal_batch_size=bs).token_attr)
     results = {name: f() for name, f in contenders.items()}                 # warm-up and parity
     ref = results[next(iter(contenders))]
     for name, r in results.items():

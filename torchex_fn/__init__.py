@@ -8,7 +8,8 @@ from . import data as datasets
 from . import registry
 from .composite import concepts, generation, patching
 from .composite.classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
-from .composite.generation import continuation_ablation, continuation_attribution, continuation_logprob
+from .composite.generation import (continuation_ablation, continuation_attribution, continuation_logprob,
+                                   continuation_score, next_token_kl, token_scores)
 from .composite.guided import guided_grad_cam
 from .composite.neurons import neuron
 from .composite.patching import activation_patching, attribution_patching
@@ -53,5 +54,6 @@ __all__ = [
     "datasets", "metrics", "postprocess", "targets", "text", "viz", "registry",
     "TrainingModeWarning",
     "concepts", "generation", "continuation_logprob", "continuation_attribution", "continuation_ablation",
+    "continuation_score", "token_scores", "next_token_kl",
     "patching", "activation_patching", "attribution_patching",
 ]

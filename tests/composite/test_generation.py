@@ -159,8 +159,9 @@ def test_one_call_equals_a_loop_over_output_tokens_and_is_complete():
     gap = _logprobs(model, prompt, cont) - _logprobs(model, torch.full_like(prompt, 5), cont)
     torch.testing.assert_close(ours.token_attr.sum(-1), gap, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(ours.seq_attr, ours.token_attr.sum(1))
-    # memory caps change nothing: one example per group, 5 path points per forward
-    capped = tx.continuation_attribution(fn, params, prompt, cont, steps=24, baseline=5, batch_size=5)
+    # memory caps change nothing: 2 path points of both examples per forward, one output token per backward
+    capped = tx.continuation_attribution(fn, params, prompt, cont, steps=24, baseline=5, internal_batch_size=5,
+                                         batch_size=1)
     torch.testing.assert_close(capped.token_attr, ours.token_attr, rtol=1e-9, atol=1e-12)
 
 

@@ -25,26 +25,36 @@ right-padded and marked by ``mask``.
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import threading
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
-from torch import Tensor
+import torch.utils.checkpoint
+from torch import Tensor, nn
 
 from ..core import checks as _checks
 from ..core import docs as _docs
+from ..core import inputs as _inputs
 from ..core import targets as _targets
 from ..core.model import Wrapped
-from ..core.types import ModelFn, Params, module_of
-from ..core.capture import resolve_layers
-from ..methods.gradient import input_x_gradient, saliency
-from ..methods.path import METHODS as QUADRATURES, integrated_gradients
+from ..core.types import ModelFn, Params, layer_names_of, lock_of, module_of
+from ..core.capture import intermediates, resolve_layers
+from ..methods.path import METHODS as QUADRATURES, quadrature as _quadrature
+from ..methods.propagation import deeplift
 
-__all__ = ["ContinuationAttribution", "continuation_logprob", "token_logprobs", "continuation_attribution",
-           "continuation_ablation", "GRADIENT_METHODS"]
+__all__ = ["ContinuationAttribution", "continuation_logprob", "token_logprobs", "token_scores", "continuation_score",
+           "next_token_kl", "continuation_attribution", "continuation_ablation", "ATTRIBUTION_METHODS",
+           "GRADIENT_METHODS", "SCORES", "AGGREGATIONS"]
 
-GRADIENT_METHODS = ("integrated_gradients", "saliency", "input_x_gradient")
+# The methods whose backward passes share one forward (torch.func.vjp, or autograd with checkpoint=).
+GRADIENT_METHODS = ("integrated_gradients", "saliency", "input_x_gradient", "gradient_shap")
+# Methods with backward rules of their own run once per chunk of output tokens, vmapped over it. AttnLRP
+# (methods/lrp.py, lrp(..., composite="attnlrp", layer=)) goes here once it exists.
+_PER_CHUNK: Dict[str, Callable[..., Any]] = {"deeplift": deeplift}
+ATTRIBUTION_METHODS = GRADIENT_METHODS + tuple(_PER_CHUNK)
 REDUCTIONS = ("sum", "norm")
 
 
@@ -141,15 +151,20 @@ def token_logprobs(out: Any, continuation_ids: Tensor, *, prompt_length: Optiona
     return _token_logprobs("token_logprobs", out, continuation_ids, prompt_length, check=True)
 
 
-def _token_logprobs(fn: str, out: Any, ids: Tensor, prompt_length: Optional[int], *, check: bool,
-                    output: Any = None) -> Tensor:
+def _check_prompt_length(fn: str, prompt_length: Any) -> None:
+    if prompt_length is not None and (isinstance(prompt_length, bool) or not isinstance(prompt_length, int)):
+        raise _checks.type_error(fn, "prompt_length, an int >= 1 or None", _checks.describe(prompt_length))
+    if prompt_length is not None and prompt_length < 1:
+        raise _checks.value_error(fn, "prompt_length >= 1 (the continuation is predicted from the prompt)",
+                                  _checks.describe(prompt_length))
+
+
+def _picked(fn: str, out: Any, ids: Tensor, prompt_length: Optional[int], *, check: bool,
+            output: Any = None) -> Tuple[Tensor, Tensor]:
+    """The logits that score the continuation ``[B, T_out, vocab]`` and its ids ``[B, T_out]``."""
     if check:
         _check_ids(fn, "continuation_ids", ids, (1, 2), "[B, T_out] or [T_out]")
-        if prompt_length is not None and (isinstance(prompt_length, bool) or not isinstance(prompt_length, int)):
-            raise _checks.type_error(fn, "prompt_length, an int >= 1 or None", _checks.describe(prompt_length))
-        if prompt_length is not None and prompt_length < 1:
-            raise _checks.value_error(fn, "prompt_length >= 1 (the continuation is predicted from the prompt)",
-                                      _checks.describe(prompt_length))
+        _check_prompt_length(fn, prompt_length)
     logits = _logits(fn, out, output)
     batch, positions, vocab = logits.shape
     length = ids.shape[-1]
@@ -167,7 +182,12 @@ def _token_logprobs(fn: str, out: Any, ids: Tensor, prompt_length: Optional[int]
     if check:
         _checks.check_values(fn, ids >= vocab, f"continuation_ids in [0, {vocab}) (the vocabulary)",
                              lambda: f"ids up to {int(ids.max())}")
-    picked = logits[:, start:start + length]                                    # [B, T_out, vocab]
+    return logits[:, start:start + length], ids                                 # [B, T_out, vocab], [B, T_out]
+
+
+def _token_logprobs(fn: str, out: Any, ids: Tensor, prompt_length: Optional[int], *, check: bool,
+                    output: Any = None) -> Tensor:
+    picked, ids = _picked(fn, out, ids, prompt_length, check=check, output=output)
     return picked.gather(-1, ids[..., None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
 
 
@@ -222,6 +242,257 @@ def continuation_logprob(continuation_ids: Tensor, *, prompt_length: Optional[in
 
 
 # --------------------------------------------------------------------------------------------
+# The targets of the field (inseq's step functions): scores of continuation tokens, their contrast,
+# their aggregation over tokens, and the divergence of two inputs' next-token distributions.
+
+SCORES = ("logprob", "prob", "logit")
+AGGREGATIONS = ("sum", "mean", "max", "l2")
+
+
+def _check_score(fn: str, score: Any) -> None:
+    if callable(score):
+        return
+    if not isinstance(score, str):
+        raise _checks.type_error(fn, f"score, one of {SCORES} or a callable (logits [N, T_out, vocab], ids "
+                                 "[N, T_out]) -> [N, T_out]", _checks.describe(score))
+    if score not in SCORES:
+        raise _checks.unknown_name(fn, "score", score, SCORES)
+
+
+def _check_contrast(fn: str, contrast_ids: Any, cont: Tensor, vocab: Optional[int]) -> Tensor:
+    """``contrast_ids`` as ``[B, T_out]`` like the continuation ``cont``."""
+    _check_ids(fn, "contrast_ids", contrast_ids, (1, 2), "[B, T_out] or [T_out]")
+    if contrast_ids.shape[-1] != cont.shape[-1] or (contrast_ids.ndim == 2 and contrast_ids.shape[0] != cont.shape[0]):
+        raise _checks.value_error(fn, f"contrast_ids of the continuation's shape {list(cont.shape)} (or [T_out])",
+                                  _checks.describe(contrast_ids), "One contrast token per continuation token.")
+    if vocab is not None:
+        _checks.check_values(fn, contrast_ids >= vocab, f"contrast_ids in [0, {vocab}) (the vocabulary)",
+                             lambda: f"ids up to {int(contrast_ids.max())}")
+    return contrast_ids.to(device=cont.device, dtype=cont.dtype).expand(cont.shape)
+
+
+def _one_score(picked: Tensor, ids: Tensor, score: Any) -> Tensor:
+    """``[N, T_out]`` scores of ``ids`` under ``picked`` logits ``[N, T_out, vocab]``."""
+    if callable(score):
+        return score(picked, ids)
+    chosen = picked.gather(-1, ids[..., None]).squeeze(-1)
+    if score == "logit":
+        return chosen
+    logp = chosen - torch.logsumexp(picked, dim=-1)
+    return logp if score == "logprob" else logp.exp()
+
+
+def _scores(fn: str, logits: Tensor, ids: Tensor, contrast: Optional[Tensor], score: Any,
+            prompt_length: Optional[int]) -> Tensor:
+    picked, ids = _picked(fn, logits, ids, prompt_length, check=False)
+    s = _one_score(picked, ids, score)
+    if contrast is not None:
+        s = s - _one_score(picked, contrast.to(ids.device).expand(ids.shape), score)
+    return s
+
+
+def _aggregate(fn: str, s: Tensor, weights: Optional[Tensor], aggregate: str) -> Tensor:
+    """``[B, T_out] -> [B]`` over the tokens whose weight is non-zero."""
+    w = torch.ones_like(s) if weights is None else weights.to(device=s.device, dtype=s.dtype).expand(s.shape)
+    if aggregate == "sum":
+        return (s * w).sum(-1)
+    if aggregate == "mean":
+        return (s * w).sum(-1) / w.sum(-1).clamp_min(1)
+    if aggregate == "l2":
+        return torch.linalg.vector_norm(s * w, dim=-1)
+    return torch.where(w > 0, s, torch.full_like(s, -torch.inf)).amax(-1)
+
+
+def _span_weights(fn: str, length: int, mask: Optional[Tensor], span: Any, batch: Optional[int]) -> Optional[Tensor]:
+    """The mask times the span's indicator ``[T_out]``; None when neither is given."""
+    _check_mask(fn, mask, batch, length)
+    weights = None if mask is None else mask.to(torch.float32)
+    if span is None:
+        return weights
+    if not (isinstance(span, tuple) and len(span) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                 for v in span)):
+        raise _checks.type_error(fn, "span, a pair (start, stop) of continuation positions", _checks.describe(span))
+    start, stop = span
+    if not 0 <= start < stop <= length:
+        raise _checks.value_error(fn, f"span (start, stop) with 0 <= start < stop <= T_out = {length}",
+                                  _checks.describe(span))
+    inside = torch.zeros(length)
+    inside[start:stop] = 1.0
+    return inside if weights is None else weights * inside
+
+
+def _check_choice(fn: str, name: str, value: Any, known: tuple) -> None:
+    if not isinstance(value, str):
+        raise _checks.type_error(fn, f"{name}, one of {known}", _checks.describe(value))
+    if value not in known:
+        raise _checks.unknown_name(fn, name, value, known)
+
+
+@_docs.fill
+def token_scores(out: Any, continuation_ids: Tensor, *, score: Any = "logprob", contrast_ids: Optional[Tensor] = None,
+                 prompt_length: Optional[int] = None) -> Tensor:
+    """Per-token scores of a continuation, teacher-forced: ``[B, T_out]`` (inseq's step functions).
+
+    At every continuation position ``t`` the logits ``z = logits[:, t - 1]`` score token ``c_t``:
+
+    * ``"logprob"``: ``log softmax(z)[c_t]`` (:func:`token_logprobs`);
+    * ``"prob"``: ``softmax(z)[c_t]``;
+    * ``"logit"``: ``z[c_t]``;
+    * a callable ``(logits [B, T_out, vocab], ids [B, T_out]) -> [B, T_out]``: any function of the
+      continuation positions' logits (e.g. entropy, a margin).
+
+    With ``contrast_ids`` each score becomes ``score(c_t) - score(contrast_t)`` at the same position
+    (contrastive attribution, Yin & Neubig 2022): ``"logprob"`` gives ``log p(c_t) - log p(contrast_t)``,
+    ``"prob"`` the probability difference.
+
+    Args:
+      out: The output of the model on ``[prompt; continuation]``: logits ``[B, L, vocab]`` or a
+        ``ModelOutput`` / dict with ``logits``.
+      {continuation_ids}
+      score: ``"logprob"`` (default), ``"prob"``, ``"logit"`` or a callable (see above).
+      contrast_ids: ``[B, T_out]`` or ``[T_out]`` ids of the contrast tokens. Default: None.
+      prompt_length: The position of the first continuation token (``T_in``). ``None`` (default): the
+        continuation is the last ``T_out`` tokens of the sequence.
+
+    Returns:
+      ``[B, T_out]`` scores.
+
+    Raises:
+      TypeError: non-integer ids; a ``score`` neither a name nor a callable.
+      ValueError: an unknown ``score``; ``contrast_ids`` unlike the continuation; an output without
+        logits ``[B, L, vocab]``; a continuation that does not fit; ids >= vocab.
+
+    Example:
+      >>> out = model(torch.cat([prompt, continuation], 1))
+      >>> token_scores(out, continuation, score="prob", contrast_ids=other).shape          # [B, T_out]
+
+    Cost: a log-softmax over ``T_out`` positions (two gathers with ``contrast_ids``).
+    """
+    fn = "token_scores"
+    _check_ids(fn, "continuation_ids", continuation_ids, (1, 2), "[B, T_out] or [T_out]")
+    _check_score(fn, score)
+    _check_prompt_length(fn, prompt_length)
+    contrast = None
+    if contrast_ids is not None:
+        contrast = _check_contrast(fn, contrast_ids, continuation_ids, None)
+    picked, ids = _picked(fn, out, continuation_ids, prompt_length, check=True)
+    s = _one_score(picked, ids, score)
+    if contrast is not None:
+        _checks.check_values(fn, contrast >= picked.shape[-1], f"contrast_ids in [0, {picked.shape[-1]})",
+                             lambda: f"ids up to {int(contrast.max())}")
+        s = s - _one_score(picked, contrast.to(ids.device).expand(ids.shape), score)
+    return s
+
+
+@_docs.fill
+def continuation_score(continuation_ids: Tensor, *, score: Any = "logprob", contrast_ids: Optional[Tensor] = None,
+                       aggregate: str = "sum", span: Optional[Tuple[int, int]] = None,
+                       prompt_length: Optional[int] = None, mask: Optional[Tensor] = None) -> Callable[[Any], Tensor]:
+    """A target: the per-token scores of :func:`token_scores`, aggregated over tokens, ``out -> [B]``.
+
+    ``aggregate`` over the continuation tokens that ``mask`` and ``span`` keep: ``"sum"`` (default; the
+    sequence's log-probability with ``score="logprob"``, as :func:`continuation_logprob`), ``"mean"``,
+    ``"max"`` or ``"l2"`` (the norm of the kept scores). Use it as the ``target`` of any method, with
+    ``layer=`` at the embeddings for token ids.
+
+    Args:
+      {continuation_ids}
+      score: ``"logprob"`` (default), ``"prob"``, ``"logit"`` or a callable ``(logits [B, T_out, vocab],
+        ids [B, T_out]) -> [B, T_out]``.
+      contrast_ids: Contrast tokens ``[B, T_out]`` or ``[T_out]``: scores become ``score(c) - score(contrast)``
+        per position. Default: None.
+      aggregate: ``"sum"`` (default), ``"mean"``, ``"max"`` or ``"l2"``.
+      span: ``(start, stop)``: only continuation tokens ``start <= j < stop`` count. Default: all.
+      prompt_length: Where the continuation starts (``T_in``); ``None`` (default): it ends the sequence.
+      {mask.continuation}
+
+    Returns:
+      A callable ``out -> [B]`` taking logits ``[B, L, vocab]`` or a ``ModelOutput`` / dict with ``logits``.
+
+    Raises:
+      TypeError: non-integer ids, a bad ``score``, ``span`` or ``aggregate`` type (at once).
+      ValueError: an unknown ``score`` or ``aggregate``; a ``span`` outside the continuation; ``mask`` or
+        ``contrast_ids`` unlike the continuation (at once); an output without logits (when called).
+
+    Example:
+      >>> target = continuation_score(cont, contrast_ids=other, aggregate="mean", prompt_length=8)
+      >>> tx.saliency(fn, params, {"input_ids": ids}, target, layer="transformer.wte")
+
+    Cost: a log-softmax over ``T_out`` positions per call.
+    """
+    fn = "continuation_score"
+    _check_ids(fn, "continuation_ids", continuation_ids, (1, 2), "[B, T_out] or [T_out]")
+    _check_score(fn, score)
+    _check_choice(fn, "aggregate", aggregate, AGGREGATIONS)
+    _check_prompt_length(fn, prompt_length)
+    contrast = None if contrast_ids is None else _check_contrast(fn, contrast_ids, continuation_ids, None)
+    batch = continuation_ids.shape[0] if continuation_ids.ndim == 2 else None
+    weights = _span_weights(fn, continuation_ids.shape[-1], mask, span, batch)
+
+    def target(out: Any) -> Tensor:
+        return _aggregate(fn, _scores(fn, _logits(fn, out), continuation_ids, contrast, score, prompt_length),
+                          weights, aggregate)
+
+    return target
+
+
+@_docs.fill
+def next_token_kl(reference: Any, *, aggregate: str = "sum", mask: Optional[Tensor] = None) -> Callable[[Any], Tensor]:
+    """A target: the KL divergence between the model's next-token distributions and a reference's, ``out -> [B]``.
+
+    ``reference`` holds the logits ``[B, P, vocab]`` of the model on another input (a corrupted or
+    contrastive prompt: inseq's ``kl_divergence``), at ``P`` positions aligned with the last ``P``
+    positions of ``out``. Per position ``t``, with ``p = softmax(out[:, t])`` and ``q = softmax(ref[:, t])``::
+
+        KL(p || q) = sum_v p_v (log p_v - log q_v)
+
+    aggregated over the positions ``mask`` keeps (``"sum"``, ``"mean"``, ``"max"``, ``"l2"``). Its
+    gradient flows through ``p`` only (the reference is a constant).
+
+    Args:
+      reference: Logits ``[B, P, vocab]`` (or ``[P, vocab]``, one for all examples), or a model output
+        with ``logits``; computed by the caller, e.g. ``model(corrupt_ids).logits[:, -P:]``.
+      aggregate: ``"sum"`` (default), ``"mean"``, ``"max"`` or ``"l2"`` over the positions.
+      mask: ``[B, P]`` or ``[P]`` bool or 0/1, the positions that count. Default: all.
+
+    Returns:
+      A callable ``out -> [B]``.
+
+    Raises:
+      TypeError: a reference that is not logits.
+      ValueError: an unknown ``aggregate``; a ``mask`` unlike the positions (at once); an output with
+        fewer than ``P`` positions or another vocabulary (when called).
+
+    Example:
+      >>> ref = model(corrupt).logits[:, -4:].detach()
+      >>> tx.integrated_gradients(fn, params, {"input_ids": clean}, next_token_kl(ref), layer="transformer.wte",
+      ...                         baseline={"input_ids": corrupt})
+
+    Cost: two log-softmaxes over ``P`` positions per call.
+    """
+    fn = "next_token_kl"
+    ref = reference if isinstance(reference, Tensor) else _logits(fn, reference)
+    if not isinstance(ref, Tensor) or not ref.is_floating_point() or ref.ndim not in (2, 3):
+        raise _checks.type_error(fn, "reference logits [B, P, vocab] or [P, vocab]", _checks.describe(reference))
+    _check_choice(fn, "aggregate", aggregate, AGGREGATIONS)
+    positions = ref.shape[-2]
+    _check_mask(fn, mask, ref.shape[0] if ref.ndim == 3 else None, positions)
+    log_q = torch.log_softmax(ref.detach(), dim=-1)
+    weights = None if mask is None else mask.to(torch.float32)
+
+    def target(out: Any) -> Tensor:
+        logits = _logits(fn, out)
+        if logits.shape[1] < positions or logits.shape[-1] != log_q.shape[-1]:
+            raise _checks.value_error(fn, f"logits with at least {positions} positions and a vocabulary of "
+                                      f"{log_q.shape[-1]} like the reference", _checks.describe(logits))
+        log_p = torch.log_softmax(logits[:, logits.shape[1] - positions:], dim=-1)
+        kl = (log_p.exp() * (log_p - log_q.to(device=log_p.device, dtype=log_p.dtype))).sum(-1)   # [B, P]
+        return _aggregate(fn, kl, weights, aggregate)
+
+    return target
+
+
+# --------------------------------------------------------------------------------------------
 # The model seen as a logits function.
 
 def _logits_model(model_fn: ModelFn, fn: str) -> Wrapped:
@@ -257,7 +528,7 @@ def _lm_input(model_fn: Any, ids: Tensor, keep: int) -> Any:
 
 
 def _check_common(fn: str, model_fn: Any, params: Any, prompt_ids: Any, continuation_ids: Any, mask: Any,
-                  batch_size: Any):
+                  batch_size: Any, cap_name: str = "batch_size"):
     _checks.check_model_fn(fn, model_fn)
     _checks.check_params(fn, params)
     _check_ids(fn, "prompt_ids", prompt_ids, (2,), "[B, T_in]")
@@ -271,7 +542,7 @@ def _check_common(fn: str, model_fn: Any, params: Any, prompt_ids: Any, continua
         raise _checks.value_error(fn, f"continuation_ids on the prompt's device {prompt_ids.device}",
                                   f"device {continuation_ids.device}")
     _check_mask(fn, mask, batch, continuation_ids.shape[-1])
-    _checks.check_positive_int(fn, "batch_size", batch_size, allow_none=True)
+    _checks.check_positive_int(fn, cap_name, batch_size, allow_none=True)
     vocab = _vocab_size(model_fn)
     if vocab is not None:  # the embedding would fail with an IndexError inside the model
         for name, ids in (("prompt_ids", prompt_ids), ("continuation_ids", continuation_ids)):
@@ -316,27 +587,26 @@ def _reference_ids_unchecked(fn: str, baseline: Any, prompt_ids: Tensor) -> Tens
                                   _checks.describe(baseline)) from None
 
 
-def _groups(batch: int, cap: Optional[int]):
-    size = batch if cap is None else min(batch, cap)
-    return [(start, min(start + size, batch)) for start in range(0, batch, size)]
-
-
 # --------------------------------------------------------------------------------------------
 # Gradient methods at the embedding layer.
 
 @_docs.fill
 def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tensor, continuation_ids: Tensor, *,
                              method: str = "integrated_gradients", layer: Any = None, baseline: Any = 0,
-                             steps: int = 50, quadrature: str = "gausslegendre", reduce: str = "sum",
-                             mask: Optional[Tensor] = None,
-                             batch_size: Optional[int] = None) -> ContinuationAttribution:
+                             steps: int = 50, quadrature: str = "gausslegendre", samples: int = 5,
+                             stdev: float = 0.0, generator: Optional[torch.Generator] = None,
+                             score: Any = "logprob", contrast_ids: Optional[Tensor] = None,
+                             reduce: str = "sum", mask: Optional[Tensor] = None,
+                             batch_size: Optional[int] = None, internal_batch_size: Optional[int] = None,
+                             checkpoint: Any = False) -> ContinuationAttribution:
     """Attribute every continuation token's log-probability to the prompt tokens, in one call.
 
     The model runs on ``[prompt; continuation]`` (teacher forcing). For output token ``j`` the score is
-    ``log p(c_j | prompt, c_<j)``; ``method`` attributes it to the output of ``layer`` (the token
-    embeddings) at the prompt positions, and the map is summed over the embedding dimension. The
-    ``T_out`` scores share every forward pass: the method runs once under ``torch.func.vmap`` over
-    one-hot weights of the output tokens, which batches only the backward passes over them.
+    ``log p(c_j | prompt, c_<j)`` (or another ``score``); ``method`` attributes it to the output of
+    ``layer`` (the token embeddings) at the prompt positions, and the map is summed over the embedding
+    dimension. The ``T_out`` scores share every forward pass: the forward runs once (per group of
+    ``internal_batch_size`` path points), and its backward passes run for ``batch_size`` output tokens at
+    a time, batched by ``torch.func.vmap`` over one-hot weights of the scores.
 
     * ``"integrated_gradients"``: :func:`torchex_fn.integrated_gradients` with ``layer`` (captum's
       ``LayerIntegratedGradients``): the path runs from the embeddings of the reference prompt (every
@@ -347,19 +617,39 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
     * ``"saliency"``: the gradient at the layer (captum's ``LayerGradientXActivation(...,
       multiply_by_inputs=False)``); take its norm over the embedding dimension (``reduce="norm"``).
     * ``"input_x_gradient"``: embedding times gradient (captum's ``LayerGradientXActivation``).
+    * ``"gradient_shap"``: :func:`torchex_fn.gradient_shap` with ``layer`` and the reference prompt as
+      its one baseline: ``samples`` random points on the path (and noise of ``stdev`` on the embeddings),
+      drawn from ``generator`` in the order of :func:`torchex_fn.gradient_shap`, so the same seed gives
+      its maps.
+    * ``"deeplift"``: :func:`torchex_fn.deeplift` with ``layer`` and the reference prompt as baseline.
+      Its multipliers need its own passes: it runs once per ``batch_size`` output tokens (vmapped over
+      them), not under one shared forward, and without ``checkpoint``.
+
+    (AttnLRP, :func:`torchex_fn.lrp` with ``composite="attnlrp"``, joins ``"deeplift"`` in
+    ``_PER_CHUNK`` once it exists: a method with its own backward rules runs per chunk of tokens.)
 
     Args:
       {model_fn.lm}
       {params}
       {prompt_ids}
       {continuation_ids}
-      method: ``"integrated_gradients"`` (default), ``"saliency"`` or ``"input_x_gradient"``.
+      method: ``"integrated_gradients"`` (default), ``"saliency"``, ``"input_x_gradient"``,
+        ``"gradient_shap"`` or ``"deeplift"``.
       layer: The token-embedding layer (a dotted name or module). ``None`` (default): the module's
         ``get_input_embeddings()`` (HuggingFace models: ``transformer.wte`` for GPT-2), captum's choice.
       baseline: Reference token id for every prompt position (int) or ids broadcastable to
-        ``[B, T_in]``; integrated gradients only. Default: 0 (captum's ``TextTokenInput`` default).
+        ``[B, T_in]``; integrated gradients, gradient SHAP and DeepLIFT. Default: 0 (captum's
+        ``TextTokenInput`` default).
       steps: Integrated gradients' path points (captum's ``n_steps``). Default: 50.
       quadrature: Integrated gradients' rule (captum's ``method``). Default: ``"gausslegendre"``.
+      samples: Gradient SHAP's draws (captum's ``n_samples``). Default: 5.
+      stdev: Gradient SHAP's noise on the embeddings (absolute, in the embedding's units). Default: 0.
+      generator: Gradient SHAP's source of randomness. Default: None (the global generator).
+      score: What each output token contributes: ``"logprob"`` (default), ``"prob"``, ``"logit"``, or a
+        callable ``(logits [N, T_out, vocab], ids [N, T_out]) -> [N, T_out]`` (see :func:`token_scores`).
+      contrast_ids: Ids ``[B, T_out]`` (or ``[T_out]``) of a contrast continuation: each token's score is
+        then ``score(c_j) - score(contrast_j)`` at the same position (inseq's contrastive attribution;
+        the model still runs on the continuation). Default: None.
       reduce: How a token's ``[D]`` embedding map becomes one number: ``"sum"`` (default; captum's, and
         the one that keeps integrated gradients' completeness) or ``"norm"`` (its L2 norm; ``seq_attr``
         is then the norm of the summed maps). Summed *gradients* of a model that normalises its
@@ -367,97 +657,337 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
         invariant to adding a constant to every dimension: use ``"norm"`` with ``"saliency"``.
       {mask.continuation}
         Rows of masked tokens are 0 and do not enter ``seq_attr``.
-      batch_size: Memory cap: the most sequences in one forward pass. Integrated gradients puts
-        ``batch_size // B`` path points of all ``B`` examples in a forward (one point of ``batch_size``
-        examples when ``B > batch_size``). ``None`` (default): all ``steps`` points of all examples in one
-        forward, ``B * steps`` sequences, as captum's default ``internal_batch_size``.
+      batch_size: Memory cap on the backward: the most output tokens whose backward passes run at
+        once (vmapped), all of them sharing one forward. ``None`` (default): all ``T_out`` at once.
+        Peak memory grows with it (a backward's transient gradients times ``batch_size``); time falls.
+      internal_batch_size: Memory cap on the forward (captum's name): the most sequences in one forward
+        pass. Integrated gradients and gradient SHAP put ``internal_batch_size // B`` path points of
+        all ``B`` examples in a forward (one point of ``internal_batch_size`` examples when
+        ``B > internal_batch_size``). ``None`` (default): all points of all examples in one forward.
+      checkpoint: Recompute activations instead of keeping them (``torch.utils.checkpoint``,
+        ``use_reentrant=False``): ``True`` checkpoints every block of the model's longest
+        ``nn.ModuleList`` (``transformer.h`` in GPT-2, ``model.layers`` in Llama), a name or list of
+        names checkpoints those modules. Only the blocks' inputs stay from the forward; each backward
+        recomputes one block at a time. It runs on ``torch.autograd`` (``torch.func`` transforms do
+        not support saved-tensor hooks), so the result cannot be differentiated by an enclosing
+        ``torch.func`` transform. Default: False.
 
     Returns:
       ``ContinuationAttribution(token_attr [B, T_out, T_in], seq_attr [B, T_in])``; ``seq_attr``
-      attributes the continuation's summed log-probability (with ``reduce="sum"``, the sum of the rows).
+      attributes the continuation's summed score (with ``reduce="sum"``, the sum of the rows).
 
     Raises:
       TypeError: non-integer ``prompt_ids`` / ``continuation_ids`` / ``baseline``; a model without a
-        named embedding layer and no ``layer``.
+        named embedding layer and no ``layer``; ``checkpoint`` neither a bool nor module names.
       ValueError: ``continuation_attribution: expected continuation_ids of shape [B, T_out] with B = 2
-        like prompt_ids [2, 8], ...``; an unknown ``method`` or ``layer``; a ``mask`` unlike the
-        continuation; a model output without ``logits`` (after its first forward); ids >= vocab.
+        like prompt_ids [2, 8], ...``; an unknown ``method``, ``layer`` or ``score``; a ``mask`` unlike the
+        continuation; ``checkpoint`` with ``"deeplift"`` or a model without blocks; a model output
+        without ``logits`` (after its first forward); ids >= vocab.
 
     Example:
       >>> fn, params = tx.functionalize(gpt2.eval())
       >>> res = tx.continuation_attribution(fn, params, prompt, generated, steps=32)
       >>> res.token_attr.shape, res.seq_attr.shape                          # [2, 4, 8], [2, 8]
-      >>> tx.continuation_attribution(fn, params, prompt, generated, method="saliency", reduce="norm").token_attr
+      >>> tx.continuation_attribution(fn, params, prompt, generated, method="input_x_gradient",
+      ...                             batch_size=4, checkpoint=True)        # 4 backward passes at once
 
-    Cost: the method's forward passes once (integrated gradients: ``steps`` path points and two
-      forwards for the path's ends) and its backward passes, to ``layer`` only, batched over the
-      ``T_out`` output tokens (each backward ``T_out`` times as large; captum runs ``T_out`` whole
-      attributions). A model whose ``forward`` takes ``input_ids`` and ``logits_to_keep`` (HuggingFace
-      causal LMs) is called with ``logits_to_keep=T_out + 1`` and ``use_cache=False``: the vocabulary
-      projection and its backward run at the scored positions only. Memory: one forward of
-      ``min(B * steps, batch_size)`` sequences and its backward ``T_out`` times at once. Models whose
-      attention has no ``vmap`` batching rule for its backward (``scaled_dot_product_attention`` on
-      CPU) run its backward in a loop with a PyTorch performance warning: build them with
-      ``attn_implementation="eager"``.
+    Cost: the method's forward passes once (integrated gradients: ``steps`` path points) and its
+      backward passes, to ``layer`` only, ``batch_size`` output tokens at a time (captum runs ``T_out``
+      whole attributions, forward and backward each). With ``checkpoint`` every backward call also
+      recomputes the checkpointed blocks' forward: ``ceil(T_out / batch_size)`` extra forwards. A model
+      whose ``forward`` takes ``input_ids`` and ``logits_to_keep`` (HuggingFace causal LMs) is called
+      with ``logits_to_keep=T_out + 1`` and ``use_cache=False``: the vocabulary projection and its
+      backward run at the scored positions only. Memory: the activations of one forward of
+      ``min(B * steps, internal_batch_size)`` sequences (with ``checkpoint``: the blocks' inputs and one
+      block's activations) and a backward ``batch_size`` times as wide. Models whose attention has no
+      ``vmap`` batching rule for its backward (``scaled_dot_product_attention`` on CPU) run its
+      backward in a loop with a PyTorch performance warning: build them with ``attn_implementation="eager"``.
     References: Sundararajan et al., "Axiomatic Attribution for Deep Networks", ICML 2017; captum's
-      ``LLMGradientAttribution`` (Miglani et al., "Using Captum to Explain Generative Language Models", 2023).
+      ``LLMGradientAttribution`` (Miglani et al., "Using Captum to Explain Generative Language Models", 2023);
+      Chen et al., "Training Deep Nets with Sublinear Memory Cost", 2016 (checkpointing).
     """
     fn = "continuation_attribution"
-    cont, weights = _check_common(fn, model_fn, params, prompt_ids, continuation_ids, mask, batch_size)
+    cont, weights = _check_common(fn, model_fn, params, prompt_ids, continuation_ids, mask, internal_batch_size,
+                                  "internal_batch_size")
+    _checks.check_positive_int(fn, "batch_size", batch_size, allow_none=True)
     if not isinstance(method, str):
-        raise _checks.type_error(fn, f"method, one of {GRADIENT_METHODS}", _checks.describe(method))
-    if method not in GRADIENT_METHODS:
-        raise _checks.unknown_name(fn, "method", method, GRADIENT_METHODS)
+        raise _checks.type_error(fn, f"method, one of {ATTRIBUTION_METHODS}", _checks.describe(method))
+    if method not in ATTRIBUTION_METHODS:
+        raise _checks.unknown_name(fn, "method", method, ATTRIBUTION_METHODS)
     _checks.check_positive_int(fn, "steps", steps)
+    _checks.check_positive_int(fn, "samples", samples)
+    _checks.check_generator(fn, generator)
+    if isinstance(stdev, bool) or not isinstance(stdev, (int, float)) or not stdev >= 0.0:
+        raise _checks.value_error(fn, "stdev, a float >= 0", _checks.describe(stdev))
     for option, value, known in (("reduce", reduce, REDUCTIONS), ("quadrature", quadrature, QUADRATURES)):
         if not isinstance(value, str):
             raise _checks.type_error(fn, f"{option}, one of {known}", _checks.describe(value))
         if value not in known:
             raise _checks.unknown_name(fn, option, value, known)
+    _check_score(fn, score)
+    contrast = None if contrast_ids is None else _check_contrast(fn, contrast_ids, cont, _vocab_size(model_fn))
     reference = _reference_ids(fn, baseline, prompt_ids, _vocab_size(model_fn))
     layer = _embedding_layer(fn, model_fn, layer)
     names, _ = resolve_layers(fn, model_fn, layer)
     if len(names) != 1:
         raise _checks.value_error(fn, "one layer (the token embeddings)", f"{len(names)} layers")
+    blocks = _checkpointed_blocks(fn, model_fn, checkpoint)
+    if blocks and method in _PER_CHUNK:
+        raise _checks.value_error(fn, f"checkpoint=False with method={method!r}", _checks.describe(checkpoint),
+                                  f"{method} runs its own backward rules through torch.func, which cannot "
+                                  "recompute checkpointed activations; lower batch_size to bound memory instead.")
     logits_fn = _logits_model(model_fn, fn)
     n_in, n_out = prompt_ids.shape[1], cont.shape[1]
     ids = torch.cat([prompt_ids, cont], dim=1)                                   # [B, T_in + T_out]
     reference = torch.cat([reference, cont], dim=1)
-    one_hot = torch.eye(n_out, device=ids.device)                                # [T_out, T_out]
+    chunk = n_out if batch_size is None else min(batch_size, n_out)
+    batch = ids.shape[0]
+    x = _lm_input(model_fn, ids, n_out + 1)
+    ref_x = reference if isinstance(x, Tensor) else {"input_ids": reference}
 
-    # All path points of the batch in one forward unless capped: on a 2-core CPU one point per forward
-    # ran 7x slower (benchmarks/bench_generation.py), as captum's default internal_batch_size does.
-    path_cap = ids.shape[0] * steps if batch_size is None else batch_size
-    rows, seqs = [], []
-    for g0, g1 in _groups(ids.shape[0], batch_size):
-        g_ids, g_cont, g_weights = ids[g0:g1], cont[g0:g1], weights[g0:g1]
+    def scores(logits: Tensor) -> Tensor:      # [k * B, T, vocab] -> [k * B, T_out], weighted by the mask
+        k = logits.shape[0] // batch
+        s = _scores(fn, logits, cont.repeat(k, 1), None if contrast is None else contrast.repeat(k, 1), score,
+                    None)
+        return s * weights.repeat(k, 1).to(s.dtype)
 
-        g_x = _lm_input(model_fn, g_ids, n_out + 1)
-        g_ref = reference[g0:g1] if isinstance(g_x, Tensor) else {"input_ids": reference[g0:g1]}
-
-        def attribute(w: Tensor, g_x=g_x, g_ref=g_ref, g_cont=g_cont, g_weights=g_weights) -> Tensor:
-            def target(logits: Tensor) -> Tensor:   # [k * size, T, vocab], blocks of this group's examples
-                logp = _token_logprobs(fn, logits, g_cont, None, check=False)   # the continuation ends x
-                return (logp * (g_weights * w).to(logp.dtype)).sum(-1)
-            if method == "integrated_gradients":
-                return integrated_gradients(logits_fn, params, g_x, target, layer=names[0], baseline=g_ref,
-                                            steps=steps, method=quadrature, batch_size=path_cap)
-            chosen = saliency if method == "saliency" else input_x_gradient
-            return chosen(logits_fn, params, g_x, target, layer=names[0])
-
-        maps = torch.func.vmap(attribute)(one_hot)                               # [T_out, size, T, D]
-        if maps.ndim < 4:
-            raise _checks.value_error(fn, "a layer output [B, T, ...] (one vector per token)",
-                                      f"a layer output of shape {tuple(maps.shape[1:])}")
-        vectors = maps[:, :, :n_in].flatten(3)                                   # [T_out, size, T_in, D]
-        if reduce == "sum":
-            token_maps = vectors.sum(-1)                                         # [T_out, size, T_in]
-            seqs.append(token_maps.sum(0))
+    with _Checkpointing(module_of(model_fn), blocks, lock_of(model_fn)):
+        if method in _PER_CHUNK:
+            vectors = _per_chunk(fn, method, logits_fn, params, x, ref_x, names[0], scores, n_out, chunk)
         else:
-            token_maps = torch.linalg.vector_norm(vectors, dim=-1)
-            seqs.append(torch.linalg.vector_norm(vectors.sum(0), dim=-1))
-        rows.append(token_maps.movedim(0, 1))
-    return ContinuationAttribution(torch.cat(rows), torch.cat(seqs))
+            vectors = _shared_forward(fn, method, logits_fn, params, x, ref_x, names[0], scores, n_out, chunk,
+                                      internal_batch_size, steps, quadrature, samples, float(stdev), generator,
+                                      bool(blocks))
+    if vectors.ndim < 4:
+        raise _checks.value_error(fn, "a layer output [B, T, ...] (one vector per token)",
+                                  f"a layer output of shape {tuple(vectors.shape[1:])}")
+    vectors = vectors[:, :, :n_in].flatten(3)                                    # [T_out, B, T_in, D]
+    if reduce == "sum":
+        token_maps = vectors.sum(-1)                                             # [T_out, B, T_in]
+        seq = token_maps.sum(0)
+    else:
+        token_maps = torch.linalg.vector_norm(vectors, dim=-1)
+        seq = torch.linalg.vector_norm(vectors.sum(0), dim=-1)
+    return ContinuationAttribution(token_maps.movedim(0, 1), seq)
+
+
+class _Stop(Exception):
+    """Internal: the layer's output is known; the rest of the forward is not needed."""
+
+
+def _layer_output(fn: str, logits_fn: Any, params: Params, x: Any, name: str) -> Tensor:
+    """The output of layer ``name`` on ``x``; a module's forward stops right after it (the embeddings
+    are its first layer: the shared forward is then the only full one)."""
+    if module_of(logits_fn) is None or name not in (layer_names_of(logits_fn) or {}):
+        return intermediates(logits_fn, layers=[name], fn=fn)(params, x)[1][name]
+    seen: List[Tensor] = []
+
+    def stop(module: nn.Module, args: Any, output: Any) -> Any:
+        seen.append(output)
+        raise _Stop
+
+    try:
+        Wrapped(logits_fn, hook=(name, stop))(params, x)
+    except _Stop:
+        pass
+    if not seen or not isinstance(seen[0], Tensor):
+        return intermediates(logits_fn, layers=[name], fn=fn)(params, x)[1][name]
+    return seen[0]
+
+
+class _Backward:
+    """One forward of ``f`` at ``values`` and its backward passes for chunks of one-hot score weights.
+
+    ``f(values) -> [N, T_out]``. Without checkpointing, ``torch.func.vjp`` and ``vmap`` over its pull-back
+    (composable with enclosing ``torch.func`` transforms); with it, ``torch.autograd.grad`` with
+    ``is_grads_batched=True`` (``torch.func`` refuses the saved-tensor hooks checkpointing is made of),
+    keeping the graph for the next chunk.
+    """
+
+    def __init__(self, f: Callable[[Tensor], Tensor], values: Tensor, autograd: bool):
+        self.autograd = autograd
+        if autograd:
+            self.leaf = values.detach().requires_grad_()
+            with torch.enable_grad():
+                self.out = f(self.leaf)
+        else:
+            self.out, self.pull = torch.func.vjp(f, values)[:2]
+
+    def grads(self, start: int, stop: int, last: bool) -> Tensor:
+        """``d out[:, j] / d values`` for ``j`` in ``[start, stop)``: ``[stop - start, N, ...]``."""
+        eye = torch.eye(self.out.shape[1], dtype=self.out.dtype, device=self.out.device)[start:stop]
+        cot = eye[:, None].expand(stop - start, *self.out.shape)
+        if self.autograd:
+            if stop - start == 1:
+                (g,) = torch.autograd.grad(self.out, self.leaf, cot[0], retain_graph=not last)
+                return g[None]
+            (g,) = torch.autograd.grad(self.out, self.leaf, cot, retain_graph=not last, is_grads_batched=True)
+            return g
+        if stop - start == 1:
+            return self.pull(cot[0])[0][None]
+        return torch.func.vmap(self.pull)(cot)[0]
+
+
+def _shared_forward(fn, method, logits_fn, params, x, ref_x, name, scores, n_out, chunk, cap, steps, quadrature,
+                    samples, stdev, generator, autograd) -> Tensor:
+    """``[T_out, B, T, D]`` maps of the gradient methods: per forward, ``ceil(T_out / chunk)`` backwards."""
+    batch = _inputs.batch_of(x)
+    emb = _layer_output(fn, logits_fn, params, x, name)
+    emb = emb.detach() if autograd else emb
+    spans = [(s, min(s + chunk, n_out)) for s in range(0, n_out, chunk)]
+
+    def backward(values: Tensor, k: int) -> _Backward:
+        xs = _inputs.repeat(x, k)
+
+        def f(v: Tensor) -> Tensor:
+            out, _ = intermediates(logits_fn, layers=[name], fn=fn, replace={name: v})(params, xs)
+            return scores(out)
+        return _Backward(f, values, autograd)
+
+    if method in ("saliency", "input_x_gradient"):
+        pass_ = backward(emb, 1)
+        rows = [pass_.grads(s, e, e == n_out) for s, e in spans]
+        grads = torch.cat(rows)                                                  # [T_out, B, T, D]
+        return grads if method == "saliency" else grads * emb
+    start = _layer_output(fn, logits_fn, params, ref_x, name)
+    start = start.detach() if autograd else start
+    if method == "integrated_gradients":
+        nodes, node_weights = _quadrature(quadrature, steps)
+        alphas = torch.tensor(nodes, dtype=emb.dtype, device=emb.device)
+        point_weights = torch.tensor(node_weights, dtype=emb.dtype, device=emb.device)
+        ends = [emb] * steps
+    else:   # gradient SHAP, draws in gradient_shap's order: baseline index, path point, noise
+        draws = []
+        for _ in range(samples):
+            torch.randint(1, (), generator=generator, device=emb.device)
+            a = torch.rand((), generator=generator, dtype=emb.dtype, device=emb.device)
+            noise = torch.randn(emb.shape[1:], generator=generator, dtype=emb.dtype, device=emb.device)
+            draws.append((a, noise))
+        alphas = torch.stack([a for a, _ in draws])
+        point_weights = torch.full((samples,), 1.0 / samples, dtype=emb.dtype, device=emb.device)
+        ends = [emb + stdev * noise for _, noise in draws]
+    per_forward = len(ends) if cap is None else max(1, cap // batch)
+    totals: List[Optional[Tensor]] = [None] * len(spans)
+    for p0 in range(0, len(ends), per_forward):
+        p1 = min(p0 + per_forward, len(ends))
+        k = p1 - p0
+        end = torch.cat(ends[p0:p1])                                             # [k * B, T, D]
+        diff = end - start.repeat(k, *([1] * (start.ndim - 1)))
+        a = alphas[p0:p1].repeat_interleave(batch).view(-1, *([1] * (diff.ndim - 1)))
+        w = point_weights[p0:p1].repeat_interleave(batch).view(-1, *([1] * (diff.ndim - 1)))
+        pass_ = backward(start.repeat(k, *([1] * (start.ndim - 1))) + a * diff, k)
+        for i, (s, e) in enumerate(spans):
+            part = (pass_.grads(s, e, e == n_out) * (w * diff)).view(e - s, k, batch, *diff.shape[1:]).sum(1)
+            previous = totals[i]
+            totals[i] = part if previous is None else previous + part
+    return torch.cat([t for t in totals if t is not None])
+
+
+def _per_chunk(fn, method, logits_fn, params, x, ref_x, name, scores, n_out, chunk) -> Tensor:
+    """``[T_out, B, T, D]`` of a method with its own backward rules: one call per chunk, vmapped over it."""
+    chosen = _PER_CHUNK[method]
+
+    def attribute(w: Tensor) -> Tensor:
+        def target(logits: Tensor) -> Tensor:
+            return (scores(logits) * w.to(logits.dtype)).sum(-1)
+        return chosen(logits_fn, params, x, target, layer=name, baseline=ref_x)
+
+    eye = torch.eye(n_out, device=_inputs.device_of(x))
+    return torch.cat([torch.func.vmap(attribute)(eye[s:s + chunk]) for s in range(0, n_out, chunk)])
+
+
+class _Checkpointing:
+    """A context that checkpoints ``blocks`` of ``module`` for the length of one attribution call.
+
+    Under the model's lock, each block's ``forward`` is replaced by one that runs the block through
+    ``torch.utils.checkpoint`` (non-reentrant) with the block's tensors of that moment (the ``params`` of
+    the call, which ``functional_call`` has put in place), so the recomputation in a backward pass, after
+    the forward has left ``functional_call``, uses the same tensors. On exit every ``forward`` is put back
+    (nothing outlives the call). No blocks: nothing is touched.
+    """
+
+    def __init__(self, module: Optional[nn.Module], blocks: List[str], lock: Any):
+        self.module, self.blocks, self.lock = module, blocks, lock
+        self.saved: List[Tuple[nn.Module, Any]] = []
+        self.inside = threading.local()
+
+    def __enter__(self) -> _Checkpointing:
+        if not self.blocks or self.module is None:
+            self.lock = None
+            return self
+        if self.lock is not None:
+            self.lock.__enter__()
+        for name in self.blocks:
+            block = self.module.get_submodule(name)
+            self.saved.append((block, block.__dict__.get("forward", _ABSENT)))
+            block.forward = self._forward(block)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            for block, previous in reversed(self.saved):
+                if previous is _ABSENT:
+                    del block.forward
+                else:
+                    block.forward = previous
+            self.saved.clear()
+        finally:
+            if self.lock is not None:
+                self.lock.__exit__(*exc)
+
+    def _forward(self, block: nn.Module) -> Callable[..., Any]:
+        original = type(block).forward.__get__(block)
+        names = [n for n, _ in block.named_parameters()] + [n for n, _ in block.named_buffers()]
+        inside = self.inside
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if getattr(inside, "on", False):
+                return original(*args, **kwargs)
+            tensors = {n: functools.reduce(getattr, n.split("."), block) for n in names}
+            forward_pass = [True]
+
+            def run(tensors: Dict[str, Tensor], *args: Any) -> Any:
+                if forward_pass[0]:   # the tensors are in place: the block's own forward, its hooks ran once
+                    return original(*args, **kwargs)
+                inside.on = True      # a recomputation in a backward pass: put the call's tensors back
+                try:
+                    return torch.func.functional_call(block, tensors, args, kwargs)
+                finally:
+                    inside.on = False
+            out = torch.utils.checkpoint.checkpoint(run, tensors, *args, use_reentrant=False)
+            forward_pass[0] = False
+            return out
+        return forward
+
+
+_ABSENT = object()
+
+
+def _checkpointed_blocks(fn: str, model_fn: Any, checkpoint: Any) -> List[str]:
+    """The module names ``checkpoint=`` asks for: none, the longest ``nn.ModuleList``'s children, or given."""
+    if checkpoint is False or checkpoint is None:
+        return []
+    module = module_of(model_fn)
+    if module is None:
+        raise _checks.type_error(fn, "a model_fn from functionalize(model) for checkpoint=",
+                                 _checks.describe(model_fn), "Checkpointing wraps the model's blocks (modules).")
+    if checkpoint is True:
+        lists = [(len(m), n) for n, m in module.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+        if not lists:
+            raise _checks.value_error(fn, "a model with an nn.ModuleList of blocks for checkpoint=True",
+                                      f"{type(module).__name__} without one",
+                                      "Name the modules to checkpoint: checkpoint=['encoder.block1', ...].")
+        size, owner = max(lists, key=lambda t: t[0])   # the first of the longest
+        return [f"{owner}.{i}" if owner else str(i) for i in range(size)]
+    names = [checkpoint] if isinstance(checkpoint, str) else checkpoint
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names) or not names:
+        raise _checks.type_error(fn, "checkpoint, a bool, a module name or a list of module names",
+                                 _checks.describe(checkpoint))
+    known = dict(module.named_modules())
+    for n in names:
+        if n not in known:
+            raise _checks.unknown_name(fn, "checkpoint module", n, [k for k in known if k][:20])
+    return list(names)
 
 
 def _embedding_layer(fn: str, model_fn: Any, layer: Any) -> Any:
@@ -478,7 +1008,7 @@ def _embedding_layer(fn: str, model_fn: Any, layer: Any) -> Any:
 @_docs.fill
 def continuation_ablation(model_fn: ModelFn, params: Params, prompt_ids: Tensor, continuation_ids: Tensor, *,
                           baseline: Any = 0, mask: Optional[Tensor] = None,
-                          batch_size: Optional[int] = None) -> ContinuationAttribution:
+                          batch_size: Optional[int] = None, cache: bool = False) -> ContinuationAttribution:
     """Token ablation: how much each prompt token raises each continuation token's log-probability.
 
     ``token_attr[b, j, i] = log p(c_j | p, c_<j) - log p(c_j | p with p_i := baseline_i, c_<j)``, one
@@ -498,7 +1028,15 @@ def continuation_ablation(model_fn: ModelFn, params: Params, prompt_ids: Tensor,
         Default: 0 (captum's ``TextTokenInput`` default).
       {mask.continuation}
       batch_size: The most sequences in one forward pass. ``None`` (default): ``B``, one ablated
-        position of every example per forward (captum's ``perturbations_per_eval=1``).
+        position of every example per forward (captum's ``perturbations_per_eval=1``). Without
+        ``cache`` only.
+      cache: Reuse the clean run's keys and values: ablating prompt token ``i`` leaves the tokens before
+        it unchanged, so their key/value cache (HuggingFace ``past_key_values`` / ``cache``, a
+        ``DynamicCache``) is taken from one clean forward and only tokens ``i ..`` run again, one forward
+        of ``B`` rows per ablated position: ``sum_i (T - i)`` tokens instead of ``T_in * T``, about half the
+        FLOPs for a short continuation, the same numbers up to rounding. Needs a model whose ``forward``
+        takes ``past_key_values`` (or ``cache``) and ``use_cache`` and returns its cache. Default: False
+        (full forwards, batched ``batch_size`` sequences at a time: faster for short prompts on a CPU).
 
     Returns:
       ``ContinuationAttribution(token_attr [B, T_out, T_in], seq_attr [B, T_in])``.
@@ -530,6 +1068,9 @@ def continuation_ablation(model_fn: ModelFn, params: Params, prompt_ids: Tensor,
     variants = torch.cat([prompt_ids[None], ablated])                            # [1 + T_in, B, T_in]
     full = torch.cat([variants, cont[None].expand(1 + n_in, batch, n_out)], dim=2).flatten(0, 1)
     labels = cont.repeat(1 + n_in, 1)                                            # [(1 + T_in) B, T_out]
+    if cache:
+        cached = _cached_ablation(fn, model_fn, params, prompt_ids, reference, cont)
+        return _ablation_result(cached * weights.to(cached.dtype))              # [1 + T_in, B, T_out]
     cap = batch if batch_size is None else batch_size
     first = True
     logp = []
@@ -538,6 +1079,52 @@ def continuation_ablation(model_fn: ModelFn, params: Params, prompt_ids: Tensor,
         logp.append(_token_logprobs(fn, logits, labels[start:start + cap], None, check=first))
         first = False
     logp = torch.cat(logp).view(1 + n_in, batch, n_out) * weights.to(logits.dtype)  # [1 + T_in, B, T_out]
+    return _ablation_result(logp)
+
+
+def _ablation_result(logp: Tensor) -> ContinuationAttribution:
+    """``[1 + T_in, B, T_out]`` log-probabilities (clean first) -> the differences."""
     diff = logp[:1] - logp[1:]                                                   # [T_in, B, T_out]
     seq = logp[:1].sum(-1) - logp[1:].sum(-1)                                    # [T_in, B]
     return ContinuationAttribution(diff.permute(1, 2, 0), seq.transpose(0, 1))
+
+
+def _cached_ablation(fn: str, model_fn: Any, params: Params, prompt_ids: Tensor, reference: Tensor,
+                     cont: Tensor) -> Tensor:
+    """``[1 + T_in, B, T_out]`` log-probabilities: the clean run, then each ablated prompt token ``i`` run
+    from position ``i`` on, over the clean run's keys and values of positions ``< i``."""
+    forward = getattr(module_of(model_fn), "forward", None)
+    try:
+        names = inspect.signature(forward).parameters if forward is not None else {}
+    except (TypeError, ValueError):
+        names = {}
+    key = "cache" if "cache" in names else "past_key_values"    # transformers 5.25 renamed past_key_values
+    if key not in names or "use_cache" not in names or "input_ids" not in names:
+        raise _checks.value_error(fn, "a model whose forward takes input_ids, past_key_values (or cache) and "
+                                  "use_cache (a HuggingFace causal LM) for cache=True", _checks.describe(model_fn),
+                                  "Use cache=False (full forwards).")
+    n_in, n_out = prompt_ids.shape[1], cont.shape[1]
+    ids = torch.cat([prompt_ids, cont], dim=1)
+    extra = {"logits_to_keep": n_out + 1} if "logits_to_keep" in names else {}
+    output = _targets.selector(model_fn)
+    clean_out = model_fn(params, {"input_ids": ids, "use_cache": True, **extra})
+    past = None
+    for field in (key, "past_key_values"):
+        past = past if past is not None else (clean_out.get(field) if isinstance(clean_out, Mapping)
+                                              else getattr(clean_out, field, None))
+    layers = getattr(past, "layers", None)
+    if past is None or layers is None or not all(hasattr(layer, "keys") for layer in layers):
+        raise _checks.value_error(fn, "past_key_values with per-layer keys and values (a DynamicCache) for "
+                                  "cache=True", _checks.describe(past), "Use cache=False (full forwards).")
+    logp = [_token_logprobs(fn, clean_out, cont, None, check=True, output=output)]
+    for i in range(n_in):
+        prefix = type(past)()
+        for index, layer in enumerate(layers):
+            if i:
+                prefix.update(layer.keys[:, :, :i], layer.values[:, :, :i], index)
+        suffix = torch.cat([reference[:, i:i + 1], ids[:, i + 1:]], dim=1)       # [B, T - i]
+        x = {"input_ids": suffix, "use_cache": True, **extra}
+        if i:
+            x[key] = prefix
+        logp.append(_token_logprobs(fn, model_fn(params, x), cont, None, check=False, output=output))
+    return torch.stack(logp)

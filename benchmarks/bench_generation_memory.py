@@ -1,0 +1,188 @@
+"""Peak memory and time of continuation attribution at length: torchex_fn vs captum, one fresh process each.
+
+A GPT-2-small-shaped model (12 layers, hidden 768, 12 heads, vocabulary 50257; random weights, eval, eager
+attention, float32), a prompt of 1,024 tokens and 32 generated tokens (teacher-forced), input x gradient at
+the token embeddings (``transformer.wte``). Every configuration runs in its own child process (this script
+calls itself with ``--child``), which builds the model, runs the configuration once and reports its time
+and its peak resident memory (``VmHWM`` of ``/proc/self/status``, the high-water mark of the whole process:
+interpreter, torch, weights and the work) and its resident memory before the work (``VmRSS``), so the
+work's own peak is ``peak - before``. Rows:
+
+* ``plain forward + backward``: the unit: one forward of ``[prompt; continuation]`` (all logits, as a
+  plain HuggingFace call) and one backward of the continuation's summed log-probability to the
+  embeddings (parameters frozen); its time split into the forward and the backward;
+* ``torchex_fn batch_size=k [checkpoint]``: ``continuation_attribution(method="input_x_gradient",
+  batch_size=k, checkpoint=...)``;
+* ``captum``: ``LLMGradientAttribution(LayerGradientXActivation(model, model.transformer.wte))`` with the
+  same prompt, target and baseline (captum runs one forward and one backward per output token).
+
+The goals (issue 18): with ``checkpoint=True`` peak <= 0.6 x the unit's and time <= 1.5 x (one forward +
+32 backward passes of the unit); without checkpointing peak <= 1.1 x the unit's; ours <= 0.5 x captum's
+time and below its peak.
+
+    python benchmarks/bench_generation_memory.py --threads 1 [--prompt 1024] [--out 32] [--layers 12]
+        [--hidden 768] [--heads 12] [--vocab 50257] [--batch-sizes 1 4 8 32] [--skip-captum]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _status(field: str) -> float:
+    """``VmHWM`` / ``VmRSS`` of this process in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+class IntTokenizer:
+    """Space-separated integers are token ids (what captum's TextTokenInput and result formatting call)."""
+
+    def encode(self, text, return_tensors=None, add_special_tokens=True):
+        import torch
+        ids = [int(t) for t in text.split()]
+        return torch.tensor([ids]) if return_tensors == "pt" else ids
+
+    def decode(self, ids):
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        return " ".join(str(i) for i in ([ids] if isinstance(ids, int) else ids))
+
+    def convert_ids_to_tokens(self, ids):
+        return [str(i) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens):
+        return [int(t) for t in tokens]
+
+    def __call__(self, text, return_offsets_mapping=False, add_special_tokens=True, **kwargs):
+        ids, offsets, pos = [], [], 0
+        for t in text.split(" "):
+            ids.append(int(t))
+            offsets.append((pos, pos + len(t)))
+            pos += len(t) + 1
+        return {"input_ids": ids, "offset_mapping": offsets}
+
+
+def child(args) -> dict:
+    """Build the model, run one configuration once, return its numbers."""
+    import warnings
+
+    import captum.attr  # noqa: F401  (every child imports the same modules: equal baselines)
+    import torch
+    import transformers
+
+    import torchex_fn as tx
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=args.vocab, n_positions=max(1024, args.prompt + args.out),
+                                  n_embd=args.hidden, n_layer=args.layers, n_head=args.heads,
+                                  attn_implementation="eager", bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(1, args.vocab, (1, args.prompt), generator=g)
+    generated = torch.randint(1, args.vocab, (args.out,), generator=g)
+    before = _status("VmRSS")
+    result: dict = {}
+    start = time.perf_counter()
+    if args.child == "plain":
+        ids = torch.cat([prompt, generated[None]], 1)
+        emb = model.transformer.wte(ids).detach().requires_grad_()
+        t0 = time.perf_counter()
+        logits = model(inputs_embeds=emb).logits
+        logp = torch.log_softmax(logits[:, args.prompt - 1:-1], -1).gather(-1, generated[None, :, None]).sum()
+        t1 = time.perf_counter()
+        (grad,) = torch.autograd.grad(logp, emb)
+        t2 = time.perf_counter()
+        result.update(forward_s=t1 - t0, backward_s=t2 - t1, check=float(grad.abs().sum()))
+    elif args.child == "captum":
+        from captum.attr import LayerGradientXActivation, LLMGradientAttribution, TextTokenInput
+        tok = IntTokenizer()
+        llm = LLMGradientAttribution(LayerGradientXActivation(model, model.transformer.wte), tok)
+        text = TextTokenInput(" ".join(map(str, prompt[0].tolist())), tok)
+        res = llm.attribute(text, target=generated)
+        result.update(check=float(torch.as_tensor(res.token_attr).abs().sum()))
+    else:
+        batch_size, checkpoint = args.child.split(":")
+        fn, params = tx.functionalize(model)
+        res = tx.continuation_attribution(fn, params, prompt, generated, method="input_x_gradient",
+                                          layer="transformer.wte", batch_size=int(batch_size) or None,
+                                          checkpoint=checkpoint == "ckpt")
+        result.update(check=float(res.token_attr.abs().sum()))
+    result.update(seconds=time.perf_counter() - start, peak_mib=_status("VmHWM"), before_mib=before)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompt", type=int, default=1024)
+    parser.add_argument("--out", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 32])
+    parser.add_argument("--skip-captum", action="store_true")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(child(args)))
+        return
+    configs = [("plain forward + backward (the unit)", "plain")]
+    for k in args.batch_sizes:
+        configs.append((f"torchex_fn batch_size={k}", f"{k}:plain"))
+        configs.append((f"torchex_fn batch_size={k} checkpoint=True", f"{k}:ckpt"))
+    if not args.skip_captum:
+        configs.append(("captum LLMGradientAttribution(LayerGradientXActivation)", "captum"))
+    passed = [a for a in sys.argv[1:]]
+    rows = {}
+    for name, key in configs:
+        root = str(Path(__file__).resolve().parent.parent)   # this checkout's torchex_fn
+        env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+        done = subprocess.run([sys.executable, __file__, *passed, "--child", key], capture_output=True, text=True,
+                              env=env, cwd=root)
+        if done.returncode != 0:
+            print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
+    unit = rows.get(configs[0][0])
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}, {args.threads} thread(s); GPT-2 {args.layers} layers, "
+          f"hidden {args.hidden}, {args.heads} heads, vocabulary {args.vocab}; prompt {args.prompt} tokens, "
+          f"{args.out} output tokens; input x gradient at transformer.wte; one fresh process per row\n")
+    print("| configuration | time s | peak MiB | peak - before MiB | peak / unit's | time / (1 fwd + "
+          f"{args.out} bwd) | time / captum's | peak / captum's |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    captum = rows.get("captum LLMGradientAttribution(LayerGradientXActivation)")
+    for name, r in rows.items():
+        cells = [name, f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}", f"{r['peak_mib'] - r['before_mib']:.0f}"]
+        if unit:
+            budget = unit["forward_s"] + args.out * unit["backward_s"]
+            cells += [f"{r['peak_mib'] / unit['peak_mib']:.2f}", f"{r['seconds'] / budget:.2f}"]
+        else:
+            cells += ["", ""]
+        cells += ([f"{r['seconds'] / captum['seconds']:.2f}", f"{r['peak_mib'] / captum['peak_mib']:.2f}"]
+                  if captum else ["", ""])
+        print("| " + " | ".join(cells) + " |")
+    if unit:
+        print(f"\nunit: forward {unit['forward_s']:.2f} s, backward {unit['backward_s']:.2f} s; "
+              f"1 forward + {args.out} backward = {unit['forward_s'] + args.out * unit['backward_s']:.1f} s")
+    checks = {name: r["check"] for name, r in rows.items() if name.startswith("torchex_fn") or name.startswith("captum")}
+    if checks:
+        print("sum |token_attr| per row (the same map everywhere): "
+              + ", ".join(f"{v:.6g}" for v in checks.values()))
+
+
+if __name__ == "__main__":
+    main()
