@@ -43,6 +43,7 @@ from ..core.model import Wrapped
 from ..core.types import ModelFn, Params, layer_names_of, lock_of, module_of
 from ..core.capture import intermediates, resolve_layers
 from ..methods.path import METHODS as QUADRATURES, quadrature as _quadrature
+from ..methods.lrp import lrp
 from ..methods.propagation import deeplift
 
 __all__ = ["ContinuationAttribution", "continuation_logprob", "token_logprobs", "token_scores", "continuation_score",
@@ -53,7 +54,14 @@ __all__ = ["ContinuationAttribution", "continuation_logprob", "token_logprobs", 
 GRADIENT_METHODS = ("integrated_gradients", "saliency", "input_x_gradient", "gradient_shap")
 # Methods with backward rules of their own run once per chunk of output tokens, vmapped over it. AttnLRP
 # (methods/lrp.py, lrp(..., composite="attnlrp", layer=)) goes here once it exists.
-_PER_CHUNK: Dict[str, Callable[..., Any]] = {"deeplift": deeplift}
+def _lrp(composite: str) -> Callable[..., Any]:
+    def method(model_fn: Any, params: Any, x: Any, target: Any, *, layer: str, baseline: Any) -> Tensor:
+        return lrp(model_fn, params, x, target, composite=composite, layer=layer)   # LRP has no baseline
+    return method
+
+
+_PER_CHUNK: Dict[str, Callable[..., Any]] = {"deeplift": deeplift, "attnlrp": _lrp("attnlrp"),
+                                             "cp_lrp": _lrp("cp_lrp")}
 ATTRIBUTION_METHODS = GRADIENT_METHODS + tuple(_PER_CHUNK)
 REDUCTIONS = ("sum", "norm")
 
@@ -625,8 +633,9 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
       Its multipliers need its own passes: it runs once per ``batch_size`` output tokens (vmapped over
       them), not under one shared forward, and without ``checkpoint``.
 
-    (AttnLRP, :func:`torchex_fn.lrp` with ``composite="attnlrp"``, joins ``"deeplift"`` in
-    ``_PER_CHUNK`` once it exists: a method with its own backward rules runs per chunk of tokens.)
+    * ``"attnlrp"`` / ``"cp_lrp"``: :func:`torchex_fn.lrp` with that composite and ``layer`` (AttnLRP,
+      CP-LRP; no baseline). Like ``"deeplift"``, a method with its own backward rules runs once per chunk
+      of ``batch_size`` output tokens.
 
     Args:
       {model_fn.lm}
@@ -634,7 +643,7 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
       {prompt_ids}
       {continuation_ids}
       method: ``"integrated_gradients"`` (default), ``"saliency"``, ``"input_x_gradient"``,
-        ``"gradient_shap"`` or ``"deeplift"``.
+        ``"gradient_shap"``, ``"deeplift"``, ``"attnlrp"`` or ``"cp_lrp"``.
       layer: The token-embedding layer (a dotted name or module). ``None`` (default): the module's
         ``get_input_embeddings()`` (HuggingFace models: ``transformer.wte`` for GPT-2), captum's choice.
       baseline: Reference token id for every prompt position (int) or ids broadcastable to

@@ -1124,7 +1124,7 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
     def run(handler: _Rules, v: Tensor) -> Tuple[Any, Tensor, int]:
         try:  # one pass: fused attention kept, its operands' gradients scaled (record / replay decompose it)
             (out, value), count = _intercept.run(forward, handler, v, tainted=[v], linear=linear,
-                                                 fused=handler.role == "once")
+                                                 fused=handler.role == "once" and not transforms)
         except _intercept.NoRule as err:
             raise _no_rule(err.op, err.detail) from None
         return out, value, count
@@ -1132,7 +1132,9 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
     records: Optional[List[Any]] = None
     count = 0
     outer = any(tracked(t) for t in leaves([params, x]))
-    if not outer and not torch._C._are_functorch_transforms_active() and not compiling():
+    # fused attention's backward has no batching rule: decomposed under vmap (and every torch.func transform)
+    transforms = torch._C._are_functorch_transforms_active()
+    if not outer and not transforms and not compiling():
         # nothing asks for derivatives of the map: one forward and one backward of plain autograd
         leaf = start.detach().requires_grad_(True)
         with torch.enable_grad():
