@@ -14,7 +14,7 @@ from .composite.runner import Attributions, attribute_dataset, open_attributions
 from .core import targets
 from .core.capture import capture, intermediates, layer_gradients, tap
 from .core.checks import TrainingModeWarning
-from .core.model import functionalize, params_of
+from .core.model import functionalize, params_of, split_params
 from .evaluation import metrics
 from .evaluation.metrics import (deletion, energy_pointing_game, infidelity, insertion, pointing_game,
                                  randomization_check, sensitivity_max)
@@ -32,7 +32,7 @@ from .tools import masks, postprocess, text, viz
 __version__ = "0.2.0"
 
 __all__ = [
-    "functionalize", "params_of",
+    "functionalize", "params_of", "split_params",
     "capture", "intermediates", "layer_gradients", "tap",
     "saliency", "input_x_gradient", "smooth", "integrated_gradients", "gradient_shap",
     "cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam", "ablation_cam",
