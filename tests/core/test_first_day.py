@@ -12,6 +12,7 @@ that names the fix or by a call that just works.
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -265,6 +266,11 @@ def test_an_image_without_its_batch_axis_is_told_x_none():
     torch.testing.assert_close(tx.saliency(fn, params, image[None], 0), expected)   # the fix it names works
     with pytest.raises(ValueError, match=r"`x\[None\]`"):
         fn(params, torch.randn(6, 6))                         # conv2d's own wording, "Expected 3D (unbatched)"
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(16, 8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32).eval()
+    vit_fn, vit_params = tx.functionalize(vit)                # `n, c, h, w = x.shape` in its forward
+    with pytest.raises(ValueError, match=r"^model_fn \(VisionTransformer from functionalize\).*`x\[None\]`"):
+        tx.saliency(vit_fn, vit_params, torch.randn(3, 16, 16), 0)
 
 
 def test_a_float64_input_into_a_float32_model_is_told_the_conversion():

@@ -131,10 +131,11 @@ class _Keys:
 
     * ``known``: every name of a parameter or buffer, tied ones and those of a module registered
       twice (``named_parameters(remove_duplicate=False)``, what ``state_dict()`` also lists) included;
-    * ``required``: one name per tensor (its first), less the optional buffers;
-    * ``optional``: buffers :func:`params_of` leaves out (integer and boolean ones) and non-persistent
-      buffers (``state_dict()`` leaves those out: constant tables such as rotary frequencies), which
-      ``model_fn`` takes from the module when ``params`` does not give them;
+    * ``required``: one name per tensor (its first), less the buffers that may be left out: those
+      :func:`params_of` leaves out (integer and boolean ones) and non-persistent ones (``state_dict()``
+      leaves those out: constant tables such as rotary frequencies); ``functional_call`` then takes the
+      module's own (and ``FunctionalModel`` a copy of it for a module in training mode);
+    * ``expected``: the keys of :func:`params_of` (the fast path of :meth:`check`);
     * ``stands_for``: a tied or second name -> the first name of its tensor (present when either is).
     """
 
@@ -142,7 +143,7 @@ class _Keys:
         self.strict = strict
         known: Dict[str, None] = {}
         required: List[str] = []
-        optional: Dict[str, Tuple[nn.Module, str]] = {}
+        expected: List[str] = []
         self.stands_for: Dict[str, str] = {}
         slots: Dict[tuple, str] = {}
         first: Dict[int, str] = {}
@@ -158,14 +159,13 @@ class _Keys:
                     if owner != name:
                         self.stands_for[name] = owner
                         continue
-                    if kind == "b" and (not _differentiable(value) or attr in mod._non_persistent_buffers_set):
-                        optional[name] = (mod, attr)
-                    else:
+                    if kind == "p" or _differentiable(value):
+                        expected.append(name)
+                    if kind == "p" or (_differentiable(value) and attr not in mod._non_persistent_buffers_set):
                         required.append(name)
         self.known: FrozenSet[str] = frozenset(known)
         self.required: FrozenSet[str] = frozenset(required)
-        self.optional = optional
-        self.expected: FrozenSet[str] = frozenset(params_of(module))   # the fast path: params_of's keys
+        self.expected: FrozenSet[str] = frozenset(expected)
         self.synonyms: Dict[str, List[str]] = {}
         for name, owner in self.stands_for.items():
             self.synonyms.setdefault(owner, []).append(name)
@@ -200,6 +200,7 @@ class _Keys:
 
 _STATISTICS_ERROR = re.compile(r"not differentiable with respect to argument '(running_\w+)'")
 _RANK_ERROR = re.compile(r"expected \d+D|\d+D \(unbatched\)|got \d+D input", re.IGNORECASE)
+_UNPACK_ERROR = re.compile(r"not enough values to unpack \(expected (\d+), got (\d+)\)")   # n, c, h, w = x.shape
 _DTYPE_ERROR = re.compile(r"dtype|scalar type|datatype|type \(.*\) and .* type|should be the same", re.IGNORECASE)
 
 
@@ -218,7 +219,8 @@ def _explained(module: nn.Module, params: Any, x: Any, error: Exception) -> Opti
             "then `torch.func.grad(lambda w: loss({**buffers, **w}))(weights)`.")
     if not isinstance(x, Tensor):
         return None
-    if _RANK_ERROR.search(text):
+    unpack = _UNPACK_ERROR.search(text)
+    if _RANK_ERROR.search(text) or (unpack and int(unpack.group(2)) == x.ndim == int(unpack.group(1)) - 1):
         return _checks.value_error(
             fn, "x with the batch axis first ([B, *input])", f"{_checks.describe(x)}, whose rank the model refused "
             f"({text.splitlines()[0] if text else type(error).__name__})",
