@@ -463,10 +463,12 @@ def functionalize(module: nn.Module, *, output: Any = None,
       statistics get their gradients too); ``model_fn`` takes them from the module.
 
     Raises:
-      TypeError: ``module`` is not an ``nn.Module``.
+      TypeError: ``module`` is not an ``nn.Module``; ``strict`` is not a bool. When ``model_fn`` is called:
+        an input of another floating-point dtype than the parameters (the message names the conversion).
       ValueError: when ``model_fn`` is called: a ``params`` key the module does not know, a missing one
         (``strict``); an input the model refuses for its rank (a single example without its batch
-        axis: ``x[None]``). TypeError: an input of another floating-point dtype than the parameters.
+        axis: ``x[None]``); ``torch.func.grad`` w.r.t. batch norm's running statistics (see
+        :func:`split_params`).
 
     Example:
       >>> model_fn, params = functionalize(resnet.eval())
