@@ -249,9 +249,12 @@ def test_training_mode_does_not_count_batches_in_the_users_module():
     model = _bn_net().train()
     fn, params = tx.functionalize(model)
     assert "1.num_batches_tracked" not in params
-    fn(params, torch.randn(4, 3, 6, 6))
-    fn({k: v for k, v in params.items()}, torch.randn(4, 3, 6, 6))
-    assert int(model[1].num_batches_tracked) == 0
+    running = model[1].running_mean.clone()
+    x = torch.randn(4, 3, 6, 6) + 2.0
+    out = fn(params, x)                                  # batch statistics, as the module's own forward
+    assert int(model[1].num_batches_tracked) == 0 and torch.equal(model[1].running_mean, running)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)   # (this one counts: it is the module's)
+    assert int(model[1].num_batches_tracked) == 1
 
 
 def test_an_image_without_its_batch_axis_is_told_x_none():
