@@ -17,7 +17,7 @@ from .composite.runner import Attributions, attribute_dataset, open_attributions
 from .core import targets
 from .core.capture import capture, intermediates, layer_gradients, tap
 from .core.checks import TrainingModeWarning
-from .core.model import functionalize, params_of
+from .core.model import functionalize, params_of, split_params
 from .evaluation import metrics
 from .evaluation.metrics import (deletion, energy_pointing_game, infidelity, insertion, pointing_game,
                                  randomization_check, sensitivity_max)
@@ -36,7 +36,7 @@ from .tools import masks, postprocess, text, viz
 __version__ = "0.2.0"
 
 __all__ = [
-    "functionalize", "params_of",
+    "functionalize", "params_of", "split_params",
     "capture", "intermediates", "layer_gradients", "tap",
     "saliency", "input_x_gradient", "smooth", "integrated_gradients", "gradient_shap",
     "layer_conductance", "neuron_conductance", "internal_influence", "neuron", "guided_grad_cam",

@@ -538,7 +538,7 @@ def _lm_input(model_fn: Any, ids: Tensor, keep: int) -> Any:
 def _check_common(fn: str, model_fn: Any, params: Any, prompt_ids: Any, continuation_ids: Any, mask: Any,
                   batch_size: Any, cap_name: str = "batch_size"):
     _checks.check_model_fn(fn, model_fn)
-    _checks.check_params(fn, params)
+    _checks.check_params(fn, params, model_fn)
     _check_ids(fn, "prompt_ids", prompt_ids, (2,), "[B, T_in]")
     _check_ids(fn, "continuation_ids", continuation_ids, (1, 2), "[B, T_out] or [T_out]")
     batch = prompt_ids.shape[0]

@@ -165,7 +165,7 @@ def _check_inputs(fn: str, clean: Any, corrupt: Any) -> None:
 def _check_common(fn: str, model_fn: Any, params: Any, clean: Any, corrupt: Any, metric: Any, layers: Any,
                   positions: Any, heads: Any, direction: Any) -> Tuple[List[str], Optional[List[int]]]:
     _checks.check_model_fn(fn, model_fn)
-    _checks.check_params(fn, params)
+    _checks.check_params(fn, params, model_fn)
     _check_inputs(fn, clean, corrupt)
     if not callable(metric):
         raise _checks.type_error(fn, "metric, a callable out -> [B] (e.g. tx.patching.logit_difference(a, b))",

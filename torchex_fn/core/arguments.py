@@ -15,16 +15,18 @@ __all__ = ["check_call"]
 
 
 def check_call(fn: str, model_fn: Any, params: Any, x: Any, target: Any, *, min_ndim: int = 2,
-               ndim: Optional[int] = None, layer: Any = None, layer_option: bool = True) -> None:
+               ndim: Optional[int] = None, layer: Any = None, layer_option: bool = True) -> Any:
     """The checks every method shares: ``model_fn``, ``params``, ``x`` and ``target``.
 
     ``x`` is a floating-point batch (see :func:`checks.check_input`) or a dict of named tensors batch first;
     with a ``layer`` to attribute, ``x`` may also be an integer tensor of rank 1 or 2 (token ids
     ``[B, T]``; integer images ``[B, C, H, W]`` are refused with a hint to convert them), and a dict
     needs no floating-point entry. Without one, a dict must have exactly one floating-point entry.
+
+    Returns ``target`` as the methods use it (:func:`targets.normalize`: NumPy integers become torch's).
     """
     _checks.check_model_fn(fn, model_fn)
-    _checks.check_params(fn, params)
+    _checks.check_params(fn, params, model_fn)
     _checks.check_eval_mode(fn, model_fn)
     if isinstance(x, Mapping):
         _inputs.check_mapping(fn, x)
@@ -40,4 +42,6 @@ def check_call(fn: str, model_fn: Any, params: Any, x: Any, target: Any, *, min_
     else:
         _checks.check_input(fn, x, ndim=ndim, min_ndim=min_ndim, layer_option=layer_option)
         batch = x.shape[0]
+    target = _targets.normalize(target)
     _targets.check(fn, target, batch)
+    return target

@@ -127,12 +127,24 @@ def _run(model_fn, params, x, names: Sequence[str], perturb=None, fn: str = "cap
     return out, session.acts
 
 
-def _check_reached(fn: str, names: Sequence[str], acts: Mapping[str, Tensor]) -> None:
+def _check_reached(fn: str, names: Sequence[str], acts: Mapping[str, Tensor], model_fn: Any = None) -> None:
     missing = [n for n in dict.fromkeys(names) if n not in acts]
-    if missing:
-        raise _checks.value_error(fn, f"layer {missing[0]!r} to be called in the forward pass",
-                                  "a forward pass that never called it",
-                                  "Name a layer that the model's forward uses (check `model.named_modules()`).")
+    if not missing:
+        return
+    if module_of(model_fn) is None:
+        # a plain function: its layers are what it passes to tap(); a module it runs itself (through
+        # torch.func.functional_call or a call of its own) reports nothing
+        raise _checks.value_error(
+            fn, f"layer {missing[0]!r} to be called in the forward pass", "a model_fn not built by "
+            "`tx.functionalize`, whose forward never marked it with `tx.tap`",
+            "Layer methods see the submodules of a model_fn from `tx.functionalize` only (a function that "
+            "calls `torch.func.functional_call` or the module itself hides them): build it with "
+            "`model_fn, params = tx.functionalize(model)` and call that one inside your function "
+            "(`lambda p, x: model_fn(p, normalize(x))` keeps the layer names). "
+            f"In a function of your own, name the value: `h = tx.tap({missing[0]!r}, h)`.")
+    raise _checks.value_error(fn, f"layer {missing[0]!r} to be called in the forward pass",
+                              "a forward pass that never called it",
+                              "Name a layer that the model's forward uses (check `model.named_modules()`).")
 
 
 def intermediates(model_fn: ModelFn, *, layers: Sequence[str], perturb: Optional[Mapping[str, Tensor]] = None,
@@ -159,7 +171,7 @@ def intermediates(model_fn: ModelFn, *, layers: Sequence[str], perturb: Optional
 
     def wrapped(params, x):
         out, acts = _run(model_fn, params, x, names, perturb, fn, replace, transform=transform)
-        _check_reached(fn, names, acts)
+        _check_reached(fn, names, acts, model_fn)
         return out, acts
 
     return wrapped
@@ -196,7 +208,7 @@ def run_tail(model_fn, params, x: Any, name: str, values: Tensor, *, fn: str = "
         out, acts = _run(model_fn, params, x, (name,), None, fn, {name: values}, widen=True)
     except RuntimeError as error:   # shapes that do not broadcast: the tail needs the prefix's rows
         raise TailMismatch(str(error)) from None
-    _check_reached(fn, (name,), acts)
+    _check_reached(fn, (name,), acts, model_fn)
     rows = [t.shape[0] for t in leaves(out) if t.ndim > 0]
     if not rows or any(r != values.shape[0] for r in rows):
         raise TailMismatch(f"output rows {rows}, expected {values.shape[0]}")
@@ -282,7 +294,7 @@ def _probe_shapes(model_fn, params, x, names, fn) -> Dict[str, Tuple[torch.Size,
     """Learn the layers' output shapes with one forward pass without autograd."""
     with torch.no_grad():
         _, acts = _run(model_fn, params, x, names, None, fn)
-    _check_reached(fn, names, acts)
+    _check_reached(fn, names, acts, model_fn)
     return {name: (acts[name].shape, acts[name].dtype) for name in names}
 
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor
 from .env import concrete_any, reads_values
-from .types import module_of
+from .types import module_of, params_check_of
 
 
 class TrainingModeWarning(UserWarning):
@@ -91,10 +91,15 @@ def check_model_fn(fn: str, model_fn: Any) -> None:
         raise type_error(fn, "model_fn, a callable (params, x) -> out", describe(model_fn))
 
 
-def check_params(fn: str, params: Any) -> None:
+def check_params(fn: str, params: Any, model_fn: Any = None) -> None:
+    """``params`` is a mapping; with a ``model_fn`` from ``functionalize``, its keys fit the module (no unknown
+    key; every parameter unless ``functionalize(model, strict=False)``)."""
     if not isinstance(params, Mapping):
         raise type_error(fn, "params, a mapping of name -> tensor", describe(params),
                          "Use the dict returned by `torchex_fn.functionalize(model)`.")
+    check = params_check_of(model_fn)
+    if check is not None:
+        check(fn, params)
 
 
 def check_input(fn: str, x: Any, *, ndim: Optional[int] = None, min_ndim: int = 1, name: str = "x",

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import weakref
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -13,9 +14,9 @@ from torch import Tensor, nn
 from . import autodiff as _autodiff, checks as _checks
 from .capture import active as _active_capture
 from . import env as _env
-from .types import Params, aliases_of, lock_of, memo_owner_of, module_of, output_of
+from .types import Params, aliases_of, lock_of, memo_owner_of, module_of, output_of, params_check_of
 
-__all__ = ["functionalize", "FunctionalModel", "Wrapped", "params_of"]
+__all__ = ["functionalize", "FunctionalModel", "Wrapped", "params_of", "split_params"]
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -29,16 +30,56 @@ def _lock_for(module: nn.Module) -> threading.RLock:
         return lock
 
 
+def _differentiable(t: Tensor) -> bool:
+    """A tensor ``torch.func.grad`` can take a derivative with respect to (floating point or complex)."""
+    return t.is_floating_point() or t.is_complex()
+
+
 def params_of(module: nn.Module) -> Dict[str, Tensor]:
-    """Parameters and buffers of ``module`` as a detached name -> tensor dict.
+    """Parameters and floating-point buffers of ``module`` as a detached name -> tensor dict.
 
     Parameters share storage with the module (no copy; nothing writes to them). Buffers are
     cloned, so that a module left in training mode (BatchNorm statistics) cannot write into the
-    user's module through them.
+    user's module through them. Integer and boolean buffers (batch norm's ``num_batches_tracked``,
+    index tables) are left out, so that ``torch.func.grad(loss)(params)`` works as written (it
+    refuses tensors that cannot require gradients): the ``model_fn`` of :func:`functionalize` takes
+    them from the module when ``params`` does not give them.
     """
     params = {name: p.detach() for name, p in module.named_parameters()}
-    params.update({name: b.detach().clone() for name, b in module.named_buffers()})
+    params.update({name: b.detach().clone() for name, b in module.named_buffers() if _differentiable(b)})
     return params
+
+
+def split_params(model_fn: Any, params: Params) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+    """``(weights, buffers)``: ``params`` split into the module's parameters and everything else.
+
+    ``torch.func.grad`` differentiates w.r.t. every tensor of its argument, and batch norm refuses a
+    derivative w.r.t. its running statistics (``params`` holds the floating-point buffers, so that
+    ``model_fn(params, x)`` is the whole model). Differentiate w.r.t. the weights and pass the rest along.
+
+    Args:
+      model_fn: A ``model_fn`` from :func:`functionalize` (it knows which names are parameters).
+      params: The name -> tensor mapping to split; a name tied to a parameter counts as one.
+
+    Returns:
+      Two dicts whose union is ``params``.
+
+    Raises:
+      TypeError: ``model_fn`` does not know its module, or ``params`` is not a mapping.
+
+    Example:
+      >>> weights, buffers = split_params(model_fn, params)
+      >>> g = torch.func.grad(lambda w: tx.grad_cam(model_fn, {**buffers, **w}, x, y, layer="layer4").sum())(weights)
+    """
+    module = module_of(model_fn)
+    if module is None:
+        raise _checks.type_error("split_params", "model_fn from `functionalize(model)` (it knows the parameters)",
+                                 _checks.describe(model_fn),
+                                 "For a model written as a function, split the dict by its keys yourself.")
+    _checks.check_params("split_params", params)
+    names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    weights = {k: v for k, v in params.items() if k in names}
+    return weights, {k: v for k, v in params.items() if k not in names}
 
 
 def _aliases_and_caches(module: nn.Module):
@@ -85,6 +126,117 @@ def _is_tensor_cache(value: Any) -> bool:
     return type(value) is dict and all(isinstance(v, Tensor) for v in value.values())
 
 
+class _Keys:
+    """The names ``params`` may and must have for one module, and the check of a ``params`` dict.
+
+    * ``known``: every name of a parameter or buffer, tied ones and those of a module registered
+      twice (``named_parameters(remove_duplicate=False)``, what ``state_dict()`` also lists) included;
+    * ``required``: one name per tensor (its first), less the buffers that may be left out: those
+      :func:`params_of` leaves out (integer and boolean ones) and non-persistent ones (``state_dict()``
+      leaves those out: constant tables such as rotary frequencies); ``functional_call`` then takes the
+      module's own (and ``FunctionalModel`` a copy of it for a module in training mode);
+    * ``expected``: the keys of :func:`params_of` (the fast path of :meth:`check`);
+    * ``stands_for``: a tied or second name -> the first name of its tensor (present when either is).
+    """
+
+    def __init__(self, module: nn.Module, strict: bool):
+        self.strict = strict
+        known: Dict[str, None] = {}
+        required: List[str] = []
+        expected: List[str] = []
+        self.stands_for: Dict[str, str] = {}
+        slots: Dict[tuple, str] = {}
+        first: Dict[int, str] = {}
+        for prefix, mod in module.named_modules(remove_duplicate=False):
+            for kind, table in (("p", mod._parameters), ("b", mod._buffers)):
+                for attr, value in table.items():
+                    if value is None:
+                        continue
+                    name = f"{prefix}.{attr}" if prefix else attr
+                    known[name] = None
+                    slot = slots.setdefault((id(mod), attr), name)
+                    owner = first.setdefault(id(value), slot)
+                    if owner != name:
+                        self.stands_for[name] = owner
+                        continue
+                    if kind == "p" or _differentiable(value):
+                        expected.append(name)
+                    if kind == "p" or (_differentiable(value) and attr not in mod._non_persistent_buffers_set):
+                        required.append(name)
+        self.known: FrozenSet[str] = frozenset(known)
+        self.required: FrozenSet[str] = frozenset(required)
+        self.expected: FrozenSet[str] = frozenset(expected)
+        self.synonyms: Dict[str, List[str]] = {}
+        for name, owner in self.stands_for.items():
+            self.synonyms.setdefault(owner, []).append(name)
+
+    def check(self, fn: str, params: Any) -> None:
+        """``params``'s keys against the module's: an unknown key is always an error, a missing one unless
+        ``strict=False``. A set comparison per call (microseconds for hundreds of keys)."""
+        keys = params.keys()
+        if keys == self.expected:
+            return
+        unknown = [k for k in keys if k not in self.known]
+        if unknown:
+            more = f" (and {len(unknown) - 1} more unknown keys)" if len(unknown) > 1 else ""
+            error = _checks.unknown_name(fn, "params key", str(unknown[0]), sorted(self.known))
+            raise ValueError(f"{error}{more} params takes the names of the model's parameters and buffers, "
+                             "as `functionalize(model)` returns them; a misspelled key would otherwise leave "
+                             "the module's own tensor in place.")
+        if not self.strict:
+            return
+        missing = [k for k in sorted(self.required) if k not in keys
+                   and not any(s in keys for s in self.synonyms.get(k, ()))]
+        if missing:
+            shown = ", ".join(repr(k) for k in missing[:3])
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise _checks.value_error(
+                fn, f"params with every parameter of the model ({len(self.required)} keys, as "
+                "`functionalize(model)` returns them)", f"a dict without {shown}{more}",
+                "A key left out would silently take the module's own tensor. Pass a full dict, e.g. "
+                "`{**params, **changed}`; to let the keys left out take the module's own tensors on purpose, "
+                "build the model_fn with `functionalize(model, strict=False)`.")
+
+
+_STATISTICS_ERROR = re.compile(r"not differentiable with respect to argument '(running_\w+)'")
+_RANK_ERROR = re.compile(r"expected \d+D|\d+D \(unbatched\)|got \d+D input", re.IGNORECASE)
+_UNPACK_ERROR = re.compile(r"not enough values to unpack \(expected (\d+), got (\d+)\)")   # n, c, h, w = x.shape
+_DTYPE_ERROR = re.compile(r"dtype|scalar type|datatype|type \(.*\) and .* type|should be the same", re.IGNORECASE)
+
+
+def _explained(module: nn.Module, params: Any, x: Any, error: Exception) -> Optional[Exception]:
+    """A clearer error for what a first call often gets wrong, or ``None``: a derivative w.r.t. batch norm's
+    running statistics, an example without its batch axis, or an input of another floating-point dtype than
+    the model's parameters."""
+    text = str(error)
+    fn = f"model_fn ({type(module).__name__} from functionalize)"
+    statistics = _STATISTICS_ERROR.search(text)
+    if statistics:
+        return _checks.value_error(
+            fn, "a derivative w.r.t. the parameters", f"one w.r.t. batch norm's {statistics.group(1)} (which "
+            "`torch.func.grad(loss)(params)` asks for: params holds the floating-point buffers too)",
+            "Differentiate w.r.t. the parameters only: `weights, buffers = tx.split_params(model_fn, params)`, "
+            "then `torch.func.grad(lambda w: loss({**buffers, **w}))(weights)`.")
+    if not isinstance(x, Tensor):
+        return None
+    unpack = _UNPACK_ERROR.search(text)
+    if _RANK_ERROR.search(text) or (unpack and int(unpack.group(2)) == x.ndim == int(unpack.group(1)) - 1):
+        return _checks.value_error(
+            fn, "x with the batch axis first ([B, *input])", f"{_checks.describe(x)}, whose rank the model refused "
+            f"({text.splitlines()[0] if text else type(error).__name__})",
+            f"A single example needs its batch axis: `x[None]` (shape {(1, *x.shape)}).")
+    if _DTYPE_ERROR.search(text) and x.is_floating_point():
+        dtypes = {t.dtype for t in params.values() if isinstance(t, Tensor) and t.is_floating_point()}
+        if dtypes and x.dtype not in dtypes:
+            dtype = next(iter(dtypes))
+            return _checks.type_error(
+                fn, f"x of the parameters' dtype {dtype}", f"{_checks.describe(x)} "
+                f"({text.splitlines()[0]})",
+                f"Convert the input, `x.to({dtype})`, or the parameters, e.g. "
+                f"`{{k: v.to({x.dtype}) for k, v in params.items()}}` (a float64 check such as gradcheck).")
+    return None
+
+
 class FunctionalModel:
     """``model_fn(params, x) -> out`` for one ``nn.Module``, built by :func:`functionalize`.
 
@@ -102,16 +254,23 @@ class FunctionalModel:
     lock), ``aliases`` (tied parameters), ``memo_owner`` (the module), ``layer_names()`` and ``name_of()``.
     """
 
-    def __init__(self, module: nn.Module, output: Any = None):
+    def __init__(self, module: nn.Module, output: Any = None, *, strict: bool = True):
         self.module = module
         self.output = output
         self.lock = _lock_for(module)
         self.memo_owner: Any = module
         self.aliases, self._caches = _aliases_and_caches(module)
+        self._keys = _Keys(module, strict)
         # modules with buffers: in training mode they may write into them (batch norm's running statistics)
-        self._stateful = [(mod, [f"{prefix}.{b}" if prefix else b for b, v in mod._buffers.items() if v is not None])
+        self._stateful = [(mod, [(f"{prefix}.{b}" if prefix else b, b) for b, v in mod._buffers.items()
+                                 if v is not None])
                           for prefix, mod in module.named_modules()
                           if any(v is not None for v in mod._buffers.values())]
+
+    def check_params(self, fn: str, params: Params) -> None:
+        """Raise a ``ValueError`` naming ``fn`` when ``params`` has a key the module does not know, or
+        (``strict``, the default) lacks one of its parameters; see :func:`functionalize`."""
+        self._keys.check(fn, params)
 
     def layer_names(self) -> Dict[str, nn.Module]:
         return dict(self.module.named_modules())
@@ -138,10 +297,19 @@ class FunctionalModel:
                     for name in session.transform:
                         if name in modules:
                             handles.append(modules[name].register_forward_hook(session.transform_hook(name)))
+                if not _env.compiling():
+                    self._keys.check("model_fn", params)
                 full = dict(params)
+                if self._keys.stands_for and full.keys() != self._keys.expected:
+                    for name in [k for k in full if k in self._keys.stands_for]:  # a tied or second name given
+                        full.setdefault(self._keys.stands_for[name], full[name])
+                        del full[name]   # given again below (tied) or the same slot (swapped once)
                 for mod, names in self._stateful:  # pure: a training-mode write lands in a copy, not in params
-                    if mod.training:
-                        full.update((n, full[n].clone()) for n in names if isinstance(full.get(n), Tensor))
+                    if mod.training:         # (or, for a buffer params leaves out, not in the module)
+                        for n, b in names:
+                            value = full.get(n, mod._buffers.get(b))
+                            if isinstance(value, Tensor):
+                                full[n] = value.clone()
                 for alias, name in self.aliases:  # a tensor tied into another module: the same value
                     if name in full and alias not in full:
                         full[alias] = full[name]
@@ -151,7 +319,13 @@ class FunctionalModel:
                     setattr(mod, attr, {})
                 args, kwargs = ((), dict(x)) if isinstance(x, Mapping) else ((x,), None)  # named inputs as keywords
                 with _autodiff.attention_context(params, x):  # twice-differentiable attention when needed
-                    return torch.func.functional_call(self.module, full, args, kwargs, tie_weights=False)
+                    try:
+                        return torch.func.functional_call(self.module, full, args, kwargs, tie_weights=False)
+                    except (RuntimeError, ValueError) as error:
+                        clearer = _explained(self.module, params, x, error)
+                        if clearer is None:
+                            raise
+                        raise clearer from error
             finally:
                 for handle in handles:
                     handle.remove()
@@ -220,6 +394,11 @@ class Wrapped:
     def layer_names(self) -> Dict[str, nn.Module]:
         return self.inner.layer_names()
 
+    def check_params(self, fn: str, params: Params) -> None:
+        check = params_check_of(self.inner)
+        if check is not None:
+            check(fn, params)
+
     def name_of(self, layer: nn.Module) -> str:
         return self.inner.name_of(layer)
 
@@ -248,7 +427,8 @@ class _WrappedFunctional(Wrapped, FunctionalModel):
     ``__init__`` and ``__call__`` are :class:`Wrapped`'s; it evaluates through the inner one)."""
 
 
-def functionalize(module: nn.Module, *, output: Any = None) -> Tuple[FunctionalModel, Dict[str, Tensor]]:
+def functionalize(module: nn.Module, *, output: Any = None,
+                  strict: bool = True) -> Tuple[FunctionalModel, Dict[str, Tensor]]:
     """Split an ``nn.Module`` into a pure function and its tensors.
 
     ``model_fn(params, x)`` returns what the module returns. ``x`` is a tensor (passed as the one
@@ -267,18 +447,33 @@ def functionalize(module: nn.Module, *, output: Any = None) -> Tuple[FunctionalM
         last position of a causal language model). ``None`` (default): the output itself when it is a
         tensor, its ``"logits"`` entry when it is a mapping that has one. Callable targets always
         receive the raw output.
+      strict: Whether every call needs every parameter in ``params``. ``True`` (default): a key left out
+        is a ``ValueError`` (pass full dicts, ``{**params, **changed}``). ``False``: the keys left out take
+        the module's own tensors (a partial dict on purpose). Either way a key the module does not
+        know (``"fc.weigth"``) is a ``ValueError`` naming the closest real key, and integer, boolean and
+        non-persistent buffers may be left out (they come from the module). Tied parameters are
+        present under any of their names.
 
     Returns:
       ``(model_fn, params)`` where ``model_fn(params, x) -> module(x)`` evaluated with ``params``
       swapped in, and ``params`` is a dict of the module's parameters (detached, shared storage)
-      and buffers (detached copies), keyed by their dotted names.
+      and floating-point buffers (detached copies), keyed by their dotted names. Integer and boolean
+      buffers (batch norm's ``num_batches_tracked``) are left out of ``params``, so that
+      ``torch.func.grad(loss)(params)`` differentiates w.r.t. all of it as written (the running
+      statistics get their gradients too); ``model_fn`` takes them from the module.
 
     Raises:
-      TypeError: ``module`` is not an ``nn.Module``.
+      TypeError: ``module`` is not an ``nn.Module``; ``strict`` is not a bool. When ``model_fn`` is called:
+        an input of another floating-point dtype than the parameters (the message names the conversion).
+      ValueError: when ``model_fn`` is called: a ``params`` key the module does not know, a missing one
+        (``strict``); an input the model refuses for its rank (a single example without its batch
+        axis: ``x[None]``); ``torch.func.grad`` w.r.t. batch norm's running statistics (see
+        :func:`split_params`).
 
     Example:
       >>> model_fn, params = functionalize(resnet.eval())
       >>> model_fn(params, images).shape                     # [8, 3, 224, 224] -> [8, 1000]
+      >>> g = torch.func.grad(lambda p: tx.saliency(model_fn, p, images).square().sum())(params)
       >>> ens = torch.func.stack_module_state([m1, m2])[0]   # ensembles: vmap over stacked params
       >>> bert_fn, bert_params = functionalize(bert.eval(), output="logits")
       >>> tx.saliency(bert_fn, bert_params, tokens, 1, layer="bert.embeddings")   # tokens: a tokenizer's dict
@@ -289,4 +484,5 @@ def functionalize(module: nn.Module, *, output: Any = None) -> Tuple[FunctionalM
             or (isinstance(output, int) and not isinstance(output, bool))):
         raise _checks.type_error("functionalize", "output: None, a key or attribute name, a tuple index or a callable",
                                  _checks.describe(output))
-    return FunctionalModel(module, output), params_of(module)
+    _checks.check_bool("functionalize", "strict", strict)
+    return FunctionalModel(module, output, strict=strict), params_of(module)

@@ -20,6 +20,7 @@ eagerly, ``torch._assert_async`` (no host-device synchronisation) on an accelera
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -30,7 +31,7 @@ from . import checks as _checks
 from .inputs import split_output
 from .types import output_of
 
-__all__ = ["resolve", "resolve_index", "check", "log_prob", "prob", "logit", "select_output", "selector",
+__all__ = ["normalize", "resolve", "resolve_index", "check", "log_prob", "prob", "logit", "select_output", "selector",
            "check_neuron_index", "neuron_value"]
 
 
@@ -74,8 +75,22 @@ def selector(model_fn: Any) -> Any:
     return output_of(model_fn)
 
 
+def normalize(target: Any) -> Any:
+    """``target`` with NumPy integers made torch's: a NumPy integer scalar (``labels[i]`` of an int64 array)
+    becomes an ``int``, a NumPy array a tensor; anything else is returned as it is (and checked by :func:`check`)."""
+    if isinstance(target, (int, Tensor)) or target is None:
+        return target
+    if isinstance(target, numbers.Integral):   # numpy.int64 and friends (NumPy registers them)
+        return int(target)
+    if type(target).__module__ == "numpy" and type(target).__name__ == "ndarray":
+        return torch.as_tensor(target)
+    return target
+
+
 def check(fn: str, target: Any, batch: Optional[int] = None) -> None:
-    """Type and shape of ``target``, checked before any forward pass."""
+    """Type and shape of ``target``, checked before any forward pass (NumPy integers :func:`normalize` accepts
+    pass)."""
+    target = normalize(target)
     if target is None or callable(target) and not isinstance(target, Tensor):
         return
     if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
@@ -110,6 +125,7 @@ def resolve_index(out: Any, target: Any, *, fn: str = "resolve", output: Any = N
     ``output`` is ``functionalize``'s ``output=`` choice (see :func:`select_output`). The output's
     entries at the index must be finite (:func:`check_finite`).
     """
+    target = normalize(target)
     if callable(target) and not isinstance(target, Tensor):
         raise _checks.type_error(fn, "target: None, an int or an integer tensor (a class index is needed)",
                                  "a callable")
@@ -121,6 +137,7 @@ def resolve_index(out: Any, target: Any, *, fn: str = "resolve", output: Any = N
 
 def _index(out: Any, target: Any, fn: str) -> Tensor:
     """:func:`resolve_index` of an already selected output, without the finiteness check."""
+    target = normalize(target)
     if callable(target) and not isinstance(target, Tensor):
         raise _checks.type_error(fn, "target: None, an int or an integer tensor (a class index is needed)",
                                  "a callable")
@@ -146,6 +163,7 @@ def resolve(out: Any, target: Any, *, fn: str = "resolve", output: Any = None) -
 
     ``output`` is ``functionalize``'s ``output=`` choice for integer and ``None`` targets.
     """
+    target = normalize(target)
     if callable(target) and not isinstance(target, Tensor):
         scores = target(out)
         expected = list(out.shape[:1]) if isinstance(out, Tensor) else None
@@ -172,6 +190,7 @@ def for_blocks(target: Any, k: int, size: int, index: Optional[Tensor] = None) -
     output at a time (so it sees the examples it was written for, e.g. per-example labels it closes
     over), whatever the output's structure; an ``int`` target is returned as it is.
     """
+    target = normalize(target)
     if index is not None:
         return index.repeat(k)
     if is_callable(target):
@@ -201,6 +220,7 @@ def prob(target: Any = None) -> Callable[[Tensor], Tensor]:
 
 def for_rows(target: Any, batch: int, g0: int, g1: int) -> Any:
     """``target`` for examples ``g0:g1``: a tensor is expanded to ``[B]`` and sliced; the others pass."""
+    target = normalize(target)
     if isinstance(target, Tensor):
         return target.expand(batch)[g0:g1] if target.ndim == 0 else target[g0:g1]
     return target

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Params", "ModelFn", "Target", "LayerSpec", "Layer", "ModelView", "view_of", "module_of", "output_of",
-           "lock_of", "aliases_of", "layer_names_of", "layer_name_of", "memo_owner_of"]
+           "lock_of", "aliases_of", "layer_names_of", "layer_name_of", "memo_owner_of", "params_check_of"]
 
 Params = Mapping[str, Tensor]
 """Name -> tensor mapping accepted by ``torch.func.functional_call`` (parameters and buffers)."""
@@ -59,6 +59,10 @@ class ModelView(Protocol):
 
     def name_of(self, layer: nn.Module) -> str:
         """The dotted name of ``layer`` in :attr:`module`; ``KeyError`` when it is not part of it."""
+        ...
+
+    def check_params(self, fn: str, params: Params) -> None:
+        """Raise a ``ValueError`` naming ``fn`` when ``params``'s keys do not fit :attr:`module`."""
         ...
 
 
@@ -114,3 +118,10 @@ def memo_owner_of(model_fn: Any) -> Any:
         return owner
     module = module_of(model_fn)
     return model_fn if module is None else module
+
+
+def params_check_of(model_fn: Any) -> Optional[Callable[[str, Params], None]]:
+    """``check(fn, params)`` of ``params``'s keys against ``model_fn``'s module (:meth:`ModelView.check_params`),
+    or ``None`` for a ``model_fn`` that knows no module."""
+    check = getattr(model_fn, "check_params", None)
+    return check if callable(check) and module_of(model_fn) is not None else None

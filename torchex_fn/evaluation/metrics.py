@@ -409,7 +409,7 @@ def randomization_check(method: Callable[..., Tensor], model_fn: ModelFn, params
         raise _checks.type_error(fn, "method, a callable (model_fn, params, x, target) -> map",
                                  _checks.describe(method))
     _checks.check_model_fn(fn, model_fn)
-    _checks.check_params(fn, params)
+    _checks.check_params(fn, params, model_fn)
     _checks.check_input(fn, x, min_ndim=2)
     _checks.check_generator(fn, generator)
     _checks.check_bool(fn, "absolute", absolute)
@@ -505,7 +505,7 @@ def infidelity(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor
     References: Yeh et al., "On the (In)fidelity and Sensitivity of Explanations", NeurIPS 2019.
     """
     fn = "infidelity"
-    check_call(fn, model_fn, params, x, target, min_ndim=1)
+    target = check_call(fn, model_fn, params, x, target, min_ndim=1)
     if not callable(perturb_fn):
         raise _checks.type_error(fn, "perturb_fn, a callable (x, generator) -> (perturbation, perturbed_x)",
                                  _checks.describe(perturb_fn))

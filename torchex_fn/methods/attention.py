@@ -103,7 +103,7 @@ def attention_probabilities(model_fn: ModelFn, params: Params, x: Tensor) -> Tup
       >>> len(probs), probs[0].shape     # (12, [8, 12, 197, 197]) for a ViT-B/16
     """
     _checks.check_model_fn("attention_probabilities", model_fn)
-    _checks.check_params("attention_probabilities", params)
+    _checks.check_params("attention_probabilities", params, model_fn)
     out, calls = _run(model_fn, params, x)
     return out, [c.probs for c in calls]
 
@@ -111,8 +111,8 @@ def attention_probabilities(model_fn: ModelFn, params: Params, x: Tensor) -> Tup
 # --------------------------------------------------------------------------------------------
 # Shared checks and helpers.
 
-def _check_options(fn: str, model_fn, params, x, target, *, layers, token, prefix_tokens, grid, upsample) -> None:
-    check_call(fn, model_fn, params, x, target, min_ndim=2, layer_option=False)
+def _check_options(fn: str, model_fn, params, x, target, *, layers, token, prefix_tokens, grid, upsample) -> Any:
+    target = check_call(fn, model_fn, params, x, target, min_ndim=2, layer_option=False)
     if layers is not None:
         if isinstance(layers, bool) or not isinstance(layers, (int, list, tuple)) or \
                 (isinstance(layers, (list, tuple)) and not all(isinstance(i, int) and not isinstance(i, bool)
@@ -131,6 +131,7 @@ def _check_options(fn: str, model_fn, params, x, target, *, layers, token, prefi
                                  all(isinstance(g, int) and g > 0 for g in grid)):
         raise _checks.type_error(fn, "grid, None or a pair of positive ints (h, w)", _checks.describe(grid))
     _checks.check_bool(fn, "upsample", upsample)
+    return target
 
 
 def _select(fn: str, count: int, layers: Any) -> List[int]:
@@ -277,7 +278,7 @@ def attention_rollout(model_fn: ModelFn, params: Params, x: Tensor, target: Targ
     References: Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020.
     """
     fn = "attention_rollout"
-    _check_options(fn, model_fn, params, x, target, layers=layers, token=token, prefix_tokens=prefix_tokens,
+    target = _check_options(fn, model_fn, params, x, target, layers=layers, token=token, prefix_tokens=prefix_tokens,
                    grid=grid, upsample=upsample)
     if head_fusion not in HEAD_FUSIONS:
         raise _checks.value_error(fn, f"head_fusion in {HEAD_FUSIONS}", _checks.describe(head_fusion))
@@ -330,7 +331,7 @@ def grad_rollout(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
     and Encoder-Decoder Transformers", ICCV 2021.
     """
     fn = "grad_rollout"
-    _check_options(fn, model_fn, params, x, target, layers=layers, token=token, prefix_tokens=prefix_tokens,
+    target = _check_options(fn, model_fn, params, x, target, layers=layers, token=token, prefix_tokens=prefix_tokens,
                    grid=grid, upsample=upsample)
 
     def run(deltas):
@@ -410,7 +411,7 @@ def legrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, 
     Feature Formation Sensitivity", 2024.
     """
     fn = "legrad"
-    _check_options(fn, model_fn, params, x, target, layers=None, token=0, prefix_tokens=prefix_tokens,
+    target = _check_options(fn, model_fn, params, x, target, layers=None, token=0, prefix_tokens=prefix_tokens,
                    grid=grid, upsample=upsample)
     if view_of(model_fn) is None:
         raise _checks.type_error(fn, "model_fn built by functionalize (blocks are named submodules)",

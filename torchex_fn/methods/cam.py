@@ -44,25 +44,27 @@ _CAM_TABULAR_HINT = ("a class activation map needs a layer with a grid; use sali
 
 
 def _check_common(fn: str, model_fn, params, x, target, relu, upsample, reshape=None, *,
-                  images_only: bool = False, resizes_x: bool = False) -> None:
+                  images_only: bool = False, resizes_x: bool = False) -> Any:
     """The checks of every CAM method. A layer is always named, so ``x`` may be token ids or a dict
     of named inputs (the map then lives on the layer's grid: ``reshape=`` and ``upsample=False``),
     except for the methods that mask or differentiate the image itself (``images_only``).
 
     A floating-point ``x`` is ``[B, C, *grid]``: 1 to 3 grid axes when the map or masks are
-    resized to ``x``'s grid (``upsample=True``, or ``resizes_x``), any number otherwise."""
+    resized to ``x``'s grid (``upsample=True``, or ``resizes_x``), any number otherwise. Returns ``target`` as
+    the method uses it (NumPy integers made torch's)."""
     if images_only and not isinstance(x, Tensor):
         raise _checks.type_error(fn, "x, a floating-point tensor [B, C, *spatial] (this method masks or "
                                  "differentiates the input itself)", _checks.describe(x))
     floating = isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex())
     if floating and x.ndim < 3:
         _checks.check_grid_rank(fn, x, high=5 if resizes_x else None, tabular_hint=_CAM_TABULAR_HINT)
-    check_call(fn, model_fn, params, x, target, min_ndim=3, layer=None if images_only else True)
+    target = check_call(fn, model_fn, params, x, target, min_ndim=3, layer=None if images_only else True)
     _checks.check_bool(fn, "relu", relu)
     _checks.check_bool(fn, "upsample", upsample)
     _checks.check_optional_callable(fn, "reshape", reshape)
     if floating and (upsample or resizes_x):
         _checks.check_grid_rank(fn, x, high=5, tabular_hint=_CAM_TABULAR_HINT)
+    return target
 
 
 def _image_of(x: Any) -> Optional[Tensor]:
@@ -222,7 +224,7 @@ def cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, 
     References: Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016.
     """
     fn = "cam"
-    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
+    target = _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
     if callable(target) and not isinstance(target, Tensor):
         raise _checks.type_error(fn, "target: None, an int or [B] ints (CAM weights need a class index)", "a callable")
     if isinstance(layer, (list, tuple, dict)):
@@ -291,7 +293,7 @@ def _gradient_weighted(fn: str, channel_weights, model_fn, params, x, target, la
     Weights and maps are computed in at least float32 and rounded to the layer's dtype once at
     the end: in float16, Grad-CAM++'s ``g ** 3`` and XGrad-CAM's ``eps`` would underflow.
     """
-    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
+    target = _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
     names, rebuild = resolve_layers(fn, model_fn, layer)
     result = layer_gradients(model_fn, params, x, target, layers=names, fn=fn)
     maps: Dict[str, Tensor] = {}
@@ -506,7 +508,7 @@ def eigen_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     Components", IJCNN 2020.
     """
     fn = "eigen_cam"
-    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
+    target = _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
     names, rebuild = resolve_layers(fn, model_fn, layer)
     out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
     # validated (a class out of range is an error), then unused
@@ -583,7 +585,7 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
     Network via Gradient-free Localization", WACV 2020.
     """
     fn = "ablation_cam"
-    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True)
+    target = _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True)
     _checks.check_positive_int(fn, "batch_size", batch_size)
     if isinstance(layer, (list, tuple, dict)):
         raise _checks.type_error(fn, "layer, one dotted name or module (Ablation-CAM takes one layer per call)",
@@ -754,7 +756,7 @@ def fullgrad(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     Visualization", NeurIPS 2019.
     """
     fn = "fullgrad"
-    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True, resizes_x=True)
+    target = _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True, resizes_x=True)
     if not upsample:
         raise _checks.value_error(fn, "upsample=True (FullGrad sums maps resized to x's size)", "False")
     names = _bias_layers(fn, model_fn, x) if layer is None else list(dict.fromkeys(resolve_layers(fn, model_fn,
@@ -839,7 +841,7 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     Neural Networks", CVPR Workshops 2020.
     """
     fn = "score_cam"
-    _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True, resizes_x=True)
+    target = _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True, resizes_x=True)
     _checks.check_positive_int(fn, "batch_size", batch_size)
     _checks.check_bool(fn, "align_corners", align_corners)
     if weights not in _SCORE_CAM_WEIGHTS:

@@ -88,7 +88,7 @@ class _Game:
 
     def __init__(self, fn: str, model_fn: ModelFn, params: Params, x: Any, target: Any, *, feature_mask: Any,
                  baseline: Any, batch_size: int, generator: Any = None) -> None:
-        check_call(fn, model_fn, params, x, target, layer_option=False)
+        target = check_call(fn, model_fn, params, x, target, layer_option=False)
         key, value = _inputs.perturbed_entry(fn, x)
         if value.is_complex():
             raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(value))

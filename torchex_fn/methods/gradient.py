@@ -91,7 +91,7 @@ def saliency(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None
     Cost: one forward, one backward to the input (to the layer with ``layer``; no parameter gradients).
     References: Simonyan et al., "Deep Inside Convolutional Networks", ICLR workshop 2014.
     """
-    check_call("saliency", model_fn, params, x, target, layer=layer)
+    target = check_call("saliency", model_fn, params, x, target, layer=layer)
     _checks.check_bool("saliency", "abs", abs)
     _checks.check_optional_callable("saliency", "post_process", post_process)
     _, grad = attributed_gradient("saliency", model_fn, params, x, target, layer)
@@ -123,7 +123,7 @@ def input_x_gradient(model_fn: ModelFn, params: Params, x: Tensor, target: Targe
     Cost: one forward, one backward to the input.
     References: Shrikumar et al., "Not Just a Black Box", 2016.
     """
-    check_call("input_x_gradient", model_fn, params, x, target, layer=layer)
+    target = check_call("input_x_gradient", model_fn, params, x, target, layer=layer)
     _checks.check_optional_callable("input_x_gradient", "post_process", post_process)
     value, grad = attributed_gradient("input_x_gradient", model_fn, params, x, target, layer)
     attr = _map_structure(torch.mul, value, grad)
@@ -271,7 +271,7 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
 
     def smoothed(model_fn: ModelFn, params: Params, x: Any, target: Target = None, **options: Any) -> Tensor:
         layer = options.get("layer")
-        check_call(fn, model_fn, params, x, target, layer=layer)
+        target = check_call(fn, model_fn, params, x, target, layer=layer)
         output = _targets.selector(model_fn)
         key, value = _inputs.noised_entry("smooth", x)
         batch = _inputs.batch_of(x)

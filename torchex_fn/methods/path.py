@@ -146,7 +146,7 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
     References: Sundararajan et al., "Axiomatic Attribution for Deep Networks", ICML 2017.
     """
     fn = "integrated_gradients"
-    check_call(fn, model_fn, params, x, target, layer=layer)
+    target = check_call(fn, model_fn, params, x, target, layer=layer)
     _checks.check_positive_int(fn, "steps", steps)
     if not isinstance(method, str):
         raise _checks.type_error(fn, f"method, one of {METHODS}", _checks.describe(method))
@@ -357,7 +357,7 @@ def gradient_shap(model_fn: ModelFn, params: Params, x: Any, target: Target = No
       and expected gradients", 2021.
     """
     fn = "gradient_shap"
-    check_call(fn, model_fn, params, x, target, layer=layer)
+    target = check_call(fn, model_fn, params, x, target, layer=layer)
     _checks.check_positive_int(fn, "samples", samples)
     if isinstance(stdev, bool) or not isinstance(stdev, (int, float)):
         raise _checks.type_error(fn, "stdev, a float >= 0", _checks.describe(stdev))

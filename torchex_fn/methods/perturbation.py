@@ -204,7 +204,7 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     Black-box Models", BMVC 2018.
     """
     fn = "rise"
-    check_call(fn, model_fn, params, x, target, min_ndim=1, layer_option=False)
+    target = check_call(fn, model_fn, params, x, target, min_ndim=1, layer_option=False)
     key, value = _inputs.perturbed_entry(fn, x)
     if key is not None:
         _checks.check_input(fn, value, name=f"x[{key!r}]")
@@ -399,7 +399,7 @@ def occlusion(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
       Zeiler and Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014.
     """
     fn = "occlusion"
-    check_call(fn, model_fn, params, x, target, layer_option=False)
+    target = check_call(fn, model_fn, params, x, target, layer_option=False)
     key, value = _inputs.perturbed_entry(fn, x)
     if value.is_complex():
         raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(value))

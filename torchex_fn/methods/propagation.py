@@ -685,7 +685,7 @@ def deeplift(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *
        operations without a rule raise instead of passing as linear.
     """
     fn = "deeplift"
-    check_call(fn, model_fn, params, x, target, layer=layer)
+    target = check_call(fn, model_fn, params, x, target, layer=layer)
     _check_eps(fn, eps)
     _check_backend(fn, backend)
     rules = _check_softmax(fn, softmax)
@@ -762,7 +762,7 @@ def deeplift_shap(model_fn: ModelFn, params: Params, x: Tensor, target: Target =
       Shrikumar et al., ICML 2017.
     """
     fn = "deeplift_shap"
-    check_call(fn, model_fn, params, x, target)
+    target = check_call(fn, model_fn, params, x, target)
     if not isinstance(baselines, Tensor):
         raise _checks.type_error(fn, f"baselines, a tensor of shape [N, {', '.join(map(str, x.shape[1:]))}]",
                                  _checks.describe(baselines))
@@ -888,7 +888,7 @@ def guided_backprop(model_fn: ModelFn, params: Params, x: Tensor, target: Target
       Convolutional Net", ICLR 2015 workshop.
     """
     fn = "guided_backprop"
-    check_call(fn, model_fn, params, x, target, layer_option=False)
+    target = check_call(fn, model_fn, params, x, target, layer_option=False)
 
     def total(xi: Tensor) -> Tensor:
         out, _ = _intercept.run(model_fn, _guided, params, xi)

@@ -234,7 +234,8 @@ def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, dat
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
       params: Name -> tensor mapping; its device decides where batches are computed.
       data: A map-style ``Dataset`` whose items are ``(input, target)`` pairs, ``target`` an int class
-        (``-1``: explain the predicted class). A ``DataLoader`` is accepted for its ``dataset`` and
+        (``-1``: explain the predicted class), or ``(input,)`` alone (``TensorDataset(X)``: the predicted
+        class of every example). A ``DataLoader`` is accepted for its ``dataset`` and
         ``collate_fn``; its batch size, sampler and shuffling are ignored, because batches must be
         fixed for a run to resume (``batch_size`` here decides).
       out: The store's folder (created; an interrupted run's folder is resumed).
@@ -274,7 +275,7 @@ def attribute_dataset(method: Callable, model_fn: Callable, params: Mapping, dat
         raise _checks.type_error(_FN, "method, an attribution function such as torchex_fn.grad_cam",
                                  _checks.describe(method))
     _checks.check_model_fn(_FN, model_fn)
-    _checks.check_params(_FN, params)
+    _checks.check_params(_FN, params, model_fn)
     _checks.check_positive_int(_FN, "batch_size", batch_size)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise _checks.value_error(_FN, "num_workers, an int >= 0", _checks.describe(num_workers))
@@ -419,11 +420,16 @@ def _compute(method, model_fn, params, dataset, collate, root, batch_size, dtype
     shape = None
     try:
         for b, item in zip(todo, loader):
-            if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise _checks.type_error(_FN, "data items that are (input, target) pairs",
-                                         f"a batch of {_checks.describe(item)}")
-            x, t = item
+            if not isinstance(item, (tuple, list)) or len(item) not in (1, 2):
+                raise _checks.type_error(_FN, "data items that are (input, target) pairs, or (input,) alone",
+                                         f"a batch of {_checks.describe(item)}",
+                                         "Items of a Dataset of inputs only, e.g. `TensorDataset(X)`, explain "
+                                         "the predicted class; for your own classes, `TensorDataset(X, labels)`.")
             rows = len(batches[b])
+            if len(item) == 1:   # inputs only (TensorDataset(X)): the predicted class, as target -1 would
+                x, t = item[0], torch.full((rows,), -1, dtype=torch.long)
+            else:
+                x, t = item
             t = _check_targets(t, rows)
             x = _to(x, device, cuda)
             seen.reset(x)
