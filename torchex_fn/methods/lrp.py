@@ -771,7 +771,7 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
       Explanations to Global Insights with Zennit, CoRelAy, and ViRelAy", 2021 (the composites).
     """
     transformer = isinstance(composite, str) and composite in TRANSFORMER_COMPOSITES
-    check_call(FN, model_fn, params, x, target, layer=layer, layer_option=transformer)
+    target = check_call(FN, model_fn, params, x, target, layer=layer, layer_option=transformer)
     if transformer:
         if condition is not None:
             raise _checks.value_error(FN, "condition= with a zennit composite (concept relevance on CNNs)",
