@@ -71,6 +71,20 @@ ARGS: Dict[str, str] = {
     "x.gradient": ("A batch ``[B, *input]``, or a dict of named inputs batch first (the map is w.r.t. its one "
                    "floating-point entry, e.g. ``pixel_values``). With ``layer``, ``x`` may be integer token ids."),
     "post_process": "A callable applied to the ``[B, *input]`` map last (e.g. a normalisation).",
+    # the path family's layer methods (conductance, internal influence)
+    "x.path": ("A floating-point batch ``[B, *input]``, or a dict of named inputs batch first (the path runs in "
+               "its one floating-point entry; the other entries are the same at every path point)."),
+    "target.path": ("``None`` (the class predicted for ``x``, not for each path point; one extra forward), int, "
+                    "``[B]`` ints, or a callable ``out -> [B]`` receiving the output of one chunk's examples for "
+                    "one path point at a time, in ``x``'s order."),
+    "baseline.path": ("The reference input ``x0``, in the input's space: a float, or a float tensor broadcastable "
+                      "to ``x``; for a dict ``x`` a dict of the entries to replace, or a number / tensor for the "
+                      "floating-point entry. Default: 0.0."),
+    "batch_size.path": ("Memory cap: the most examples in one forward pass (``B`` times the path points per "
+                        "chunk; one path point of ``batch_size`` examples when ``B > batch_size``). Default: "
+                        "None (one path point for all ``B`` examples per forward, as "
+                        ":func:`integrated_gradients`). It never changes the result beyond floating-point "
+                        "summation order."),
     # cam
     "x.cam": ("A batch ``[B, C, *spatial]``: sequences ``[B, C, T]``, images, volumes ``[B, C, D, H, W]`` "
               "(docs/input_ranks.md); tabular ``[B, F]`` has no grid and is refused."),

@@ -544,22 +544,14 @@ def layer_conductance(model_fn: ModelFn, params: Params, x: Any, target: Target 
     Args:
       {model_fn}
       {params}
-      x: A floating-point batch ``[B, *input]``, or a dict of named inputs batch first (the path runs in its
-        one floating-point entry; the other entries are the same at every path point).
-      target: ``None`` (the class predicted for ``x``, not for each path point; one extra forward), int,
-        ``[B]`` ints, or a callable ``out -> [B]`` receiving the output of one chunk's examples for one
-        path point at a time, in ``x``'s order.
+      {x.path}
+      {target.path}
       layer: The layer (a dotted name or module, or a list / dict of them; the result mirrors it).
-      baseline: The reference input ``x0``, in the input's space: a float, or a float tensor broadcastable
-        to ``x``; for a dict ``x`` a dict of the entries to replace, or a number / tensor for the
-        floating-point entry. Default: 0.0.
+      {baseline.path}
       steps: Number of path segments, >= 1 (``steps + 1`` nodes, as captum's ``n_steps``). Default: 50.
       method: The quadrature rule whose nodes are taken: ``"gausslegendre"`` (default, as captum),
         ``"riemann_left"``, ``"riemann_right"``, ``"riemann_middle"`` or ``"riemann_trapezoid"``.
-      batch_size: Memory cap: the most examples in one forward pass (``B`` times the path points per
-        chunk; one path point of ``batch_size`` examples when ``B > batch_size``). Default: None (one path
-        point for all ``B`` examples per forward, as :func:`integrated_gradients`). It never changes the
-        result beyond floating-point summation order.
+      {batch_size.path}
 
     Returns:
       The layer output's shape ``[B, *layer]`` (or ``layer``'s structure of them), on its dtype and device.
@@ -615,22 +607,14 @@ def internal_influence(model_fn: ModelFn, params: Params, x: Any, target: Target
     Args:
       {model_fn}
       {params}
-      x: A floating-point batch ``[B, *input]``, or a dict of named inputs batch first (the path runs in its
-        one floating-point entry; the other entries are the same at every path point).
-      target: ``None`` (the class predicted for ``x``, not for each path point; one extra forward), int,
-        ``[B]`` ints, or a callable ``out -> [B]`` receiving the output of one chunk's examples for one
-        path point at a time, in ``x``'s order.
+      {x.path}
+      {target.path}
       layer: The layer (a dotted name or module, or a list / dict of them; the result mirrors it).
-      baseline: The reference input ``x0``, in the input's space: a float, or a float tensor broadcastable
-        to ``x``; for a dict ``x`` a dict of the entries to replace, or a number / tensor for the
-        floating-point entry. Default: 0.0.
+      {baseline.path}
       steps: Number of path points (quadrature nodes), >= 1 (>= 2 for ``riemann_trapezoid``). Default: 50.
       method: ``"gausslegendre"`` (default, as captum), ``"riemann_left"``, ``"riemann_right"``,
         ``"riemann_middle"`` or ``"riemann_trapezoid"``.
-      batch_size: Memory cap: the most examples in one forward pass (``B`` times the path points per
-        chunk; one path point of ``batch_size`` examples when ``B > batch_size``). Default: None (one path
-        point for all ``B`` examples per forward, as :func:`integrated_gradients`). It never changes the
-        result beyond floating-point summation order.
+      {batch_size.path}
 
     Returns:
       The layer output's shape ``[B, *layer]`` (or ``layer``'s structure of them), on its dtype and device.
@@ -690,25 +674,17 @@ def neuron_conductance(model_fn: ModelFn, params: Params, x: Any, target: Target
     Args:
       {model_fn}
       {params}
-      x: A floating-point batch ``[B, *input]``, or a dict of named inputs batch first (the path runs in its
-        one floating-point entry; the other entries are the same at every path point).
-      target: ``None`` (the class predicted for ``x``, not for each path point; one extra forward), int,
-        ``[B]`` ints, or a callable ``out -> [B]`` receiving the output of one chunk's examples for one
-        path point at a time, in ``x``'s order.
+      {x.path}
+      {target.path}
       layer: The layer (a dotted name or module) whose output holds the neuron.
       index: The neuron: a tuple of ints into the layer's output without the batch axis, e.g. ``(3, 5, 5)``
         for channel 3 at row 5, column 5 (slices, and the axes an index shorter than the layer's rank
         leaves, are summed: ``(3,)`` is all of channel 3); or a callable ``layer output -> [B]``.
-      baseline: The reference input ``x0``, in the input's space: a float, or a float tensor broadcastable
-        to ``x``; for a dict ``x`` a dict of the entries to replace, or a number / tensor for the
-        floating-point entry. Default: 0.0.
+      {baseline.path}
       steps: Number of path points (quadrature nodes), >= 1 (>= 2 for ``riemann_trapezoid``). Default: 50.
       method: ``"riemann_trapezoid"`` (default, as captum's ``NeuronConductance``), ``"gausslegendre"``,
         ``"riemann_left"``, ``"riemann_right"`` or ``"riemann_middle"``.
-      batch_size: Memory cap: the most examples in one forward pass (``B`` times the path points per
-        chunk; one path point of ``batch_size`` examples when ``B > batch_size``). Default: None (one path
-        point for all ``B`` examples per forward, as :func:`integrated_gradients`). It never changes the
-        result beyond floating-point summation order.
+      {batch_size.path}
 
     Returns:
       ``[B, *input]`` attributions (of the floating-point entry for a dict ``x``) on ``x``'s dtype and device.

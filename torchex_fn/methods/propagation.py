@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -832,11 +832,16 @@ class _GuidedReLU(torch.autograd.Function):
         return torch.ops.aten.threshold_backward(tangent, y, 0)
 
 
-def _guided(call: _intercept.Call) -> Any:
-    """ReLU calls get the guided rule; every other intercepted operation runs unchanged."""
-    if call.name == "relu":
-        return _GuidedReLU.apply(call.input)
-    return _returned(call, call.apply(*call.inputs))
+def _relu_rule(rule: Any) -> Callable[[_intercept.Call], Any]:
+    """A handler: ReLU calls get ``rule`` (an autograd Function); every other intercepted operation runs unchanged."""
+    def handler(call: _intercept.Call) -> Any:
+        if call.name == "relu":
+            return rule.apply(call.input)
+        return _returned(call, call.apply(*call.inputs))
+    return handler
+
+
+_guided = _relu_rule(_GuidedReLU)
 
 
 @_docs.fill
@@ -927,11 +932,7 @@ class _DeconvReLU(torch.autograd.Function):
         return torch.ops.aten.threshold_backward(tangent, y, 0)
 
 
-def _deconv(call: _intercept.Call) -> Any:
-    """ReLU calls get the deconvolution rule; every other intercepted operation runs unchanged."""
-    if call.name == "relu":
-        return _DeconvReLU.apply(call.input)
-    return _returned(call, call.apply(*call.inputs))
+_deconv = _relu_rule(_DeconvReLU)
 
 
 @_docs.fill
