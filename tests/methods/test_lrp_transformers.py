@@ -444,3 +444,12 @@ def test_zennit_rules_in_gradient_form_equal_the_zennit_path(rule):
     ours = tx.lrp(fn, params, x, target, composite="attnlrp", rules=rules, epsilon=1e-6)
     torch.testing.assert_close(ours, zennit_path, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(ours, tx.lrp(fn, params, x, target, composite="attnlrp", epsilon=1e-6))
+
+
+def test_the_zennit_composites_point_a_transformer_to_attnlrp_and_the_hint_works():
+    """Issue 22, item 4: an error that suggests a fix names one that works."""
+    arch, fn, params, x, layer = _zoo_case("tv/vit_b_16")
+    with pytest.raises(NotImplementedError, match="composite='attnlrp'") as info:
+        tx.lrp(fn, params, x, 1)
+    assert "encoder" in str(info.value) or "ln" in str(info.value)   # the modules without a rule are named
+    assert torch.isfinite(tx.lrp(fn, params, x, 1, composite="attnlrp")).all()

@@ -188,8 +188,9 @@ class _Plan:
             raise NotImplementedError(_checks.message(
                 FN, "modules that LRP has rules for (convolutions, linear layers, batch norm, activations, pooling)",
                 f"{len(missing)} without a rule: {', '.join(missing[:6])}" + (", ..." if len(missing) > 6 else ""),
-                "Give them a rule with `rules={name: 'epsilon'}` where the rule applies, or explain another "
-                "layer of the model."))
+                "Layer norms, attention and the other modules of transformers: use composite='attnlrp' or "
+                "'cp_lrp', which run on every architecture. A convolution- or linear-like module: give it a rule "
+                "with `rules={name: 'epsilon'}`."))
         # zennit's SequentialMergeBatchNorm: a batch norm right after a linear module among the leaves.
         self.merges: Dict[str, str] = {}
         if canonize:
@@ -466,12 +467,15 @@ class _Record:
         self.name, self.out, self.rule, self.norm = name, out, rule, norm
 
 
-def _no_rule(what: str, detail: str = "") -> NotImplementedError:
+def _no_rule(what: str, detail: str = "", transformer: bool = False) -> NotImplementedError:
+    hint = ("LRP never treats an operation without a rule as if it had one; explain a model built from these "
+            "operations, or attribute with a gradient method (saliency, integrated_gradients, deeplift).")
+    if not transformer:
+        hint = ("Layer norms, softmax, attention and products of two input-dependent tensors (transformers) have "
+                "rules in composite='attnlrp' and 'cp_lrp'. " + hint)
     return NotImplementedError(_checks.message(
         FN, "operations with an LRP rule (convolution, linear, batch norm, activations, pooling, residual sums)",
-        f"'{what}'" + (f" ({detail})" if detail else "") + " on an input-dependent tensor",
-        "LRP never treats an operation without a rule as if it had one; explain a model built from these "
-        "operations, or attribute with a gradient method (saliency, integrated_gradients, deeplift)."))
+        f"'{what}'" + (f" ({detail})" if detail else "") + " on an input-dependent tensor", hint))
 
 
 class _Recorder:
@@ -1001,7 +1005,7 @@ class _Rules:
             scaled = [_Modified.apply(_scaled(f), 1, t, t) if tainted else t
                       for t, f, tainted in zip(call.inputs, factors, call.options["tainted"])]
             return None, (call.apply(*scaled),), False, "fused"
-        raise _no_rule(call.name, f"an operation of kind {kind!r}")  # pragma: no cover - kinds are fixed
+        raise _no_rule(call.name, f"an operation of kind {kind!r}", True)  # pragma: no cover - kinds are fixed
 
     def _product(self, call: _intercept.Call) -> Tuple[Any, Tuple[Tensor, ...], bool, Any]:
         a, b = call.inputs
@@ -1126,7 +1130,7 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
             (out, value), count = _intercept.run(forward, handler, v, tainted=[v], linear=linear,
                                                  fused=handler.role == "once" and not transforms)
         except _intercept.NoRule as err:
-            raise _no_rule(err.op, err.detail) from None
+            raise _no_rule(err.op, err.detail, True) from None
         return out, value, count
 
     records: Optional[List[Any]] = None
