@@ -84,7 +84,7 @@ def child(args) -> dict:
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=args.vocab, n_positions=max(1024, args.prompt + args.out),
                                   n_embd=args.hidden, n_layer=args.layers, n_head=args.heads,
-                                  attn_implementation="eager", bos_token_id=0, eos_token_id=0)
+                                  attn_implementation=args.attn, bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(cfg).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -133,6 +133,8 @@ def main():
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 32])
     parser.add_argument("--skip-captum", action="store_true")
+    parser.add_argument("--attn", default="eager", choices=["eager", "sdpa"],
+                        help="GPT-2's attention implementation (transformers' default is sdpa)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -159,7 +161,8 @@ def main():
     unit = rows.get(configs[0][0])
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}, {args.threads} thread(s); GPT-2 {args.layers} layers, "
-          f"hidden {args.hidden}, {args.heads} heads, vocabulary {args.vocab}; prompt {args.prompt} tokens, "
+          f"hidden {args.hidden}, {args.heads} heads, vocabulary {args.vocab}, {args.attn} attention; "
+          f"prompt {args.prompt} tokens, "
           f"{args.out} output tokens; input x gradient at transformer.wte; one fresh process per row\n")
     print("| configuration | time s | peak MiB | peak - before MiB | peak / unit's | time / (1 fwd + "
           f"{args.out} bwd) | time / captum's | peak / captum's |")
