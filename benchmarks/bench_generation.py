@@ -28,32 +28,6 @@ import _common as C  # noqa: E402
 import torchex_fn as tx  # noqa: E402
 
 
-class IntTokenizer:
-    """Space-separated integers are token ids (what captum's TextTokenInput and result formatting call)."""
-
-    def encode(self, text, return_tensors=None, add_special_tokens=True):
-        ids = [int(t) for t in text.split()]
-        return torch.tensor([ids]) if return_tensors == "pt" else ids
-
-    def decode(self, ids):
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-        return " ".join(str(i) for i in ([ids] if isinstance(ids, int) else ids))
-
-    def convert_ids_to_tokens(self, ids):
-        return [str(i) for i in ids]
-
-    def convert_tokens_to_ids(self, tokens):
-        return [int(t) for t in tokens]
-
-    def __call__(self, text, return_offsets_mapping=False, add_special_tokens=True, **kwargs):
-        ids, offsets, pos = [], [], 0
-        for t in text.split(" "):
-            ids.append(int(t))
-            offsets.append((pos, pos + len(t)))
-            pos += len(t) + 1
-        return {"input_ids": ids, "offset_mapping": offsets}
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
@@ -78,7 +52,7 @@ def main():
     fn, params = tx.functionalize(model)
     prompt = torch.randint(1, args.vocab, (1, args.prompt), device=device)
     generated = torch.randint(1, args.vocab, (args.out,), device=device)
-    tokenizer = IntTokenizer()
+    tokenizer = C.IntTokenizer()
     text = TextTokenInput(" ".join(map(str, prompt[0].tolist())), tokenizer, baselines=0)
     captum_llm = LLMGradientAttribution(LayerIntegratedGradients(model, model.transformer.wte), tokenizer)
 

@@ -43,33 +43,6 @@ def _status(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-class IntTokenizer:
-    """Space-separated integers are token ids (what captum's TextTokenInput and result formatting call)."""
-
-    def encode(self, text, return_tensors=None, add_special_tokens=True):
-        import torch
-        ids = [int(t) for t in text.split()]
-        return torch.tensor([ids]) if return_tensors == "pt" else ids
-
-    def decode(self, ids):
-        ids = ids.tolist() if hasattr(ids, "tolist") else ids
-        return " ".join(str(i) for i in ([ids] if isinstance(ids, int) else ids))
-
-    def convert_ids_to_tokens(self, ids):
-        return [str(i) for i in ids]
-
-    def convert_tokens_to_ids(self, tokens):
-        return [int(t) for t in tokens]
-
-    def __call__(self, text, return_offsets_mapping=False, add_special_tokens=True, **kwargs):
-        ids, offsets, pos = [], [], 0
-        for t in text.split(" "):
-            ids.append(int(t))
-            offsets.append((pos, pos + len(t)))
-            pos += len(t) + 1
-        return {"input_ids": ids, "offset_mapping": offsets}
-
-
 def child(args) -> dict:
     """Build the model, run one configuration once, return its numbers."""
     import warnings
@@ -106,6 +79,8 @@ def child(args) -> dict:
         result.update(forward_s=t1 - t0, backward_s=t2 - t1, check=float(grad.abs().sum()))
     elif args.child == "captum":
         from captum.attr import LayerGradientXActivation, LLMGradientAttribution, TextTokenInput
+        sys.path.insert(0, str(Path(__file__).parent))
+        from _common import IntTokenizer   # the benchmarks' one token-id tokenizer
         tok = IntTokenizer()
         llm = LLMGradientAttribution(LayerGradientXActivation(model, model.transformer.wte), tok)
         text = TextTokenInput(" ".join(map(str, prompt[0].tolist())), tok)
