@@ -942,23 +942,19 @@ class _Rules:
         else:
             rule, tensors, held, extra = self._prepare(call)
             if extra == "fused":  # the rule is in the value's own graph (one pass: no outer derivative)
-                self._remember(tensors[0], call.kind, call.name)
-                return _intercept.Held(tensors[0]) if held else tensors[0]
+                return self._returned(call, tensors[0], held)
             if self.role == "record":
                 self.records.append((call.name, rule, tensors, held, extra))
-                out = tensors[0] if extra is None else (tensors[0], extra)
-                return _intercept.Held(out) if held else out
+                return self._returned(call, tensors[0] if extra is None else (tensors[0], extra), held)
         inputs = call.inputs if call.kind != "activation" else call.inputs[:1]
         out = _Modified.apply(rule, len(inputs), *inputs, *tensors)
-        if extra is not None:  # max pooling's indices
-            out = (out, extra)
-        if self.role == "once" and isinstance(out, Tensor):
-            self._remember(out, call.kind, call.name)
-        return _intercept.Held(out) if held else out
+        return self._returned(call, out if extra is None else (out, extra), held)  # max pooling: its indices
 
-    def _remember(self, out: Tensor, kind: str, name: str) -> None:
-        if kind in ("elementwise", "activation"):
-            (self.normalisers if name in _NORMALISERS else self.activations)[id(out)] = out
+    def _returned(self, call: _intercept.Call, out: Any, held: bool) -> Any:
+        """``out`` as the model gets it; an elementwise output is remembered (the products that meet it ask)."""
+        if call.kind in ("elementwise", "activation") and self.role != "replay":
+            (self.normalisers if call.name in _NORMALISERS else self.activations)[id(out)] = out
+        return _intercept.Held(out) if held else out
 
     def _is(self, table: Dict[int, Tensor], t: Tensor) -> bool:
         return table.get(id(t)) is t
@@ -970,7 +966,6 @@ class _Rules:
             z = call.inputs[0]
             y = call.apply(z) if kind == "elementwise" else call.inputs[1]
             shape, tiny = z.shape, max(_TINY, torch.finfo(z.dtype).tiny)
-            self._remember(y, kind, call.name)  # the record pass's output stands for the replayed one
             # y / z, with z = 0 read as the smallest normal number (adding it changes no other z)
             return (lambda g, t: (_sum_to(g * t[0] / torch.where(t[1] == 0, tiny, t[1]), shape),)), (y, z), False, None
         if kind == "softmax":
