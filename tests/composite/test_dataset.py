@@ -330,8 +330,10 @@ DISTRIBUTED = SETUP + textwrap.dedent('''
     store = tx.attribute_dataset(tx.grad_cam, fn, params, Images(22, unlabeled=(3, 17)), out=sys.argv[1],
                                  batch_size=4, layer="features", progress=False)
     assert not dist.is_initialized()  # the group it created is gone again
-    print(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: {len(store)} maps")
-    print(f"rank {os.environ['RANK']} wrote " + ",".join(sorted(n for n in wrote if n.endswith(".maps.npy"))))
+    # One file per rank: the two workers share the launcher's stdout, where their lines can interleave.
+    with open(f"{sys.argv[1]}.rank{os.environ['RANK']}.txt", "w") as f:
+        f.write(f"{os.environ['WORLD_SIZE']} {len(store)}\\n")
+        f.write(",".join(sorted(n for n in wrote if n.endswith(".maps.npy"))))
 ''')
 
 
@@ -351,11 +353,10 @@ def test_two_gloo_processes_write_the_same_store_as_one(tmp_path):
             proc.wait()
     done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 0 of 2: 22 maps" in done.stdout and "rank 1 of 2: 22 maps" in done.stdout
-    wrote = dict(line.split(" wrote ") for line in done.stdout.splitlines() if " wrote " in line)
-    assert sorted(wrote) == ["rank 0", "rank 1"]
-    assert wrote["rank 0"].split(",") == [f"{b:06d}.maps.npy" for b in (0, 2, 4)]  # disjoint, every other batch
-    assert wrote["rank 1"].split(",") == [f"{b:06d}.maps.npy" for b in (1, 3, 5)]
+    reports = [(tmp_path / f"two.rank{rank}.txt").read_text().splitlines() for rank in (0, 1)]
+    assert [r[0] for r in reports] == ["2 22", "2 22"]  # world size 2, every rank sees all 22 maps
+    assert reports[0][1].split(",") == [f"{b:06d}.maps.npy" for b in (0, 2, 4)]  # disjoint, every other batch
+    assert reports[1][1].split(",") == [f"{b:06d}.maps.npy" for b in (1, 3, 5)]
     two = tx.open_attributions(out)
     one = run(tmp_path / "one", Images(22, unlabeled=(3, 17)))
     assert torch.equal(two.maps[0:22], one.maps[0:22])
