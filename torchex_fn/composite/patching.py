@@ -28,15 +28,31 @@ projections (``attn.c_proj`` of GPT-2, ``self_attn.o_proj`` of Llama), whose INP
 concatenated, ``[B, T, H * d]``; head ``h`` is its slice ``h * d : (h + 1) * d``. The patched run
 replaces that slice and evaluates the projection on the result (a forward hook on the projection for
 the length of the call); AtP differentiates w.r.t. that input.
+
+Queries and keys (``node="queries"`` / ``"keys"``): the layers are then attention modules (GPT-2's
+``transformer.h.3.attn``, Llama's ``model.layers.3.self_attn``) that compute attention with
+``F.scaled_dot_product_attention`` (HuggingFace's default ``attn_implementation="sdpa"``, timm, torch's
+``nn.MultiheadAttention``); inside them, for the length of the call, that call runs as its math, and a cell
+is one head's query (or key) at one position, as the attention receives it (after rotary embeddings). The
+heads are those the call receives: with grouped-query attention passed as ``enable_gqa=True`` a key cell
+is one key head (serving its group of query heads); a model that repeats its keys before the call has
+as many key heads as query heads. AtP through a query or key linearises the softmax, which misses
+saturated attention: ``attribution_patching`` applies AtP*'s fix (Kramár et al. 2024, "QK fix") by default,
+``sum (A' - A) . d metric / d A`` with the patched probabilities ``A'`` computed exactly.
 """
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
+from ..core import attention as _attention
 from ..core import checks as _checks
 from ..core import docs as _docs
 from ..core import inputs as _inputs
@@ -46,9 +62,11 @@ from ..core.capture import intermediates, resolve_layers
 from ..core.model import Wrapped
 from ..core.types import ModelFn, Params, module_of
 
-__all__ = ["activation_patching", "attribution_patching", "logit_difference", "token_probability", "DIRECTIONS"]
+__all__ = ["activation_patching", "attribution_patching", "logit_difference", "token_probability", "DIRECTIONS",
+           "NODES"]
 
 DIRECTIONS = ("noising", "denoising")
+NODES = ("output", "queries", "keys")
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -295,11 +313,154 @@ def _cells(a: Tensor, heads: Optional[int]) -> Tensor:
     return a.reshape(a.shape[0], a.shape[1], heads, -1)
 
 
+# ------------------------------------------------------------------------------------ queries and keys
+_SDPA = inspect.signature(_attention.sdpa)
+
+
+class _Attention(TorchFunctionMode):
+    """For one forward: inside the named attention modules, ``F.scaled_dot_product_attention`` runs as its
+    math (:mod:`torchex_fn.core.attention`), so that its queries, keys and probabilities are seen, and the
+    queries and keys may be edited (``edit[name][node](live) -> tensor``) and the probabilities perturbed
+    (``dprobs[name]`` added)."""
+
+    def __init__(self, fn: str, names: Sequence[str], edit: Optional[Mapping[str, Mapping[str, Callable]]] = None,
+                 dprobs: Optional[Mapping[str, Tensor]] = None):
+        super().__init__()
+        self.fn, self.names = fn, tuple(names)
+        self.edit, self.dprobs = dict(edit or {}), dict(dprobs or {})
+        self.inside: List[Optional[str]] = [None]
+        self.seen: Dict[str, Dict[str, Any]] = {}
+
+    def enter(self, name: str) -> Callable[[Any], None]:
+        def f(args: Any) -> None:
+            self.inside.append(name)
+        return f
+
+    def leave(self, name: str) -> Callable[[Any, Any], Any]:
+        def f(args: Any, output: Any) -> Any:
+            self.inside.pop()
+            return output
+        return f
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = self.inside[-1]
+        if func is not F.scaled_dot_product_attention or name is None:
+            return func(*args, **kwargs)
+        if name in self.seen:
+            raise _checks.value_error(self.fn, f"layer {name!r} to compute attention once in a forward pass",
+                                      "a module calling scaled_dot_product_attention twice",
+                                      "Name the attention module of one layer.")
+        a = _SDPA.bind(*args, **kwargs).arguments
+        q, k, v = a["query"], a["key"], a["value"]
+        if q.ndim != 4 or k.ndim != 4:
+            raise _checks.value_error(self.fn, f"the attention of {name!r} on queries and keys [B, heads, T, d]",
+                                      f"query {_checks.describe(q)}, key {_checks.describe(k)}")
+        if a.get("dropout_p", 0.0) > 0:
+            raise _checks.value_error(self.fn, f"the attention of {name!r} without dropout",
+                                      f"dropout_p={a['dropout_p']}", "Put the model in eval mode.")
+        edits = self.edit.get(name, {})
+        q = edits["queries"](q) if "queries" in edits else q
+        k = edits["keys"](k) if "keys" in edits else k
+        k_all, v = _attention.repeat_heads(q, k, v) if a.get("enable_gqa") else (k, v)
+        scale = a.get("scale")
+        scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+        scores = _attention.scores(q, k_all, a.get("attn_mask"), a.get("is_causal", False), scale)
+        probs = torch.softmax(scores, dim=-1)
+        if name in self.dprobs:
+            probs = probs + self.dprobs[name]
+        self.seen[name] = {"queries": q, "keys": k, "keys_all": k_all, "scores": scores, "probs": probs,
+                           "scale": torch.as_tensor(scale, dtype=scores.dtype)}   # tensors only: an aux output
+        return torch.matmul(probs, v)
+
+
+def _qk_forward(fn: str, model_fn: Any, params: Params, x: Any, names: Sequence[str], *,
+                edit: Optional[Mapping[str, Mapping[str, Callable]]] = None,
+                dprobs: Optional[Mapping[str, Tensor]] = None) -> Tuple[Any, Dict[str, Dict[str, Any]]]:
+    """``(out, {name: what its attention saw})`` of one forward through :class:`_Attention`."""
+    mode = _Attention(fn, names, edit, dprobs)
+    run = intermediates(model_fn, layers=(), fn=fn, enter={n: mode.enter(n) for n in names},
+                        transform={n: mode.leave(n) for n in names})
+    with mode:
+        out, _ = run(params, x)
+    missing = [n for n in names if n not in mode.seen]
+    if missing:
+        raise _checks.value_error(
+            fn, f"layer {missing[0]!r} to be an attention module that calls F.scaled_dot_product_attention",
+            "a forward pass in which it never did",
+            "Name the attention module of a layer (GPT-2: `transformer.h.0.attn`, Llama: "
+            "`model.layers.0.self_attn`) of a model_fn from `tx.functionalize`; a HuggingFace model computes "
+            "attention with it when loaded with attn_implementation=\"sdpa\" (its default), not \"eager\".")
+    return out, mode.seen
+
+
+def _check_node(fn: str, node: Any, heads: Any) -> None:
+    if node not in NODES:
+        raise _checks.value_error(fn, f"node in {NODES}", _checks.describe(node))
+    if node != "output" and heads is not None:
+        raise _checks.value_error(fn, f"heads=None with node={node!r} (the heads are the attention's own)",
+                                  f"heads={heads}")
+
+
+def _check_qk(fn: str, seen: Dict[str, Dict[str, Any]], other: Dict[str, Dict[str, Any]], names: Sequence[str],
+              node: str, length: int) -> int:
+    """The number of heads of ``node`` (the same in every layer), after checking both runs' shapes."""
+    heads = None
+    for name in names:
+        t, u = seen[name][node], other[name][node]
+        if t.shape != u.shape or t.shape[-2] != length:
+            raise _checks.value_error(fn, f"the {node} of {name!r} of shape [B, heads, T = {length}, d] in both runs",
+                                      f"{_checks.describe(t)} and {_checks.describe(u)}")
+        if heads is not None and t.shape[1] != heads:
+            raise _checks.value_error(fn, f"layers with the same number of {node} heads", f"{heads} and {t.shape[1]}")
+        heads = t.shape[1]
+    assert heads is not None
+    return heads
+
+
+def _patched_rows(source: Tensor, cells: Sequence[Tuple[int, int]], batch: int) -> Callable[[Tensor], Tensor]:
+    """``live -> live`` with, in the ``j``-th block of ``batch`` rows, head ``h`` at position ``t`` of cell
+    ``cells[j]`` taken from ``source`` ``[B, H, T, d]``."""
+    def edit(live: Tensor) -> Tensor:
+        new = live.clone()
+        for j, (t, h) in enumerate(cells):
+            new[j * batch:(j + 1) * batch, h, t] = source[:, h, t].to(new.dtype)
+        return new
+    return edit
+
+
+def _exact_key_effect(seen: Dict[str, Any], keys_source: Tensor, grad: Tensor) -> Tensor:
+    """AtP*'s key fix: ``sum_(i, j) (A'_ij - A_ij) dM/dA_ij`` for each key head and position ``[B, Hk, T]``,
+    ``A'`` the probabilities with that one key replaced, computed exactly (only its column's score changes)."""
+    q, scale = seen["queries"], seen["scale"]
+    a, g = seen["probs"].detach(), grad
+    dk = keys_source - seen["keys"]
+    group = q.shape[1] // dk.shape[1]
+    delta = torch.matmul(q, dk.repeat_interleave(group, 1).transpose(-2, -1)) * scale      # [B, H, Tq, Tk]
+    log_a = torch.log_softmax(seen["scores"].detach(), dim=-1)      # log A from the scores: exact where A underflows
+    log_z = torch.logaddexp(torch.log1p(-a.clamp(max=1.0)), log_a + delta)  # the row's new normaliser / old one
+    ag = a * g
+    total = ag.sum(-1, keepdim=True)
+    effect = (total - ag) * torch.exp(-log_z) + torch.exp(log_a + delta - log_z) * g - total
+    effect = torch.where(log_a > float("-inf"), effect, torch.zeros_like(effect))   # a masked key stays masked
+    per_head = effect.sum(-2)                                                                # [B, H, Tk]
+    return per_head.reshape(per_head.shape[0], -1, group, per_head.shape[-1]).sum(2)
+
+
+def _exact_query_effect(seen: Dict[str, Any], queries_source: Tensor, grad: Tensor) -> Tensor:
+    """AtP*'s query fix: ``sum_j (A'_tj - A_tj) dM/dA_tj`` for each head and query position ``[B, H, T]``,
+    the row ``A'_t`` recomputed exactly with the source query (the keys and the mask as they were)."""
+    a = seen["probs"].detach()
+    dq = queries_source - seen["queries"]
+    scores = seen["scores"].detach() + torch.matmul(dq, seen["keys_all"].detach().transpose(-2, -1)) * seen["scale"]
+    return ((torch.softmax(scores, dim=-1) - a) * grad).sum(-1)
+
+
 # ------------------------------------------------------------------------------------ public
 @_docs.fill
 def activation_patching(model_fn: ModelFn, params: Params, clean: Any, corrupt: Any, metric: Callable[[Any], Tensor],
                         *, layers: Any, positions: Optional[Sequence[int]] = None, heads: Optional[int] = None,
-                        direction: str = "noising", batch_size: Optional[int] = None) -> Tensor:
+                        direction: str = "noising", batch_size: Optional[int] = None, node: str = "output") -> Tensor:
     """Activation patching: the metric of the model with one layer's output at one position patched.
 
     For every layer ``l`` and position ``t`` (and head ``h`` with ``heads``): ``metric`` of the model run
@@ -324,11 +485,14 @@ def activation_patching(model_fn: ModelFn, params: Params, clean: Any, corrupt: 
       direction: ``"noising"`` (default) or ``"denoising"`` (see above).
       batch_size: The most sequences in one forward: ``max(1, batch_size // B)`` patched variants of
         the ``B`` examples. Default: all positions (and heads) of one layer in one forward.
+      node: ``"output"`` (default: the layers' outputs), or ``"queries"`` / ``"keys"``: single heads of
+        the queries or keys of attention modules (see :mod:`torchex_fn.composite.patching`).
 
     Returns:
       ``[B, len(layers), P]`` metric values (``P`` = number of positions), ``[B, L, P, H]`` with
-      ``heads``; ``[L, P]`` / ``[L, P, H]`` for one example given as ``[T]``. A cell whose source
-      activation equals the base activation is ``metric`` of the base run (no forward is spent on it).
+      ``heads`` or a ``node`` of queries or keys; ``[L, P]`` / ``[L, P, H]`` for one example given as
+      ``[T]``. A cell whose source activation equals the base activation is ``metric`` of the base run
+      (no forward is spent on it).
 
     Cost: two forwards (base and source), then one forward per layer and patched cell, stacked along
     the batch (``L * ceil(P * H * B / batch_size)`` forwards).
@@ -346,8 +510,12 @@ def activation_patching(model_fn: ModelFn, params: Params, clean: Any, corrupt: 
     """
     fn = "activation_patching"
     _checks.check_positive_int(fn, "batch_size", batch_size, allow_none=True)
+    _check_node(fn, node, heads)
     names, cols, base, source, single, batch, length = _prepare(fn, model_fn, params, clean, corrupt, metric,
                                                                 layers, positions, heads, direction)
+    if node != "output":
+        table = _patch_qk(fn, model_fn, params, base, source, metric, names, cols, node, batch, length, batch_size)
+        return table[0] if single else table
     out, acts_base = _forward(fn, model_fn, params, base, names, heads)
     _check_acts(fn, acts_base, names, batch, length, heads)
     base_metric = _metric_values(fn, metric, out, batch)
@@ -388,7 +556,8 @@ def activation_patching(model_fn: ModelFn, params: Params, clean: Any, corrupt: 
 @_docs.fill
 def attribution_patching(model_fn: ModelFn, params: Params, clean: Any, corrupt: Any,
                          metric: Callable[[Any], Tensor], *, layers: Any, positions: Optional[Sequence[int]] = None,
-                         heads: Optional[int] = None, direction: str = "noising") -> Tensor:
+                         heads: Optional[int] = None, direction: str = "noising", node: str = "output",
+                         qk_fix: bool = True) -> Tensor:
     """Attribution patching (AtP): the first-order estimate of activation patching's change of the metric.
 
     ``(a_source - a_base) . d metric / d a`` at the base run, summed over the features of each cell
@@ -396,8 +565,10 @@ def attribution_patching(model_fn: ModelFn, params: Params, clean: Any, corrupt:
     ``direction="noising"`` that is ``(a_corrupt - a_clean) . grad`` at the clean run, the estimate of
     ``activation_patching(...) - metric(clean)`` (Nanda 2023; Kramár et al. 2024). Exact where the
     metric is linear in the activation; it misjudges saturated nonlinearities (attention softmax,
-    a saturated probability). AtP*'s recomputation of the attention softmax with the corrupt queries
-    and keys is not implemented.
+    a saturated probability). For single query and key heads (``node=``) AtP*'s fix recomputes the
+    attention softmax exactly (``qk_fix=True``, default; Kramár et al. 2024): the estimate is then
+    ``sum (A' - A) . d metric / d A``, exact where the metric is linear in that layer's probabilities.
+    AtP*'s second fix (GradDrop, against cancellation across layers) is not implemented.
 
     Args:
       {model_fn}
@@ -409,13 +580,18 @@ def attribution_patching(model_fn: ModelFn, params: Params, clean: Any, corrupt:
       positions: The positions reported (default: all ``T``); negative positions count from the end.
       heads: Split each layer (an attention output projection) into ``heads`` slices of its input.
       direction: ``"noising"`` (default; linearised at the clean run) or ``"denoising"`` (at the corrupt run).
+      node: ``"output"`` (default), ``"queries"`` or ``"keys"``, as :func:`activation_patching`.
+      qk_fix: With a ``node`` of queries or keys: AtP*'s exact softmax (default ``True``), or ``False``
+        for plain AtP, ``(q' - q) . d metric / d q``.
 
     Returns:
-      ``[B, L, P]`` estimates (``[B, L, P, H]`` with ``heads``; ``[L, P]`` / ``[L, P, H]`` for one
-      example given as ``[T]``); a cell whose two activations are equal is exactly 0.
+      ``[B, L, P]`` estimates (``[B, L, P, H]`` with ``heads`` or a ``node`` of queries or keys;
+      ``[L, P]`` / ``[L, P, H]`` for one example given as ``[T]``); a cell whose two activations are
+      equal is exactly 0.
 
     Cost: one forward of the source input, one forward and one backward of the base input (from the
-    metric down to the deepest of ``layers``), whatever the number of layers and positions.
+    metric down to the deepest of ``layers``), whatever the number of layers and positions; the QK fix
+    adds ``O(H T^2 d)`` per layer (one matrix product of the attention's size).
 
     Raises:
       ValueError / TypeError: as :func:`activation_patching`, before the backward pass.
@@ -425,8 +601,14 @@ def attribution_patching(model_fn: ModelFn, params: Params, clean: Any, corrupt:
       ...                               layers=[f"transformer.h.{i}" for i in range(4)])   # [B, 4, T]
     """
     fn = "attribution_patching"
+    _check_node(fn, node, heads)
+    if not isinstance(qk_fix, bool):
+        raise _checks.type_error(fn, "qk_fix, a bool", _checks.describe(qk_fix))
     names, cols, base, source, single, batch, length = _prepare(fn, model_fn, params, clean, corrupt, metric,
                                                                 layers, positions, heads, direction)
+    if node != "output":
+        table = _atp_qk(fn, model_fn, params, base, source, metric, names, cols, node, batch, length, qk_fix)
+        return table[0] if single else table
     _, acts_source = _forward(fn, model_fn, params, source, names, heads)
     _check_acts(fn, acts_source, names, batch, length, heads)
     deltas = {name: torch.zeros_like(acts_source[name]) for name in names}
@@ -445,3 +627,63 @@ def attribution_patching(model_fn: ModelFn, params: Params, clean: Any, corrupt:
     if heads is None:
         table = table[..., 0]
     return table[0] if single else table
+
+
+def _patch_qk(fn: str, model_fn: Any, params: Params, base: Any, source: Any, metric: Callable, names: Sequence[str],
+              cols: List[int], node: str, batch: int, length: int, batch_size: Optional[int]) -> Tensor:
+    """:func:`activation_patching` of single query or key heads: ``[B, L, P, H]``."""
+    out, seen_base = _qk_forward(fn, model_fn, params, base, names)
+    base_metric = _metric_values(fn, metric, out, batch)
+    _, seen_source = _qk_forward(fn, model_fn, params, source, names)
+    heads = _check_qk(fn, seen_base, seen_source, names, node, length)
+    cells = [(t, h) for t in cols for h in range(heads)]
+    per_forward = len(cells) if batch_size is None else max(1, batch_size // batch)
+    table = base_metric[:, None, None].repeat(1, len(names), len(cells))          # [B, L, cells]
+    for li, name in enumerate(names):
+        a_base, a_source = seen_base[name][node], seen_source[name][node]          # [B, H, T, d]
+        unchanged = (a_base == a_source).all(-1)                                   # [B, H, T]
+        todo = [i for i, (t, h) in enumerate(cells) if not bool(unchanged[:, h, t].all())]
+        for start in range(0, len(todo), per_forward):
+            chunk = todo[start:start + per_forward]
+            edit = {name: {node: _patched_rows(a_source, [cells[i] for i in chunk], batch)}}
+            out_k, _ = _qk_forward(fn, model_fn, params, _inputs.repeat(base, len(chunk)), [name], edit=edit)
+            values = _metric_values(fn, metric, out_k, len(chunk) * batch).reshape(len(chunk), batch)
+            table[:, li, chunk] = values.T.to(table.dtype)
+        for i in todo:  # examples whose own cell was unchanged: their metric is the base run's, exactly
+            t, h = cells[i]
+            rows = unchanged[:, h, t]
+            table[rows, li, i] = base_metric[rows].to(table.dtype)
+    return table.reshape(batch, len(names), len(cols), heads)
+
+
+def _atp_qk(fn: str, model_fn: Any, params: Params, base: Any, source: Any, metric: Callable, names: Sequence[str],
+            cols: List[int], node: str, batch: int, length: int, qk_fix: bool) -> Tensor:
+    """:func:`attribution_patching` of single query or key heads, with AtP*'s fix or linear: ``[B, L, P, H]``."""
+    _, seen_source = _qk_forward(fn, model_fn, params, source, names)
+    if qk_fix:   # the gradient w.r.t. the attention probabilities
+        zeros = {name: torch.zeros_like(seen_source[name]["probs"]) for name in names}
+
+        def total(d: Dict[str, Tensor]):
+            out, seen = _qk_forward(fn, model_fn, params, base, names, dprobs=d)
+            return _metric_values(fn, metric, out, batch).sum(), seen
+    else:        # the gradient w.r.t. the queries or keys themselves
+        zeros = {name: torch.zeros_like(seen_source[name][node]) for name in names}
+
+        def total(d: Dict[str, Tensor]):
+            edit = {name: {node: (lambda live, delta=d[name]: live + delta)} for name in names}
+            out, seen = _qk_forward(fn, model_fn, params, base, names, edit=edit)
+            return _metric_values(fn, metric, out, batch).sum(), seen
+
+    grads, seen_base = grad_of_sum(total, zeros, has_aux=True)
+    _check_qk(fn, seen_base, seen_source, names, node, length)
+    rows = []
+    for name in names:
+        source_t = seen_source[name][node]
+        if not qk_fix:
+            effect = ((source_t - seen_base[name][node]) * grads[name]).sum(-1)            # [B, H, T]
+        elif node == "keys":
+            effect = _exact_key_effect(seen_base[name], source_t, grads[name])
+        else:
+            effect = _exact_query_effect(seen_base[name], source_t, grads[name])
+        rows.append(effect.transpose(1, 2)[:, cols])                                      # [B, P, H]
+    return torch.stack(rows, 1)

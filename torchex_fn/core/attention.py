@@ -43,7 +43,7 @@ from torch import Tensor
 
 from . import checks as _checks
 
-__all__ = ["probabilities", "repeat_heads", "attend", "sdpa", "mha_arguments", "adds_keys", "ADDED_KEYS",
+__all__ = ["probabilities", "repeat_heads", "attend", "scores", "sdpa", "mha_arguments", "adds_keys", "ADDED_KEYS",
            "multi_head_attention"]
 
 
@@ -85,15 +85,22 @@ def attend(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor] = N
     ``mask`` follows sdpa's conventions; the causal mask (if any) is applied before it. The
     probabilities pass through :func:`probabilities`, and what that returns is used and returned.
     """
-    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
-    if is_causal:
-        keep = torch.ones(scores.size(-2), scores.size(-1), dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(keep.logical_not(), float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(mask.logical_not(), float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = probabilities(torch.softmax(scores, dim=-1))
+    probs = probabilities(torch.softmax(scores(query, key, mask, is_causal, scale), dim=-1))
     return torch.matmul(probs, value), probs
+
+
+def scores(query: Tensor, key: Tensor, mask: Optional[Tensor] = None, is_causal: bool = False,
+           scale: Optional[float] = None) -> Tensor:
+    """The attention scores ``query key^T * scale`` with the causal mask and then ``mask`` applied (sdpa's
+    conventions; ``-inf`` where a query may not attend): what the softmax of :func:`attend` is taken of."""
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    s = torch.matmul(query, key.transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(s.size(-2), s.size(-1), dtype=torch.bool, device=query.device).tril()
+        s = s.masked_fill(keep.logical_not(), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(mask.logical_not(), float("-inf")) if mask.dtype == torch.bool else s + mask
+    return s
 
 
 def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,

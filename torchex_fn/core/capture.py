@@ -45,9 +45,11 @@ class _Session:
 
     def __init__(self, names: Sequence[str], perturb: Optional[Mapping[str, Tensor]], fn: str,
                  replace: Optional[Mapping[str, Tensor]] = None, widen: bool = False,
-                 transform: Optional[Mapping[str, Callable[[Any, Any], Any]]] = None):
+                 transform: Optional[Mapping[str, Callable[[Any, Any], Any]]] = None,
+                 enter: Optional[Mapping[str, Callable[[Any], None]]] = None):
         self.names = tuple(dict.fromkeys(names))
         self.transform = dict(transform or {})  # name -> (args, output) -> output, every call of the module
+        self.enter = dict(enter or {})          # name -> (args) -> None, before every call of the module
         self.perturb = dict(perturb or {})
         self.replace = dict(replace or {})
         self.widen = widen    # a replacement may have more rows than the output of one example it replaces
@@ -92,6 +94,14 @@ class _Session:
             return function(args, output) if _ACTIVE.get() is self else output
         return forward_hook
 
+    def enter_hook(self, name: str) -> Callable:
+        function = self.enter[name]
+
+        def forward_pre_hook(module: nn.Module, args: Any) -> None:
+            if _ACTIVE.get() is self:
+                function(args)
+        return forward_pre_hook
+
 
 _ACTIVE: contextvars.ContextVar[Optional[_Session]] = contextvars.ContextVar("torchex_fn_capture", default=None)
 
@@ -117,8 +127,8 @@ def tap(name: str, value: Tensor) -> Tensor:
 
 
 def _run(model_fn, params, x, names: Sequence[str], perturb=None, fn: str = "capture", replace=None,
-         widen: bool = False, transform=None):
-    session = _Session(names, perturb, fn, replace, widen, transform)
+         widen: bool = False, transform=None, enter=None):
+    session = _Session(names, perturb, fn, replace, widen, transform, enter)
     token = _ACTIVE.set(session)
     try:
         out = model_fn(params, x)
@@ -149,7 +159,8 @@ def _check_reached(fn: str, names: Sequence[str], acts: Mapping[str, Tensor], mo
 
 def intermediates(model_fn: ModelFn, *, layers: Sequence[str], perturb: Optional[Mapping[str, Tensor]] = None,
                   fn: str = "intermediates", replace: Optional[Mapping[str, Tensor]] = None,
-                  transform: Optional[Mapping[str, Callable[[Any, Any], Any]]] = None) -> Callable:
+                  transform: Optional[Mapping[str, Callable[[Any, Any], Any]]] = None,
+                  enter: Optional[Mapping[str, Callable[[Any], None]]] = None) -> Callable:
     """Wrap ``model_fn`` into ``(params, x) -> (out, {name: activation})`` for one call at a time.
 
     Args:
@@ -163,6 +174,8 @@ def intermediates(model_fn: ModelFn, *, layers: Sequence[str], perturb: Optional
       transform: Optional ``{name: f}``: every call of module ``name`` returns ``f(args, output)``
         instead of ``output`` (``args`` its positional inputs); not captured, and a module may run
         more than once (LRP marks activation modules this way).
+      enter: Optional ``{name: f}``: ``f(args)`` runs before every call of module ``name`` (a forward
+        pre-hook for the length of the call; attribution patching learns which attention runs this way).
 
     Raises:
       ValueError: right after the call, if a name was never reached.
@@ -170,7 +183,7 @@ def intermediates(model_fn: ModelFn, *, layers: Sequence[str], perturb: Optional
     names = tuple(layers)
 
     def wrapped(params, x):
-        out, acts = _run(model_fn, params, x, names, perturb, fn, replace, transform=transform)
+        out, acts = _run(model_fn, params, x, names, perturb, fn, replace, transform=transform, enter=enter)
         _check_reached(fn, names, acts, model_fn)
         return out, acts
 

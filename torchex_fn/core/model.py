@@ -297,6 +297,9 @@ class FunctionalModel:
                     for name in session.transform:
                         if name in modules:
                             handles.append(modules[name].register_forward_hook(session.transform_hook(name)))
+                    for name in session.enter:
+                        if name in modules:
+                            handles.append(modules[name].register_forward_pre_hook(session.enter_hook(name)))
                 if not _env.compiling():
                     self._keys.check("model_fn", params)
                 full = dict(params)
