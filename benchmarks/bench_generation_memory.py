@@ -43,6 +43,17 @@ def _status(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def _allocator() -> str:
+    """The glibc malloc settings every row inherits. By default glibc raises its mmap threshold (up to 32 MiB)
+    each time a large block is freed, so later blocks of that size come from the heap, whose freed pages stay
+    resident: a checkpointed backward, which frees and reallocates each block's activations, then shows a peak
+    of memory it no longer uses. ``MALLOC_MMAP_THRESHOLD_=131072`` fixes the threshold (large blocks are mmapped
+    and returned on free), so the peak is the memory in use."""
+    keys = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
+    set_ = [f"{k}={os.environ[k]}" for k in keys if k in os.environ]
+    return ", ".join(set_) if set_ else "glibc malloc defaults (dynamic mmap threshold)"
+
+
 def child(args) -> dict:
     """Build the model, run one configuration once, return its numbers."""
     import warnings
@@ -138,7 +149,8 @@ def main():
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}, {args.threads} thread(s); GPT-2 {args.layers} layers, "
           f"hidden {args.hidden}, {args.heads} heads, vocabulary {args.vocab}, {args.attn} attention; "
           f"prompt {args.prompt} tokens, "
-          f"{args.out} output tokens; input x gradient at transformer.wte; one fresh process per row\n")
+          f"{args.out} output tokens; input x gradient at transformer.wte; one fresh process per row; "
+          f"allocator: {_allocator()}\n")
     print("| configuration | time s | peak MiB | peak - before MiB | peak / unit's | time / (1 fwd + "
           f"{args.out} bwd) | time / captum's | peak / captum's |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

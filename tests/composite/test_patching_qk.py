@@ -33,6 +33,13 @@ def _inputs():
     return clean, corrupt, torch.tensor([3, 5]), torch.tensor([8, 1])
 
 
+def _gpt2_case():
+    model = _gpt2()
+    fn, params = tx.functionalize(model)
+    clean, corrupt, answer, wrong = _inputs()
+    return model, fn, params, clean, corrupt, answer, wrong, patching.logit_difference(answer, wrong)
+
+
 def _metric_ref(logits, answer, wrong):
     last = logits[:, -1]
     return last[torch.arange(last.shape[0]), answer] - last[torch.arange(last.shape[0]), wrong]
@@ -65,10 +72,7 @@ def _gpt2_patched(model, layer, ids, source_qkv, part, t, head):
 
 @pytest.mark.parametrize("node", ["queries", "keys"])
 def test_activation_patching_of_heads_equals_hooked_projections(node):
-    model = _gpt2()
-    fn, params = tx.functionalize(model)
-    clean, corrupt, answer, wrong = _inputs()
-    metric = patching.logit_difference(answer, wrong)
+    model, fn, params, clean, corrupt, answer, wrong, metric = _gpt2_case()
     layers = ["transformer.h.0.attn", "transformer.h.1.attn"]
     table = tx.activation_patching(fn, params, clean, corrupt, metric, layers=layers, node=node, batch_size=5)
     assert table.shape == (B, 2, T, HEADS)
@@ -87,10 +91,7 @@ def test_activation_patching_of_heads_equals_hooked_projections(node):
 
 @pytest.mark.parametrize("node", ["queries", "keys"])
 def test_plain_atp_of_heads_is_the_first_order_term(node):
-    model = _gpt2()
-    fn, params = tx.functionalize(model)
-    clean, corrupt, answer, wrong = _inputs()
-    metric = patching.logit_difference(answer, wrong)
+    model, fn, params, clean, corrupt, answer, wrong, metric = _gpt2_case()
     atp = tx.attribution_patching(fn, params, clean, corrupt, metric, layers=["transformer.h.1.attn"], node=node,
                                   qk_fix=False)
     d = WIDTH // HEADS
