@@ -207,7 +207,7 @@ def tcav(model_fn: Any, params: Any, x: Any, target: Any = None, *, layer: Any, 
 
     * ``score``: the fraction of examples with ``S > 0`` (Kim et al.'s ``TCAV_Q``; captum's ``sign_count``);
     * ``magnitude``: ``sum(max(S, 0)) / sum(|S|)`` (the TCAV reference code's magnitude score, and the
-      formula captum's ``TCAV`` documents);
+      formula captum's ``TCAV`` documents; NaN when every ``S`` is 0);
     * ``mean_derivative``: ``mean(S)``, which is what captum's ``TCAV`` returns under the name
       ``magnitude``.
 
