@@ -102,6 +102,24 @@ def test_captum_l2_pgd_takes_sign_steps_ours_steps_along_the_gradient():
     assert (loss(ours) > loss(sign_step)).all()
 
 
+def test_l2_random_start_is_uniform_in_each_example_ball_where_captum_fails():
+    """captum multiplies the per-example radii [B] into the input's last axis: [5, 6] inputs fail there. Ours
+    draws a Gaussian direction and a radius r U^(1/d) per example, in captum's order of draws."""
+    robust = pytest.importorskip("captum.robust")
+    model = _mlp()
+    fn, params = tx.functionalize(model)
+    x, y = _randn(5, 6), torch.zeros(5, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="must match the size"):
+        robust.PGD(model, nn.CrossEntropyLoss(reduction="none")).perturb(x, 0.3, 0.01, 1, y, norm="L2",
+                                                                         random_start=True)
+    start = tx.robust.pgd(fn, params, x, y, radius=0.3, step_size=1e-9, step_num=1, norm="L2", random_start=True,
+                          generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    gauss = torch.randn(5, 6, generator=g)
+    radii = torch.rand(5, generator=g) ** (1 / 6) * 0.3
+    torch.testing.assert_close(start, x + radii[:, None] * gauss / gauss.norm(dim=1, keepdim=True))
+
+
 # ------------------------------------------------------------------------------------------------ captum
 
 CASES = [  # (our options, captum constructor options, captum perturb options)
