@@ -11,6 +11,10 @@ channels of a layer as *concepts*. Three questions, three functions of this modu
   channel's relevance (relevance maximisation) or activation (activation maximisation), zennit-crp's
   ``FeatureVisualization`` without its files on disk.
 
+A second meaning of *concept*, a set of example inputs, is TCAV's (Kim et al., ICML 2018): :func:`cav`
+(a concept activation vector, from :mod:`torchex_fn.composite.tcav`), :func:`tcav` (TCAV scores and the
+test against random concepts) and :func:`ttest` are re-exported here.
+
 The conventions are zennit-crp's (``ChannelConcept``): a channel is dimension 1 of the layer's
 output; a channel's value per example is the sum (or the max) over the other dimensions; with
 ``normalize=True`` the values of one example are divided by the sum of their absolute values over all
@@ -29,8 +33,9 @@ from ..core import checks as _checks
 from ..core import targets as _targets
 from ..core.capture import capture, layer_shapes, resolve_layers
 from ..methods.lrp import lrp
+from .tcav import CAV, TCAV, TTest, cav, tcav, ttest
 
-__all__ = ["relevance", "reference_samples", "ReferenceSamples"]
+__all__ = ["relevance", "reference_samples", "ReferenceSamples", "cav", "tcav", "ttest", "CAV", "TCAV", "TTest"]
 
 _MODES = ("relevance", "activation")
 _REDUCE = ("sum", "max")
