@@ -174,7 +174,8 @@ def _replace(x: Tensor, removed: Tensor, fill: Tensor) -> Tensor:
 def _ranks(values: Tensor, descending: bool) -> Tensor:
     """``[B, F]`` the position of each feature in the (stable) order, 0 first."""
     order = torch.argsort(values, dim=1, descending=descending, stable=True)
-    return torch.argsort(order, dim=1)
+    positions = torch.arange(values.shape[1], device=values.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
 
 
 def _pearson(a: Tensor, b: Tensor) -> Tensor:
