@@ -31,6 +31,9 @@ from .maps import as_mask as _as_mask
 from .maps import broadcast_attribution as _broadcast_attribution
 from .axiomatic import Completeness, completeness, input_invariance, non_sensitivity
 from .complexity import complexity, effective_complexity, sparseness
+from .faithfulness import (FaithfulnessCurve, Road, SensitivityN, faithfulness_correlation, faithfulness_estimate, irof,
+                           monotonicity, monotonicity_correlation, pixel_flipping, region_perturbation, road,
+                           selectivity, sensitivity_n, sufficiency)
 from .localisation import (attribution_localisation, auc, focus, relevance_mass_accuracy, relevance_rank_accuracy,
                            top_k_intersection)
 from .randomisation import random_logit, ssim
@@ -46,6 +49,9 @@ __all__ = [
     "top_k_intersection",
     "Completeness", "completeness", "non_sensitivity", "input_invariance",
     "random_logit", "ssim",
+    "FaithfulnessCurve", "SensitivityN", "Road", "pixel_flipping", "region_perturbation", "selectivity",
+    "monotonicity", "monotonicity_correlation", "faithfulness_estimate", "faithfulness_correlation",
+    "sensitivity_n", "irof", "road", "sufficiency",
     "Aopc", "aopc_comprehensiveness", "aopc_sufficiency", "token_f1", "token_iou", "auprc",
 ]
 
