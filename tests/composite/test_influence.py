@@ -124,6 +124,38 @@ def test_tracin_cp_equals_captum(trained, layers):
         assert _rel(top.scores, ref_top.influence_scores) < 1e-4
 
 
+def test_tracin_cp_batch_norm_buffers_left_out(tmp_path):
+    """With batch norm (eval mode, running statistics set), the default differentiates the parameters only,
+    as captum's model.parameters() does (the loss depends on running_mean too): scores equal TracInCP's
+    (sample_wise_grads_per_batch=False, a backward per example) to 1e-4 relative. captum's sample-wise
+    gradients skip the batch norm's weight and bias without a word (they cover Linear and Conv2d only): they
+    equal ours with layers= the two linear layers. The checkpoints are whole state dicts (num_batches_tracked,
+    an int64 buffer, included)."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    paths = []
+    for i in range(2):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+            net[1].running_mean.copy_(torch.randn(8))
+            net[1].running_var.copy_(torch.rand(8) + 0.5)
+        paths.append(str(tmp_path / f"bn{i}.pt"))
+        torch.save({"params": copy.deepcopy(net.state_dict()), "lr": 0.1 * (i + 1)}, paths[-1])
+    x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    xt, yt = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    loop = captum_influence.TracInCP(copy.deepcopy(net), TensorDataset(x, y), paths, _captum_load,
+                                     loss_fn=CE, batch_size=16)
+    fn, _ = tx.functionalize(copy.deepcopy(net))
+    ours = tx.influence.tracin_cp(fn, paths, (x, y), (xt, yt), loss_fn=CE, load=_ours_load, batch_size=16)
+    assert _rel(ours, loop.influence((xt, yt))) < 1e-4
+    sample_wise = captum_influence.TracInCP(copy.deepcopy(net), TensorDataset(x, y), paths, _captum_load,
+                                            loss_fn=_ce_sum(), batch_size=16, sample_wise_grads_per_batch=True)
+    linear = tx.influence.tracin_cp(fn, paths, (x, y), (xt, yt), loss_fn=CE, load=_ours_load, layers=["0", "3"])
+    assert _rel(linear, sample_wise.influence((xt, yt))) < 1e-4
+    assert _rel(ours, linear) > 1e-2                  # the batch norm's parameters count
+
+
 def test_tracin_cp_data_forms_and_checkpoint_forms(trained):
     """A Dataset, a DataLoader, params dicts with learning_rates=, and paths read by the default loader
     (a "learning_rate" entry) all give the scores of (x, y) tensors with load=, bit for bit or to 1e-12."""

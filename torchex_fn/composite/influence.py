@@ -178,10 +178,15 @@ def _device(params: Dict[str, Tensor]) -> torch.device:
     return torch.device("cpu")
 
 
-def _selected(fn: str, params: Dict[str, Tensor], layers: Optional[Sequence[str]]) -> List[str]:
-    """Names of the differentiated params: all floating-point ones, or those of ``layers`` (a param's name or
-    a module's dotted prefix)."""
+def _selected(fn: str, params: Dict[str, Tensor], layers: Optional[Sequence[str]], model_fn: Any) -> List[str]:
+    """Names of the differentiated params: all floating-point ones (only the module's parameters, not its
+    buffers, for a ``model_fn`` from ``functionalize``: captum's ``model.parameters()``), or those of
+    ``layers`` (a param's name or a module's dotted prefix)."""
     floating = [k for k, v in params.items() if isinstance(v, Tensor) and v.is_floating_point()]
+    module = module_of(model_fn)
+    if module is not None:
+        own = {name for name, _ in module.named_parameters()}
+        floating = [k for k in floating if k in own]
     if layers is None:
         return floating
     if isinstance(layers, str) or not isinstance(layers, (list, tuple)) or not layers:
@@ -312,7 +317,9 @@ def tracin_cp(model_fn: Any, checkpoints: Sequence[Any], train: Any, test: Any =
       k: None: every score. An int: the ``k`` proponents / opponents of each test example.
       proponents: With ``k``: the highest scores (True) or the lowest (False). Default: True.
       layers: Restrict the gradients to these parameters (a parameter's name or a module's dotted name,
-        whose parameters are all taken); None: every floating-point parameter. Default: None.
+        whose parameters are all taken); None: every parameter (not the buffers, such as batch norm's
+        running statistics; with a plain function for ``model_fn``, every floating-point entry of the
+        params). Default: None.
       learning_rates: A float, or one float per checkpoint; None: what ``load`` returns, else 1.
       load: ``entry -> params`` or ``entry -> (params, learning_rate)`` for each checkpoint entry.
       test_loss_fn: The loss of the test examples (default: ``loss_fn``).
@@ -350,7 +357,7 @@ def tracin_cp(model_fn: Any, checkpoints: Sequence[Any], train: Any, test: Any =
             total: Optional[Tensor] = None
             for get in loaders:
                 ckpt = get()
-                names = _selected(fn, ckpt.params, layers)
+                names = _selected(fn, ckpt.params, layers, model_fn)
                 device = _device(ckpt.params)
                 parts = []
                 for x, y in _chunks(fn, "train", train, batch_size, device):
@@ -364,7 +371,7 @@ def tracin_cp(model_fn: Any, checkpoints: Sequence[Any], train: Any, test: Any =
         ckpts = [get() for get in loaders]  # all at once: each train chunk meets every checkpoint
         tests = []
         for ckpt in ckpts:
-            names = _selected(fn, ckpt.params, layers)
+            names = _selected(fn, ckpt.params, layers, model_fn)
             device = _device(ckpt.params)
             tests.append(torch.cat([_flat_grads(test_grads, ckpt.params, names, x, y)
                                     for x, y in _chunks(fn, "test", test, batch_size, device)]) * ckpt.lr)
@@ -375,7 +382,7 @@ def tracin_cp(model_fn: Any, checkpoints: Sequence[Any], train: Any, test: Any =
             for batches in zip(*iters):
                 block: Optional[Tensor] = None
                 for ckpt, g_test, (x, y) in zip(ckpts, tests, batches):
-                    names = _selected(fn, ckpt.params, layers)
+                    names = _selected(fn, ckpt.params, layers, model_fn)
                     part = g_test @ _flat_grads(train_grads, ckpt.params, names, x, y).T
                     block = part if block is None else block + part
                     _tick(bar)
@@ -760,7 +767,7 @@ def naive_influence_function(model_fn: Any, params: Any, train: Any, test: Any =
       test: The test examples, ``(x, y)`` (or a Dataset / DataLoader); None: the self-influence of ``train``.
       loss_fn: ``(out, y) -> [B]`` per-example losses.
       layers: Restrict to these parameters (a parameter's name or a module's dotted name); None: every
-        floating-point parameter. Default: None.
+        parameter (not the buffers), as for :func:`tracin_cp`. Default: None.
       hessian_data: The data of the Hessian, as ``train``; None: ``train``.
       damping: Added to the Hessian's diagonal (captum's ``hessian_reg``). Default: 1e-6.
       tol: Eigenvalues at or below it are dropped (captum's ``hessian_inverse_tol``). Default: 1e-5.
@@ -787,7 +794,7 @@ def naive_influence_function(model_fn: Any, params: Any, train: Any, test: Any =
             raise _checks.value_error(fn, f"{key}, a float >= 0", _checks.describe(value))
     if not isinstance(params, dict):
         raise _checks.type_error(fn, "params, a dict name -> tensor", _checks.describe(params))
-    names = _selected(fn, params, layers)
+    names = _selected(fn, params, layers, model_fn)
     train = _check_data(fn, "train", train, batch_size)
     hessian_data = train if hessian_data is None else _check_data(fn, "hessian_data", hessian_data, batch_size)
     if test is not None:
