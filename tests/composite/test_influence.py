@@ -68,6 +68,8 @@ def trained(tmp_path_factory):
     y = (x @ w + 0.5 * torch.randn(N_TRAIN + N_TEST, 3, dtype=torch.float64)).argmax(1)
     model = _MLP().double()
     folder = tmp_path_factory.mktemp("ckpts")
+    threads = torch.get_num_threads()                # a module fixture runs before the one_thread fixture
+    torch.set_num_threads(1)
     paths, step = [], 0
     for epoch, lr in enumerate(LRS):
         for _ in range(5):                           # 5 epochs of 12 steps per checkpoint: 240 steps in all
@@ -81,6 +83,7 @@ def trained(tmp_path_factory):
         path = folder / f"ckpt{epoch}.pt"
         torch.save({"params": copy.deepcopy(model.state_dict()), "lr": lr}, path)
         paths.append(str(path))
+    torch.set_num_threads(threads)
     assert step == 240
     return model.eval(), x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:], paths
 
