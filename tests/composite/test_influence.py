@@ -204,8 +204,8 @@ def test_tracin_cp_fast_equals_captum(trained):
 def test_tracin_cp_fast_rand_proj_equals_captum_under_the_same_draws(trained):
     """captum draws its two projections from the global generator after torch.manual_seed(seed); ours from
     generator= seeded alike, after the one int64 draw by which captum's DataLoader iterator (opened before the
-    projections are drawn) advances the global generator: the same matrices, so the scores and the top-3 agree to 1e-4 relative. Without
-    projection the scores are tracin_cp_fast's; self-influence is the vectors' squared norm, which equals
+    projections are drawn) advances the global generator: the same matrices, so the scores and the top-3
+    agree to 1e-4 relative. Without projection the scores are tracin_cp_fast's; self-influence is the vectors' squared norm, which equals
     the diagonal of the test-vs-train scores of the training set on itself."""
     model, x, y, xt, yt, paths = trained
     fn = _fn(model)
@@ -262,12 +262,13 @@ def test_similarity_influence_equals_captum(trained, tmp_path):
 
 
 def test_similarity_influence_one_layer_where_captum_crashes(trained, tmp_path):
-    """captum's SimilarityInfluence with one layer wraps the one layer's activations in a list a second time
-    and fails; ours returns that layer's TopK, the same as the layer's entry of a two-layer call."""
+    """captum's SimilarityInfluence with one layer wraps the one layer's activations (already a list) in a
+    list a second time and its similarity metric fails on the list; ours returns that layer's TopK, the same
+    as the layer's entry of a two-layer call."""
     model, x, y, xt, yt, paths = trained
     theirs = captum_influence.SimilarityInfluence(copy.deepcopy(model), "fc1", TensorDataset(x), str(tmp_path),
                                                   batch_size=32)
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError, match="'list' object has no attribute 'view'"):   # [[acts]] in its metric
         theirs.influence(xt, top_k=2)
     fn, params = tx.functionalize(copy.deepcopy(model))
     one = tx.influence.similarity_influence(fn, params, xt, x, layer="fc1", k=2)
