@@ -6,7 +6,7 @@ This file only hands names on. The package is layered, and imports point down on
 """
 from . import data as datasets
 from . import registry
-from .composite import concepts, generation, patching, robust
+from .composite import concepts, generation, influence, patching, robust
 from .composite.classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
 from .composite.generation import (continuation_ablation, continuation_attribution, continuation_logprob,
                                    continuation_score, next_token_kl, token_scores)
@@ -53,7 +53,7 @@ __all__ = [
     "infidelity", "sensitivity_max",
     "datasets", "metrics", "postprocess", "targets", "text", "viz", "registry",
     "TrainingModeWarning",
-    "concepts", "generation", "continuation_logprob", "continuation_attribution", "continuation_ablation",
+    "concepts", "influence", "generation", "continuation_logprob", "continuation_attribution", "continuation_ablation",
     "continuation_score", "token_scores", "next_token_kl",
     "patching", "activation_patching", "attribution_patching",
     "robust",
