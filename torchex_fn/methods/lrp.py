@@ -62,6 +62,8 @@ is zero and is skipped, which changes no value and halves these rules' work.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -692,7 +694,13 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
 
     Args:
       model_fn: From ``functionalize(model)``: rules are assigned to its modules by type and name,
-        as zennit does. The model must be in eval mode (batch norm with running statistics).
+        as zennit does. The model must be in eval mode (batch norm with running statistics). A function
+        of yours that calls one model is accepted: ``lambda p, x: model_fn(p, (x - mean) / std)`` (a
+        closure, a global it names, a ``functools.partial``) or a ``torch.func.functional_call(model,
+        p, x)`` closure; the rules apply to that model's modules and what runs outside it passes the
+        gradient (the same map as the normalisation inside an ``nn.Sequential``). The transformer
+        composites need the model run through ``functionalize`` when it has HuggingFace or timm
+        activation modules.
       {params}
       x: Input batch ``[B, *input]`` (float); with ``layer=`` and a transformer composite, token ids or a
         tokenizer's dict too.
@@ -736,7 +744,7 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
       ``[B, K, *input]`` with a list of ``K`` concepts in ``condition=``.
 
     Raises:
-      TypeError: a ``model_fn`` not built by ``functionalize``; non-float ``x``; a bad ``target``,
+      TypeError: a ``model_fn`` that reaches no model, or several; non-float ``x``; a bad ``target``,
         ``low``, ``high`` or option type.
       ValueError: an unknown composite or rule (the known names are listed), missing ``low`` /
         ``high`` for z-box, a target out of range, NaN in ``x``, an unknown layer, a condition on
@@ -787,7 +795,7 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
     if not isinstance(x, Tensor):
         raise _checks.type_error(FN, "x, a floating-point tensor [B, *input]", _checks.describe(x),
                                  "LRP follows one input tensor through the model; a dict of inputs is not supported.")
-    module = _module(model_fn, "LRP assigns rules to modules by type and name")
+    module, _ = _module(model_fn, "LRP assigns rules to modules by type and name", params)
     if not isinstance(composite, str):
         raise _checks.type_error(FN, f"composite, one of {', '.join(COMPOSITES)}", _checks.describe(composite))
     if composite not in COMPOSITES:
@@ -1082,8 +1090,9 @@ def _as_activation(args: Any, out: Any) -> Any:
     return out
 
 
-def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, composite: str, layer: Optional[str],
-                  epsilon: float, gamma: float, stabilizer: float, rules: Optional[Mapping[Any, str]]) -> Tensor:
+def _modified_lrp(model_fn: ModelFn, module: nn.Module, params: Params, x: Any, target: Target, *, composite: str,
+                  layer: Optional[str], epsilon: float, gamma: float, stabilizer: float,
+                  rules: Optional[Mapping[Any, str]]) -> Tensor:
     """AttnLRP / CP-LRP: the relevance ``value * d score / d value`` with every operation's gradient modified.
 
     Without outer derivatives (nothing in ``params`` or ``x`` tracked) one forward computes each
@@ -1091,8 +1100,6 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
     a record pass first runs the model with true derivatives and keeps each operation's output and its
     rule's tensors; the relevance pass returns those (the rule's formula then differentiates correctly).
     """
-    module = module_of(model_fn)
-    assert module is not None
     layer_rules: Dict[str, str] = {}
     for name, mod in module.named_modules():
         for key, rule in (rules or {}).items():
@@ -1160,13 +1167,83 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
     return value * grads
 
 
-def _module(model_fn: ModelFn, why: str) -> nn.Module:
+_WRAP_HINT = ("Call the model_fn of `model_fn, params = tx.functionalize(model)` inside your function "
+              "(`lambda p, x: model_fn(p, (x - mean) / std)`: what runs outside the model, such as a normalisation, "
+              "passes the gradient), or put the normalisation in the model: "
+              "`tx.functionalize(nn.Sequential(Normalize(mean, std), model))`.")
+
+
+def _reachable(model_fn: Any, depth: int = 3) -> List[Any]:
+    """The objects a wrapper function can call: its closure's cells, defaults and the globals its code names,
+    a ``functools.partial``'s function and arguments, a bound method's object; ``depth`` levels deep."""
+    found: List[Any] = []
+    seen: set = set()
+    frontier = [model_fn]
+    for _ in range(depth):
+        following: List[Any] = []
+        for obj in frontier:
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if obj is not model_fn:
+                found.append(obj)
+            if module_of(obj) is not None or isinstance(obj, nn.Module):
+                continue  # a model: its insides are not the wrapper's
+            if isinstance(obj, functools.partial):
+                following += [obj.func, *obj.args, *obj.keywords.values()]
+            elif inspect.ismethod(obj):
+                following += [obj.__self__, obj.__func__]
+            elif inspect.isfunction(obj):
+                following += [c.cell_contents for c in obj.__closure__ or () if _filled(c)]
+                following += [*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()]
+                names = obj.__code__.co_names
+                following += [obj.__globals__[n] for n in names if n in obj.__globals__]
+        frontier = following
+    return found
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        return cell.cell_contents is not _filled  # always True once the cell has a value
+    except ValueError:  # a cell not yet assigned
+        return False
+
+
+def _module(model_fn: ModelFn, why: str, params: Optional[Params] = None) -> Tuple[nn.Module, bool]:
+    """The module whose layers the rules are assigned to, and whether ``model_fn`` runs it through
+    ``functionalize`` (its hooks: layers, activation modules) rather than a call that hides them.
+
+    A ``model_fn`` from ``functionalize`` (or ``tx.Wrapped``) names its module. A function of the user's that
+    wraps one (a normalisation in front: ``lambda p, x: model_fn(p, (x - mean) / std)``, or a
+    ``torch.func.functional_call(model, p, x)`` closure) is searched for the model it calls (see
+    :func:`_reachable`): it must reach exactly one, and ``params``' names must be that model's.
+    """
     module = module_of(model_fn)
-    if module is None:
-        raise _checks.type_error(FN, "model_fn from functionalize(model), which knows its modules",
-                                 _checks.describe(model_fn),
-                                 f"{why}: `model_fn, params = torchex_fn.functionalize(model)`.")
-    return module
+    if module is not None:
+        return module, True
+    found: Dict[int, Tuple[nn.Module, bool]] = {}
+    for obj in _reachable(model_fn):
+        inner = module_of(obj)
+        if inner is not None:
+            found[id(inner)] = (inner, True)
+        elif isinstance(obj, nn.Module) and id(obj) not in found:
+            found[id(obj)] = (obj, False)
+    # a functionalized model and its own module reached twice count once, as the functionalized one
+    if len(found) != 1:
+        kinds = ", ".join(type(m).__name__ for m, _ in found.values())
+        what = f"{len(found)} models ({kinds})" if found else "no model"
+        raise _checks.type_error(FN, "model_fn from functionalize(model), or a function that calls one model",
+                                 f"{_checks.describe(model_fn)} that reaches {what}", f"{why}. {_WRAP_HINT}")
+    module, hooked = next(iter(found.values()))
+    if params is not None and isinstance(params, Mapping):
+        known = set(dict(module.named_parameters(remove_duplicate=False)))
+        known |= set(dict(module.named_buffers(remove_duplicate=False)))
+        unknown = [k for k in params if k not in known]
+        if unknown:
+            raise _checks.value_error(FN, f"params named as the parameters of the {type(module).__name__} that "
+                                      "model_fn calls", f"a key {unknown[0]!r} it does not have",
+                                      f"{why}. {_WRAP_HINT}")
+    return module, hooked
 
 
 def _check_rules(module: nn.Module, rules: Any, allowed: Sequence[str], what: str) -> Optional[Dict[Any, str]]:
@@ -1195,7 +1272,12 @@ def _lrp_transformer(model_fn: ModelFn, params: Params, x: Any, target: Target, 
                      epsilon: Optional[float], gamma: float, stabilizer: float,
                      rules: Optional[Mapping[Any, str]]) -> Tensor:
     """Checks for the transformer composites, then :func:`_modified_lrp`."""
-    module = _module(model_fn, "LRP finds activation modules and assigns layer rules by module")
+    module, hooked = _module(model_fn, "LRP finds activation modules and assigns layer rules by module", params)
+    if not hooked and _activation_modules(module):
+        raise _checks.type_error(FN, f"for composite={composite!r}, a model_fn that runs the model through "
+                                 "functionalize (its activation modules get their rule there)",
+                                 f"{_checks.describe(model_fn)} that calls {type(module).__name__} directly "
+                                 "(torch.func.functional_call or module(x))", _WRAP_HINT)
     eps = _check_float("epsilon", 0.0 if epsilon is None else epsilon)
     rules = _check_rules(module, rules, _GRADIENT_FORM_RULES, f"a rule in rules for composite {composite!r}")
     name: Optional[str] = None
@@ -1209,6 +1291,6 @@ def _lrp_transformer(model_fn: ModelFn, params: Params, x: Any, target: Target, 
         raise _checks.value_error(FN, "layer= for a dict x (e.g. the token embeddings)", "layer=None",
                                   "Relevance is read at a floating-point tensor: name the embedding layer, e.g. "
                                   "layer='model.embed_tokens'.")
-    return _modified_lrp(model_fn, params, x, target, composite=composite, layer=name, epsilon=eps,
+    return _modified_lrp(model_fn, module, params, x, target, composite=composite, layer=name, epsilon=eps,
                          gamma=_check_float("gamma", gamma), stabilizer=_check_float("stabilizer", stabilizer),
                          rules=rules)
