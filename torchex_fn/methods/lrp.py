@@ -61,6 +61,7 @@ is zero and is skipped, which changes no value and halves these rules' work.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -78,7 +79,7 @@ from ..core import relevance as _relevance, targets as _targets
 from ..core.autodiff import grad_of_sum, leaves, tracked
 from ..core.env import compiling
 from ..core.capture import intermediates, layer_shapes, resolve_layers
-from ..core.types import ModelFn, Params, Target, module_of
+from ..core.types import ModelFn, Params, Target, lock_of, module_of
 from ..core.arguments import check_call
 
 __all__ = ["lrp", "COMPOSITES", "RULES", "TRANSFORMER_COMPOSITES"]
@@ -166,7 +167,8 @@ class _Plan:
         self.modules: Dict[str, nn.Module] = {}
         first_done = not first_types
         user = dict(rules or {})
-        missing = []
+        missing: List[str] = []
+        like: List[str] = []
         for name, mod in module.named_modules():
             self.modules[name] = mod
             rule = user.get(name)
@@ -179,6 +181,12 @@ class _Plan:
                 rule = conv_rule
             elif rule is None and isinstance(mod, _LINEAR):
                 rule = linear_rule
+            if rule is not None and not _linear_like(mod):
+                raise _checks.value_error(
+                    FN, "rules for convolutions and linear layers (modules that own a weight of 2 or more axes), "
+                    "whose rules the zennit composites know", f"rule {rule!r} for module {name or '<root>'!r} "
+                    f"({type(mod).__name__})", "Layer norms, attention and the other modules of transformers have "
+                    "rules in composite='attnlrp' and 'cp_lrp': lrp(..., composite='attnlrp').")
             if rule is not None:
                 self.rules[name] = rule
             if isinstance(mod, _CONV_T):
@@ -186,13 +194,18 @@ class _Plan:
             elif (rule is None and not any(True for _ in mod.children()) and not isinstance(mod, _PLAIN_LEAVES)
                   and any(True for _ in mod.parameters(recurse=False))):
                 missing.append(f"{name or '<root>'} ({type(mod).__name__})")
+                if _linear_like(mod):
+                    like.append(name)
         if missing:
+            hint = ("Layer norms, attention and the other modules of transformers: use composite='attnlrp' or "
+                    "'cp_lrp', which run on every architecture.")
+            if like:  # only where a rule works: a module that owns a matrix (or kernel) like a linear layer
+                hint += (f" A linear-like module calling F.linear or a convolution: give it a rule with "
+                         f"`rules={{{like[0]!r}: 'epsilon'}}`.")
             raise NotImplementedError(_checks.message(
                 FN, "modules that LRP has rules for (convolutions, linear layers, batch norm, activations, pooling)",
                 f"{len(missing)} without a rule: {', '.join(missing[:6])}" + (", ..." if len(missing) > 6 else ""),
-                "Layer norms, attention and the other modules of transformers: use composite='attnlrp' or "
-                "'cp_lrp', which run on every architecture. A convolution- or linear-like module: give it a rule "
-                "with `rules={name: 'epsilon'}`."))
+                hint))
         # zennit's SequentialMergeBatchNorm: a batch norm right after a linear module among the leaves.
         self.merges: Dict[str, str] = {}
         if canonize:
@@ -469,15 +482,77 @@ class _Record:
         self.name, self.out, self.rule, self.norm = name, out, rule, norm
 
 
-def _no_rule(what: str, detail: str = "", transformer: bool = False) -> NotImplementedError:
+def _linear_like(mod: nn.Module) -> bool:
+    """Whether a zennit rule can apply to ``mod``: a convolution or linear layer, a container (the rule goes to
+    its leaves), or a leaf that owns a weight of 2 or more axes (a linear layer of its own kind)."""
+    if isinstance(mod, _CONV + _LINEAR) or any(True for _ in mod.children()):
+        return True
+    if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):  # a look-up, not a product with the input
+        return False
+    return any(p.ndim >= 2 for p in mod.parameters(recurse=False))
+
+
+def _where(module: nn.Module, model_fn: Any, rerun: Any) -> str:
+    """The module that was running when ``rerun()`` raised :class:`NoRule`: ``"name (Type)"``, ``"-"`` outside
+    every module, ``""`` when the run did not raise it again.
+
+    A diagnostic run after the error: forward pre-hooks and hooks on every submodule keep a stack of the
+    modules entered, for the length of this one call (removed before it returns, also when it raises).
+    """
+    stack: List[str] = []
+    names = {id(m): n for n, m in module.named_modules() if n}
+
+    def enter(mod: nn.Module, args: Any) -> None:
+        stack.append(f"{names[id(mod)]} ({type(mod).__name__})")
+
+    def leave(mod: nn.Module, args: Any, out: Any) -> None:
+        if stack:
+            stack.pop()
+
+    handles = []
+    with lock_of(model_fn) or contextlib.nullcontext():
+        try:
+            for name, mod in module.named_modules():
+                if name:
+                    handles += [mod.register_forward_pre_hook(enter), mod.register_forward_hook(leave)]
+            try:
+                rerun()
+            except (_intercept.NoRule, _NoRuleError):
+                return stack[-1] if stack else "-"  # outside every module of the model
+            except Exception:  # a diagnostic only: the first error is the one reported
+                return ""
+        finally:
+            for handle in handles:
+                handle.remove()
+    return ""
+
+
+class _NoRuleError(NotImplementedError):
+    """lrp's error for an operation without a rule; keeps what it says, so that the module can be added."""
+
+    def __init__(self, message: str, what: str, detail: str, transformer: bool):
+        super().__init__(message)
+        self.what, self.detail, self.transformer = what, detail, transformer
+
+
+def _in_module(err: Exception, transformer: bool, where: str) -> NotImplementedError:
+    """``err`` (an operation without a rule) again, naming the module it ran in."""
+    if isinstance(err, _NoRuleError):
+        return _no_rule(err.what, err.detail, err.transformer, where)
+    return _no_rule(getattr(err, "op", "?"), getattr(err, "detail", ""), transformer, where)
+
+
+def _no_rule(what: str, detail: str = "", transformer: bool = False, where: str = "") -> NotImplementedError:
     hint = ("LRP never treats an operation without a rule as if it had one; explain a model built from these "
             "operations, or attribute with a gradient method (saliency, integrated_gradients, deeplift).")
     if not transformer:
         hint = ("Layer norms, softmax, attention and products of two input-dependent tensors (transformers) have "
                 "rules in composite='attnlrp' and 'cp_lrp'. " + hint)
-    return NotImplementedError(_checks.message(
+    return _NoRuleError(_checks.message(
         FN, "operations with an LRP rule (convolution, linear, batch norm, activations, pooling, residual sums)",
-        f"'{what}'" + (f" ({detail})" if detail else "") + " on an input-dependent tensor", hint))
+        f"'{what}'" + (f" ({detail})" if detail else "") + " on an input-dependent tensor"
+        + ("" if not where else " outside every module of the model" if where == "-" else f" in module {where}"),
+        hint), what, detail, transformer)
 
 
 class _Recorder:
@@ -783,7 +858,9 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
       Explanations to Global Insights with Zennit, CoRelAy, and ViRelAy", 2021 (the composites).
     """
     transformer = isinstance(composite, str) and composite in TRANSFORMER_COMPOSITES
-    target = check_call(FN, model_fn, params, x, target, layer=layer, layer_option=transformer)
+    # every composite takes layer= (the zennit ones read the relevance there): token ids are told to name the
+    # embedding layer, and the zennit composites then point to composite='attnlrp' for the transformer's modules
+    target = check_call(FN, model_fn, params, x, target, layer=layer, layer_option=True)
     if transformer:
         if condition is not None:
             raise _checks.value_error(FN, "condition= with a zennit composite (concept relevance on CNNs)",
@@ -794,7 +871,9 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
                                 gamma=gamma, stabilizer=stabilizer, rules=rules)
     if not isinstance(x, Tensor):
         raise _checks.type_error(FN, "x, a floating-point tensor [B, *input]", _checks.describe(x),
-                                 "LRP follows one input tensor through the model; a dict of inputs is not supported.")
+                                 f"composite={composite!r} follows one input tensor through the model; "
+                                 "composite='attnlrp' or 'cp_lrp' take a dict of named inputs (with layer= at the "
+                                 "embeddings for token ids).")
     module, _ = _module(model_fn, "LRP assigns rules to modules by type and name", params)
     if not isinstance(composite, str):
         raise _checks.type_error(FN, f"composite, one of {', '.join(COMPOSITES)}", _checks.describe(composite))
@@ -818,8 +897,10 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
     record_fn = model_fn if read_at is None else intermediates(model_fn, layers=[read_at], fn=FN)
     try:
         out, count = _intercept.run(record_fn, recorder, params, x, tainted=[x], linear=_HANDED)
-    except _intercept.NoRule as err:
-        raise _no_rule(err.op, err.detail) from None
+    except (_intercept.NoRule, _NoRuleError) as err:
+        where = _where(module, model_fn, lambda: _intercept.run(record_fn, _Recorder(plan, params, opt), params, x,
+                                                                tainted=[x], linear=_HANDED))
+        raise _in_module(err, False, where) from None
     if read_at is not None:
         out, acts = out
     recorder.nonneg.clear()
@@ -1131,8 +1212,11 @@ def _modified_lrp(model_fn: ModelFn, module: nn.Module, params: Params, x: Any, 
         try:  # one pass: fused attention kept, its operands' gradients scaled (record / replay decompose it)
             (out, value), count = _intercept.run(forward, handler, v, tainted=[v], linear=linear,
                                                  fused=handler.role == "once" and not transforms)
-        except _intercept.NoRule as err:
-            raise _no_rule(err.op, err.detail, True) from None
+        except (_intercept.NoRule, _NoRuleError) as err:
+            where = _where(module, model_fn, lambda: _intercept.run(
+                forward, _Rules("once", composite, options, layer_rules, owners), v.detach(), tainted=[v],
+                linear=linear, fused=False))
+            raise _in_module(err, True, where) from None
         return out, value, count
 
     records: Optional[List[Any]] = None
