@@ -6,12 +6,20 @@ run (:data:`METHODS`; options with ``--option KEY=VALUE``). ``--image`` explains
 writes one overlay PNG per file; ``--data`` explains a folder or glob through ``attribute_dataset`` into a
 resumable store in ``--out`` (run it again after an interruption; under ``torchrun`` the processes share the
 work), with overlays under ``--overlays`` if asked. Overlays keep each file's path relative to the folder, so
-``a/cat.jpg`` and ``b/cat.jpg`` give ``a/cat_grad_cam.png`` and ``b/cat_grad_cam.png``::
+``a/cat.jpg`` and ``b/cat.jpg`` give ``a/cat_grad_cam.png`` and ``b/cat_grad_cam.png``.
+
+Any timm or torchvision classifier runs with its family's defaults (:mod:`torchex_fn.cli.choices`): the layer of a
+layer method, the layout of its output (``--reshape`` overrides it), timm models set to ``--size``; the feature
+methods take ``--features grid:N`` or ``superpixels:N``. A user's mistake ends in one line ``torchex-fn: error:
+<message>`` and exit code 2 (the library's ValueError / TypeError too); any other exception is a bug and keeps its
+traceback::
 
     torchex-fn explain --model torchvision:resnet50 --weights resnet50.pt --image cat.jpg \
         --method grad_cam --layer layer4 --target 281 --out maps/
     torchex-fn explain --model timm:vit_small_patch16_224 --weights ft.pt --data val/ --out store/ \
         --method integrated_gradients --option steps=32 --overlays overlays/
+    torchex-fn explain --model timm:swin_tiny_patch4_window7_224 --image cat.jpg --size 64 --method lime \
+        --features superpixels:50
 """
 from __future__ import annotations
 
