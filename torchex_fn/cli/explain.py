@@ -6,12 +6,20 @@ run (:data:`METHODS`; options with ``--option KEY=VALUE``). ``--image`` explains
 writes one overlay PNG per file; ``--data`` explains a folder or glob through ``attribute_dataset`` into a
 resumable store in ``--out`` (run it again after an interruption; under ``torchrun`` the processes share the
 work), with overlays under ``--overlays`` if asked. Overlays keep each file's path relative to the folder, so
-``a/cat.jpg`` and ``b/cat.jpg`` give ``a/cat_grad_cam.png`` and ``b/cat_grad_cam.png``::
+``a/cat.jpg`` and ``b/cat.jpg`` give ``a/cat_grad_cam.png`` and ``b/cat_grad_cam.png``.
+
+Any timm or torchvision classifier runs with its family's defaults (:mod:`torchex_fn.cli.choices`): the layer of a
+layer method, the layout of its output (``--reshape`` overrides it), timm models set to ``--size``; the feature
+methods take ``--features grid:N`` or ``superpixels:N``. A user's mistake ends in one line ``torchex-fn: error:
+<message>`` and exit code 2 (the library's ValueError / TypeError too); any other exception is a bug and keeps its
+traceback::
 
     torchex-fn explain --model torchvision:resnet50 --weights resnet50.pt --image cat.jpg \
         --method grad_cam --layer layer4 --target 281 --out maps/
     torchex-fn explain --model timm:vit_small_patch16_224 --weights ft.pt --data val/ --out store/ \
         --method integrated_gradients --option steps=32 --overlays overlays/
+    torchex-fn explain --model timm:swin_tiny_patch4_window7_224 --image cat.jpg --size 64 --method lime \
+        --features superpixels:50
 """
 from __future__ import annotations
 
@@ -21,16 +29,19 @@ import difflib
 import glob
 import os
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor
 
 from .. import registry
 from ..composite.runner import attribute_dataset
+from ..core.capture import intermediates, resolve_layers
 from ..core.model import functionalize
 from ..tools import viz
+from . import choices
 
 __all__ = ["METHODS", "method_name", "run", "unavailable"]
 
@@ -149,22 +160,68 @@ def _load_weights(model: torch.nn.Module, state: Dict[str, Tensor], path: str, f
 
 
 def _model(args: argparse.Namespace) -> torch.nn.Module:
-    """The model of ``--model``, ``--num-classes`` and ``--weights`` (classes inferred from the weights)."""
+    """The model of ``--model``, ``--num-classes`` and ``--weights`` (classes inferred from the weights), set to
+    take ``--size`` images where timm can (its ``set_input_size``: ViT, DeiT, Swin, ...; after the weights are
+    loaded, so a checkpoint of the model's own size fits and its position embeddings are resampled)."""
     fail = args.fail
     model = _build_model(args.model, fail, args.seed, args.num_classes)
+    if args.weights is not None:
+        state = _read_state(args.weights, fail)
+        if args.num_classes is None:
+            classes = _inferred_classes(model, state)
+            if classes is not None:
+                print(f"note: {args.weights} has a {classes}-class classifier: building {args.model} with "
+                      f"num_classes={classes}", file=sys.stderr, flush=True)
+                model = _build_model(args.model, fail, args.seed, classes)
+        _load_weights(model, state, args.weights, fail)
+    if _own_size(model) not in (None, args.size) and callable(getattr(model, "set_input_size", None)):
+        try:
+            with warnings.catch_warnings():  # timm's resampling of position embeddings warns about its own code
+                warnings.simplefilter("ignore")
+                cast(Any, model).set_input_size(img_size=args.size)
+        except (AssertionError, RuntimeError, ValueError, TypeError) as err:
+            fail(_size_message(args, model, err))
+    return model
+
+
+def _warn_random(args: argparse.Namespace) -> None:
     if args.weights is None:
         print(f"warning: no --weights given: {args.model} has random weights, so these maps explain an "
               f"untrained (randomly initialised) model, not a trained classifier.", file=sys.stderr, flush=True)
-        return model
-    state = _read_state(args.weights, fail)
-    if args.num_classes is None:
-        classes = _inferred_classes(model, state)
-        if classes is not None:
-            print(f"note: {args.weights} has a {classes}-class classifier: building {args.model} with "
-                  f"num_classes={classes}", file=sys.stderr, flush=True)
-            model = _build_model(args.model, fail, args.seed, classes)
-    _load_weights(model, state, args.weights, fail)
-    return model
+
+
+def _own_size(model: torch.nn.Module) -> Optional[int]:
+    """The image size a timm model was built for (its pretrained_cfg's input_size), or None."""
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    return int(size[-1]) if isinstance(size, (tuple, list)) and len(size) == 3 and size[-1] == size[-2] else None
+
+
+def _works(args: argparse.Namespace, size: int) -> bool:
+    """Whether ``--model`` (a timm model with ``set_input_size``; a new one, random weights) runs on ``size x size``
+    images."""
+    model = _build_model(args.model, args.fail, args.seed, args.num_classes)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            cast(Any, model).set_input_size(img_size=size)
+            model(torch.zeros(1, 3, size, size))
+    except Exception:  # any failure means: not this size
+        return False
+    return True
+
+
+def _size_message(args: argparse.Namespace, model: torch.nn.Module, err: BaseException) -> str:
+    """``--size N does not fit MODEL (<first line of the error>); sizes that work: ...`` (tried near N)."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    own = _own_size(model)
+    if callable(getattr(model, "set_input_size", None)):
+        near = sorted({m * k for m in (16, 32) for k in (args.size // m, -(-args.size // m)) if m * k >= m})
+        good = [size for size in near if size != args.size and _works(args, size)]
+        if own is not None and own not in good:
+            good.append(own)
+        sizes = ", ".join(str(size) for size in good) or "none near it"
+        return f"--size {args.size} does not fit {args.model} ({first}); sizes that work: {sizes}"
+    return f"--size {args.size} does not fit {args.model} ({first}); try --size 224, the size it was built for"
 
 
 def _read_image(path: Path, size: int) -> Tensor:
@@ -261,13 +318,46 @@ def _parse_option(text: str, fail: Callable[[str], None]) -> Tuple[str, object]:
     return key, value
 
 
-def _method_options(method: registry.Method, args: argparse.Namespace) -> Dict[str, Any]:
-    """``method``'s keyword options from the flags: --layer, --fc, --rise-masks, --seed, then --option."""
+# Options that take a Python object which a literal cannot give, and the flag that gives it.
+_FLAG_OPTIONS = {"reshape": "--reshape tokens[:N] / channels-last / none",
+                 "feature_mask": "--features grid:N / superpixels:N"}
+
+
+def _check_flags(method: registry.Method, args: argparse.Namespace) -> None:
+    """--reshape, --features and --option KEY=VALUE checked before any model is built."""
+    fail, name = args.fail, method.name
+    for flag, option, value in (("--reshape", "reshape", args.reshape), ("--features", "feature_mask", args.features)):
+        if value is not None and not method.takes(option):
+            fail(f"{flag}: {name} takes no {option}= (methods that do: "
+                 f"{', '.join(m for m, v in METHODS.items() if v.takes(option))})")
+    try:
+        args.reshape = None if args.reshape is None else choices.parse_reshape(args.reshape)
+        args.features = None if args.features is None else choices.parse_features(args.features)
+    except ValueError as err:
+        fail(str(err))
+    if "feature_mask" in method.required and args.features is None:
+        fail(f"--features: {name} needs a feature mask: --features grid:N (cells of N x N pixels) or "
+             "--features superpixels:N (about N segments per image)")
+    for text in args.option:
+        key, _ = _parse_option(text, fail)
+        if key in _FLAG_OPTIONS:
+            fail(f"--option: {key}= takes a Python object, which --option cannot give; use {_FLAG_OPTIONS[key]}")
+        if not method.takes(key):
+            fail(f"--option: {name} has no option {key!r}; its options are {', '.join(method.options) or 'none'}")
+
+
+def _method_options(method: registry.Method, args: argparse.Namespace, model: torch.nn.Module) -> Dict[str, Any]:
+    """``method``'s keyword options from the flags: --layer (default: the model family's, see
+    :func:`choices.default_layer`), --fc, --rise-masks, --seed, then --option."""
     fail, name = args.fail, method.name
     required = set(method.required)
     options: Dict[str, Any] = {}
     if method.layer == "required" or (method.layer == "optional" and args.layer is not None):
-        options["layer"] = args.layer if args.layer is not None else "layer4"
+        layer = args.layer if args.layer is not None else choices.default_layer(model)
+        if layer is None:
+            fail(f"--layer: {name} needs a layer and {args.model} is of no family with a default one; name one of "
+                 "its modules (print(model) lists them), e.g. --layer layer4")
+        options["layer"] = layer
     if method.takes("fc") and ("fc" in required or args.fc is not None):  # else the method finds the last linear
         options["fc"] = args.fc if args.fc is not None else "fc"
     if method.takes("num_masks"):
@@ -278,10 +368,8 @@ def _method_options(method: registry.Method, args: argparse.Namespace) -> Dict[s
         options["baseline"] = 0.0
     for text in args.option:
         key, value = _parse_option(text, fail)
-        if not method.takes(key):
-            fail(f"--option: {name} has no option {key!r}; its options are {', '.join(method.options) or 'none'}")
         options[key] = value
-    missing = required - set(options)
+    missing = required - set(options) - {"feature_mask"}
     if missing:
         fail(f"--option: {name} needs {', '.join(sorted(missing))} (e.g. --option {sorted(missing)[0]}=...)")
     return options
@@ -315,19 +403,54 @@ def run(args: argparse.Namespace) -> int:
         fail("expected one of --image (files, explained in memory) or --data (a folder or glob, explained into a "
              "resumable store), got " + ("both" if args.image else "neither"))
     method = METHODS[args.method]
-    options = _method_options(method, args)
+    _check_flags(method, args)
     if args.image is not None:
-        return _explain_files(args, method.function, options)
-    return _explain_data(args, method.function, options)
+        return _explain_files(args, method)
+    return _explain_data(args, method)
 
 
-def _check_target(args: argparse.Namespace, out: Tensor) -> None:
+def _probe(args: argparse.Namespace, model: torch.nn.Module, method: registry.Method, model_fn: Callable,
+           params: Any, x: Tensor) -> Dict[str, Any]:
+    """One forward on ``x`` (one image): the size fits the model, --target the classes; the method's options,
+    with ``reshape=`` from --reshape or, for a layer method, read from the layer's output."""
+    options = _method_options(method, args, model)
+    layer = options.get("layer")
+    try:
+        with torch.no_grad():
+            if isinstance(layer, str):
+                names, _ = resolve_layers(method.name, model_fn, layer)
+                out, acts = intermediates(model_fn, layers=names, fn=method.name)(params, x)
+                act = acts[names[0]]
+            else:
+                out, act = model_fn(params, x), None
+    except (AssertionError, RuntimeError) as err:  # the model refuses the size (timm asserts it)
+        if args.size == (_own_size(model) or 224):
+            raise  # at the size it was built for: not the user's mistake
+        args.fail(_size_message(args, model, err))
     classes = out.shape[1]
     if args.target is not None and not 0 <= args.target < classes:
         args.fail(f"--target: expected a class index in [0, {classes}), got {args.target}")
+    if method.takes("reshape"):
+        reshape = args.reshape
+        if reshape is None and isinstance(act, Tensor):
+            reshape = choices.default_reshape(model, act)
+        function = None if reshape is None else choices.reshape_of(reshape)
+        if function is not None:
+            options["reshape"] = function
+    return options
 
 
-def _explain_files(args: argparse.Namespace, method: Callable, options: Dict[str, Any]) -> int:
+def _method_function(method: registry.Method, args: argparse.Namespace) -> Callable:
+    return method.function if args.features is None else choices.with_features(method.function, args.features)
+
+
+def _cli_hint(message: str) -> str:
+    """A library message that names a Python option, with the flag that gives it."""
+    hints = [flag for option, flag in _FLAG_OPTIONS.items() if f"{option}=" in message]
+    return message + "".join(f" (from the command line: {flag})" for flag in hints)
+
+
+def _explain_files(args: argparse.Namespace, method: registry.Method) -> int:
     """``--image``: a few files, one batch in memory, one overlay per file."""
     fail = args.fail
     images = _load_images(args.image, args.size, fail)
@@ -335,14 +458,15 @@ def _explain_files(args: argparse.Namespace, method: Callable, options: Dict[str
     torch.set_num_threads(args.threads)
     x = _normalize(images)
     model_fn, params = functionalize(model)
-    with torch.no_grad():
-        out = model_fn(params, x)
-    _check_target(args, out)
-    target = torch.full((x.shape[0],), args.target, dtype=torch.long) if args.target is not None else out.argmax(1)
     try:
-        maps = method(model_fn, params, x, target, **options)
+        options = _probe(args, model, method, model_fn, params, x[:1])
+        with torch.no_grad():
+            out = model_fn(params, x)
+        target = torch.full((x.shape[0],), args.target, dtype=torch.long) if args.target is not None else out.argmax(1)
+        maps = _method_function(method, args)(model_fn, params, x, target, **options)
     except (ValueError, TypeError) as err:  # e.g. an unknown --layer: the library's message says why
-        fail(str(err))
+        fail(_cli_hint(str(err)))
+    _warn_random(args)
     files = [Path(p) for p in args.image]
     root = _common_folder(files)
     names = [_overlay_name(Path(args.out), _relative(p, root), args.method) for p in files]
@@ -352,7 +476,7 @@ def _explain_files(args: argparse.Namespace, method: Callable, options: Dict[str
     return 0
 
 
-def _explain_data(args: argparse.Namespace, method: Callable, options: Dict[str, Any]) -> int:
+def _explain_data(args: argparse.Namespace, method: registry.Method) -> int:
     """``--data``: a folder or glob, through ``attribute_dataset`` into ``--out`` (resumable), overlays optional."""
     fail = args.fail
     _need_pillow(fail)
@@ -365,13 +489,14 @@ def _explain_data(args: argparse.Namespace, method: Callable, options: Dict[str,
     torch.set_num_threads(args.threads)
     model_fn, params = functionalize(model)
     data = _ImageFiles(files, args.size, -1 if args.target is None else args.target)
-    with torch.no_grad():
-        _check_target(args, model_fn(params, data[0][0][None]))
     try:
-        store = attribute_dataset(method, model_fn, params, data, out=out, batch_size=args.batch_size,
-                                  num_workers=args.workers, progress=not args.quiet, **options)
+        options = _probe(args, model, method, model_fn, params, data[0][0][None])
+        store = attribute_dataset(_method_function(method, args), model_fn, params, data, out=out,
+                                  batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet,
+                                  **options)
     except (ValueError, TypeError) as err:  # e.g. an unknown --layer, another run's --out
-        fail(str(err))
+        fail(_cli_hint(str(err)))
+    _warn_random(args)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 writes the listing and the overlays
         return 0
     if not (out / "files.txt").is_file():

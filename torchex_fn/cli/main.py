@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 import torch
 
@@ -34,8 +34,19 @@ _POSITIVE = ("num", "rows", "epochs", "train_size", "rise_masks", "step", "threa
              "num_classes")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``torchex-fn: error: <message>``, with exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"torchex-fn: error: {_one_line(message)}\n")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="torchex-fn", description="torchex_fn command line tools.")
+    parser = _Parser(prog="torchex-fn", description="torchex_fn command line tools.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     d = commands.add_parser("demo", help="train a small CNN on synthetic shapes, explain it, score the methods",
@@ -82,7 +93,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a keyword option of the method, e.g. --option steps=32 --option relu=False (repeatable; "
                         "values are Python literals, else strings)")
-    e.add_argument("--layer", default=None, help="layer of layer methods (default: layer4 where a layer is required)")
+    e.add_argument("--layer", default=None,
+                   help="layer of layer methods (default, by model family: a ViT's last block's norm1, the last "
+                        "stage of timm's feature_info (Swin, ConvNeXt, ResNet, ...), torchvision's layer4 or "
+                        "features)")
+    e.add_argument("--reshape", default=None, metavar="LAYOUT",
+                   help="layout of the layer's output for CAM methods: tokens (tokens:N, N tokens before the patch "
+                        "tokens, e.g. tokens:1 for a class token), channels-last ([B, h, w, C], Swin) or none "
+                        "([B, C, h, w]); default: read from the layer's output")
+    e.add_argument("--features", default=None, metavar="KIND:N",
+                   help="feature mask of the feature methods (kernel_shap, lime, feature_ablation, ...): grid:N "
+                        "(cells of N x N pixels) or superpixels:N (about N segments per image)")
     e.add_argument("--fc", default=None, help="final linear layer of cam (default: the model's last linear layer)")
     e.add_argument("--target", type=int, default=None, help="class index (default: the predicted class)")
     e.add_argument("--size", type=int, default=224, help="images are resized to SIZE x SIZE (default: 224)")
@@ -117,7 +138,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _parser().error(f"--{name.replace('_', '-')} must be >= 1")
     if getattr(args, "workers", 0) < 0:
         _parser().error("--workers must be >= 0")
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (ValueError, TypeError) as err:  # the package's messages for a user's mistake; other errors are bugs
+        _parser().error(str(err))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,10 @@ is zero and is skipped, which changes no value and halves these rules' work.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -76,7 +79,7 @@ from ..core import relevance as _relevance, targets as _targets
 from ..core.autodiff import grad_of_sum, leaves, tracked
 from ..core.env import compiling
 from ..core.capture import intermediates, layer_shapes, resolve_layers
-from ..core.types import ModelFn, Params, Target, module_of
+from ..core.types import ModelFn, Params, Target, lock_of, module_of
 from ..core.arguments import check_call
 
 __all__ = ["lrp", "COMPOSITES", "RULES", "TRANSFORMER_COMPOSITES"]
@@ -164,7 +167,8 @@ class _Plan:
         self.modules: Dict[str, nn.Module] = {}
         first_done = not first_types
         user = dict(rules or {})
-        missing = []
+        missing: List[str] = []
+        like: List[str] = []
         for name, mod in module.named_modules():
             self.modules[name] = mod
             rule = user.get(name)
@@ -177,6 +181,12 @@ class _Plan:
                 rule = conv_rule
             elif rule is None and isinstance(mod, _LINEAR):
                 rule = linear_rule
+            if rule is not None and not _linear_like(mod):
+                raise _checks.value_error(
+                    FN, "rules for convolutions and linear layers (modules that own a weight of 2 or more axes), "
+                    "whose rules the zennit composites know", f"rule {rule!r} for module {name or '<root>'!r} "
+                    f"({type(mod).__name__})", "Layer norms, attention and the other modules of transformers have "
+                    "rules in composite='attnlrp' and 'cp_lrp': lrp(..., composite='attnlrp').")
             if rule is not None:
                 self.rules[name] = rule
             if isinstance(mod, _CONV_T):
@@ -184,13 +194,18 @@ class _Plan:
             elif (rule is None and not any(True for _ in mod.children()) and not isinstance(mod, _PLAIN_LEAVES)
                   and any(True for _ in mod.parameters(recurse=False))):
                 missing.append(f"{name or '<root>'} ({type(mod).__name__})")
+                if _linear_like(mod):
+                    like.append(name)
         if missing:
+            hint = ("Layer norms, attention and the other modules of transformers: use composite='attnlrp' or "
+                    "'cp_lrp', which run on every architecture.")
+            if like:  # only where a rule works: a module that owns a matrix (or kernel) like a linear layer
+                hint += (f" A linear-like module calling F.linear or a convolution: give it a rule with "
+                         f"`rules={{{like[0]!r}: 'epsilon'}}`.")
             raise NotImplementedError(_checks.message(
                 FN, "modules that LRP has rules for (convolutions, linear layers, batch norm, activations, pooling)",
                 f"{len(missing)} without a rule: {', '.join(missing[:6])}" + (", ..." if len(missing) > 6 else ""),
-                "Layer norms, attention and the other modules of transformers: use composite='attnlrp' or "
-                "'cp_lrp', which run on every architecture. A convolution- or linear-like module: give it a rule "
-                "with `rules={name: 'epsilon'}`."))
+                hint))
         # zennit's SequentialMergeBatchNorm: a batch norm right after a linear module among the leaves.
         self.merges: Dict[str, str] = {}
         if canonize:
@@ -467,15 +482,77 @@ class _Record:
         self.name, self.out, self.rule, self.norm = name, out, rule, norm
 
 
-def _no_rule(what: str, detail: str = "", transformer: bool = False) -> NotImplementedError:
+def _linear_like(mod: nn.Module) -> bool:
+    """Whether a zennit rule can apply to ``mod``: a convolution or linear layer, a container (the rule goes to
+    its leaves), or a leaf that owns a weight of 2 or more axes (a linear layer of its own kind)."""
+    if isinstance(mod, _CONV + _LINEAR) or any(True for _ in mod.children()):
+        return True
+    if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):  # a look-up, not a product with the input
+        return False
+    return any(p.ndim >= 2 for p in mod.parameters(recurse=False))
+
+
+def _where(module: nn.Module, model_fn: Any, rerun: Any) -> str:
+    """The module that was running when ``rerun()`` raised :class:`NoRule`: ``"name (Type)"``, ``"-"`` outside
+    every module, ``""`` when the run did not raise it again.
+
+    A diagnostic run after the error: forward pre-hooks and hooks on every submodule keep a stack of the
+    modules entered, for the length of this one call (removed before it returns, also when it raises).
+    """
+    stack: List[str] = []
+    names = {id(m): n for n, m in module.named_modules() if n}
+
+    def enter(mod: nn.Module, args: Any) -> None:
+        stack.append(f"{names[id(mod)]} ({type(mod).__name__})")
+
+    def leave(mod: nn.Module, args: Any, out: Any) -> None:
+        if stack:
+            stack.pop()
+
+    handles = []
+    with lock_of(model_fn) or contextlib.nullcontext():
+        try:
+            for name, mod in module.named_modules():
+                if name:
+                    handles += [mod.register_forward_pre_hook(enter), mod.register_forward_hook(leave)]
+            try:
+                rerun()
+            except (_intercept.NoRule, _NoRuleError):
+                return stack[-1] if stack else "-"  # outside every module of the model
+            except Exception:  # a diagnostic only: the first error is the one reported
+                return ""
+        finally:
+            for handle in handles:
+                handle.remove()
+    return ""
+
+
+class _NoRuleError(NotImplementedError):
+    """lrp's error for an operation without a rule; keeps what it says, so that the module can be added."""
+
+    def __init__(self, message: str, what: str, detail: str, transformer: bool):
+        super().__init__(message)
+        self.what, self.detail, self.transformer = what, detail, transformer
+
+
+def _in_module(err: Exception, transformer: bool, where: str) -> NotImplementedError:
+    """``err`` (an operation without a rule) again, naming the module it ran in."""
+    if isinstance(err, _NoRuleError):
+        return _no_rule(err.what, err.detail, err.transformer, where)
+    return _no_rule(getattr(err, "op", "?"), getattr(err, "detail", ""), transformer, where)
+
+
+def _no_rule(what: str, detail: str = "", transformer: bool = False, where: str = "") -> NotImplementedError:
     hint = ("LRP never treats an operation without a rule as if it had one; explain a model built from these "
             "operations, or attribute with a gradient method (saliency, integrated_gradients, deeplift).")
     if not transformer:
         hint = ("Layer norms, softmax, attention and products of two input-dependent tensors (transformers) have "
                 "rules in composite='attnlrp' and 'cp_lrp'. " + hint)
-    return NotImplementedError(_checks.message(
+    return _NoRuleError(_checks.message(
         FN, "operations with an LRP rule (convolution, linear, batch norm, activations, pooling, residual sums)",
-        f"'{what}'" + (f" ({detail})" if detail else "") + " on an input-dependent tensor", hint))
+        f"'{what}'" + (f" ({detail})" if detail else "") + " on an input-dependent tensor"
+        + ("" if not where else " outside every module of the model" if where == "-" else f" in module {where}"),
+        hint), what, detail, transformer)
 
 
 class _Recorder:
@@ -692,7 +769,13 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
 
     Args:
       model_fn: From ``functionalize(model)``: rules are assigned to its modules by type and name,
-        as zennit does. The model must be in eval mode (batch norm with running statistics).
+        as zennit does. The model must be in eval mode (batch norm with running statistics). A function
+        of yours that calls one model is accepted: ``lambda p, x: model_fn(p, (x - mean) / std)`` (a
+        closure, a global it names, a ``functools.partial``) or a ``torch.func.functional_call(model,
+        p, x)`` closure; the rules apply to that model's modules and what runs outside it passes the
+        gradient (the same map as the normalisation inside an ``nn.Sequential``). The transformer
+        composites need the model run through ``functionalize`` when it has HuggingFace or timm
+        activation modules.
       {params}
       x: Input batch ``[B, *input]`` (float); with ``layer=`` and a transformer composite, token ids or a
         tokenizer's dict too.
@@ -736,7 +819,7 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
       ``[B, K, *input]`` with a list of ``K`` concepts in ``condition=``.
 
     Raises:
-      TypeError: a ``model_fn`` not built by ``functionalize``; non-float ``x``; a bad ``target``,
+      TypeError: a ``model_fn`` that reaches no model, or several; non-float ``x``; a bad ``target``,
         ``low``, ``high`` or option type.
       ValueError: an unknown composite or rule (the known names are listed), missing ``low`` /
         ``high`` for z-box, a target out of range, NaN in ``x``, an unknown layer, a condition on
@@ -775,7 +858,9 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
       Explanations to Global Insights with Zennit, CoRelAy, and ViRelAy", 2021 (the composites).
     """
     transformer = isinstance(composite, str) and composite in TRANSFORMER_COMPOSITES
-    target = check_call(FN, model_fn, params, x, target, layer=layer, layer_option=transformer)
+    # every composite takes layer= (the zennit ones read the relevance there): token ids are told to name the
+    # embedding layer, and the zennit composites then point to composite='attnlrp' for the transformer's modules
+    target = check_call(FN, model_fn, params, x, target, layer=layer, layer_option=True)
     if transformer:
         if condition is not None:
             raise _checks.value_error(FN, "condition= with a zennit composite (concept relevance on CNNs)",
@@ -786,8 +871,10 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
                                 gamma=gamma, stabilizer=stabilizer, rules=rules)
     if not isinstance(x, Tensor):
         raise _checks.type_error(FN, "x, a floating-point tensor [B, *input]", _checks.describe(x),
-                                 "LRP follows one input tensor through the model; a dict of inputs is not supported.")
-    module = _module(model_fn, "LRP assigns rules to modules by type and name")
+                                 f"composite={composite!r} follows one input tensor through the model; "
+                                 "composite='attnlrp' or 'cp_lrp' take a dict of named inputs (with layer= at the "
+                                 "embeddings for token ids).")
+    module, _ = _module(model_fn, "LRP assigns rules to modules by type and name", params)
     if not isinstance(composite, str):
         raise _checks.type_error(FN, f"composite, one of {', '.join(COMPOSITES)}", _checks.describe(composite))
     if composite not in COMPOSITES:
@@ -810,8 +897,10 @@ def lrp(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, lay
     record_fn = model_fn if read_at is None else intermediates(model_fn, layers=[read_at], fn=FN)
     try:
         out, count = _intercept.run(record_fn, recorder, params, x, tainted=[x], linear=_HANDED)
-    except _intercept.NoRule as err:
-        raise _no_rule(err.op, err.detail) from None
+    except (_intercept.NoRule, _NoRuleError) as err:
+        where = _where(module, model_fn, lambda: _intercept.run(record_fn, _Recorder(plan, params, opt), params, x,
+                                                                tainted=[x], linear=_HANDED))
+        raise _in_module(err, False, where) from None
     if read_at is not None:
         out, acts = out
     recorder.nonneg.clear()
@@ -1082,8 +1171,9 @@ def _as_activation(args: Any, out: Any) -> Any:
     return out
 
 
-def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, composite: str, layer: Optional[str],
-                  epsilon: float, gamma: float, stabilizer: float, rules: Optional[Mapping[Any, str]]) -> Tensor:
+def _modified_lrp(model_fn: ModelFn, module: nn.Module, params: Params, x: Any, target: Target, *, composite: str,
+                  layer: Optional[str], epsilon: float, gamma: float, stabilizer: float,
+                  rules: Optional[Mapping[Any, str]]) -> Tensor:
     """AttnLRP / CP-LRP: the relevance ``value * d score / d value`` with every operation's gradient modified.
 
     Without outer derivatives (nothing in ``params`` or ``x`` tracked) one forward computes each
@@ -1091,8 +1181,6 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
     a record pass first runs the model with true derivatives and keeps each operation's output and its
     rule's tensors; the relevance pass returns those (the rule's formula then differentiates correctly).
     """
-    module = module_of(model_fn)
-    assert module is not None
     layer_rules: Dict[str, str] = {}
     for name, mod in module.named_modules():
         for key, rule in (rules or {}).items():
@@ -1124,8 +1212,11 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
         try:  # one pass: fused attention kept, its operands' gradients scaled (record / replay decompose it)
             (out, value), count = _intercept.run(forward, handler, v, tainted=[v], linear=linear,
                                                  fused=handler.role == "once" and not transforms)
-        except _intercept.NoRule as err:
-            raise _no_rule(err.op, err.detail, True) from None
+        except (_intercept.NoRule, _NoRuleError) as err:
+            where = _where(module, model_fn, lambda: _intercept.run(
+                forward, _Rules("once", composite, options, layer_rules, owners), v.detach(), tainted=[v],
+                linear=linear, fused=False))
+            raise _in_module(err, True, where) from None
         return out, value, count
 
     records: Optional[List[Any]] = None
@@ -1160,13 +1251,83 @@ def _modified_lrp(model_fn: ModelFn, params: Params, x: Any, target: Target, *, 
     return value * grads
 
 
-def _module(model_fn: ModelFn, why: str) -> nn.Module:
+_WRAP_HINT = ("Call the model_fn of `model_fn, params = tx.functionalize(model)` inside your function "
+              "(`lambda p, x: model_fn(p, (x - mean) / std)`: what runs outside the model, such as a normalisation, "
+              "passes the gradient), or put the normalisation in the model: "
+              "`tx.functionalize(nn.Sequential(Normalize(mean, std), model))`.")
+
+
+def _reachable(model_fn: Any, depth: int = 3) -> List[Any]:
+    """The objects a wrapper function can call: its closure's cells, defaults and the globals its code names,
+    a ``functools.partial``'s function and arguments, a bound method's object; ``depth`` levels deep."""
+    found: List[Any] = []
+    seen: set = set()
+    frontier = [model_fn]
+    for _ in range(depth):
+        following: List[Any] = []
+        for obj in frontier:
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if obj is not model_fn:
+                found.append(obj)
+            if module_of(obj) is not None or isinstance(obj, nn.Module):
+                continue  # a model: its insides are not the wrapper's
+            if isinstance(obj, functools.partial):
+                following += [obj.func, *obj.args, *obj.keywords.values()]
+            elif inspect.ismethod(obj):
+                following += [obj.__self__, obj.__func__]
+            elif inspect.isfunction(obj):
+                following += [c.cell_contents for c in obj.__closure__ or () if _filled(c)]
+                following += [*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()]
+                names = obj.__code__.co_names
+                following += [obj.__globals__[n] for n in names if n in obj.__globals__]
+        frontier = following
+    return found
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        return cell.cell_contents is not _filled  # always True once the cell has a value
+    except ValueError:  # a cell not yet assigned
+        return False
+
+
+def _module(model_fn: ModelFn, why: str, params: Optional[Params] = None) -> Tuple[nn.Module, bool]:
+    """The module whose layers the rules are assigned to, and whether ``model_fn`` runs it through
+    ``functionalize`` (its hooks: layers, activation modules) rather than a call that hides them.
+
+    A ``model_fn`` from ``functionalize`` (or ``tx.Wrapped``) names its module. A function of the user's that
+    wraps one (a normalisation in front: ``lambda p, x: model_fn(p, (x - mean) / std)``, or a
+    ``torch.func.functional_call(model, p, x)`` closure) is searched for the model it calls (see
+    :func:`_reachable`): it must reach exactly one, and ``params``' names must be that model's.
+    """
     module = module_of(model_fn)
-    if module is None:
-        raise _checks.type_error(FN, "model_fn from functionalize(model), which knows its modules",
-                                 _checks.describe(model_fn),
-                                 f"{why}: `model_fn, params = torchex_fn.functionalize(model)`.")
-    return module
+    if module is not None:
+        return module, True
+    found: Dict[int, Tuple[nn.Module, bool]] = {}
+    for obj in _reachable(model_fn):
+        inner = module_of(obj)
+        if inner is not None:
+            found[id(inner)] = (inner, True)
+        elif isinstance(obj, nn.Module) and id(obj) not in found:
+            found[id(obj)] = (obj, False)
+    # a functionalized model and its own module reached twice count once, as the functionalized one
+    if len(found) != 1:
+        kinds = ", ".join(type(m).__name__ for m, _ in found.values())
+        what = f"{len(found)} models ({kinds})" if found else "no model"
+        raise _checks.type_error(FN, "model_fn from functionalize(model), or a function that calls one model",
+                                 f"{_checks.describe(model_fn)} that reaches {what}", f"{why}. {_WRAP_HINT}")
+    module, hooked = next(iter(found.values()))
+    if params is not None and isinstance(params, Mapping):
+        known = set(dict(module.named_parameters(remove_duplicate=False)))
+        known |= set(dict(module.named_buffers(remove_duplicate=False)))
+        unknown = [k for k in params if k not in known]
+        if unknown:
+            raise _checks.value_error(FN, f"params named as the parameters of the {type(module).__name__} that "
+                                      "model_fn calls", f"a key {unknown[0]!r} it does not have",
+                                      f"{why}. {_WRAP_HINT}")
+    return module, hooked
 
 
 def _check_rules(module: nn.Module, rules: Any, allowed: Sequence[str], what: str) -> Optional[Dict[Any, str]]:
@@ -1195,7 +1356,12 @@ def _lrp_transformer(model_fn: ModelFn, params: Params, x: Any, target: Target, 
                      epsilon: Optional[float], gamma: float, stabilizer: float,
                      rules: Optional[Mapping[Any, str]]) -> Tensor:
     """Checks for the transformer composites, then :func:`_modified_lrp`."""
-    module = _module(model_fn, "LRP finds activation modules and assigns layer rules by module")
+    module, hooked = _module(model_fn, "LRP finds activation modules and assigns layer rules by module", params)
+    if not hooked and _activation_modules(module):
+        raise _checks.type_error(FN, f"for composite={composite!r}, a model_fn that runs the model through "
+                                 "functionalize (its activation modules get their rule there)",
+                                 f"{_checks.describe(model_fn)} that calls {type(module).__name__} directly "
+                                 "(torch.func.functional_call or module(x))", _WRAP_HINT)
     eps = _check_float("epsilon", 0.0 if epsilon is None else epsilon)
     rules = _check_rules(module, rules, _GRADIENT_FORM_RULES, f"a rule in rules for composite {composite!r}")
     name: Optional[str] = None
@@ -1209,6 +1375,6 @@ def _lrp_transformer(model_fn: ModelFn, params: Params, x: Any, target: Target, 
         raise _checks.value_error(FN, "layer= for a dict x (e.g. the token embeddings)", "layer=None",
                                   "Relevance is read at a floating-point tensor: name the embedding layer, e.g. "
                                   "layer='model.embed_tokens'.")
-    return _modified_lrp(model_fn, params, x, target, composite=composite, layer=name, epsilon=eps,
+    return _modified_lrp(model_fn, module, params, x, target, composite=composite, layer=name, epsilon=eps,
                          gamma=_check_float("gamma", gamma), stabilizer=_check_float("stabilizer", stabilizer),
                          rules=rules)
