@@ -380,11 +380,12 @@ def gradient_shap(model_fn: ModelFn, params: Params, x: Any, target: Target = No
         alpha: List[Tensor] = []
         noise: Dict[Any, List[Tensor]] = {n: [] for n in shapes}
         dtype = next(iter(shapes.values()))[1]
-        for _ in range(k):
-            index.append(torch.randint(count, (), generator=generator, device=device))
-            alpha.append(torch.rand((), generator=generator, dtype=dtype, device=device))
-            for n, (shape, n_dtype) in shapes.items():
-                noise[n].append(torch.randn(shape, generator=generator, dtype=n_dtype, device=device))
+        with _checks.draws(fn, generator):      # under vmap: every member gets the generator's draws
+            for _ in range(k):
+                index.append(torch.randint(count, (), generator=generator, device=device))
+                alpha.append(torch.rand((), generator=generator, dtype=dtype, device=device))
+                for n, (shape, n_dtype) in shapes.items():
+                    noise[n].append(torch.randn(shape, generator=generator, dtype=n_dtype, device=device))
         return (torch.stack(index)[:, None].expand(k, batch), torch.stack(alpha)[:, None].expand(k, batch),
                 {n: torch.stack(v)[:, None].expand(k, batch, *v[0].shape) for n, v in noise.items()})
 

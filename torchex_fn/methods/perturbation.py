@@ -248,7 +248,8 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     axes = _AXES[len(grid)]
 
     def draw(count: int) -> Tensor:
-        return _draw_masks_nd(count, cell_size, probability, grid, weights, generator)
+        with _checks.draws(fn, generator):      # under vmap: every member gets the generator's masks
+            return _draw_masks_nd(count, cell_size, probability, grid, weights, generator)
 
     sums: List[Any] = [None] * len(groups)
     mask_sum: Any = None
