@@ -468,7 +468,7 @@ def shapley_value_sampling(model_fn: ModelFn, params: Params, x: Any, target: Ta
       >>> g = torch.Generator().manual_seed(0)
       >>> tx.shapley_value_sampling(fn, params, images, labels, feature_mask=mask, samples=50, generator=g)
       >>> torch.func.vmap(lambda p: tx.shapley_value_sampling(fn, p, images, labels, feature_mask=mask,
-      ...     generator=torch.Generator().manual_seed(0)), randomness="same")(stacked)
+      ...     generator=torch.Generator().manual_seed(0)))(stacked)     # every member: the generator's draws
 
     Cost: ``2 + samples (K - 1)`` forwards per example (``x``, the baseline and the orderings), in
     forward passes of ``max(1, batch_size // B)`` coalitions times ``B`` examples; no backward.
