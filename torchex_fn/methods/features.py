@@ -33,6 +33,7 @@ from ..core import targets as _targets
 from ..core import docs as _docs
 from ..core.types import ModelFn, Params, Target
 from ..core.arguments import check_call
+from ..core.capture import intermediates, resolve_layers
 
 __all__ = ["feature_ablation", "feature_permutation", "shapley_values", "shapley_value_sampling", "kernel_shap",
            "lime"]
@@ -93,9 +94,24 @@ class _Game:
     """
 
     def __init__(self, fn: str, model_fn: ModelFn, params: Params, x: Any, target: Any, *, feature_mask: Any,
-                 baseline: Any, batch_size: int, generator: Any = None) -> None:
-        target = check_call(fn, model_fn, params, x, target, layer_option=False)
-        key, value = _inputs.perturbed_entry(fn, x)
+                 baseline: Any, batch_size: int, generator: Any = None, layer: Any = None) -> None:
+        self.layer: Optional[str] = None
+        if layer is None:
+            target = check_call(fn, model_fn, params, x, target, layer_option=False)
+            key, value = _inputs.perturbed_entry(fn, x)
+        else:
+            # captum's LayerFeatureAblation / LayerFeaturePermutation: the features are elements of the
+            # layer's output on x, and each coalition's forward runs x with that output replaced
+            target = check_call(fn, model_fn, params, x, target, layer=layer)
+            names, _ = resolve_layers(fn, model_fn, layer)
+            if len(set(names)) != 1:
+                raise _checks.value_error(fn, "one layer (a name or a module)", _checks.describe(layer))
+            self.layer = names[0]
+            _, acts = intermediates(model_fn, layers=[self.layer], fn=fn)(params, x)
+            key, value = None, acts[self.layer]
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                raise _checks.type_error(fn, f"layer {self.layer!r} with a floating-point tensor output",
+                                         _checks.describe(value))
         if value.is_complex():
             raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(value))
         self.base = cast(Tensor, _inputs.baseline_input(fn, baseline, value))    # [B, *input]
@@ -122,7 +138,7 @@ class _Game:
         if reference or self.target is None:
             parts = []
             for gi, (g0, g1) in enumerate(self.groups):
-                out = self.model_fn(self.params, _inputs.take(self.x, g0, g1))
+                out = self._forward(_inputs.take(self.x, g0, g1), None)
                 parts.append(self._scores(out, gi, 1, g1 - g0))
             self.reference = torch.cat(parts)                                     # [B]
         return self.reference
@@ -142,6 +158,13 @@ class _Game:
 
     def __call__(self, z: Tensor) -> Tensor:
         return self.rows(z.shape[0], lambda first, last: z[first:last])
+
+    def _forward(self, xs: Any, layer_value: Optional[Tensor]) -> Any:
+        """The model's output on ``xs``; with a layer, its output replaced by ``layer_value`` (if any)."""
+        if self.layer is None or layer_value is None:
+            return self.model_fn(self.params, xs)
+        return intermediates(self.model_fn, layers=[self.layer], fn=self.fn,
+                             replace={self.layer: layer_value})(self.params, xs)[0]
 
     def _present(self, z: Tensor) -> Tensor:
         """Which elements are present, ``[m, 1 or B, *input]``, for coalitions ``[m, K]`` shared by the
@@ -170,7 +193,10 @@ class _Game:
                 keep = present if present.shape[1] == 1 else present[:, g0:g1]
                 absent = self.base[g0:g1][None] if base is None else base[:, g0:g1]
                 inputs = torch.where(keep, self.value[g0:g1][None], absent).flatten(0, 1)
-                out = self.model_fn(self.params, _inputs.rows_with(self.x, self.key, g0, g1, m, inputs))
+                if self.layer is None:
+                    out = self.model_fn(self.params, _inputs.rows_with(self.x, self.key, g0, g1, m, inputs))
+                else:   # x's rows, block after block, with the layer's output replaced
+                    out = self._forward(_inputs.repeat(_inputs.take(self.x, g0, g1), m), inputs)
                 parts[gi].append(self._scores(out, gi, m, size).reshape(m, size).T)
         return torch.cat([torch.cat(p, dim=1) for p in parts])                    # [B, count]
 
@@ -234,12 +260,15 @@ def _linear_fit(z: Tensor, y: Tensor, w: Tensor, alpha: Optional[float]) -> Tens
 
 @_docs.fill
 def feature_ablation(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, feature_mask: Any = None,
-                     baseline: Any = 0.0, batch_size: int = 64) -> Tensor:
+                     baseline: Any = 0.0, batch_size: int = 64, layer: Any = None) -> Tensor:
     """Feature ablation: the drop of the score when one feature is set to the baseline.
 
     For every feature ``k`` the elements with that id are replaced by the baseline and every element of
     the feature gets ``score(x) - score(x with feature k ablated)``. This is captum's
-    ``FeatureAblation`` (its difference, original minus ablated, and its per-example masks).
+    ``FeatureAblation`` (its difference, original minus ablated, and its per-example masks). With
+    ``layer``, the features are elements of that layer's output on ``x`` (``feature_mask`` and
+    ``baseline`` in its shape) and each ablation runs ``x`` with the layer's output replaced: captum's
+    ``LayerFeatureAblation`` (``layer_mask=``, ``layer_baselines=``).
 
     {text.features_autograd}
 
@@ -248,9 +277,12 @@ def feature_ablation(model_fn: ModelFn, params: Params, x: Any, target: Target =
       {feature_mask}
       {baseline.features}
       {batch_size.features}
+      layer: Attribute to this layer's output instead of ``x`` (a dotted name or a module of a
+        ``functionalize``-d model). Default: None.
 
     Returns:
-      ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's value).
+      ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's value);
+      with ``layer``, of the layer output's shape and dtype.
 
     Raises:
       ValueError: ``feature_ablation: expected feature_mask broadcastable to x's shape [2, 3, 8, 8], got
@@ -272,7 +304,7 @@ def feature_ablation(model_fn: ModelFn, params: Params, x: Any, target: Target =
       ``FeatureAblation``.
     """
     game = _Game("feature_ablation", model_fn, params, x, target, feature_mask=feature_mask, baseline=baseline,
-                 batch_size=batch_size)
+                 batch_size=batch_size, layer=layer)
     reference = game.begin(reference=True)
     assert reference is not None
     features = torch.arange(game.count, device=game.value.device)
@@ -295,7 +327,7 @@ def _permutation(batch: int, generator: Optional[torch.Generator], device: torch
 @_docs.fill
 def feature_permutation(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *,
                         feature_mask: Any = None, batch_size: int = 64,
-                        generator: Optional[torch.Generator] = None) -> Tensor:
+                        generator: Optional[torch.Generator] = None, layer: Any = None) -> Tensor:
     """Permutation feature importance: the drop of the score when a feature is shuffled across the batch.
 
     For every feature ``k`` a permutation ``pi_k`` of the ``B`` examples is drawn (not the identity), the
@@ -307,7 +339,11 @@ def feature_permutation(model_fn: ModelFn, params: Params, x: Any, target: Targe
     as captum's global seed the two agree to float rounding (on the CPU, where captum draws). ``batch_size``
     never changes the draws (all ``K`` permutations are drawn before the first perturbed forward). The
     map of an example depends on the other examples of the batch (their values replace its own): it
-    needs ``B >= 2``.
+    needs ``B >= 2``. With ``layer``, the features are elements of that layer's output on ``x``
+    (``feature_mask`` in its shape), permuted across the batch, each forward running ``x`` with the
+    layer's output replaced: captum's ``LayerFeaturePermutation``, which with a ``target`` selects it
+    twice and fails (captum 0.9); ours equals it called with the target applied once (in its
+    ``forward_func``).
 
     {text.features_autograd}
 
@@ -316,9 +352,12 @@ def feature_permutation(model_fn: ModelFn, params: Params, x: Any, target: Targe
       {feature_mask}
       {batch_size.features}
       {generator.permutations}
+      layer: Attribute to this layer's output instead of ``x`` (a dotted name or a module of a
+        ``functionalize``-d model). Default: None.
 
     Returns:
-      ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's value).
+      ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's value);
+      with ``layer``, of the layer output's shape and dtype.
 
     Raises:
       ValueError: ``feature_permutation: expected a batch of at least 2 examples ..., got a batch of 1``;
@@ -341,7 +380,7 @@ def feature_permutation(model_fn: ModelFn, params: Params, x: Any, target: Targe
     """
     fn = "feature_permutation"
     game = _Game(fn, model_fn, params, x, target, feature_mask=feature_mask, baseline=0.0, batch_size=batch_size,
-                 generator=generator)
+                 generator=generator, layer=layer)
     if game.batch < 2:
         raise _checks.value_error(fn, "a batch of at least 2 examples (each feature is permuted across the batch)",
                                   f"a batch of {game.batch}", "Attribute a batch of examples together, e.g. "
