@@ -18,6 +18,7 @@ Usage::
 
     python benchmarks/bench_defaults.py                   # all kinds, 5 rounds
     python benchmarks/bench_defaults.py --kinds text tabular --rounds 9
+    python benchmarks/bench_defaults.py --kinds image --methods gradient_shap --threads 1
 """
 from __future__ import annotations
 
@@ -126,12 +127,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--image-steps", type=int, default=16)
+    parser.add_argument("--methods", nargs="+", default=None, help="only these methods")
     args = parser.parse_args()
     C.setup(args.threads)
     rows = []
     for kind in args.kinds:
         cases = {"image": lambda: image_cases(args.image_steps), "text": text_cases, "tabular": tabular_cases}[kind]()
         for method, (ours, captum) in cases.items():
+            if args.methods and method not in args.methods:
+                continue
             times = C.medians(C.race({"ours": ours, "captum": captum}, args.rounds))
             rows.append((kind, method, f"{times['ours'] * 1e3:.1f}", f"{times['captum'] * 1e3:.1f}",
                          C.ratio(times["ours"], times["captum"])))

@@ -72,3 +72,20 @@ def test_layer_errors():
         tx.feature_ablation(fn, params, x, 0, layer="conv9")
     with pytest.raises(ValueError, match=r"^feature_permutation: expected feature_mask broadcastable"):
         tx.feature_permutation(fn, params, x, 0, layer="conv1", feature_mask=torch.zeros(3, 8, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_deeplift_shap_equals_captum(dtype):
+    model, fn, params = _cnn(dtype)
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    baselines = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(4), dtype=dtype) * 0.3
+    target = torch.tensor([2, 0, 4])
+    ours = tx.deeplift_shap(fn, params, x, target, baselines=baselines, layer="features.0")
+    ref = captum_attr.LayerDeepLiftShap(model, model.features[0]).attribute(x, baselines, target=target)
+    assert ours.shape == ref.shape == (3, 6, 8, 8) and ours.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours, ref, **tol)
+    # the mean over baselines of deeplift at the layer, one baseline at a time
+    one_by_one = torch.stack([tx.deeplift(fn, params, x, target, layer="features.0", baseline=b[None])
+                              for b in baselines]).mean(0)
+    torch.testing.assert_close(ours, one_by_one, rtol=1e-6, atol=1e-7)
