@@ -199,3 +199,14 @@ def test_nested_vmap_over_members_and_inputs_with_a_generator():
     nested = torch.func.vmap(lambda p: torch.func.vmap(lambda x: one(p, x))(xs))({**params, **buffers})
     loop = torch.stack([torch.stack([one(tx.functionalize(m)[1], x) for x in xs]) for m in models])
     torch.testing.assert_close(nested, loop, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["smoothgrad", "gradient_shap", "rise", "lime"])
+def test_vmap_over_inputs_with_a_generator_equals_the_loop(name):
+    """The draws read shapes of x (a vmapped tensor here) before they are made outside vmap."""
+    _, fn, params = _cnn()
+    xs = torch.randn(3, 2, 3, 8, 8, generator=_gen(12))
+    method = SEEDED[name]
+    batched = torch.func.vmap(lambda x: method(fn, params, x, 1, _gen()))(xs)
+    loop = torch.stack([method(fn, params, x, 1, _gen()) for x in xs])
+    torch.testing.assert_close(batched, loop, rtol=1e-5, atol=1e-6)

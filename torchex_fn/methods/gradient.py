@@ -309,9 +309,9 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
             k = min(per_call, samples - start)
             # One draw of [*input] per sample, shared by the examples (each scaled by its own sigma):
             # a map depends neither on batch_size nor on the other examples in the batch.
+            shape, dtype, device = value.shape[1:], value.dtype, value.device   # read before the draws
             with _checks.draws(fn, generator):  # under vmap: every member gets the generator's noise
-                draws = [torch.randn(value.shape[1:], generator=generator, dtype=value.dtype, device=value.device)
-                         for _ in range(k)]
+                draws = [torch.randn(shape, generator=generator, dtype=dtype, device=device) for _ in range(k)]
             unit = draws[0][None] if k == 1 else torch.stack(draws)                      # [k, *input]
             for gi, (g0, g1) in enumerate(groups):
                 size = g1 - g0
