@@ -119,6 +119,7 @@ def main():
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 32])
     parser.add_argument("--skip-captum", action="store_true")
+    parser.add_argument("--checkpoint-only", action="store_true", help="only the checkpoint=True rows (and the unit)")
     parser.add_argument("--attn", default="eager", choices=["eager", "sdpa"],
                         help="GPT-2's attention implementation (transformers' default is sdpa)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -128,7 +129,8 @@ def main():
         return
     configs = [("plain forward + backward (the unit)", "plain")]
     for k in args.batch_sizes:
-        configs.append((f"torchex_fn batch_size={k}", f"{k}:plain"))
+        if not args.checkpoint_only:
+            configs.append((f"torchex_fn batch_size={k}", f"{k}:plain"))
         configs.append((f"torchex_fn batch_size={k} checkpoint=True", f"{k}:ckpt"))
     if not args.skip_captum:
         configs.append(("captum LLMGradientAttribution(LayerGradientXActivation)", "captum"))

@@ -35,7 +35,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # None of the table's methods does on an eval-mode model: every batch statistic they use (Score-CAM's
 # and Ablation-CAM's normalisations, RISE's and occlusion's chunks, FullGrad's min-max scaling, ...)
 # is taken per example.
-NOT_PER_EXAMPLE = {}
+NOT_PER_EXAMPLE = {
+    "kernel_shap": "each example draws its coalitions after the previous one's (captum's draws)",
+    "lime": "each example draws its coalitions after the previous one's (captum's draws)",
+    "feature_permutation": "features are permuted across the batch",
+}
+# Methods that need a batch of at least two examples.
+NEEDS_TWO = {"feature_permutation"}
 
 # Methods that refuse a callable target (with a TypeError naming ``target``), with the reason.
 REFUSES_CALLABLE = {"cam": "CAM weighs the channels with the fc row of a class index"}
@@ -101,6 +107,9 @@ def test_contract_on_random_batches_sizes_targets_and_options(name):
     @given(cases(name))
     def check(case):
         batch, (height, width), target, options, seed = case
+        if name in NEEDS_TWO:
+            batch = max(batch, 2)
+            target = target[:1].repeat(2) if isinstance(target, torch.Tensor) and len(target) < 2 else target
         x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
         before = Snapshot(model, params)
         if callable(target) and name in REFUSES_CALLABLE:

@@ -24,7 +24,8 @@ from .evaluation.metrics import (deletion, energy_pointing_game, infidelity, ins
 from .methods.attention import attention_probabilities, attention_rollout, grad_rollout, legrad
 from .methods.cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad_cam_pp, hires_cam, layer_cam,
                           score_cam, xgrad_cam)
-from .methods.features import feature_ablation, kernel_shap, lime, shapley_value_sampling, shapley_values
+from .methods.features import (feature_ablation, feature_permutation, kernel_shap, lime, shapley_value_sampling,
+                                shapley_values)
 from .methods.gradient import input_x_gradient, saliency, smooth
 from .methods.lrp import lrp
 from .methods.path import (gradient_shap, integrated_gradients, internal_influence, layer_conductance,
@@ -45,7 +46,8 @@ __all__ = [
     "deeplift", "deeplift_shap", "guided_backprop", "deconvolution",
     "lrp",
     "occlusion", "rise",
-    "feature_ablation", "shapley_values", "shapley_value_sampling", "kernel_shap", "lime", "masks",
+    "feature_ablation", "feature_permutation", "shapley_values", "shapley_value_sampling", "kernel_shap", "lime",
+    "masks",
     "attention_rollout", "grad_rollout", "legrad", "attention_probabilities",
     "attribute_dataset", "open_attributions", "Attributions",
     "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift",

@@ -103,6 +103,7 @@ _ALL = [
     Method("occlusion", perturbation.occlusion, "perturbation"),
     Method("rise", perturbation.rise, "perturbation", output="map", ranks=_GRID),
     Method("feature_ablation", features.feature_ablation, "features"),
+    Method("feature_permutation", features.feature_permutation, "features"),
     Method("shapley_values", features.shapley_values, "features"),
     Method("shapley_value_sampling", features.shapley_value_sampling, "features"),
     Method("kernel_shap", features.kernel_shap, "features"),

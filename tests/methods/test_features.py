@@ -161,13 +161,13 @@ def test_kernel_shap_and_lime_equal_captum_with_the_same_draws(method):
             model, interpretable_model=SkLearnRidge(alpha=0.5) if method == "lime_ridge" else SkLearnLinearRegression(),
             similarity_func=get_exp_kernel_similarity_function(options.get("distance", "cosine"),
                                                                 options.get("kernel_width", 1.0)))
-    # captum fits one example at a time with draws continuing from the global generator; every example
-    # of our batch sees the same draws, so each example is compared with a captum call from the same seed
-    for i in range(2):
-        torch.manual_seed(3)
-        ref = explainer.attribute(x[i:i + 1], target=target[i:i + 1], feature_mask=mask[None, None], n_samples=40)
-        # captum solves in float32 (sklearn on float32 arrays; 1e6 weights for Kernel SHAP), we in float64
-        torch.testing.assert_close(ours[i:i + 1], ref, rtol=2e-5, atol=2e-5 * float(ref.abs().max()))
+    # captum fits one example at a time with draws continuing from the global generator, and so do we
+    # (a batch in one captum call is the same loop: tests/methods/test_draws.py)
+    torch.manual_seed(3)
+    ref = torch.cat([explainer.attribute(x[i:i + 1], target=target[i:i + 1], feature_mask=mask[None, None],
+                                         n_samples=40) for i in range(2)])
+    # captum solves in float32 (sklearn on float32 arrays; 1e6 weights for Kernel SHAP), we in float64
+    torch.testing.assert_close(ours, ref, rtol=2e-5, atol=2e-5 * float(ref.abs().max()))
 
 
 def test_kernel_shap_converges_to_the_exact_shapley_values():

@@ -114,10 +114,19 @@ CASES = {
     "rise": ("rise", {"num_masks": 24, "cell_size": 3, "batch_size": 16}, _rise),
     "gradient_shap": ("gradient_shap", {"samples": 3, "stdev": 0.1, "batch_size": 6}, _gradient_shap),
     "feature_ablation": ("feature_ablation", {"baseline": 0.1, "batch_size": 8}, _cells((2, 4))),
+    "feature_permutation": ("feature_permutation", {"batch_size": 8}, _cells((2, 4), seeded=True)),
     "shapley_values": ("shapley_values", {"batch_size": 8}, _cells((2, 2))),
     "shapley_value_sampling": ("shapley_value_sampling", {"samples": 2, "batch_size": 8}, _cells((2, 4), seeded=True)),
     "kernel_shap": ("kernel_shap", {"samples": 10, "batch_size": 8}, _cells((2, 2), seeded=True)),
     "lime": ("lime", {"samples": 10, "batch_size": 8}, _cells((2, 2), seeded=True)),
+}
+
+# Cases whose map of an example depends on the other examples of the batch, and why (the contract's
+# "a batch equals one example at a time" does not hold for them; what holds instead is tested there).
+BATCH_DEPENDENT = {
+    "kernel_shap": "each example draws its coalitions after the previous one's, as captum: tests/methods/test_draws.py",
+    "lime": "each example draws its coalitions after the previous one's, as captum: tests/methods/test_draws.py",
+    "feature_permutation": "features are permuted across the batch: tests/methods/test_feature_permutation.py",
 }
 
 # Registry methods without a case, and why (each is tested elsewhere, named here).
@@ -153,7 +162,8 @@ DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_s
                   "layer_conductance", "layer_conductance_chunked", "internal_influence", "neuron_conductance", "vargrad_grad_cam",
                   "occlusion", "guided_backprop", "deconvolution", "deeplift", "deeplift_shap", "rise", "gradient_shap",
                   "lrp",
-                  "feature_ablation", "shapley_values", "shapley_value_sampling", "kernel_shap", "lime"]
+                  "feature_ablation", "feature_permutation", "shapley_values", "shapley_value_sampling",
+                  "kernel_shap", "lime"]
 
 
 def call(name, fn, params, x, target):

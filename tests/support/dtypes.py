@@ -9,7 +9,7 @@ from torch import nn
 TARGET = torch.tensor([1, 2])
 RELU_METHODS = {"deeplift", "deeplift_shap", "guided_backprop"}
 RANDOM = {"smooth", "gradient_shap"}        # noise drawn in x's dtype: compared on the same draws
-SCORE_SCALED = {"occlusion", "feature_ablation", "shapley_values", "shapley_value_sampling", "kernel_shap",
+SCORE_SCALED = {"occlusion", "feature_ablation", "feature_permutation", "shapley_values", "shapley_value_sampling", "kernel_shap",
                 "lime"}  # differences of two nearly equal scores: measured against the score
 
 # max |map_d - map_64| / scale, the scale being max |map_64| (max |score| for SCORE_SCALED).

@@ -101,6 +101,7 @@ OPTIONS = {
     "rise": lambda x: {"num_masks": 24, "cell_size": 3, "batch_size": 16, "generator": _gen(x)},
     "lrp": lambda x: {},
     "feature_ablation": lambda x: {"feature_mask": _five(x)},
+    "feature_permutation": lambda x: {"feature_mask": _five(x), "generator": _gen(x)},
     "shapley_values": lambda x: {"feature_mask": _five(x)},
     "shapley_value_sampling": lambda x: {"feature_mask": _five(x), "samples": 4, "generator": _gen(x)},
     "kernel_shap": lambda x: {"feature_mask": _five(x), "samples": 20, "generator": _gen(x)},

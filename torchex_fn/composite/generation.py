@@ -867,11 +867,13 @@ def _shared_forward(fn, method, logits_fn, params, x, ref_x, name, scores, n_out
         ends = [emb] * steps
     else:   # gradient SHAP, draws in gradient_shap's order: baseline index, path point, noise
         draws = []
-        for _ in range(samples):
-            torch.randint(1, (), generator=generator, device=emb.device)
-            a = torch.rand((), generator=generator, dtype=emb.dtype, device=emb.device)
-            noise = torch.randn(emb.shape[1:], generator=generator, dtype=emb.dtype, device=emb.device)
-            draws.append((a, noise))
+        shape, dtype, device = emb.shape[1:], emb.dtype, emb.device     # read before the draws
+        with _checks.draws(fn, generator):     # under vmap: every member gets the generator's draws
+            for _ in range(samples):
+                torch.randint(1, (), generator=generator, device=device)
+                a = torch.rand((), generator=generator, dtype=dtype, device=device)
+                noise = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+                draws.append((a, noise))
         alphas = torch.stack([a for a, _ in draws])
         point_weights = torch.full((samples,), 1.0 / samples, dtype=emb.dtype, device=emb.device)
         ends = [emb + stdev * noise for _, noise in draws]

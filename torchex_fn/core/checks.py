@@ -5,11 +5,12 @@ wording is uniform across methods. Checks run at the public boundary, before hoo
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, List, Optional
 
 import torch
 from torch import Tensor
@@ -208,6 +209,49 @@ def check_generator_device(fn: str, generator: Optional[torch.Generator], x: Ten
     if gen.type != dev.type or (gen.index is not None and dev.index is not None and gen.index != dev.index):
         raise value_error(fn, f"generator on x's device {dev}", f"a generator on {gen}",
                                   f"Create it with `torch.Generator(device={str(dev)!r}).manual_seed(seed)`.")
+
+
+def vmap_randomness() -> List[str]:
+    """The ``randomness`` of every ``torch.func.vmap`` level the current call runs under, outermost first
+    (``"error"``, ``"same"`` or ``"different"``); empty outside ``vmap``."""
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    vmap = torch._C._functorch.TransformType.Vmap
+    return [torch._C._functorch.CVmapInterpreterPtr(level).randomness().name.lower()
+            for level in stack if level.key() == vmap]
+
+
+@contextlib.contextmanager
+def draws(fn: str, generator: Optional[torch.Generator]) -> Iterator[None]:
+    """The context of a method's random draws: outside ``vmap`` nothing changes.
+
+    Under ``torch.func.vmap`` the draws of an explicit ``generator`` are made as if outside the vmapped
+    function (functorch is disabled for them): every vmapped member gets the draws that one call of the
+    method gets, so a vmapped call equals the loop over members, each with a generator of the same seed,
+    whatever vmap's ``randomness`` is among ``"error"`` (the default) and ``"same"``. Two cases are refused
+    with a message naming the fix: ``generator=None`` under ``randomness="error"`` (torch would raise its
+    bare "randomness error mode"), and a generator under ``randomness="different"`` (torch would ignore
+    it). The block must only draw (shapes from Python numbers), never touch a vmapped tensor.
+    """
+    modes = vmap_randomness()
+    if not modes:
+        yield
+        return
+    if generator is None:
+        if "error" in modes:
+            raise value_error(fn, "a generator= under torch.func.vmap (or vmap(..., randomness='same'))",
+                              "generator=None under vmap's default randomness='error'",
+                              "Pass generator=torch.Generator().manual_seed(seed) (every member gets the draws of "
+                              "one call), or vmap(..., randomness='same') for draws of the global generator "
+                              "shared by the members, or randomness='different' for draws of their own.")
+        yield
+        return
+    if "different" in modes:
+        raise value_error(fn, "vmap's randomness 'error' (its default) or 'same' with an explicit generator",
+                          "randomness='different' and a generator (vmap would ignore the generator)",
+                          "Keep the generator and use randomness='same' or the default (every member gets the "
+                          "generator's draws), or pass generator=None for different draws per member.")
+    with torch._C._DisableFuncTorch():
+        yield
 
 
 def unknown_name(fn: str, what: str, name: str, known: Iterable[str]) -> ValueError:

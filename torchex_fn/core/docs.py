@@ -82,7 +82,7 @@ ARGS: Dict[str, str] = {
                       "floating-point entry. Default: 0.0."),
     "batch_size.path": ("Memory cap: the most examples in one forward pass (``B`` times the path points per "
                         "chunk; one path point of ``batch_size`` examples when ``B > batch_size``). Default: "
-                        "None (one path point for all ``B`` examples per forward, as "
+                        "None (as many path points per forward as the input's size allows, as "
                         ":func:`integrated_gradients`). It never changes the result beyond floating-point "
                         "summation order."),
     # cam

@@ -310,6 +310,22 @@ def baseline_input(fn: str, baseline: Any, x: Input, key: Optional[str] = None) 
 CPU_ELEMENTS = 1 << 20
 
 
+# With no batch_size from the user, a forward holds as many copies (path points, samples) as fit in this
+# many input elements on an accelerator (on a CPU, CPU_ELEMENTS): small inputs (a table, a sentence) run
+# all their copies in one forward as captum's defaults do, large ones (images on a CPU) one at a time.
+DEVICE_ELEMENTS = 1 << 24
+
+
+def default_copies(count: int, batch: int, value: Optional[Tensor]) -> int:
+    """Copies of a batch per forward when ``batch_size`` is None: all ``count`` copies within an element
+    budget (:data:`CPU_ELEMENTS` on a CPU, :data:`DEVICE_ELEMENTS` elsewhere), at least one. ``value``
+    is the varying tensor of the whole batch (``[B, ...]``), whose size is what a forward's cost follows."""
+    if value is None:
+        return max(1, count)
+    budget = CPU_ELEMENTS if value.device.type == "cpu" else DEVICE_ELEMENTS
+    return max(1, min(count, budget // max(1, value.numel())))
+
+
 def copies_per_forward(cap: int, batch: int, value: Optional[Tensor]) -> int:
     """Copies of a ``batch`` of ``value`` (``[B, ...]``, the tensor that varies) per forward, for a cap of ``cap``
     examples: ``max(1, cap // batch)``, and on a CPU no more than keep a forward within :data:`CPU_ELEMENTS`

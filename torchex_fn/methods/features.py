@@ -6,14 +6,19 @@ coalition ``z`` (a 0/1 vector over features) stands for the input whose elements
 of that input. The methods differ in which coalitions they evaluate and how they combine the values:
 
 * :func:`feature_ablation`: every feature removed alone, ``v(all) - v(all but k)``;
+* :func:`feature_permutation`: every feature alone taken from another example of the batch;
 * :func:`shapley_values`: all ``2^K`` coalitions, the exact Shapley values;
 * :func:`shapley_value_sampling`: random permutations (Castro et al.), an unbiased estimate of them;
 * :func:`kernel_shap`: random coalitions and a weighted linear regression (Lundberg and Lee);
 * :func:`lime`: random coalitions weighted by the perturbed input's closeness to ``x`` (Ribeiro et al.).
 
 The conventions are captum's (``FeatureAblation``, ``ShapleyValues``, ``ShapleyValueSampling``,
-``KernelShap``, ``Lime``); every example of a batch sees the same coalitions, so a batch gives the
-results of its examples one at a time under the same seed.
+``KernelShap``, ``Lime``, ``FeaturePermutation``), and so are the draws from ``generator``:
+:func:`shapley_value_sampling` shares each permutation with every example of the batch (as captum),
+:func:`kernel_shap` and :func:`lime` draw each example's coalitions after the previous example's (as
+captum, which fits one example at a time), and :func:`feature_permutation` draws one permutation of
+the batch per feature. Under ``torch.func.vmap`` the draws of a ``generator`` are made outside the
+vmapped computation (``core.checks.draws``): every member gets the draws of one call.
 """
 from __future__ import annotations
 
@@ -28,8 +33,10 @@ from ..core import targets as _targets
 from ..core import docs as _docs
 from ..core.types import ModelFn, Params, Target
 from ..core.arguments import check_call
+from ..core.capture import intermediates, resolve_layers
 
-__all__ = ["feature_ablation", "shapley_values", "shapley_value_sampling", "kernel_shap", "lime"]
+__all__ = ["feature_ablation", "feature_permutation", "shapley_values", "shapley_value_sampling", "kernel_shap",
+           "lime"]
 
 MAX_EXACT_FEATURES = 20          # shapley_values: 2^20 coalitions per example at most
 MAX_REGRESSION_FEATURES = 10000  # kernel_shap / lime: the size of the linear model (captum warns there)
@@ -87,9 +94,24 @@ class _Game:
     """
 
     def __init__(self, fn: str, model_fn: ModelFn, params: Params, x: Any, target: Any, *, feature_mask: Any,
-                 baseline: Any, batch_size: int, generator: Any = None) -> None:
-        target = check_call(fn, model_fn, params, x, target, layer_option=False)
-        key, value = _inputs.perturbed_entry(fn, x)
+                 baseline: Any, batch_size: int, generator: Any = None, layer: Any = None) -> None:
+        self.layer: Optional[str] = None
+        if layer is None:
+            target = check_call(fn, model_fn, params, x, target, layer_option=False)
+            key, value = _inputs.perturbed_entry(fn, x)
+        else:
+            # captum's LayerFeatureAblation / LayerFeaturePermutation: the features are elements of the
+            # layer's output on x, and each coalition's forward runs x with that output replaced
+            target = check_call(fn, model_fn, params, x, target, layer=layer)
+            names, _ = resolve_layers(fn, model_fn, layer)
+            if len(set(names)) != 1:
+                raise _checks.value_error(fn, "one layer (a name or a module)", _checks.describe(layer))
+            self.layer = names[0]
+            _, acts = intermediates(model_fn, layers=[self.layer], fn=fn)(params, x)
+            key, value = None, acts[self.layer]
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                raise _checks.type_error(fn, f"layer {self.layer!r} with a floating-point tensor output",
+                                         _checks.describe(value))
         if value.is_complex():
             raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(value))
         self.base = cast(Tensor, _inputs.baseline_input(fn, baseline, value))    # [B, *input]
@@ -116,7 +138,7 @@ class _Game:
         if reference or self.target is None:
             parts = []
             for gi, (g0, g1) in enumerate(self.groups):
-                out = self.model_fn(self.params, _inputs.take(self.x, g0, g1))
+                out = self._forward(_inputs.take(self.x, g0, g1), None)
                 parts.append(self._scores(out, gi, 1, g1 - g0))
             self.reference = torch.cat(parts)                                     # [B]
         return self.reference
@@ -137,21 +159,44 @@ class _Game:
     def __call__(self, z: Tensor) -> Tensor:
         return self.rows(z.shape[0], lambda first, last: z[first:last])
 
-    def rows(self, count: int, make: Callable[[int, int], Tensor]) -> Tensor:
+    def _forward(self, xs: Any, layer_value: Optional[Tensor]) -> Any:
+        """The model's output on ``xs``; with a layer, its output replaced by ``layer_value`` (if any)."""
+        if self.layer is None or layer_value is None:
+            return self.model_fn(self.params, xs)
+        return intermediates(self.model_fn, layers=[self.layer], fn=self.fn,
+                             replace={self.layer: layer_value})(self.params, xs)[0]
+
+    def _present(self, z: Tensor) -> Tensor:
+        """Which elements are present, ``[m, 1 or B, *input]``, for coalitions ``[m, K]`` shared by the
+        examples or ``[m, B, K]`` of each example."""
+        if z.ndim == 2:
+            return z.index_select(1, self.fid_flat).reshape(z.shape[0], *self.fid.shape)
+        fid = self.fid.reshape(self.fid.shape[0], -1).expand(self.batch, -1)     # [B, E]
+        picked = z.gather(2, fid.expand(z.shape[0], -1, -1))                    # [m, B, E]
+        return picked.reshape(z.shape[0], self.batch, *self.fid.shape[1:])
+
+    def rows(self, count: int, make: Callable[[int, int], Any]) -> Tensor:
         """Scores ``[B, count]`` of coalitions built a forward's worth at a time by ``make(first, last)``
-        (``[last - first, K]`` bool), so that ``count x K`` coalitions are never held at once."""
+        (``[m, K]`` bool shared by the examples, ``[m, B, K]`` per example, or a pair of those and
+        ``[m, B, *input]`` inputs that absent features take instead of the baseline), so that
+        ``count x K`` coalitions are never held at once."""
         if count == 0:
             return self.value.new_zeros(self.batch, 0)
         parts: List[List[Tensor]] = [[] for _ in self.groups]
         for first in range(0, count, self.per_forward):
-            z = make(first, min(first + self.per_forward, count))
-            present = z.index_select(1, self.fid_flat).reshape(z.shape[0], *self.fid.shape)  # [m, 1|B, *input]
+            made = make(first, min(first + self.per_forward, count))
+            z, base = made if isinstance(made, tuple) else (made, None)
+            present = self._present(z)                                           # [m, 1|B, *input]
             m = present.shape[0]
             for gi, (g0, g1) in enumerate(self.groups):
                 size = g1 - g0
                 keep = present if present.shape[1] == 1 else present[:, g0:g1]
-                inputs = torch.where(keep, self.value[g0:g1][None], self.base[g0:g1][None]).flatten(0, 1)
-                out = self.model_fn(self.params, _inputs.rows_with(self.x, self.key, g0, g1, m, inputs))
+                absent = self.base[g0:g1][None] if base is None else base[:, g0:g1]
+                inputs = torch.where(keep, self.value[g0:g1][None], absent).flatten(0, 1)
+                if self.layer is None:
+                    out = self.model_fn(self.params, _inputs.rows_with(self.x, self.key, g0, g1, m, inputs))
+                else:   # x's rows, block after block, with the layer's output replaced
+                    out = self._forward(_inputs.repeat(_inputs.take(self.x, g0, g1), m), inputs)
                 parts[gi].append(self._scores(out, gi, m, size).reshape(m, size).T)
         return torch.cat([torch.cat(p, dim=1) for p in parts])                    # [B, count]
 
@@ -190,22 +235,23 @@ def _check_regression_size(fn: str, count: int, default_mask: bool) -> None:
 def _linear_fit(z: Tensor, y: Tensor, w: Tensor, alpha: Optional[float]) -> Tensor:
     """Coefficients ``[B, K]`` of weighted least squares with an intercept, one regression per example.
 
-    ``z`` ``[n, K]``, ``y`` ``[B, n]``, ``w`` ``[B or 1, n]``. Like scikit-learn's ``LinearRegression``
-    (``Ridge`` for a float ``alpha``): centre by the weighted means, scale rows by ``sqrt(w)``, then the
-    minimum-norm least-squares solution (a pseudo-inverse, so fewer samples than features still give
-    an answer) or the ridge normal equations.
+    ``z`` ``[n, K]`` (shared) or ``[B, n, K]`` (per example), ``y`` ``[B, n]``, ``w`` ``[B or 1, n]``. Like
+    scikit-learn's ``LinearRegression`` (``Ridge`` for a float ``alpha``): centre by the weighted means,
+    scale rows by ``sqrt(w)``, then the minimum-norm least-squares solution (a pseudo-inverse, so fewer
+    samples than features still give an answer) or the ridge normal equations.
     """
     w = w.expand(y.shape)
+    z = z if z.ndim == 3 else z[None]                                           # [1 or B, n, K]
     total = w.sum(1, keepdim=True)
-    z_mean = (w @ z) / total                                                    # [B, K]
+    z_mean = (w[:, None] @ z).squeeze(1) / total                                # [B, K]
     y_mean = (w * y).sum(1, keepdim=True) / total                               # [B, 1]
     root = w.sqrt()
-    design = root[..., None] * (z[None] - z_mean[:, None])                      # [B, n, K]
+    design = root[..., None] * (z - z_mean[:, None])                            # [B, n, K]
     rhs = (root * (y - y_mean))[..., None]                                      # [B, n, 1]
     if alpha is None:
         return (torch.linalg.pinv(design) @ rhs).squeeze(-1)
     gram = design.transpose(1, 2) @ design
-    eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+    eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
     return torch.linalg.solve(gram + alpha * eye, design.transpose(1, 2) @ rhs).squeeze(-1)
 
 
@@ -214,12 +260,15 @@ def _linear_fit(z: Tensor, y: Tensor, w: Tensor, alpha: Optional[float]) -> Tens
 
 @_docs.fill
 def feature_ablation(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, feature_mask: Any = None,
-                     baseline: Any = 0.0, batch_size: int = 64) -> Tensor:
+                     baseline: Any = 0.0, batch_size: int = 64, layer: Any = None) -> Tensor:
     """Feature ablation: the drop of the score when one feature is set to the baseline.
 
     For every feature ``k`` the elements with that id are replaced by the baseline and every element of
     the feature gets ``score(x) - score(x with feature k ablated)``. This is captum's
-    ``FeatureAblation`` (its difference, original minus ablated, and its per-example masks).
+    ``FeatureAblation`` (its difference, original minus ablated, and its per-example masks). With
+    ``layer``, the features are elements of that layer's output on ``x`` (``feature_mask`` and
+    ``baseline`` in its shape) and each ablation runs ``x`` with the layer's output replaced: captum's
+    ``LayerFeatureAblation`` (``layer_mask=``, ``layer_baselines=``).
 
     {text.features_autograd}
 
@@ -228,9 +277,12 @@ def feature_ablation(model_fn: ModelFn, params: Params, x: Any, target: Target =
       {feature_mask}
       {baseline.features}
       {batch_size.features}
+      layer: Attribute to this layer's output instead of ``x`` (a dotted name or a module of a
+        ``functionalize``-d model). Default: None.
 
     Returns:
-      ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's value).
+      ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's value);
+      with ``layer``, of the layer output's shape and dtype.
 
     Raises:
       ValueError: ``feature_ablation: expected feature_mask broadcastable to x's shape [2, 3, 8, 8], got
@@ -252,7 +304,7 @@ def feature_ablation(model_fn: ModelFn, params: Params, x: Any, target: Target =
       ``FeatureAblation``.
     """
     game = _Game("feature_ablation", model_fn, params, x, target, feature_mask=feature_mask, baseline=baseline,
-                 batch_size=batch_size)
+                 batch_size=batch_size, layer=layer)
     reference = game.begin(reference=True)
     assert reference is not None
     features = torch.arange(game.count, device=game.value.device)
@@ -260,6 +312,89 @@ def feature_ablation(model_fn: ModelFn, params: Params, x: Any, target: Target =
     def all_but(first: int, last: int) -> Tensor:                               # row k: every feature but k
         return features[None] != features[first:last, None]
     drops = reference[:, None] - game.rows(game.count, all_but)            # [B, K], the model's dtype
+    return _to_elements(drops.to(game.acc), game.fid, game.value)
+
+
+def _permutation(batch: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """``torch.randperm(B)`` drawn again while it is the identity (captum's ``_permute_feature``)."""
+    identity = torch.arange(batch, device=device)
+    while True:
+        perm = torch.randperm(batch, generator=generator, device=device)
+        if not bool((perm == identity).all()):
+            return perm
+
+
+@_docs.fill
+def feature_permutation(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *,
+                        feature_mask: Any = None, batch_size: int = 64,
+                        generator: Optional[torch.Generator] = None, layer: Any = None) -> Tensor:
+    """Permutation feature importance: the drop of the score when a feature is shuffled across the batch.
+
+    For every feature ``k`` a permutation ``pi_k`` of the ``B`` examples is drawn (not the identity), the
+    elements of feature ``k`` of example ``b`` are replaced by those of example ``pi_k(b)`` (at example
+    ``b``'s own positions of feature ``k``, with a per-example mask), and every element of the feature gets
+    ``score_b(x) - score_b(x with feature k permuted)``. This is captum's ``FeaturePermutation`` with its
+    default ``perm_func``, draw for draw: one ``torch.randperm(B, generator=generator)`` per feature, in
+    the order of the sorted feature ids, drawn again while it is the identity; with ``generator`` seeded
+    as captum's global seed the two agree to float rounding (on the CPU, where captum draws). ``batch_size``
+    never changes the draws (all ``K`` permutations are drawn before the first perturbed forward). The
+    map of an example depends on the other examples of the batch (their values replace its own): it
+    needs ``B >= 2``. With ``layer``, the features are elements of that layer's output on ``x``
+    (``feature_mask`` in its shape), permuted across the batch, each forward running ``x`` with the
+    layer's output replaced: captum's ``LayerFeaturePermutation``, which with a ``target`` selects it
+    twice and fails (captum 0.9); ours equals it called with the target applied once (in its
+    ``forward_func``).
+
+    {text.features_autograd}
+
+    Args:
+      {args.features}
+      {feature_mask}
+      {batch_size.features}
+      {generator.permutations}
+      layer: Attribute to this layer's output instead of ``x`` (a dotted name or a module of a
+        ``functionalize``-d model). Default: None.
+
+    Returns:
+      ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's value);
+      with ``layer``, of the layer output's shape and dtype.
+
+    Raises:
+      ValueError: ``feature_permutation: expected a batch of at least 2 examples ..., got a batch of 1``;
+        ``batch_size`` below 1; a mask that does not broadcast to ``x``; a generator on another device;
+        NaN in ``x``; a target out of range.
+      TypeError: a float or bool ``feature_mask``; a non-``torch.Generator`` generator; a bad target.
+
+    Example:
+      >>> g = torch.Generator().manual_seed(0)
+      >>> tx.feature_permutation(fn, params, table, labels, generator=g).shape      # [64, 10]: 10 columns
+      >>> tx.feature_permutation(fn, params, images, labels, feature_mask=tx.masks.grid((224, 224), 56),
+      ...                        generator=g)
+
+    Cost: ``K`` perturbed forwards per example plus one of ``x``, in ``ceil(K / max(1, batch_size // B))``
+    forward passes (for ``B <= batch_size``); no backward. Memory: one forward batch and ``B K`` scores.
+
+    References:
+      Breiman, "Random Forests", Machine Learning, 2001; Fisher, Rudin and Dominici, "All Models are
+      Wrong, but Many are Useful", JMLR 2019; captum's ``FeaturePermutation``.
+    """
+    fn = "feature_permutation"
+    game = _Game(fn, model_fn, params, x, target, feature_mask=feature_mask, baseline=0.0, batch_size=batch_size,
+                 generator=generator, layer=layer)
+    if game.batch < 2:
+        raise _checks.value_error(fn, "a batch of at least 2 examples (each feature is permuted across the batch)",
+                                  f"a batch of {game.batch}", "Attribute a batch of examples together, e.g. "
+                                  "a validation batch; for one example use feature_ablation or shapley_value_sampling.")
+    reference = game.begin(reference=True)
+    assert reference is not None
+    device = game.value.device
+    with _checks.draws(fn, generator):
+        perms = torch.stack([_permutation(game.batch, generator, device) for _ in range(game.count)])   # [K, B]
+    features = torch.arange(game.count, device=device)
+
+    def permuted(first: int, last: int) -> Tuple[Tensor, Tensor]:   # row k: feature k from example pi_k(b)
+        return features[None] != features[first:last, None], game.value[perms[first:last]]
+    drops = reference[:, None] - game.rows(game.count, permuted)                # [B, K]
     return _to_elements(drops.to(game.acc), game.fid, game.value)
 
 
@@ -372,7 +507,7 @@ def shapley_value_sampling(model_fn: ModelFn, params: Params, x: Any, target: Ta
       >>> g = torch.Generator().manual_seed(0)
       >>> tx.shapley_value_sampling(fn, params, images, labels, feature_mask=mask, samples=50, generator=g)
       >>> torch.func.vmap(lambda p: tx.shapley_value_sampling(fn, p, images, labels, feature_mask=mask,
-      ...     generator=torch.Generator().manual_seed(0)), randomness="same")(stacked)
+      ...     generator=torch.Generator().manual_seed(0)))(stacked)     # every member: the generator's draws
 
     Cost: ``2 + samples (K - 1)`` forwards per example (``x``, the baseline and the orderings), in
     forward passes of ``max(1, batch_size // B)`` coalitions times ``B`` examples; no backward.
@@ -398,7 +533,8 @@ def shapley_value_sampling(model_fn: ModelFn, params: Params, x: Any, target: Ta
     done = 0
     while done < samples:
         p = min(per_block, samples - done)
-        order = torch.stack([torch.randperm(count, generator=generator, device=device) for _ in range(p)])
+        with _checks.draws(fn, generator):
+            order = torch.stack([torch.randperm(count, generator=generator, device=device) for _ in range(p)])
         rank = order.argsort(1)                                                 # [p, K] position of feature i
 
         def prefixes(first: int, last: int, rank: Tensor = rank) -> Tensor:     # proper prefixes, row q (K-1) + j
@@ -437,6 +573,28 @@ def _kernel_shap_coalitions(count: int, samples: int, generator: Optional[torch.
     return torch.cat(rows)
 
 
+def _skip_fit_draws(count: int, generator: Optional[torch.Generator], device: torch.device) -> None:
+    """Advance ``generator`` past what captum's regression of one example draws from the global generator
+    between two examples: the seed of its ``DataLoader`` (one int64) and the initial weights and bias of
+    its ``nn.Linear(K, 1)`` (``K + 1`` uniform numbers). Without it a batch's second example would start
+    from other draws than captum's."""
+    torch.empty((), dtype=torch.int64, device=device).random_(generator=generator)
+    torch.empty(count, device=device).uniform_(generator=generator)
+    torch.empty(1, device=device).uniform_(generator=generator)
+
+
+def _each_example(batch: int, draw: Callable[[], Tensor], count: int, generator: Optional[torch.Generator],
+                  device: torch.device) -> Tensor:
+    """``[B, n, K]``: ``draw()`` for each example after the previous one's, with captum's regression
+    draws skipped in between (:func:`_skip_fit_draws`)."""
+    rows = []
+    for b in range(batch):
+        if b:
+            _skip_fit_draws(count, generator, device)
+        rows.append(draw())
+    return torch.stack(rows)
+
+
 @_docs.fill
 def kernel_shap(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, feature_mask: Any = None,
                 baseline: Any = 0.0, samples: int = 25, batch_size: int = 64,
@@ -449,7 +607,9 @@ def kernel_shap(model_fn: ModelFn, params: Params, x: Any, target: Target = None
     Shapley values. The full and the empty coalition come first with weight ``1e6``, which pins the
     intercept to ``v(none)`` and the sum of the coefficients to ``v(all) - v(none)``. These are captum's
     ``KernelShap`` conventions draw for draw (``torch.multinomial`` for the size, ``torch.randn`` for
-    the features, alternating, from ``generator``), with its ``SkLearnLinearRegression`` solved in
+    the features, alternating, from ``generator``; each example of a batch draws its own ``samples - 2``
+    coalitions after the previous example's, as captum's one example per call, and skips what captum's
+    regression draws in between, ``K + 2`` numbers), with its ``SkLearnLinearRegression`` solved in
     closed form (a minimum-norm weighted least-squares solve in float64). The draws cannot be
     vectorised without changing them, so they cost a few small tensor operations each.
     With a single feature there is no size to draw: only the two fixed coalitions are evaluated
@@ -493,12 +653,20 @@ def kernel_shap(model_fn: ModelFn, params: Params, x: Any, target: Target = None
                  batch_size=batch_size, generator=generator)
     _check_regression_size(fn, game.count, feature_mask is None)
     game.begin()
-    z = _kernel_shap_coalitions(game.count, samples, generator, game.value.device)
-    size = z.sum(1)
-    weight = torch.where((size == 0) | (size == game.count), _INF_WEIGHT, 1.0).to(game.acc)
-    values = game(z).to(game.acc)                                               # [B, n]
-    phi = _linear_fit(z.to(game.acc), values, weight[None], None)
+    device = game.value.device
+    with _checks.draws(fn, generator):    # example after example, as captum (one example per call)
+        z = _each_example(game.batch, lambda: _kernel_shap_coalitions(game.count, samples, generator, device),
+                          game.count, generator, device)                        # [B, n, K]
+    size = z.sum(2)
+    weight = torch.where((size == 0) | (size == game.count), _INF_WEIGHT, 1.0).to(game.acc)   # [B, n]
+    values = game.rows(samples, lambda first, last: z[:, first:last].transpose(0, 1)).to(game.acc)  # [B, n]
+    phi = _linear_fit(z.to(game.acc), values, weight, None)
     return _to_elements(phi, game.fid, game.value)
+
+
+def _per_row(per_feature: Tensor, z: Tensor) -> Tensor:
+    """``[B, n]``: for each example and coalition, the sum of ``per_feature`` ``[B, K]`` over ``z`` ``[B, n, K]``."""
+    return (z @ per_feature[..., None]).squeeze(-1)
 
 
 _DISTANCES = ("cosine", "euclidean")
@@ -513,7 +681,9 @@ def lime(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, fe
     """LIME: the coefficients of a linear model fitted to the scores of nearby perturbed inputs.
 
     Coalitions ``z`` keep every feature with probability 1/2 (``torch.bernoulli``, as captum's default
-    ``perturb_func``); each perturbed input ``x_z`` is weighted by its closeness to ``x``,
+    ``perturb_func``; each example of a batch draws its own after the previous example's and the
+    ``K + 2`` numbers captum's regression draws, as captum);
+    each perturbed input ``x_z`` is weighted by its closeness to ``x``,
     ``exp(-d(x, x_z)^2 / (2 kernel_width^2))`` with ``d`` the cosine distance ``1 - cos(x, x_z)`` of the
     flattened example (captum's ``get_exp_kernel_similarity_function()``) or the Euclidean one, and a
     weighted linear regression of the scores on ``z`` (with an intercept) gives one coefficient per
@@ -585,21 +755,25 @@ def lime(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, fe
     game.begin()
     # coalitions: every feature present with probability 1/2, drawn in fixed blocks (captum draws one
     # row at a time; the stream of a block is the same as that of its rows one after the other)
-    blocks = [torch.bernoulli(torch.full((min(_DRAW_BLOCK, samples - first), count), 0.5, device=device),
-                              generator=generator) for first in range(0, samples, _DRAW_BLOCK)]
-    z = torch.cat(blocks).to(acc)                                               # [n, K]
-    values = game(z.bool()).to(acc)                                             # [B, n]
+    # row one after the other), example after example as captum (one example per call)
+    with _checks.draws(fn, generator):
+        z = _each_example(game.batch, lambda: torch.cat([
+            torch.bernoulli(torch.full((min(_DRAW_BLOCK, samples - first), count), 0.5, device=device),
+                            generator=generator) for first in range(0, samples, _DRAW_BLOCK)]),
+            count, generator, device).to(acc)                                   # [B, n, K]
+    present = z.bool()
+    values = game.rows(samples, lambda first, last: present[:, first:last].transpose(0, 1)).to(acc)  # [B, n]
     # distance of each perturbed input to x, from per-feature sums (no perturbed input is kept)
     xv, bv = game.value.to(acc), game.base.to(acc)
     per_feature = game.per_feature
     if distance == "cosine":
         xx, xb, bb = per_feature(xv * xv), per_feature(xv * bv), per_feature(bv * bv)
-        dot = xx @ z.T + xb @ (1 - z).T                                          # [B, n]
-        norms = xx.sum(1, keepdim=True) * (xx @ z.T + bb @ (1 - z).T)
+        dot = _per_row(xx, z) + _per_row(xb, 1 - z)                              # [B, n]
+        norms = xx.sum(1, keepdim=True) * (_per_row(xx, z) + _per_row(bb, 1 - z))
         eps = 1e-8  # torch.nn.CosineSimilarity's
         dist = 1 - dot / norms.clamp_min(eps * eps).sqrt()
     else:
-        dist = (per_feature((xv - bv) ** 2) @ (1 - z).T).clamp_min(0).sqrt()
+        dist = _per_row(per_feature((xv - bv) ** 2), 1 - z).clamp_min(0).sqrt()
     weight = torch.exp(-dist ** 2 / (2 * kernel_width ** 2))
     phi = _linear_fit(z, values, weight, float(alpha) if regression == "ridge" else None)
     return _to_elements(phi, game.fid, game.value)

@@ -219,7 +219,9 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
         the global one); the same seed gives the same map.
       batch_size: Memory cap: the most examples in one call of ``method``, i.e. ``B`` times the
         samples per call (one sample of ``batch_size`` examples when ``B > batch_size``).
-        ``None`` (default): one sample of all ``B`` examples per call.
+        ``None`` (default): as many samples of all ``B`` examples per call as the input's size allows
+        (all of them for a table or a sentence, one for images on a CPU; see
+        :func:`integrated_gradients`).
 
     Returns:
       A function with ``method``'s signature, ``(model_fn, params, x, target=None, **options)``,
@@ -292,7 +294,8 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
         if isinstance(target, Tensor):
             target = target.to(device=value.device, dtype=torch.long, non_blocking=True).expand(batch)
 
-        per_call = _inputs.copies_per_forward(cap, batch, value)       # samples per call of method
+        per_call = (_inputs.copies_per_forward(cap, batch, value) if batch_size is not None   # samples per call
+                    else _inputs.default_copies(samples, batch, value))
         ones = (1,) * (value.ndim - 1)
         sigma = torch.full((), float(stdev), dtype=value.dtype, device=value.device)  # a fill: no host copy
         if stdev_spread:
@@ -306,8 +309,9 @@ def smooth(method: Callable[..., Tensor], *, samples: int = 25, stdev: float = 0
             k = min(per_call, samples - start)
             # One draw of [*input] per sample, shared by the examples (each scaled by its own sigma):
             # a map depends neither on batch_size nor on the other examples in the batch.
-            draws = [torch.randn(value.shape[1:], generator=generator, dtype=value.dtype, device=value.device)
-                     for _ in range(k)]
+            shape, dtype, device = value.shape[1:], value.dtype, value.device   # read before the draws
+            with _checks.draws(fn, generator):  # under vmap: every member gets the generator's noise
+                draws = [torch.randn(shape, generator=generator, dtype=dtype, device=device) for _ in range(k)]
             unit = draws[0][None] if k == 1 else torch.stack(draws)                      # [k, *input]
             for gi, (g0, g1) in enumerate(groups):
                 size = g1 - g0

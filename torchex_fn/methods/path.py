@@ -117,12 +117,13 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
       method: ``"gausslegendre"`` (default, as captum), ``"riemann_left"``, ``"riemann_right"``,
         ``"riemann_middle"`` or ``"riemann_trapezoid"``.
       batch_size: Memory cap: the most examples in one forward pass, i.e. ``B`` times the path
-        points per chunk. ``None`` (default): one path point for all ``B`` examples per forward,
-        since on a CPU the cost per image grows with the batch (DESIGN.md). On a CPU a larger cap
-        is used only up to about 2^20 input elements per forward (``_inputs.CPU_ELEMENTS``, ~7 images
-        of 224 x 224; any number of token sequences), beyond which the cost per image grows (resnet18:
-        64 images per forward cost 1.37x per image what 8 cost). It never changes the result beyond
-        floating-point summation order.
+        points per chunk. ``None`` (default): as many path points per forward as the input's size
+        allows, all ``steps`` for a table or a sentence (as captum's default), one for images on a
+        CPU: up to 2^20 elements of the path's tensor per forward on a CPU (``_inputs.CPU_ELEMENTS``,
+        ~7 images of 224 x 224), beyond which the cost per image grows (resnet18: 64 images per
+        forward cost 1.37x per image what 8 cost), and 2^24 on other devices
+        (``_inputs.DEVICE_ELEMENTS``). A given cap is also kept within 2^20 elements on a CPU. It
+        never changes the result beyond floating-point summation order.
 
     Returns:
       ``[B, *input]`` attributions on ``x``'s dtype and device (the layer output's shape, or
@@ -200,7 +201,9 @@ def integrated_gradients(model_fn: ModelFn, params: Params, x: Tensor, target: T
     table = torch.tensor([alphas, weights], dtype=torch.float64)
     on_device = {(e.dtype, e.device): table.to(device=e.device, dtype=e.dtype, non_blocking=True)
                  for e in ends.values()}
-    per_forward = min(_inputs.copies_per_forward(cap, batch, ends[n]) for n in names)   # path points per forward
+    # path points per forward: batch_size's, or by default all that fit the input's size (core.inputs)
+    per_forward = min(_inputs.copies_per_forward(cap, batch, ends[n]) if batch_size is not None
+                      else _inputs.default_copies(steps, batch, ends[n]) for n in names)
     deltas = {n: ends[n] - starts[n] for n in names}
     sums: Dict[str, List[Tensor]] = {n: [] for n in names}
     for g0, g1 in groups:
@@ -327,8 +330,8 @@ def gradient_shap(model_fn: ModelFn, params: Params, x: Any, target: Target = No
         (``randint``), the path point (``rand``) and the noise (``randn`` of one example's shape, or of
         each layer's output shape for token ids). The same seed gives the same map. Default: None.
       batch_size: Memory cap: the most examples in one forward, ``B`` times the draws per forward
-        (one draw of ``batch_size`` examples when ``B > batch_size``). Default: None (one draw of all
-        ``B`` examples per forward).
+        (one draw of ``batch_size`` examples when ``B > batch_size``). Default: None (as many draws
+        of all ``B`` examples per forward as the input's size allows, as :func:`integrated_gradients`).
       layer: Attribute to this layer's output (a dotted name or module, or a list / dict of them; the
         result mirrors it). Default: None (the input).
 
@@ -380,11 +383,12 @@ def gradient_shap(model_fn: ModelFn, params: Params, x: Any, target: Target = No
         alpha: List[Tensor] = []
         noise: Dict[Any, List[Tensor]] = {n: [] for n in shapes}
         dtype = next(iter(shapes.values()))[1]
-        for _ in range(k):
-            index.append(torch.randint(count, (), generator=generator, device=device))
-            alpha.append(torch.rand((), generator=generator, dtype=dtype, device=device))
-            for n, (shape, n_dtype) in shapes.items():
-                noise[n].append(torch.randn(shape, generator=generator, dtype=n_dtype, device=device))
+        with _checks.draws(fn, generator):      # under vmap: every member gets the generator's draws
+            for _ in range(k):
+                index.append(torch.randint(count, (), generator=generator, device=device))
+                alpha.append(torch.rand((), generator=generator, dtype=dtype, device=device))
+                for n, (shape, n_dtype) in shapes.items():
+                    noise[n].append(torch.randn(shape, generator=generator, dtype=n_dtype, device=device))
         return (torch.stack(index)[:, None].expand(k, batch), torch.stack(alpha)[:, None].expand(k, batch),
                 {n: torch.stack(v)[:, None].expand(k, batch, *v[0].shape) for n, v in noise.items()})
 
@@ -399,7 +403,8 @@ def _gradient_shap(fn, model_fn, params, x, target, entries, key, value, names, 
     output = _targets.selector(model_fn)
     batch = _inputs.batch_of(x)
     cap = batch if batch_size is None else batch_size
-    per_call = _inputs.copies_per_forward(cap, batch, value)    # draws per forward
+    per_call = (_inputs.copies_per_forward(cap, batch, value) if batch_size is not None    # draws per forward
+                else _inputs.default_copies(samples, batch, value))
     groups = [(start, min(start + cap, batch)) for start in range(0, batch, cap)]
     index: Optional[Tensor] = None
     clean: List[Dict[str, Tensor]] = []
@@ -501,7 +506,8 @@ class _InputPath:
         batch = _inputs.batch_of(x)
         cap = batch if batch_size is None else batch_size
         self.groups = [(g0, min(g0 + cap, batch)) for g0 in range(0, batch, cap)]
-        self.per_forward = _inputs.copies_per_forward(cap, batch, self.end)
+        self.per_forward = (_inputs.copies_per_forward(cap, batch, self.end) if batch_size is not None
+                            else _inputs.default_copies(len(alphas), batch, self.end))
         output = _targets.selector(model_fn)
         self.index: Optional[Tensor] = None
         if target is None:  # the class predicted for x itself, not for each path point

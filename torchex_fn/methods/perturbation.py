@@ -191,9 +191,10 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
       >>> g = torch.Generator().manual_seed(0)
       >>> rise(fn, params, images, labels, generator=g).shape      # [8, 3, 224, 224] -> [8, 1, 224, 224]
       >>> rise(fn, params, images, normalization="per_pixel", num_masks=2000, batch_size=64)
-      >>> # under vmap, random draws need randomness="same" (every vmapped call gets the same masks):
+      >>> # under vmap the masks come from the generator, drawn once for every member (vmap's default
+      >>> # randomness works; randomness="different" with a generator is refused):
       >>> torch.func.vmap(lambda p: rise(fn, p, images, labels, generator=torch.Generator().manual_seed(0)),
-      ...                 randomness="same")(stacked)                 # ensemble [E, 8, 1, 224, 224]
+      ...                 )(stacked)                                   # ensemble [E, 8, 1, 224, 224]
       >>> rise(fn1d, params1d, audio, labels, cell_size=16, generator=g).shape  # [8, 2, 16000] -> [8, 1, 16000]
 
     Cost: ``ceil(N / max(1, batch_size // B))`` forward passes of up to ``batch_size`` images (for
@@ -248,7 +249,8 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     axes = _AXES[len(grid)]
 
     def draw(count: int) -> Tensor:
-        return _draw_masks_nd(count, cell_size, probability, grid, weights, generator)
+        with _checks.draws(fn, generator):      # under vmap: every member gets the generator's masks
+            return _draw_masks_nd(count, cell_size, probability, grid, weights, generator)
 
     sums: List[Any] = [None] * len(groups)
     mask_sum: Any = None

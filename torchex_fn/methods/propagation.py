@@ -723,7 +723,8 @@ def deeplift(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *
 
 @_docs.fill
 def deeplift_shap(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, baselines: Tensor,
-                  eps: float = 1e-10, batch_size: Optional[int] = None, softmax: str = "conserving") -> Tensor:
+                  eps: float = 1e-10, batch_size: Optional[int] = None, softmax: str = "conserving",
+                  layer: Any = None) -> Tensor:
     """DeepLIFT-SHAP: the mean of :func:`deeplift` over a set of baselines.
 
     ``mean_n deeplift(model_fn, params, x, target, baseline=baselines[n])``. Each baseline is shared
@@ -731,7 +732,9 @@ def deeplift_shap(model_fn: ModelFn, params: Params, x: Tensor, target: Target =
     time: the input pass runs once for all of them (it does not depend on the baseline), the
     baseline passes run as one batch of ``N``, and the gradient pass as one batch of ``N * B``.
     Models that ``vmap`` cannot run (in-place writes of baseline-dependent values into other
-    tensors, ``.item()``) need a Python loop over :func:`deeplift` instead.
+    tensors, ``.item()``) need a Python loop over :func:`deeplift` instead. With ``layer``, the mean of
+    ``deeplift(..., layer=layer, baseline=baselines[n])`` (captum's ``LayerDeepLiftShap``), one
+    baseline after the other (``batch_size`` is then unused).
 
     Args:
       {model_fn}
@@ -742,9 +745,11 @@ def deeplift_shap(model_fn: ModelFn, params: Params, x: Tensor, target: Target =
       eps: As in :func:`deeplift`. Default: 1e-10.
       batch_size: At most this many baselines per vectorised call (a memory cap); ``None``: all.
       softmax: As in :func:`deeplift`. Default: ``"conserving"``.
+      layer: Attribute to this layer's output (one dotted name or module), as :func:`deeplift`'s
+        ``layer``. Default: None (the input).
 
     Returns:
-      ``[B, *input]`` attributions on ``x``'s dtype and device.
+      ``[B, *input]`` attributions on ``x``'s dtype and device (with ``layer``, of its output's shape).
 
     Raises:
       TypeError: non-float ``x`` or ``baselines``, a bad ``target`` or ``batch_size`` type.
@@ -762,7 +767,7 @@ def deeplift_shap(model_fn: ModelFn, params: Params, x: Tensor, target: Target =
       Shrikumar et al., ICML 2017.
     """
     fn = "deeplift_shap"
-    target = check_call(fn, model_fn, params, x, target)
+    target = check_call(fn, model_fn, params, x, target, layer=layer)
     if not isinstance(baselines, Tensor):
         raise _checks.type_error(fn, f"baselines, a tensor of shape [N, {', '.join(map(str, x.shape[1:]))}]",
                                  _checks.describe(baselines))
@@ -775,6 +780,21 @@ def deeplift_shap(model_fn: ModelFn, params: Params, x: Tensor, target: Target =
     rules = _check_softmax(fn, softmax)
     bases = _inputs.check_baseline(fn, baselines, x[:1].expand(baselines.shape[0], *x.shape[1:]), name="baselines")
     count = bases.shape[0]
+    if layer is not None:
+        names, _ = resolve_layers(fn, model_fn, layer)
+        if len(names) != 1 or isinstance(layer, (list, tuple, dict)):
+            raise _checks.type_error(fn, "layer, one dotted name or module", _checks.describe(layer),
+                                     "Call deeplift_shap once per layer.")
+        wrt = _Wrt(fn, model_fn, params, layer=names[0])
+        layer_total: Any = None
+        for n in range(count):
+            base = bases[n:n + 1].expand(x.shape).contiguous()
+            try:
+                part = _rescale_once(fn, model_fn, params, x, target, base, base, float(eps), rules, wrt)
+            except _intercept.NoRule as err:
+                raise _no_rule(fn, err) from None
+            layer_total = part if layer_total is None else layer_total + part
+        return layer_total / count
     step = count if batch_size is None else batch_size
     # vmap has no batching rule for the as_strided_ that pooling takes on channels_last tensors
     # (a slow per-example fallback): the baselines are batched in the ordinary layout.
