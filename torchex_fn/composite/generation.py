@@ -760,24 +760,47 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
                     None)
         return s * weights.repeat(k, 1).to(s.dtype)
 
+    folded = _Folded(fn, n_in, reduce)
     with _Checkpointing(module_of(model_fn), blocks, lock_of(model_fn)):
         if method in _PER_CHUNK:
-            vectors = _per_chunk(fn, method, logits_fn, params, x, ref_x, names[0], scores, n_out, chunk)
+            _per_chunk(fn, method, logits_fn, params, x, ref_x, names[0], scores, n_out, chunk, folded)
         else:
-            vectors = _shared_forward(fn, method, logits_fn, params, x, ref_x, names[0], scores, n_out, chunk,
-                                      internal_batch_size, steps, quadrature, samples, float(stdev), generator,
-                                      bool(blocks))
-    if vectors.ndim < 4:
-        raise _checks.value_error(fn, "a layer output [B, T, ...] (one vector per token)",
-                                  f"a layer output of shape {tuple(vectors.shape[1:])}")
-    vectors = vectors[:, :, :n_in].flatten(3)                                    # [T_out, B, T_in, D]
-    if reduce == "sum":
-        token_maps = vectors.sum(-1)                                             # [T_out, B, T_in]
-        seq = token_maps.sum(0)
-    else:
-        token_maps = torch.linalg.vector_norm(vectors, dim=-1)
-        seq = torch.linalg.vector_norm(vectors.sum(0), dim=-1)
-    return ContinuationAttribution(token_maps.movedim(0, 1), seq)
+            _shared_forward(fn, method, logits_fn, params, x, ref_x, names[0], scores, n_out, chunk,
+                            internal_batch_size, steps, quadrature, samples, float(stdev), generator, bool(blocks),
+                            folded)
+    return folded.result()
+
+
+class _Folded:
+    """The per-token maps of chunks of output tokens, reduced over the embedding as each chunk arrives: the
+    ``[T_out, B, T, D]`` vectors of a long prompt (100 MB at 1,024 tokens x 768 x 32 outputs) are never held."""
+
+    def __init__(self, fn: str, n_in: int, reduce: str):
+        self.fn, self.n_in, self.reduce = fn, n_in, reduce
+        self.rows: List[Tensor] = []
+        self.total: Optional[Tensor] = None          # the sum of the vectors over output tokens ("norm")
+
+    def add(self, vectors: Tensor) -> None:
+        """``vectors`` ``[k, B, T, ...]``: the next ``k`` output tokens' maps at the layer."""
+        if vectors.ndim < 4:
+            raise _checks.value_error(self.fn, "a layer output [B, T, ...] (one vector per token)",
+                                      f"a layer output of shape {tuple(vectors.shape[1:])}")
+        vectors = vectors[:, :, :self.n_in].flatten(3)                           # [k, B, T_in, D]
+        if self.reduce == "sum":
+            self.rows.append(vectors.sum(-1))                                    # [k, B, T_in]
+            return
+        self.rows.append(torch.linalg.vector_norm(vectors, dim=-1))
+        part = vectors.sum(0)
+        self.total = part if self.total is None else self.total + part
+
+    def result(self) -> ContinuationAttribution:
+        token_maps = torch.cat(self.rows)                                        # [T_out, B, T_in]
+        if self.reduce == "sum":
+            seq = token_maps.sum(0)
+        else:
+            assert self.total is not None
+            seq = torch.linalg.vector_norm(self.total, dim=-1)
+        return ContinuationAttribution(token_maps.movedim(0, 1), seq)
 
 
 class _Stop(Exception):
@@ -838,8 +861,9 @@ class _Backward:
 
 
 def _shared_forward(fn, method, logits_fn, params, x, ref_x, name, scores, n_out, chunk, cap, steps, quadrature,
-                    samples, stdev, generator, autograd) -> Tensor:
-    """``[T_out, B, T, D]`` maps of the gradient methods: per forward, ``ceil(T_out / chunk)`` backwards."""
+                    samples, stdev, generator, autograd, folded: _Folded) -> None:
+    """The ``[T_out, B, T, D]`` maps of the gradient methods, handed to ``folded`` chunk by chunk of output
+    tokens: per forward, ``ceil(T_out / chunk)`` backwards."""
     batch = _inputs.batch_of(x)
     emb = _layer_output(fn, logits_fn, params, x, name)
     emb = emb.detach() if autograd else emb
@@ -855,9 +879,10 @@ def _shared_forward(fn, method, logits_fn, params, x, ref_x, name, scores, n_out
 
     if method in ("saliency", "input_x_gradient"):
         pass_ = backward(emb, 1)
-        rows = [pass_.grads(s, e, e == n_out) for s, e in spans]
-        grads = torch.cat(rows)                                                  # [T_out, B, T, D]
-        return grads if method == "saliency" else grads * emb
+        for s, e in spans:
+            grads = pass_.grads(s, e, e == n_out)                                # [e - s, B, T, D]
+            folded.add(grads if method == "saliency" else grads * emb)
+        return
     start = _layer_output(fn, logits_fn, params, ref_x, name)
     start = start.detach() if autograd else start
     if method == "integrated_gradients":
@@ -891,11 +916,14 @@ def _shared_forward(fn, method, logits_fn, params, x, ref_x, name, scores, n_out
             part = (pass_.grads(s, e, e == n_out) * (w * diff)).view(e - s, k, batch, *diff.shape[1:]).sum(1)
             previous = totals[i]
             totals[i] = part if previous is None else previous + part
-    return torch.cat([t for t in totals if t is not None])
+    for t in totals:
+        assert t is not None
+        folded.add(t)
 
 
-def _per_chunk(fn, method, logits_fn, params, x, ref_x, name, scores, n_out, chunk) -> Tensor:
-    """``[T_out, B, T, D]`` of a method with its own backward rules: one call per chunk, vmapped over it."""
+def _per_chunk(fn, method, logits_fn, params, x, ref_x, name, scores, n_out, chunk, folded: _Folded) -> None:
+    """``[T_out, B, T, D]`` of a method with its own backward rules, handed to ``folded``: one call per chunk,
+    vmapped over it."""
     chosen = _PER_CHUNK[method]
 
     def attribute(w: Tensor) -> Tensor:
@@ -904,7 +932,8 @@ def _per_chunk(fn, method, logits_fn, params, x, ref_x, name, scores, n_out, chu
         return chosen(logits_fn, params, x, target, layer=name, baseline=ref_x)
 
     eye = torch.eye(n_out, device=_inputs.device_of(x))
-    return torch.cat([torch.func.vmap(attribute)(eye[s:s + chunk]) for s in range(0, n_out, chunk)])
+    for s in range(0, n_out, chunk):
+        folded.add(torch.func.vmap(attribute)(eye[s:s + chunk]))
 
 
 class _Checkpointing:
