@@ -149,7 +149,7 @@ def test_finer_cam_is_grad_cam_of_its_score():
 TORCHCAM_CASES = [
     ("sscam", SSCAM, {"num_samples": 2, "std": 1.0, "batch_size": 64}, {"samples": 2, "std": 1.0, "batch_size": 48},
      "layer1"),
-    ("iscam", ISCAM, {"num_samples": 3, "batch_size": 64}, {"samples": 3, "batch_size": 40}, "layer1"),
+    ("iscam", ISCAM, {"num_samples": 2, "batch_size": 64}, {"samples": 2, "batch_size": 40}, "layer1"),
     ("smooth_grad_cam_pp", SmoothGradCAMpp, {"num_samples": 3, "std": 0.5}, {"samples": 3, "std": 0.5}, "layer3"),
     ("smooth_grad_cam_pp", SmoothGradCAMpp, {"num_samples": 2, "std": 0.2}, {"samples": 2, "std": 0.2}, "layer4"),
 ]
@@ -281,7 +281,7 @@ def test_deep_feature_factorization_matches_pytorch_grad_cam_from_the_same_start
         got.maps.double().transpose(0, 1).reshape(3, -1)
     error = (rebuilt - torch.from_numpy(X - X.min(axis=1, keepdims=True))).norm()
     start = (torch.from_numpy(W0 @ H0) - torch.from_numpy(X - X.min(axis=1, keepdims=True))).norm()
-    assert error < 0.5 * start
+    assert error < 0.7 * start
 
 
 def test_deep_feature_factorization_recovers_an_exact_factorisation_and_is_seeded():
@@ -292,6 +292,7 @@ def test_deep_feature_factorization_recovers_an_exact_factorisation_and_is_seede
     H = torch.rand(2, 2 * 5 * 6, dtype=torch.float64)
     H[0, :10] = 0   # non-negative, each channel's minimum 0 (so nothing is shifted)
     H[1, 10:20] = 0
+    H[:, 20:25] = 0
     W[:, 0] = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
     W[:, 1] = torch.tensor([0.0, 1.5, 1.0], dtype=torch.float64)
     X = W @ H
@@ -332,7 +333,7 @@ def test_option_errors():
         (tx.kpca_cam, {"kernel": "laplace"}, ValueError, "kpca_cam: .*kernel"),
         (tx.kpca_cam, {"gamma": -1.0}, ValueError, "kpca_cam: .*gamma"),
         (tx.finer_cam, {"comparison": (0,)}, ValueError, "finer_cam: .*comparison"),
-        (tx.finer_cam, {"comparison": (9,)}, ValueError, "finer_cam: .*comparison ranks below the class count 5"),
+        (tx.finer_cam, {"comparison": (9,)}, ValueError, "finer_cam: .*comparison ranks below the class count 4"),
         (tx.sscam, {"std": -1.0}, ValueError, "sscam: .*std"),
         (tx.sscam, {"samples": 0}, ValueError, "sscam: .*samples"),
         (tx.iscam, {"layer": ["features"]}, TypeError, "iscam: .*one layer"),

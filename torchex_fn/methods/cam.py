@@ -1204,6 +1204,7 @@ def finer_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
         raise _checks.value_error(fn, "comparison, a non-empty tuple of ranks >= 1", _checks.describe(comparison))
     method = grad_cam if method is None else method
     _checks.check_optional_callable(fn, "method", method)
+    resolve_layers(fn, model_fn, layer)   # a bad layer is named here, not by ``method``
     chosen = _targets.selector(model_fn)
     ranks = list(comparison)
 
