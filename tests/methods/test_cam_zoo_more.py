@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 import pytorch_grad_cam.base_cam as pgc_base
-from pytorch_grad_cam import (FEM, KPCA_CAM, EigenGradCAM, FinerCAM, GradCAMElementWise, SegEigenCAM, ShapleyCAM)
+from pytorch_grad_cam import (FEM, KPCA_CAM, EigenGradCAM, FinerCAM, GradCAM, GradCAMElementWise, RefineCAM,
+                              SegEigenCAM, ShapleyCAM)
 from pytorch_grad_cam.feature_factorization.deep_feature_factorization import dff
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from sklearn.decomposition._nmf import _initialize_nmf
@@ -142,6 +143,24 @@ def test_finer_cam_is_grad_cam_of_its_score():
     expected = tx.grad_cam_pp(fn, params, x, score, layer="layer4")
     got = tx.finer_cam(fn, params, x, LABELS, layer="layer4", alpha=0.5, comparison=(1, 2), method=tx.grad_cam_pp)
     torch.testing.assert_close(got, expected)
+
+
+def test_refine_cam_matches_pytorch_grad_cam():
+    """The whole pipeline of both (scaled maps at x's size), Grad-CAM++ and Grad-CAM as the method."""
+    model, fn, params = peer_model("resnet18")
+    x = _input()
+    targets = [ClassifierOutputTarget(int(c)) for c in LABELS]
+    for ours_method, peer_options in ((None, {}), (tx.grad_cam, {"base_method": GradCAM})):
+        refine = RefineCAM(model, [model.layer2, model.layer3, model.layer4], **peer_options)
+        ref = torch.from_numpy(np.asarray(refine(x, targets)))
+        for base in refine.base_cam_per_layer:
+            base.activations_and_grads.release()
+        model.zero_grad(set_to_none=True)
+        assert_no_hooks(model)
+        ours = tx.refine_cam(fn, params, x, LABELS, layer=["layer2", "layer3", "layer4"], method=ours_method)
+        assert_parity(ours[:, 0], ref)
+    with pytest.raises(TypeError, match="refine_cam: .*layer"):
+        tx.refine_cam(fn, params, x, LABELS, layer="layer4")
 
 
 # torchcam's classes draw from the global generator; ours from a generator seeded alike. resnet18's layer1

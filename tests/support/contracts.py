@@ -113,6 +113,7 @@ CASES = {
     "sscam": ("sscam", {"layer": "features", "samples": 2, "std": 0.0, "batch_size": 8}, _seeded),
     "iscam": ("iscam", {"layer": "features", "samples": 2, "batch_size": 8}),
     "smooth_grad_cam_pp": ("smooth_grad_cam_pp", {"layer": "features", "samples": 2, "std": 0.0}, _seeded),
+    "refine_cam": ("refine_cam", {"layer": ["conv1", "features"]}),
     "integrated_gradients": ("integrated_gradients", {"baseline": 0.1, "steps": 8}),
     "integrated_gradients_chunked": ("integrated_gradients",
                                      {"steps": 5, "method": "riemann_trapezoid", "batch_size": 4}),
@@ -169,7 +170,7 @@ METHODS = {case: _entry(*spec) for case, spec in CASES.items()}
 DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small", "grad_cam_pp", "score_cam",
                   "layer_cam", "xgrad_cam", "hires_cam", "ablation_cam", "fullgrad",  # eigen_cam: no fc dependence (test_cam_zoo)
                   "eigen_grad_cam", "seg_eigen_cam", "grad_cam_element_wise", "finer_cam", "shapley_cam", "sscam",
-                  "iscam", "smooth_grad_cam_pp",  # fem, kpca_cam: no fc dependence (test_cam_zoo_more)
+                  "iscam", "smooth_grad_cam_pp", "refine_cam",  # fem, kpca_cam: no fc dependence (test_cam_zoo_more)
                   "integrated_gradients", "integrated_gradients_chunked", "smoothgrad",
                   "layer_conductance", "layer_conductance_chunked", "internal_influence", "neuron_conductance", "vargrad_grad_cam",
                   "occlusion", "guided_backprop", "deconvolution", "deeplift", "deeplift_shap", "rise", "gradient_shap",

@@ -108,6 +108,7 @@ OPTIONS = {
     "sscam": lambda x: {"layer": "act2", "relu": False, "samples": 2, "std": 0.5, "generator": _gen(x)},
     "iscam": lambda x: {"layer": "act2", "relu": False, "samples": 2},
     "smooth_grad_cam_pp": lambda x: {"layer": "act2", "relu": False, "samples": 2, "std": 0.1, "generator": _gen(x)},
+    "refine_cam": lambda x: {"layer": ["act1", "act2"]},
     "rise": lambda x: {"num_masks": 24, "cell_size": 3, "batch_size": 16, "generator": _gen(x)},
     "lrp": lambda x: {},
     "feature_ablation": lambda x: {"feature_mask": _five(x)},

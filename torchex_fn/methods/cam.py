@@ -40,8 +40,8 @@ from ..core.arguments import check_call
 
 __all__ = ["cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam",
            "ablation_cam", "fullgrad", "eigen_grad_cam", "seg_eigen_cam", "grad_cam_element_wise", "fem", "kpca_cam",
-           "finer_cam", "shapley_cam", "sscam", "iscam", "smooth_grad_cam_pp", "deep_feature_factorization",
-           "Factorization"]
+           "finer_cam", "shapley_cam", "sscam", "iscam", "smooth_grad_cam_pp", "refine_cam",
+           "deep_feature_factorization", "Factorization"]
 
 
 _CAM_TABULAR_HINT = ("a class activation map needs a layer with a grid; use saliency, integrated_gradients, "
@@ -1690,3 +1690,60 @@ def deep_feature_factorization(model_fn: ModelFn, params: Params, x: Tensor, *, 
         maps, concepts = maps.to(out_dtype), concepts.to(out_dtype)
         scores = classifier(concepts) if classifier is not None else None
     return Factorization(maps, concepts, scores)
+
+
+def _min_max(maps: Tensor, eps: float = 1e-7) -> Tensor:
+    """Each example's map shifted to minimum 0 and divided by ``max + eps`` (pytorch-grad-cam's scaling)."""
+    flat = maps.flatten(1)
+    flat = flat - flat.amin(dim=1, keepdim=True)
+    return (flat / (flat.amax(dim=1, keepdim=True) + eps)).reshape(maps.shape)
+
+
+@_docs.fill
+def refine_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Any,
+               method: Optional[Callable[..., Any]] = None,
+               reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """RefineCAM: the product of several layers' CAMs, each scaled to [0, 1] at ``x``'s size.
+
+    Each layer's map ``m_l = method(..., layer=l, relu=True, upsample=True)`` is min-max scaled per
+    example (``(m - min) / (max - min + 1e-7)``); the product over the layers is scaled the same
+    way. A deep layer's coarse map keeps a shallow layer's fine but noisy map where the object is.
+    This is pytorch-grad-cam's ``RefineCAM`` (its default ``method`` is Grad-CAM++, as here); its
+    scaling before resizing changes nothing (resizing is linear, the scaling affine).
+
+    Args:
+      {model_fn}
+      {params}
+      {x.cam}
+      {target}
+      layer: A list or tuple of dotted module names or modules (one is allowed: its scaled map).
+      method: Any CAM of this module taking ``layer=`` (a list), ``relu=``, ``upsample=`` and
+        ``reshape=``. Default: ``grad_cam_pp``.
+      {reshape.grad_cam}
+
+    Returns:
+      ``[B, 1, *grid]`` of ``x``'s grid, in [0, 1].
+
+    Raises:
+      ValueError: an unknown layer, a layer never reached, a target out of range, NaN input.
+      TypeError: integer images, a bad target, layer or method type.
+
+    Example:
+      >>> refine_cam(fn, params, images, labels, layer=["layer2", "layer3", "layer4"]).shape   # -> [8, 1, 224, 224]
+
+    Cost: that of ``method`` on all the layers at once (one forward and one backward for the gradient CAMs).
+    References: pytorch-grad-cam's ``RefineCAM`` (arXiv:2605.14641).
+    """
+    fn = "refine_cam"
+    _check_common(fn, model_fn, params, x, target, True, True, reshape, resizes_x=True)
+    if not isinstance(layer, (list, tuple)) or not layer:
+        raise _checks.type_error(fn, "layer, a non-empty list or tuple of layers", _checks.describe(layer),
+                                 "RefineCAM multiplies the maps of several layers.")
+    resolve_layers(fn, model_fn, list(layer))
+    method = grad_cam_pp if method is None else method
+    _checks.check_optional_callable(fn, "method", method)
+    maps = method(model_fn, params, x, target, layer=list(layer), relu=True, upsample=True, reshape=reshape)
+    product = _min_max(_at_least_float32(maps[0]))
+    for m in maps[1:]:
+        product = product * _min_max(_at_least_float32(m))
+    return _min_max(product).to(x.dtype)
