@@ -159,7 +159,9 @@ PROBABILITY_SCORED = {"rise", "score_cam"}
 # batch_size), not the caller's batch: a callable must score rows independently there (a closure over
 # per-example labels cannot know which image a row belongs to). Known limitation, reported.
 ROWWISE_CALLABLE_ONLY = {"score_cam": "one row per (image, channel) mask, in chunks of batch_size",
-                         "ablation_cam": "one row per (image, ablated channel), in chunks of batch_size"}
+                         "ablation_cam": "one row per (image, ablated channel), in chunks of batch_size",
+                         "sscam": "one row per (image, channel) mask, in chunks of batch_size",
+                         "iscam": "one row per (image, channel) mask, in chunks of batch_size"}
 
 
 @pytest.mark.parametrize("kind", SELECT)
@@ -176,7 +178,7 @@ def test_structured_output_with_output_or_a_callable_target_equals_the_plain_mod
 
     chosen_fn, chosen_params = tx.functionalize(model, output=key)
     torch.testing.assert_close(_call(name, chosen_fn, chosen_params, x, labels), expected)
-    if name == "cam":   # CAM needs a class index (a TypeError that says so; test_properties.py)
+    if name in ("cam", "finer_cam"):   # they need a class index (a TypeError that says so; test_properties.py)
         return
 
     def score(out):  # closes over per-example labels: must see the examples it was written for

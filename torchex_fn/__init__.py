@@ -24,6 +24,8 @@ from .evaluation.metrics import (deletion, energy_pointing_game, infidelity, ins
 from .methods.attention import attention_probabilities, attention_rollout, grad_rollout, legrad
 from .methods.cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad_cam_pp, hires_cam, layer_cam,
                           score_cam, xgrad_cam)
+from .methods.cam import (deep_feature_factorization, eigen_grad_cam, fem, finer_cam, grad_cam_element_wise, iscam,
+                          kpca_cam, refine_cam, seg_eigen_cam, shapley_cam, smooth_grad_cam_pp, sscam)
 from .methods.features import (feature_ablation, feature_permutation, kernel_shap, lime, shapley_value_sampling,
                                 shapley_values)
 from .methods.gradient import input_x_gradient, saliency, smooth
@@ -43,6 +45,8 @@ __all__ = [
     "layer_conductance", "neuron_conductance", "internal_influence", "neuron", "guided_grad_cam",
     "cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam", "ablation_cam",
     "fullgrad",
+    "eigen_grad_cam", "seg_eigen_cam", "grad_cam_element_wise", "fem", "kpca_cam", "finer_cam", "shapley_cam",
+    "sscam", "iscam", "smooth_grad_cam_pp", "refine_cam", "deep_feature_factorization",
     "deeplift", "deeplift_shap", "guided_backprop", "deconvolution",
     "lrp",
     "occlusion", "rise",

@@ -38,6 +38,13 @@ def _rise(rise):
     return _named(call, rise)
 
 
+def _seeded(method):
+    """A method that draws noise, with a fresh seeded generator per call."""
+    def call(model_fn, params, x, target, **options):
+        return method(model_fn, params, x, target, generator=torch.Generator().manual_seed(7), **options)
+    return _named(call, method)
+
+
 def _smooth(smooth):
     """SmoothGrad-style transform of ``method`` with a fresh seeded generator per call."""
     def call(model_fn, params, x, target, *, method, kind="smoothgrad", samples=3, **options):
@@ -94,6 +101,19 @@ CASES = {
     "eigen_cam": ("eigen_cam", {"layer": "features"}),
     "ablation_cam": ("ablation_cam", {"layer": "features", "batch_size": 8}),
     "fullgrad": ("fullgrad", {}),
+    "eigen_grad_cam": ("eigen_grad_cam", {"layer": "features"}),
+    "seg_eigen_cam": ("seg_eigen_cam", {"layer": "features"}),
+    "grad_cam_element_wise": ("grad_cam_element_wise", {"layer": "features"}),
+    "fem": ("fem", {"layer": "features", "k": 0.5}),
+    "kpca_cam": ("kpca_cam", {"layer": "features"}),
+    "finer_cam": ("finer_cam", {"layer": "features", "comparison": (1, 2)}),
+    "shapley_cam": ("shapley_cam", {"layer": "features"}),
+    # sscam, smooth_grad_cam_pp: torchcam's noise is one draw of the batch's shape, so an example's noise depends
+    # on its place in the batch; std=0 here (batch == one at a time), the noise in tests/methods/test_cam_zoo_more.py
+    "sscam": ("sscam", {"layer": "features", "samples": 2, "std": 0.0, "batch_size": 8}, _seeded),
+    "iscam": ("iscam", {"layer": "features", "samples": 2, "batch_size": 8}),
+    "smooth_grad_cam_pp": ("smooth_grad_cam_pp", {"layer": "features", "samples": 2, "std": 0.0}, _seeded),
+    "refine_cam": ("refine_cam", {"layer": ["conv1", "features"]}),
     "integrated_gradients": ("integrated_gradients", {"baseline": 0.1, "steps": 8}),
     "integrated_gradients_chunked": ("integrated_gradients",
                                      {"steps": 5, "method": "riemann_trapezoid", "batch_size": 4}),
@@ -158,6 +178,8 @@ def _entry(method, options, wrap=None):
 METHODS = {case: _entry(*spec) for case, spec in CASES.items()}
 DIFFERENTIABLE = ["saliency", "input_x_gradient", "cam", "grad_cam", "grad_cam_small", "grad_cam_pp", "score_cam",
                   "layer_cam", "xgrad_cam", "hires_cam", "ablation_cam", "fullgrad",  # eigen_cam: no fc dependence (test_cam_zoo)
+                  "eigen_grad_cam", "seg_eigen_cam", "grad_cam_element_wise", "finer_cam", "shapley_cam", "sscam",
+                  "iscam", "smooth_grad_cam_pp", "refine_cam",  # fem, kpca_cam: no fc dependence (test_cam_zoo_more)
                   "integrated_gradients", "integrated_gradients_chunked", "smoothgrad",
                   "layer_conductance", "layer_conductance_chunked", "internal_influence", "neuron_conductance", "vargrad_grad_cam",
                   "occlusion", "guided_backprop", "deconvolution", "deeplift", "deeplift_shap", "rise", "gradient_shap",

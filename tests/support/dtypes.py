@@ -16,7 +16,10 @@ SCORE_SCALED = {"occlusion", "feature_ablation", "feature_permutation", "shapley
 TOLERANCE = {torch.float32: 5e-6, torch.bfloat16: 4e-2, torch.float16: 5e-3}
 # Measured exceptions (seed 0 nets; see docs/input_ranks.md): bfloat16 flips ReLU units of the
 # 3-d ReLU net (pre-activations within bfloat16 rounding of 0), which moves guided back-propagation.
-EXCEPTIONS = {("guided_backprop", torch.bfloat16, "volume"): 0.25}
+# refine_cam multiplies min-max scaled maps of two layers, so their rounding errors add up (measured on
+# sequences: 0.067 in bfloat16, 0.012 in float16).
+EXCEPTIONS = {("guided_backprop", torch.bfloat16, "volume"): 0.25, ("refine_cam", torch.bfloat16, "sequence"): 0.1,
+              ("refine_cam", torch.float16, "sequence"): 0.02}
 
 
 def act_for(name):

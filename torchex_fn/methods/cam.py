@@ -1,5 +1,6 @@
 """Layer family: class activation maps (CAM, Grad-CAM, Grad-CAM++, Score-CAM, Layer-CAM, XGrad-CAM,
-HiResCAM, Eigen-CAM, Ablation-CAM, FullGrad).
+HiResCAM, Eigen-CAM, Ablation-CAM, FullGrad, Eigen-Grad-CAM, Seg-Eigen-CAM, element-wise Grad-CAM, FEM,
+KPCA-CAM, Finer-CAM, ShapleyCAM, SS-CAM, IS-CAM, Smooth Grad-CAM++) and Deep Feature Factorization.
 
 Layouts. Every method reads a layer's output as ``[B, K, *grid]``. A layout is never guessed: an
 output is taken as it is only when it is clearly laid out like ``x`` (``[B, C, *spatial]``):
@@ -20,15 +21,17 @@ apart from ``[B, K, h, w]`` by shape and are read as the latter.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import checks as _checks
+from ..core import checks as _checks, inputs as _inputs
 from ..core import docs as _docs
-from ..core.capture import TailMismatch, run_tail, intermediates, layer_gradients, resolve_layers, tap
+from ..core.autodiff import grad_of_sum
+from ..core.capture import (TailMismatch, run_tail, intermediates, layer_gradients, layer_shapes, resolve_layers,
+                            tap)
 from ..core import grid as _grid
 from ..core import targets as _targets
 from ..core.model import Wrapped
@@ -36,7 +39,9 @@ from ..core.types import Layer, LayerSpec, ModelFn, Params, Target, aliases_of, 
 from ..core.arguments import check_call
 
 __all__ = ["cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam",
-           "ablation_cam", "fullgrad"]
+           "ablation_cam", "fullgrad", "eigen_grad_cam", "seg_eigen_cam", "grad_cam_element_wise", "fem", "kpca_cam",
+           "finer_cam", "shapley_cam", "sscam", "iscam", "smooth_grad_cam_pp", "refine_cam",
+           "deep_feature_factorization", "Factorization"]
 
 
 _CAM_TABULAR_HINT = ("a class activation map needs a layer with a grid; use saliency, integrated_gradients, "
@@ -286,6 +291,16 @@ def _gradient_weighted(fn: str, channel_weights, model_fn, params, x, target, la
     """``sum_k w_k A_k`` per layer, with ``w = channel_weights(A, d score / d A)``, in one forward + backward.
 
     ``w`` is ``[B, K, 1, ...]`` (one weight per channel) or ``[B, K, *grid]`` (one per position).
+    See :func:`_gradient_maps`.
+    """
+    def combine(act: Tensor, grad: Tensor) -> Tensor:
+        return (channel_weights(act, grad) * act).sum(dim=1, keepdim=True)
+    return _gradient_maps(fn, combine, model_fn, params, x, target, layer, relu, upsample, reshape)
+
+
+def _gradient_maps(fn: str, make_map, model_fn, params, x, target, layer, relu, upsample, reshape) -> Any:
+    """``make_map(A, d score / d A)`` (``[B, 1, *grid]``) per layer, in one forward + backward.
+
     ``reshape`` re-indexes the activation and its gradient alike: for a re-indexing ``R`` (tokens
     to a grid, a permutation) ``R(d score / d a)`` is the gradient w.r.t. the kept entries of
     ``R(a)``, exactly, and both stay differentiable functions of ``params`` and ``x``.
@@ -302,8 +317,7 @@ def _gradient_weighted(fn: str, channel_weights, model_fn, params, x, target, la
         grad = result.grads[name] if reshape is None else reshape(result.grads[name])
         dtype = act.dtype
         act, grad = _at_least_float32(act), _at_least_float32(grad)
-        weights = channel_weights(act, grad)
-        maps[name] = _rounded(_finish(fn, (weights * act).sum(dim=1, keepdim=True), x, relu, upsample), x, dtype)
+        maps[name] = _rounded(_finish(fn, make_map(act, grad), x, relu, upsample), x, dtype)
     return rebuild(maps)
 
 
@@ -518,15 +532,28 @@ def eigen_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
         act = _to_grid(fn, name, acts[name], x, reshape)
         dtype = act.dtype
         act = _at_least_float32(act)  # no SVD for 16-bit floats (and too few digits for one)
-        points = act.flatten(2).transpose(1, 2)                      # [B, n, K]
-        points = points - points.mean(dim=1, keepdim=True)
-        _, _, vh = torch.linalg.svd(points, full_matrices=False)
-        direction = vh[:, 0, :]                                       # [B, K]
-        sign = torch.where(direction.sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(direction.dtype)
-        projection = (points @ (direction * sign).unsqueeze(2)).squeeze(2)   # [B, n]
-        maps[name] = _rounded(_finish(fn, projection.reshape(act.shape[0], 1, *act.shape[2:]), x, relu, upsample), x,
-                              dtype)
+        maps[name] = _rounded(_finish(fn, _first_component(act), x, relu, upsample), x, dtype)
     return rebuild(maps)
+
+
+def _first_component(act: Tensor, sign: str = "sum") -> Tensor:
+    """``[B, K, *grid]`` -> ``[B, 1, *grid]``: each example's ``h w`` points in ``R^K``, centred, projected on
+    their first right singular vector ``v``.
+
+    ``sign="sum"`` flips ``v`` where ``sum_k v_k < 0`` (Eigen-CAM's rule here); ``sign="extreme"``
+    flips the projection where ``|min| > |max|`` (Seg-Eigen-CAM's Eq. 13).
+    """
+    points = act.flatten(2).transpose(1, 2)                      # [B, n, K]
+    points = points - points.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(points, full_matrices=False)
+    direction = vh[:, 0, :]                                       # [B, K]
+    if sign == "sum":
+        direction = direction * torch.where(direction.sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(direction.dtype)
+    projection = (points @ direction.unsqueeze(2)).squeeze(2)    # [B, n]
+    if sign == "extreme":
+        flip = projection.amin(dim=1, keepdim=True).abs() > projection.amax(dim=1, keepdim=True).abs()
+        projection = torch.where(flip, -projection, projection)
+    return projection.reshape(act.shape[0], 1, *act.shape[2:])
 
 
 @_docs.fill
@@ -892,3 +919,836 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
         channel_weights = torch.softmax(channel_weights, dim=1)
     maps = torch.einsum("bk,bk...->b...", channel_weights.to(act.dtype), act).unsqueeze(1)
     return _finish(fn, maps, x, relu, upsample)
+
+
+# --------------------------------------------------------------------------------------------
+# More of pytorch-grad-cam's and torchcam's CAMs (issue 21).
+
+@_docs.fill
+def eigen_grad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+                   relu: bool = True, upsample: bool = True,
+                   reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
+    """Eigen-Grad-CAM: the first principal component of ``(d y_c / d A) * A`` (class-specific Eigen-CAM).
+
+    Per example, the element-wise products ``G = (d y_c / d A_k[i, j]) A_k[i, j]`` are read as
+    ``h w`` points in ``R^K``, centred, and projected on their first right singular vector, with the
+    sign fixed as :func:`eigen_cam` fixes it (``sum_k v_k >= 0``). pytorch-grad-cam's
+    ``EigenGradCAM`` leaves the sign to LAPACK; its maps equal these up to that sign. Several
+    layers share one forward and one backward pass; differentiable where the top two singular
+    values are distinct.
+
+    Args:
+      {args.grad_cam}
+
+    {text.cam_maps}
+
+    Example:
+      >>> eigen_grad_cam(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+
+    Cost: as :func:`grad_cam`, plus one SVD of ``[h w, K]`` per example and layer.
+    References: Muhammad and Yeasin, "Eigen-CAM", IJCNN 2020; pytorch-grad-cam's ``EigenGradCAM``.
+    """
+    return _gradient_maps("eigen_grad_cam", lambda act, grad: _first_component(grad * act), model_fn, params, x,
+                          target, layer, relu, upsample, reshape)
+
+
+@_docs.fill
+def seg_eigen_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+                  relu: bool = True, upsample: bool = True,
+                  reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
+    """Seg-Eigen-CAM: the first principal component of ``|d y_c / d A| * A``, signed so its largest
+    magnitude is positive.
+
+    As :func:`eigen_grad_cam` with the gradient's absolute value (Eq. 10 of the paper), and the
+    projection negated where ``|min| > |max|`` (Eq. 13); this sign rule is deterministic, so the
+    maps equal pytorch-grad-cam's ``SegEigenCAM``. Meant for segmentation targets (a category's
+    logits summed over a region, a callable ``target``), it takes any target.
+
+    Args:
+      {args.grad_cam}
+
+    {text.cam_maps}
+
+    Example:
+      >>> seg_eigen_cam(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+
+    Cost: as :func:`eigen_grad_cam`.
+    References: Chung and Ying, "Seg-Eigen-CAM: Eigen-Value-Based Visual Explanations for Semantic
+    Segmentation Models", Applied Sciences 15(13), 2025.
+    """
+    return _gradient_maps("seg_eigen_cam", lambda act, grad: _first_component(grad.abs() * act, "extreme"), model_fn,
+                          params, x, target, layer, relu, upsample, reshape)
+
+
+@_docs.fill
+def grad_cam_element_wise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+                          relu: bool = True, upsample: bool = True,
+                          reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
+    """Element-wise Grad-CAM: ``map = relu(sum_k relu(d y_c / d A_k[i, j] * A_k[i, j]))``.
+
+    The positive part of each product of gradient and activation, summed over channels: unlike
+    :func:`hires_cam` a channel with negative evidence at a position does not cancel another's
+    positive evidence there. pytorch-grad-cam's ``GradCAMElementWise``. Several layers share one
+    forward and one backward pass.
+
+    Args:
+      {args.grad_cam}
+
+    {text.cam_maps}
+
+    Example:
+      >>> grad_cam_element_wise(fn, params, images, labels, layer="layer4").shape   # -> [8, 1, 224, 224]
+
+    Cost: as :func:`grad_cam`.
+    References: pytorch-grad-cam's ``GradCAMElementWise`` (Gildenblat et al., 2021).
+    """
+    return _gradient_maps("grad_cam_element_wise",
+                          lambda act, grad: torch.relu(grad * act).sum(dim=1, keepdim=True), model_fn, params, x,
+                          target, layer, relu, upsample, reshape)
+
+
+def _forward_maps(fn: str, make_map, model_fn, params, x, target, layer, relu, upsample, reshape) -> Any:
+    """``make_map(A)`` (``[B, 1, *grid]``) per layer from one forward pass; ``target`` is validated
+    against the output (a class out of range is an error) but does not change the map."""
+    target = _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
+    names, rebuild = resolve_layers(fn, model_fn, layer)
+    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
+    _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))
+    maps: Dict[str, Tensor] = {}
+    for name in dict.fromkeys(names):
+        act = _to_grid(fn, name, acts[name], x, reshape)
+        dtype = act.dtype
+        maps[name] = _rounded(_finish(fn, make_map(_at_least_float32(act)), x, relu, upsample), x, dtype)
+    return rebuild(maps)
+
+
+def _fem_map(act: Tensor, k: float) -> Tensor:
+    """FEM's map: channel weights are the share of positions above ``mean + k std`` of the channel."""
+    spatial = tuple(range(2, act.ndim))
+    mean = act.mean(dim=spatial, keepdim=True)
+    std = act.std(dim=spatial, keepdim=True, correction=0)
+    weights = (act > mean + k * std).to(act.dtype).mean(dim=spatial, keepdim=True)
+    return (weights * act).sum(dim=1, keepdim=True)
+
+
+@_docs.fill
+def fem(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer, k: float = 2.0,
+        relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
+    """FEM (Feature Explanation Method): channels weighted by how often they exceed their own ``k``-sigma level.
+
+    ``w_k = mean_ij [A_k[i, j] > mu_k + k sigma_k]`` with ``mu_k`` and ``sigma_k`` the mean and
+    (population) standard deviation of channel ``k`` over the grid, and
+    ``map = relu(sum_k w_k A_k)``: class-agnostic, no gradient; ``target`` is validated against the
+    output but does not change the map. Equals pytorch-grad-cam's ``FEM``. The map is
+    differentiable w.r.t. the activations (the weights count positions: their gradient is 0).
+
+    Args:
+      {model_fn}
+      {params}
+      {x.cam}
+      {target}
+      {layer.cam}
+      k: The threshold in standard deviations above the mean. Default: 2.0, as pytorch-grad-cam.
+      {relu.cam}
+      {upsample.cam}
+      {reshape.cam}
+
+    {text.cam_maps}
+
+    Example:
+      >>> fem(fn, params, images, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+
+    Cost: one forward pass, no backward.
+    References: Fuad et al., "Features Understanding in 3D CNNs for Actions Recognition in Video",
+    IPTA 2020.
+    """
+    fn = "fem"
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or k != k:
+        raise _checks.type_error(fn, "k, a float", _checks.describe(k))
+    return _forward_maps(fn, functools.partial(_fem_map, k=float(k)), model_fn, params, x, target, layer, relu,
+                         upsample, reshape)
+
+
+_KERNELS = ("linear", "poly", "rbf", "sigmoid", "cosine")
+
+
+def _kernel_matrix(points: Tensor, kernel: str, gamma: float, degree: int, coef0: float) -> Tensor:
+    """``[B, n, n]`` kernel matrices of ``[B, n, K]`` points (scikit-learn's ``pairwise_kernels``)."""
+    if kernel == "cosine":
+        unit = points / points.norm(dim=2, keepdim=True).clamp_min(torch.finfo(points.dtype).tiny)
+        return unit @ unit.transpose(1, 2)
+    gram = points @ points.transpose(1, 2)
+    if kernel == "linear":
+        return gram
+    if kernel == "poly":
+        return (gamma * gram + coef0) ** degree
+    if kernel == "sigmoid":
+        return torch.tanh(gamma * gram + coef0)
+    sq = points.pow(2).sum(dim=2)
+    return torch.exp(-gamma * (sq[:, :, None] + sq[:, None, :] - 2 * gram).clamp_min(0))
+
+
+def _kpca_map(act: Tensor, kernel: str, gamma: Optional[float], degree: int, coef0: float) -> Tensor:
+    """KPCA-CAM's map, computed in float64 (the ``[n, n]`` kernel matrix is small; its top eigenvector in
+    float32 is off by 3e-5 of the map on the rank tests' nets), returned in ``act``'s dtype."""
+    dtype = act.dtype
+    act = act.double() if act.device.type != "mps" else act
+    points = act.flatten(2).transpose(1, 2)                      # [B, n, K]
+    points = points - points.mean(dim=1, keepdim=True)
+    gram = _kernel_matrix(points, kernel, 1.0 / points.shape[2] if gamma is None else gamma, degree, coef0)
+    gram = (gram - gram.mean(dim=1, keepdim=True) - gram.mean(dim=2, keepdim=True)
+            + gram.mean(dim=(1, 2), keepdim=True))              # centred in feature space
+    values, vectors = torch.linalg.eigh(gram)
+    top = vectors[:, :, -1]                                      # [B, n], the largest eigenvalue's
+    # scikit-learn's sign: the entry of largest magnitude is positive
+    pick = top.abs().argmax(dim=1, keepdim=True)
+    top = top * torch.sign(top.gather(1, pick))
+    projection = top * values[:, -1:].clamp_min(0).sqrt()
+    return projection.reshape(act.shape[0], 1, *act.shape[2:]).to(dtype)
+
+
+@_docs.fill
+def kpca_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+             kernel: str = "sigmoid", gamma: Optional[float] = None, degree: int = 3, coef0: float = 1.0,
+             relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
+    """KPCA-CAM: the activations' first kernel principal component (class-agnostic, like Eigen-CAM).
+
+    Per example, the ``n = h w`` activation vectors (centred over positions) give an ``n x n``
+    kernel matrix ``k(a_i, a_j)``, centred in feature space; the map is its top eigenvector times
+    the square root of its eigenvalue, signed so that the entry of largest magnitude is positive.
+    This is scikit-learn's ``KernelPCA(n_components=1).fit_transform`` as pytorch-grad-cam's
+    ``KPCA_CAM`` calls it, with scikit-learn's kernels: ``"sigmoid"`` ``tanh(gamma <a, b> + coef0)``,
+    ``"rbf"`` ``exp(-gamma |a - b|^2)``, ``"poly"`` ``(gamma <a, b> + coef0)^degree``, ``"linear"``,
+    ``"cosine"``. ``target`` is validated against the output but does not change the map.
+    Differentiable where the top two eigenvalues are distinct.
+
+    Args:
+      {model_fn}
+      {params}
+      {x.cam}
+      {target}
+      {layer.cam}
+      kernel: One of ``"sigmoid"`` (default), ``"rbf"``, ``"poly"``, ``"linear"``, ``"cosine"``.
+      gamma: The kernel's scale; ``None`` is ``1 / K`` (scikit-learn's default). Default: None.
+      degree: The polynomial kernel's degree. Default: 3.
+      coef0: The offset of the sigmoid and polynomial kernels. Default: 1.0.
+      {relu.cam}
+      {upsample.cam}
+      {reshape.cam}
+
+    {text.cam_maps}
+
+    Example:
+      >>> kpca_cam(fn, params, images, layer="layer4", kernel="rbf").shape   # -> [8, 1, 224, 224]
+
+    Cost: one forward pass, no backward; one ``[h w, h w]`` eigendecomposition per example and layer.
+    References: Karmani et al., "KPCA-CAM: Visual Explainability of Deep Computer Vision Models
+    using Kernel PCA", MMSP 2024.
+    """
+    fn = "kpca_cam"
+    if kernel not in _KERNELS:
+        raise _checks.value_error(fn, f"kernel in {_KERNELS}", _checks.describe(kernel))
+    if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0):
+        raise _checks.value_error(fn, "gamma, a float > 0 or None", _checks.describe(gamma))
+    _checks.check_positive_int(fn, "degree", degree)
+    if isinstance(coef0, bool) or not isinstance(coef0, (int, float)):
+        raise _checks.type_error(fn, "coef0, a float", _checks.describe(coef0))
+    make = functools.partial(_kpca_map, kernel=kernel, gamma=None if gamma is None else float(gamma),
+                             degree=degree, coef0=float(coef0))
+    return _forward_maps(fn, make, model_fn, params, x, target, layer, relu, upsample, reshape)
+
+
+@_docs.fill
+def finer_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+              alpha: float = 1.0, comparison: Any = (1, 2, 3), method: Optional[Callable[..., Any]] = None,
+              relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
+    """Finer-CAM: a CAM of the target class's score against the classes the model finds most similar.
+
+    With ``y`` the logits and ``c`` the target class, the classes are ranked by ``|y_j - y_c|``
+    (``c`` itself first); those at the ranks in ``comparison`` (by default the three closest) are
+    compared with ``c`` through the differentiable score
+    ``s = sum_j p_j (y_c - alpha y_j) / (sum_j p_j + 1e-9)``, ``p = softmax(y)``, and ``method``
+    (Grad-CAM by default) explains ``s``. ``alpha = 0`` is ``method`` on ``y_c`` weighted by
+    probabilities; larger ``alpha`` keeps the evidence that tells ``c`` from its neighbours. This is
+    pytorch-grad-cam's ``FinerCAM`` with its ``FinerWeightedTarget`` (ranks beyond the class count
+    are dropped, as there).
+
+    Args:
+      {model_fn}
+      {params}
+      {x.cam}
+      target: ``None`` (the predicted class), int, or ``[B]`` ints (a class index is needed).
+      {layer.cam}
+      alpha: The comparison's strength. Default: 1.0.
+      comparison: The ranks of the compared classes by closeness of their logit (0 is the target
+        itself). Default: ``(1, 2, 3)``.
+      method: The CAM that explains the score, any gradient CAM of this module taking
+        ``(model_fn, params, x, target, layer=, relu=, upsample=, reshape=)``. Default: ``grad_cam``.
+      {relu.cam}
+      {upsample.cam}
+      {reshape.grad_cam}
+
+    {text.cam_maps}
+
+    Example:
+      >>> finer_cam(fn, params, images, labels, layer="layer4", alpha=0.6).shape   # -> [8, 1, 224, 224]
+
+    Cost: as ``method`` (one forward, one backward for Grad-CAM).
+    References: Zhang et al., "Finer-CAM: Spotting the Difference Reveals Finer Details for Visual
+    Explanation", CVPR 2025.
+    """
+    fn = "finer_cam"
+    target = _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
+    if _targets.is_callable(target):
+        raise _checks.type_error(fn, "target: None, an int or [B] ints (the comparison ranks classes)", "a callable")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha != alpha:
+        raise _checks.type_error(fn, "alpha, a float", _checks.describe(alpha))
+    if (not isinstance(comparison, (list, tuple)) or not comparison
+            or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in comparison)):
+        raise _checks.value_error(fn, "comparison, a non-empty tuple of ranks >= 1", _checks.describe(comparison))
+    method = grad_cam if method is None else method
+    _checks.check_optional_callable(fn, "method", method)
+    resolve_layers(fn, model_fn, layer)   # a bad layer is named here, not by ``method``
+    chosen = _targets.selector(model_fn)
+    ranks = list(comparison)
+
+    def finer_score(out: Any) -> Tensor:
+        logits = _targets.select_output(out, chosen, fn=fn)
+        main = _targets.resolve_index(out, target, fn=fn, output=chosen)[:, None]
+        kept = [r for r in ranks if r < logits.shape[1]]
+        if not kept:
+            raise _checks.value_error(fn, f"comparison ranks below the class count {logits.shape[1]}",
+                                      _checks.describe(comparison))
+        own = logits.gather(1, main)
+        order = torch.argsort((logits - own).detach().abs(), dim=1, stable=True)
+        others = order[:, kept]
+        probs = torch.softmax(logits, dim=1).gather(1, others)
+        return (probs * (own - alpha * logits.gather(1, others))).sum(dim=1) / (probs.sum(dim=1) + 1e-9)
+
+    return method(model_fn, params, x, finer_score, layer=layer, relu=relu, upsample=upsample, reshape=reshape)
+
+
+@_docs.fill
+def shapley_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Layer,
+                relu: bool = True, upsample: bool = True,
+                reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
+    """ShapleyCAM: Grad-CAM with the gradient corrected by half the Hessian applied to the activations.
+
+    With ``g = d y_c / d A`` and ``h = (d^2 y_c / d A^2) A`` (a Hessian-vector product),
+    ``w_k = mean_ij (g - h / 2)_k[i, j]`` and ``map = relu(sum_k w_k A_k)``: the second-order
+    Taylor estimate of each channel's Shapley value. For a network piecewise linear after the
+    layer (ReLU, max pooling, linear) ``h = 0`` almost everywhere and this is Grad-CAM. Equals
+    pytorch-grad-cam's ``ShapleyCAM``. Several layers are explained one at a time (each its own
+    Hessian-vector product).
+
+    Args:
+      {args.grad_cam}
+
+    {text.cam_maps}
+
+    Example:
+      >>> shapley_cam(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+
+    Cost: per layer one forward, one backward to the layer, and the backward of that backward
+    (forward and backward twice, roughly).
+    References: Cai et al., "CAMs as Shapley Value-based Explainers", arXiv:2501.06261, 2025.
+    """
+    fn = "shapley_cam"
+    target = _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
+    names, rebuild = resolve_layers(fn, model_fn, layer)
+    chosen = _targets.selector(model_fn)
+    maps: Dict[str, Tensor] = {}
+    for name in dict.fromkeys(names):
+        shape, dtype = layer_shapes(model_fn, params, x, [name], fn)[name]
+        zero = torch.zeros(shape, dtype=dtype, device=_inputs.device_of(x))
+
+        def score(delta: Tensor, name: str = name) -> Any:
+            out, acts = intermediates(model_fn, layers=[name], perturb={name: delta}, fn=fn)(params, x)
+            return _targets.resolve(out, target, fn=fn, output=chosen).sum(), acts[name]
+
+        def along_activation(delta: Tensor) -> Any:
+            # <g(delta), A>: its gradient at delta = 0 is H A (A does not depend on delta)
+            grad, act = grad_of_sum(score, delta, has_aux=True)
+            return (grad * act).sum(), (grad, act)
+
+        hvp, (grad, raw) = grad_of_sum(along_activation, zero, has_aux=True)
+        act = _to_grid(fn, name, raw, x, reshape)
+        if reshape is not None:
+            grad, hvp = reshape(grad), reshape(hvp)
+        act, grad, hvp = _at_least_float32(act), _at_least_float32(grad), _at_least_float32(hvp)
+        weights = (grad - 0.5 * hvp).mean(dim=tuple(range(2, grad.ndim)), keepdim=True)
+        maps[name] = _rounded(_finish(fn, (weights * act).sum(dim=1, keepdim=True), x, relu, upsample), x, dtype)
+    return rebuild(maps)
+
+
+def _integrated_score_weights(fn: str, model_fn, params, x, target, layer, batch_size, reshape, samples: int,
+                              masked_input: Callable[[int, Tensor, Tensor, Tensor], Tensor]) -> Any:
+    """torchcam's SS-CAM / IS-CAM weights: ``softmax_k(mean_s (y(masked_input(s, masks, x, rows)) - y(x)))``.
+
+    Each channel is min-max normalised on the layer's grid (``(A - min) / (max - min + 1e-8)``),
+    then resized to ``x``'s grid (linear, bilinear or trilinear, ``align_corners=False``): the masks.
+    Row ``r`` of the ``B K`` masks is image ``r // K``'s channel ``r % K``; for each sample ``s`` the
+    rows are scored in chunks of ``batch_size`` (each chunk's masks are made when it runs). Returns
+    ``(act [B, K, *grid], weights [B, K])``.
+    """
+    names, _ = resolve_layers(fn, model_fn, layer)
+    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
+    act = _to_grid(fn, names[0], acts[names[0]], x, reshape)
+    if act.ndim != x.ndim:
+        raise _checks.value_error(fn, f"layer {names[0]!r} to output [B, K, *grid] with x's {x.ndim - 2} grid axes",
+                                  _checks.describe(act), f"Name a {x.ndim - 2}-d convolutional layer.")
+    batch, channels = act.shape[:2]
+    chosen = _targets.selector(model_fn)
+    call_target = _targets.is_callable(target)
+    index = None if call_target else _targets.resolve_index(out, target, fn=fn, output=chosen)
+
+    def score(scored: Any, rows: Tensor) -> Tensor:
+        if index is None:
+            return _targets.resolve(scored, target, fn=fn)
+        return _targets.select_output(scored, chosen, fn=fn).gather(1, index.index_select(0, rows)[:, None]).squeeze(1)
+
+    base = score(out, torch.arange(batch, device=x.device))
+    grid_dims = tuple(range(2, act.ndim))
+    normed = _at_least_float32(act)
+    normed = normed - normed.amin(dim=grid_dims, keepdim=True)
+    normed = normed / (normed.amax(dim=grid_dims, keepdim=True) + 1e-8)
+    channel_maps = normed.reshape(batch * channels, 1, *act.shape[2:])
+    image_of = torch.arange(batch, device=x.device).repeat_interleave(channels)
+    mode = _grid.INTERPOLATION[x.ndim - 2]
+    total: Any = 0
+    for s in range(samples):
+        scores: List[Tensor] = []
+        for start in range(0, batch * channels, batch_size):
+            rows = image_of[start:start + batch_size]
+            masks = F.interpolate(channel_maps[start:start + batch_size], size=x.shape[2:], mode=mode,
+                                  align_corners=False)
+            scored = model_fn(params, masked_input(s, masks, x.index_select(0, rows), rows).to(x.dtype))
+            scores.append(score(scored, rows) - base.index_select(0, rows))
+        total = total + torch.cat(scores)
+    weights = torch.softmax((total / samples).reshape(batch, channels), dim=1)
+    return act, weights
+
+
+def _check_score_options(fn: str, model_fn, params, x, target, relu, upsample, reshape, layer, batch_size,
+                         samples) -> Any:
+    target = _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True, resizes_x=True)
+    _checks.check_positive_int(fn, "batch_size", batch_size)
+    _checks.check_positive_int(fn, "samples", samples)
+    if isinstance(layer, (list, tuple, dict)):
+        raise _checks.type_error(fn, "layer, one dotted name or module (one layer per call)",
+                                 _checks.describe(layer), f"Call {fn} once per layer.")
+    return target
+
+
+def _check_std(fn: str, std: Any) -> float:
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0:
+        raise _checks.value_error(fn, "std, a float >= 0", _checks.describe(std))
+    return float(std)
+
+
+@_docs.fill
+def sscam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: LayerSpec,
+          samples: int = 35, std: float = 2.0, batch_size: int = 32, generator: Optional[torch.Generator] = None,
+          relu: bool = True, upsample: bool = True, reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """SS-CAM (Smoothed Score-CAM): Score-CAM weights averaged over masks with Gaussian noise.
+
+    Each channel ``A_k`` is min-max normalised on the layer's grid and resized to ``x``'s
+    (``align_corners=False``) into ``M_k``; for each of ``samples`` draws the model scores
+    ``(M_k + n) * x`` with noise ``n ~ N(0, std^2)`` of ``x``'s grid, and
+    ``w = softmax_k(mean_s (y_c((M_k + n_s) * x) - y_c(x)))``, ``map = relu(sum_k w_k A_k)`` on
+    the layer's grid (raw logits ``y_c``, or a callable target's value). This is torchcam 0.5's
+    ``SSCAM``, noise included: per sample, the noise is drawn as one ``[B, K, *grid]`` normal draw
+    would be, row after row (chunk by chunk here, so only ``batch_size`` masks exist at once); on
+    CPU these are the very numbers torchcam draws when ``generator`` is seeded as torchcam's global
+    generator and ``x``'s grid has a multiple of 16 elements (torch fills CPU normals 16 at a time).
+    The noise is drawn in float32.
+
+    No gradient is needed; autograd is left as the caller has it (as :func:`score_cam`).
+
+    Args:
+      {model_fn}
+      {params}
+      x: A batch ``[B, C, *grid]`` with 1 to 3 grid axes.
+      target: ``None`` (the class predicted for ``x``), int, ``[B]`` ints, or a callable ``out -> [n]``
+        applied to each batch of ``n`` masked inputs (row by row).
+      layer: One dotted module name or module with output ``[B, K, *grid]`` (``x``'s grid axes).
+      samples: Noisy draws per mask. Default: 35 (torchcam's).
+      std: The noise's standard deviation. Default: 2.0 (torchcam's).
+      batch_size: The most masked inputs in one forward pass. Default: 32.
+      generator: The source of the noise; ``None`` draws from the global generator. Default: None.
+      {relu.cam}
+      {upsample.cam}
+      {reshape.cam}
+
+    Returns:
+      ``[B, 1, *grid]`` of ``x``'s grid (the layer's grid with ``upsample=False``).
+
+    Raises:
+      ValueError: an unknown layer or one without ``x``'s grid axes, ``samples`` or ``batch_size``
+        below 1, ``std`` below 0, a generator on another device, a target out of range, NaN input.
+      TypeError: several layers, a bad ``batch_size``, target, generator or layer type.
+
+    Example:
+      >>> sscam(fn, params, images, labels, layer="layer4", generator=torch.Generator().manual_seed(0))
+
+    Cost: one forward, then ``samples ceil(B K / batch_size)`` forwards of up to ``batch_size``
+    masked inputs; no backward.
+    References: Wang et al., "SS-CAM: Smoothed Score-CAM for Sharper Visual Feature Localization",
+    arXiv:2006.14255, 2020.
+    """
+    fn = "sscam"
+    target = _check_score_options(fn, model_fn, params, x, target, relu, upsample, reshape, layer, batch_size, samples)
+    spread = _check_std(fn, std)
+    _checks.check_generator(fn, generator)
+    _checks.check_generator_device(fn, generator, x)
+
+    def noisy(s: int, masks: Tensor, images: Tensor, rows: Tensor) -> Tensor:
+        noise = torch.randn(masks.shape, generator=generator, device=masks.device, dtype=torch.float32) * spread
+        return (masks + noise.to(masks.dtype)) * images
+
+    act, weights = _integrated_score_weights(fn, model_fn, params, x, target, layer, batch_size, reshape, samples,
+                                             noisy)
+    maps = torch.einsum("bk,bk...->b...", weights.to(act.dtype), act).unsqueeze(1)
+    return _finish(fn, maps, x, relu, upsample)
+
+
+@_docs.fill
+def iscam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: LayerSpec,
+          samples: int = 10, batch_size: int = 32, relu: bool = True, upsample: bool = True,
+          reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """IS-CAM (Integrated Score-CAM): Score-CAM weights integrated over scaled copies of each masked input.
+
+    With ``M_k`` each channel min-max normalised on the layer's grid and resized to ``x``'s
+    (``align_corners=False``), the model scores ``c_s M_k x`` for ``s = 1 .. N`` with
+    ``c_s = sum_(j <= s) j / N``, and ``w = softmax_k(mean_s (y_c(c_s M_k x) - y_c(x)))``,
+    ``map = relu(sum_k w_k A_k)`` on the layer's grid. This is torchcam 0.5's ``ISCAM``
+    (its coefficients grow past 1: ``c_N = (N + 1) / 2``). Deterministic; no gradient is needed
+    and autograd is left as the caller has it (as :func:`score_cam`).
+
+    Args:
+      {model_fn}
+      {params}
+      x: A batch ``[B, C, *grid]`` with 1 to 3 grid axes.
+      target: ``None`` (the class predicted for ``x``), int, ``[B]`` ints, or a callable ``out -> [n]``
+        applied to each batch of ``n`` masked inputs (row by row).
+      layer: One dotted module name or module with output ``[B, K, *grid]`` (``x``'s grid axes).
+      samples: The integration steps ``N``. Default: 10 (torchcam's).
+      batch_size: The most masked inputs in one forward pass. Default: 32.
+      {relu.cam}
+      {upsample.cam}
+      {reshape.cam}
+
+    Returns:
+      ``[B, 1, *grid]`` of ``x``'s grid (the layer's grid with ``upsample=False``).
+
+    Raises:
+      ValueError: an unknown layer or one without ``x``'s grid axes, ``samples`` or ``batch_size``
+        below 1, a target out of range, NaN input.
+      TypeError: several layers, a bad ``batch_size``, target or layer type.
+
+    Example:
+      >>> iscam(fn, params, images, labels, layer="layer4", samples=10).shape   # -> [8, 1, 224, 224]
+
+    Cost: one forward, then ``samples ceil(B K / batch_size)`` forwards of up to ``batch_size``
+    masked inputs; no backward.
+    References: Naidu et al., "IS-CAM: Integrated Score-CAM for axiomatic-based explanations",
+    arXiv:2010.03023, 2020.
+    """
+    fn = "iscam"
+    target = _check_score_options(fn, model_fn, params, x, target, relu, upsample, reshape, layer, batch_size, samples)
+    coefficients = [sum(j / samples for j in range(1, s + 2)) for s in range(samples)]
+
+    def scaled(s: int, masks: Tensor, images: Tensor, rows: Tensor) -> Tensor:
+        return coefficients[s] * (masks * images)
+
+    act, weights = _integrated_score_weights(fn, model_fn, params, x, target, layer, batch_size, reshape, samples,
+                                             scaled)
+    maps = torch.einsum("bk,bk...->b...", weights.to(act.dtype), act).unsqueeze(1)
+    return _finish(fn, maps, x, relu, upsample)
+
+
+@_docs.fill
+def smooth_grad_cam_pp(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: LayerSpec,
+                       samples: int = 4, std: float = 0.3, eps: float = 1e-8,
+                       generator: Optional[torch.Generator] = None, relu: bool = True, upsample: bool = True,
+                       reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """Smooth Grad-CAM++: Grad-CAM++'s alpha from gradient powers averaged over noisy copies of ``x``.
+
+    For ``s = 1 .. N`` the layer's activation ``A_s`` and gradient ``g_s`` are taken at
+    ``x + n_s``, ``n_s ~ N(0, std^2)``; with ``A`` the activation at ``x``,
+    ``alpha = mean_s g_s^2 / (2 mean_s g_s^2 + sum_ij (mean_s g_s^3) A + eps)`` (per channel,
+    the sum over the grid), ``w_k = sum_ij alpha relu(g_N)`` and ``map = relu(sum_k w_k A_N)``.
+    This is torchcam 0.5's ``SmoothGradCAMpp`` exactly, including two of its choices: the weights
+    and the map use the LAST noisy sample's gradient and activation (torchcam's hooks keep the last
+    forward's), and alpha's numerator is the averaged squared gradient (torchcam's correction to the
+    paper). Noise is drawn in float32 as one ``x``-shaped draw per sample: with ``generator``
+    seeded as torchcam's global generator these are torchcam's numbers.
+
+    Args:
+      {model_fn}
+      {params}
+      {x.cam}
+      target: ``None`` (the class predicted for ``x``, kept for every noisy copy), int, ``[B]`` ints,
+        or a callable ``out -> [B]`` (applied to each noisy copy's output).
+      layer: One dotted module name or module.
+      samples: Noisy copies ``N``. Default: 4 (torchcam's).
+      std: The noise's standard deviation, in ``x``'s units. Default: 0.3 (torchcam's).
+      eps: Added to alpha's denominator. Default: 1e-8 (torchcam's).
+      generator: The source of the noise; ``None`` draws from the global generator. Default: None.
+      {relu.cam}
+      {upsample.cam}
+      {reshape.grad_cam}
+
+    {text.cam_maps}
+
+    Example:
+      >>> g = torch.Generator().manual_seed(0)
+      >>> smooth_grad_cam_pp(fn, params, images, labels, layer="layer4", generator=g).shape   # -> [8, 1, 224, 224]
+
+    Cost: one forward, then ``samples`` forwards and backwards to the layer.
+    References: Omeiza et al., "Smooth Grad-CAM++: An Enhanced Inference Level Visualization
+    Technique for Deep Convolutional Neural Network Models", arXiv:1908.01224, 2019.
+    """
+    fn = "smooth_grad_cam_pp"
+    target = _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True)
+    _checks.check_positive_int(fn, "samples", samples)
+    spread = _check_std(fn, std)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise _checks.value_error(fn, "eps, a float >= 0", _checks.describe(eps))
+    _checks.check_generator(fn, generator)
+    _checks.check_generator_device(fn, generator, x)
+    if isinstance(layer, (list, tuple, dict)):
+        raise _checks.type_error(fn, "layer, one dotted name or module (one layer per call)",
+                                 _checks.describe(layer), f"Call {fn} once per layer.")
+    names, _ = resolve_layers(fn, model_fn, layer)
+    name = names[0]
+    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
+    clean = _at_least_float32(_to_grid(fn, name, acts[name], x, reshape))
+    if not _targets.is_callable(target):
+        target = _targets.resolve_index(out, target, fn=fn, output=_targets.selector(model_fn))
+    g2: Any = 0
+    g3: Any = 0
+    for _ in range(samples):
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32) * spread
+        result = layer_gradients(model_fn, params, x + noise.to(x.dtype), target, layers=names, fn=fn)
+        act = _to_grid(fn, name, result.acts[name], x, reshape)
+        grad = _at_least_float32(result.grads[name] if reshape is None else reshape(result.grads[name]))
+        g2 = g2 + grad.pow(2)
+        g3 = g3 + grad.pow(3)
+    g2, g3 = g2 / samples, g3 / samples
+    spatial = tuple(range(2, clean.ndim))
+    alpha = g2 / (2 * g2 + (g3 * clean).sum(dim=spatial, keepdim=True) + eps)
+    weights = (alpha * torch.relu(grad)).sum(dim=spatial, keepdim=True)
+    maps = (weights * _at_least_float32(act)).sum(dim=1, keepdim=True)
+    return _rounded(_finish(fn, maps, x, relu, upsample), x, act.dtype)
+
+
+class Factorization(NamedTuple):
+    """What :func:`deep_feature_factorization` returns.
+
+    Attributes:
+      maps: ``[B, n, *grid]``, each concept's map (``x``'s grid, or the layer's with ``upsample=False``).
+      concepts: ``[n, K]``, each concept's embedding in the layer's ``K`` channels.
+      scores: ``classifier(concepts)`` (``[n, classes]`` for a linear head), or ``None`` without a classifier.
+    """
+
+    maps: Tensor
+    concepts: Tensor
+    scores: Optional[Tensor]
+
+
+def _nmf_sweep(X: Tensor, W: Tensor, Ht: Tensor) -> Tuple[Tensor, Tensor]:
+    """One coordinate-descent sweep over ``W``'s columns for ``X ~ W Ht^T`` (``W >= 0``); the sum of the
+    projected gradients' magnitudes before each update (scikit-learn's violation).
+
+    Column ``t`` of every row moves to ``max(0, W_t - grad_t / hess_t)`` with the columns before it
+    already updated (the rows are independent, so they update together)."""
+    HHt = Ht.T @ Ht
+    XHt = X @ Ht
+    W = W.clone()
+    violation = W.new_zeros(())
+    for t in range(W.shape[1]):
+        grad = W @ HHt[:, t] - XHt[:, t]
+        projected = torch.where(W[:, t] == 0, grad.clamp_max(0), grad)
+        violation = violation + projected.abs().sum()
+        hess = HHt[t, t]
+        if hess != 0:
+            W[:, t] = (W[:, t] - grad / hess).clamp_min(0)
+    return W, violation
+
+
+def _nmf(X: Tensor, W: Tensor, H: Tensor, iterations: int, tol: float) -> Tuple[Tensor, Tensor]:
+    """``X ~ W H`` with ``W, H >= 0`` by scikit-learn's coordinate descent (``NMF(solver="cd")``: Frobenius
+    loss, no regularisation, no shuffling), from ``(W, H)``; stops when the violation falls to ``tol``
+    times the first sweep's."""
+    Ht = H.T
+    first = None
+    for _ in range(iterations):
+        W, v_w = _nmf_sweep(X, W, Ht)
+        Ht, v_h = _nmf_sweep(X.T, Ht, W)
+        violation = float(v_w + v_h)
+        first = violation if first is None else first
+        if first == 0 or violation / first <= tol:
+            break
+    return W, Ht.T
+
+
+@_docs.fill
+def deep_feature_factorization(model_fn: ModelFn, params: Params, x: Tensor, *, layer: LayerSpec,
+                               components: int = 5, classifier: Optional[Callable[[Tensor], Tensor]] = None,
+                               iterations: int = 200, tol: float = 1e-4, init: Optional[Tuple[Tensor, Tensor]] = None,
+                               generator: Optional[torch.Generator] = None, upsample: bool = True,
+                               reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Factorization:
+    """Deep Feature Factorization: concepts shared by a batch, by non-negative matrix factorisation of a layer.
+
+    The layer's activations ``[B, K, *grid]`` are laid out as ``X`` ``[K, B h w]`` (a channel per row),
+    each row shifted by its minimum (``X - m``, so ``X >= 0``), and factorised as ``X - m ~ W H`` with
+    ``W [K, n]``, ``H [n, B h w]`` non-negative: ``H`` reshaped to ``[B, n, *grid]`` are the concept
+    maps, ``W + m`` (transposed, ``[n, K]``) the concepts, and ``classifier(concepts)`` their scores
+    (e.g. the model's last linear layer: which classes each concept stands for). The concepts are
+    shared by the whole batch.
+
+    The factorisation is scikit-learn's ``NMF(n, init="random", solver="cd")`` as pytorch-grad-cam's
+    ``DeepFeatureFactorization`` runs it: the same initialisation recipe (``|N(0, 1)| sqrt(mean(X) /
+    n)``, ``H`` drawn before ``W``, from ``generator`` here and NumPy's ``RandomState(0)`` there),
+    the same coordinate-descent sweeps and stopping rule, in at least float64. Given scikit-learn's
+    initial ``(W, H)`` as ``init``, the maps and concepts equal pytorch-grad-cam's (before its
+    per-map min-max scaling). With another initialisation the factorisation may differ: NMF's
+    solutions are unique at best up to the order and scale of the concepts. Maps are not scaled.
+    The result is computed without autograd (an iterative solver with a data-dependent stop).
+
+    Args:
+      {model_fn}
+      {params}
+      {x.cam}
+      layer: One dotted module name or module.
+      components: The number of concepts ``n``. Default: 5.
+      classifier: A callable applied to the concepts ``[n, K]`` (e.g. ``lambda c: fn(params_fc, c)``
+        or the model's ``fc``); ``None`` leaves ``scores`` ``None``. Default: None.
+      iterations: The most coordinate-descent sweeps (of ``W`` then ``H``). Default: 200 (scikit-learn's).
+      tol: Stop once the projected gradient's magnitude falls to ``tol`` times the first sweep's.
+        Default: 1e-4 (scikit-learn's).
+      init: ``(W [K, n], H [n, B h w])``, a non-negative starting point; ``None`` draws one. Default: None.
+      generator: The source of the initialisation when ``init`` is None; ``None`` draws from the
+        global generator. Default: None.
+      {upsample.cam}
+      {reshape.cam}
+
+    Returns:
+      :class:`Factorization` ``(maps, concepts, scores)``.
+
+    Raises:
+      ValueError: an unknown layer, ``components``, ``iterations`` below 1, ``tol`` below 0, an
+        ``init`` of the wrong shape or with negative entries, NaN input.
+      TypeError: several layers, a bad classifier, generator or layer type.
+
+    Example:
+      >>> maps, concepts, scores = deep_feature_factorization(fn, params, images, layer="layer4",
+      ...                                                     classifier=model.fc)   # maps [8, 5, 224, 224]
+
+    Cost: one forward pass; then per sweep ``O(K B h w n)`` for the products and ``2 n`` column updates.
+    References: Collins et al., "Deep Feature Factorization for Concept Discovery", ECCV 2018.
+    """
+    fn = "deep_feature_factorization"
+    _check_common(fn, model_fn, params, x, None, True, upsample, reshape)
+    _checks.check_positive_int(fn, "components", components)
+    _checks.check_positive_int(fn, "iterations", iterations)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise _checks.value_error(fn, "tol, a float >= 0", _checks.describe(tol))
+    _checks.check_optional_callable(fn, "classifier", classifier)
+    _checks.check_generator(fn, generator)
+    if isinstance(layer, (list, tuple, dict)):
+        raise _checks.type_error(fn, "layer, one dotted name or module (one layer per call)", _checks.describe(layer))
+    names, _ = resolve_layers(fn, model_fn, layer)
+    with torch.no_grad():
+        _, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
+        act = _to_grid(fn, names[0], acts[names[0]], x, reshape)
+        batch, channels, grid = act.shape[0], act.shape[1], act.shape[2:]
+        dtype = torch.promote_types(act.dtype, torch.float64)
+        X = torch.nan_to_num(act.to(dtype).transpose(0, 1).reshape(channels, -1), nan=0.0)
+        offset = X.amin(dim=1, keepdim=True)
+        X = X - offset
+        if init is None:
+            scale = (X.mean() / components).sqrt()
+            H = scale * torch.randn(components, X.shape[1], generator=generator, dtype=torch.float32,
+                                    device=X.device).to(dtype).abs()
+            W = scale * torch.randn(channels, components, generator=generator, dtype=torch.float32,
+                                    device=X.device).to(dtype).abs()
+        else:
+            if (not isinstance(init, (tuple, list)) or len(init) != 2
+                    or not all(isinstance(t, Tensor) for t in init)):
+                raise _checks.type_error(fn, "init, a pair of tensors (W, H) or None", _checks.describe(init))
+            W, H = (torch.as_tensor(t).to(device=X.device, dtype=dtype) for t in init)
+            shapes_ok = W.shape == (channels, components) and H.shape == (components, X.shape[1])
+            if not shapes_ok or (W < 0).any() or (H < 0).any():
+                raise _checks.value_error(fn, f"init (W [{channels}, {components}], H [{components}, {X.shape[1]}]), "
+                                          "non-negative", f"W {tuple(W.shape)}, H {tuple(H.shape)}")
+        W, H = _nmf(X, W, H, iterations, float(tol))
+        concepts = (W + offset).T.contiguous()
+        maps = H.reshape(components, batch, *grid).transpose(0, 1)
+        image = _image_of(x)
+        if upsample:
+            maps = _finish(fn, maps.reshape(batch * components, 1, *grid), x, False, True)
+            maps = maps.reshape(batch, components, *maps.shape[2:])
+        out_dtype = image.dtype if image is not None else act.dtype
+        maps, concepts = maps.to(out_dtype), concepts.to(out_dtype)
+        scores = classifier(concepts) if classifier is not None else None
+    return Factorization(maps, concepts, scores)
+
+
+def _min_max(maps: Tensor, eps: float = 1e-7) -> Tensor:
+    """Each example's map shifted to minimum 0 and divided by ``max + eps`` (pytorch-grad-cam's scaling)."""
+    flat = maps.flatten(1)
+    flat = flat - flat.amin(dim=1, keepdim=True)
+    return (flat / (flat.amax(dim=1, keepdim=True) + eps)).reshape(maps.shape)
+
+
+@_docs.fill
+def refine_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Any,
+               method: Optional[Callable[..., Any]] = None,
+               reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """RefineCAM: the product of several layers' CAMs, each scaled to [0, 1] at ``x``'s size.
+
+    Each layer's map ``m_l = method(..., layer=l, relu=True, upsample=True)`` is min-max scaled per
+    example (``(m - min) / (max - min + 1e-7)``); the product over the layers is scaled the same
+    way. A deep layer's coarse map keeps a shallow layer's fine but noisy map where the object is.
+    This is pytorch-grad-cam's ``RefineCAM`` (its default ``method`` is Grad-CAM++, as here); its
+    scaling before resizing changes nothing (resizing is linear, the scaling affine).
+
+    Args:
+      {model_fn}
+      {params}
+      {x.cam}
+      {target}
+      layer: A list or tuple of dotted module names or modules (one layer gives its scaled map).
+      method: Any CAM of this module taking ``layer=`` (a list), ``relu=``, ``upsample=`` and
+        ``reshape=``. Default: ``grad_cam_pp``.
+      {reshape.grad_cam}
+
+    Returns:
+      ``[B, 1, *grid]`` of ``x``'s grid, in [0, 1].
+
+    Raises:
+      ValueError: an unknown layer, a layer never reached, a target out of range, NaN input.
+      TypeError: integer images, a bad target, layer or method type.
+
+    Example:
+      >>> refine_cam(fn, params, images, labels, layer=["layer2", "layer3", "layer4"]).shape   # -> [8, 1, 224, 224]
+
+    Cost: that of ``method`` on all the layers at once (one forward and one backward for the gradient CAMs).
+    References: pytorch-grad-cam's ``RefineCAM`` (arXiv:2605.14641).
+    """
+    fn = "refine_cam"
+    _check_common(fn, model_fn, params, x, target, True, True, reshape, resizes_x=True)
+    layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+    if not layers or isinstance(layer, dict):
+        raise _checks.type_error(fn, "layer, a layer or a non-empty list or tuple of layers", _checks.describe(layer),
+                                 "RefineCAM multiplies the maps of several layers.")
+    resolve_layers(fn, model_fn, layers)
+    method = grad_cam_pp if method is None else method
+    _checks.check_optional_callable(fn, "method", method)
+    maps = method(model_fn, params, x, target, layer=layers, relu=True, upsample=True, reshape=reshape)
+    product = _min_max(_at_least_float32(maps[0]))
+    for m in maps[1:]:
+        product = product * _min_max(_at_least_float32(m))
+    return _min_max(product).to(x.dtype)
