@@ -24,6 +24,7 @@ from .evaluation.metrics import (deletion, energy_pointing_game, infidelity, ins
 from .methods.attention import attention_probabilities, attention_rollout, grad_rollout, legrad
 from .methods.cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad_cam_pp, hires_cam, layer_cam,
                           score_cam, xgrad_cam)
+from .methods.detection import drise
 from .methods.features import feature_ablation, kernel_shap, lime, shapley_value_sampling, shapley_values
 from .methods.gradient import input_x_gradient, saliency, smooth
 from .methods.lrp import lrp
@@ -44,7 +45,7 @@ __all__ = [
     "fullgrad",
     "deeplift", "deeplift_shap", "guided_backprop", "deconvolution",
     "lrp",
-    "occlusion", "rise",
+    "occlusion", "rise", "drise",
     "feature_ablation", "shapley_values", "shapley_value_sampling", "kernel_shap", "lime", "masks",
     "attention_rollout", "grad_rollout", "legrad", "attention_probabilities",
     "attribute_dataset", "open_attributions", "Attributions",

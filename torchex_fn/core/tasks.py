@@ -22,7 +22,7 @@ from torch import Tensor
 from . import checks as _checks
 
 __all__ = ["box_score", "segmentation", "similarity", "regression", "softmax", "binary", "rest", "box_iou",
-           "detections"]
+           "detections", "given_boxes", "best_match", "to_xyxy", "check_box_format"]
 
 _BOX_FORMATS = ("xyxy", "cxcywh")
 
@@ -44,14 +44,14 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
-def _to_xyxy(boxes: Tensor, box_format: str) -> Tensor:
+def to_xyxy(boxes: Tensor, box_format: str) -> Tensor:
     if box_format == "xyxy":
         return boxes
     centre, size = boxes[..., :2], boxes[..., 2:4]
     return torch.cat([centre - size / 2, centre + size / 2], dim=-1)
 
 
-def _check_box_format(fn: str, box_format: Any) -> None:
+def check_box_format(fn: str, box_format: Any) -> None:
     if box_format not in _BOX_FORMATS:
         raise _checks.value_error(fn, f"box_format in {_BOX_FORMATS}", _checks.describe(box_format))
 
@@ -67,14 +67,14 @@ def _as_tensor(value: Any) -> Any:
     return value
 
 
-def _given_boxes(fn: str, boxes: Any, labels: Any) -> Tuple[Union[Tensor, List[Tensor]], Union[Tensor, List[Tensor]]]:
+def given_boxes(fn: str, boxes: Any, labels: Any) -> Tuple[Union[Tensor, List[Tensor]], Union[Tensor, List[Tensor]]]:
     """``boxes``/``labels`` as ``[K, 4]``/``[K]`` shared by every example, ``[B, K, 4]``/``[B, K]``, or lists
     of ``B`` such tensors (a number of boxes per example)."""
     if isinstance(boxes, (list, tuple)) and boxes and all(isinstance(b, Tensor) for b in boxes):
         if not isinstance(labels, (list, tuple)) or len(labels) != len(boxes):
             raise _checks.value_error(fn, f"labels as a list of {len(boxes)} tensors, one per example like boxes",
                                       _checks.describe(labels))
-        pairs = [_given_boxes(fn, b, lab) for b, lab in zip(boxes, labels)]
+        pairs = [given_boxes(fn, b, lab) for b, lab in zip(boxes, labels)]
         if any(isinstance(b, list) or b.ndim != 2 for b, _ in pairs):
             raise _checks.value_error(fn, "each example's boxes of shape [K, 4]", _checks.describe(boxes))
         return [b for b, _ in pairs], [lab for _, lab in pairs]  # type: ignore[misc]
@@ -114,7 +114,7 @@ def detections(out: Any, *, fn: str, box_format: str = "xyxy") -> List[Tuple[Ten
             raise _checks.value_error(fn, "a detector output: torchvision's list of dicts or a raw tensor "
                                       "[B, N, 4 + classes]", _checks.describe(out))
         classes = out[..., 4:]
-        return [(_to_xyxy(out[b, :, :4], box_format), classes[b].argmax(-1), classes[b]) for b in range(out.shape[0])]
+        return [(to_xyxy(out[b, :, :4], box_format), classes[b].argmax(-1), classes[b]) for b in range(out.shape[0])]
     if isinstance(out, Mapping) and "boxes" in out:
         out = [out]
     if not isinstance(out, (list, tuple)) or not all(
@@ -123,7 +123,7 @@ def detections(out: Any, *, fn: str, box_format: str = "xyxy") -> List[Tuple[Ten
                                   "'scores' (Faster R-CNN, RetinaNet, FCOS, SSD in eval mode) or a raw tensor "
                                   "[B, N, 4 + classes]", _checks.describe(out),
                                   "A detector in training mode returns losses: call `model.eval()` first.")
-    return [(_to_xyxy(d["boxes"], box_format), d["labels"], d["scores"]) for d in out]
+    return [(to_xyxy(d["boxes"], box_format), d["labels"], d["scores"]) for d in out]
 
 
 def box_score(boxes: Any, labels: Any, *, iou_threshold: float = 0.5,
@@ -156,17 +156,17 @@ def box_score(boxes: Any, labels: Any, *, iou_threshold: float = 0.5,
       >>> tx.grad_cam(model_fn, params, images, target, layer="backbone.body.features.16")
     """
     fn = "targets.box_score"
-    given, classes = _given_boxes(fn, boxes, labels)
+    given, classes = given_boxes(fn, boxes, labels)
     per_example = isinstance(given, list) or given.ndim == 3
     if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, numbers.Real) or not 0 <= iou_threshold < 1:
         raise _checks.value_error(fn, "iou_threshold in [0, 1)", _checks.describe(iou_threshold))
-    _check_box_format(fn, box_format)
+    check_box_format(fn, box_format)
 
     def score(out: Any) -> Tensor:
         found = detections(out, fn=fn, box_format=box_format)
         totals = []
         for b, (pred, pred_labels, pred_scores) in enumerate(found):
-            mine = _to_xyxy(_for_example(given, b, len(found), fn, per_example).to(pred), box_format)
+            mine = to_xyxy(_for_example(given, b, len(found), fn, per_example).to(pred), box_format)
             wanted = _for_example(classes, b, len(found), fn, per_example).to(pred_labels.device)
             if pred.shape[0] == 0 or mine.shape[0] == 0:
                 totals.append(pred.sum() * 0)  # no box: 0 (still attached to the graph)
@@ -181,6 +181,29 @@ def box_score(boxes: Any, labels: Any, *, iou_threshold: float = 0.5,
             totals.append(torch.where(hit, best + picked, torch.zeros_like(best)).sum())
         return torch.stack(totals)
     return score
+
+
+def best_match(found: Tuple[Tensor, Tensor, Optional[Tensor]], boxes: Tensor, labels: Tensor) -> Tensor:
+    """D-RISE's similarity of each given detection to its best predicted one, ``[K]``.
+
+    ``max_j IoU(box_k, box_j) * cos(P_k, P_j) * O_j`` (Petsiuk et al. 2021) for ``found`` from
+    :func:`detections`. With class scores per prediction (a raw output) ``P_k`` is the one-hot vector of
+    ``labels[k]`` and ``P_j`` the prediction's class scores, ``O_j = 1``; with torchvision's output
+    (a label and a score per box) ``P_j`` is one-hot too, so the cosine is ``[label_j = label_k]`` and
+    ``O_j`` is the score. ``boxes`` ``[K, 4]`` are ``(x1, y1, x2, y2)``; 0 when nothing was predicted.
+    """
+    pred, pred_labels, pred_scores = found
+    if pred.shape[0] == 0:
+        return boxes.new_zeros(boxes.shape[0])
+    iou = box_iou(boxes.to(pred), pred).nan_to_num(0.0)                     # [K, N] (empty pairs: 0)
+    wanted = labels.to(pred_labels.device)
+    assert pred_scores is not None
+    if pred_scores.ndim == 2:
+        norm = pred_scores.norm(dim=1).clamp_min(torch.finfo(pred_scores.dtype).tiny)
+        cosine = pred_scores[:, wanted].T / norm                            # [K, N]
+        return (iou * cosine).max(dim=1).values
+    same = (pred_labels[None, :] == wanted[:, None]).to(iou.dtype)
+    return (iou * same * pred_scores[None, :]).max(dim=1).values
 
 
 # --------------------------------------------------------------------------------------------
