@@ -151,8 +151,8 @@ def box_score(boxes: Any, labels: Any, *, iou_threshold: float = 0.5,
 
     Example:
       >>> model_fn, params = tx.functionalize(fasterrcnn.eval())
-      >>> found = fasterrcnn(images)[0]
-      >>> target = tx.targets.box_score(found["boxes"][:3], found["labels"][:3])
+      >>> top = {k: v[:3] for k, v in fasterrcnn(images)[0].items()}
+      >>> target = tx.targets.box_score(top["boxes"], top["labels"])
       >>> tx.grad_cam(model_fn, params, images, target, layer="backbone.body.features.16")
     """
     fn = "targets.box_score"

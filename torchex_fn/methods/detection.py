@@ -98,8 +98,8 @@ def drise(model_fn: ModelFn, params: Params, x: Tensor, boxes: Any, labels: Any,
 
     Example:
       >>> fn, params = tx.functionalize(fasterrcnn.eval())
-      >>> found = fasterrcnn(image)[0]                                     # image [1, 3, H, W]
-      >>> maps = tx.drise(fn, params, image, found["boxes"][:5], found["labels"][:5], num_masks=1000,
+      >>> top = {k: v[:5] for k, v in fasterrcnn(image)[0].items()}       # image [1, 3, H, W]
+      >>> maps = tx.drise(fn, params, image, top["boxes"], top["labels"], num_masks=1000,
       ...                 generator=torch.Generator().manual_seed(0))      # [1, 5, H, W]
 
     Cost: ``ceil(N / max(1, batch_size // B))`` forward passes of up to ``batch_size`` images; no
