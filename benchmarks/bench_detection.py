@@ -74,6 +74,13 @@ def main() -> None:
     }, args.rounds))
     peer.activations_and_grads.release()
 
+    print(_common.machine(args.threads, f"fasterrcnn_mobilenet_v3_large_fpn {height}x{width}, batch 1"))  # noqa: T201
+    print()  # noqa: T201
+    floor_t = cam["floor (forward + grad to the layer)"]
+    print(_common.table(["Grad-CAM, 3 boxes", "median s", "x floor", "x pytorch-grad-cam"], [  # noqa: T201
+        (name, f"{t:.3f}", _common.ratio(t, floor_t), _common.ratio(t, cam["pytorch-grad-cam GradCAM"]))
+        for name, t in cam.items()], right=(1, 2, 3)))
+    print(flush=True)  # noqa: T201
     n, bs = args.masks, args.batch_size
     masked = x * torch.rand(bs, 1, height, width, generator=torch.Generator().manual_seed(2))
 
@@ -89,13 +96,6 @@ def main() -> None:
 
     rise = _common.medians(_common.race({"torchex_fn drise": drise, "bare forwards": bare}, max(2, args.rounds // 2)))
 
-    print(_common.machine(args.threads, f"fasterrcnn_mobilenet_v3_large_fpn {height}x{width}, batch 1"))  # noqa: T201
-    print()  # noqa: T201
-    floor_t = cam["floor (forward + grad to the layer)"]
-    print(_common.table(["Grad-CAM, 3 boxes", "median s", "x floor", "x pytorch-grad-cam"], [  # noqa: T201
-        (name, f"{t:.3f}", _common.ratio(t, floor_t), _common.ratio(t, cam["pytorch-grad-cam GradCAM"]))
-        for name, t in cam.items()], right=(1, 2, 3)))
-    print()  # noqa: T201
     forwards = math.ceil(n / bs)
     print(_common.table([f"D-RISE, N = {n}, {forwards} forwards of {bs}", "median s", "x bare forwards"], [  # noqa: T201
         (name, f"{t:.3f}", _common.ratio(t, rise["bare forwards"])) for name, t in rise.items()], right=(1, 2)))
