@@ -26,6 +26,7 @@ from .methods.cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad
                           score_cam, xgrad_cam)
 from .methods.cam import (deep_feature_factorization, eigen_grad_cam, fem, finer_cam, grad_cam_element_wise, iscam,
                           kpca_cam, refine_cam, seg_eigen_cam, shapley_cam, smooth_grad_cam_pp, sscam)
+from .methods.detection import drise
 from .methods.features import (feature_ablation, feature_permutation, kernel_shap, lime, shapley_value_sampling,
                                 shapley_values)
 from .methods.gradient import input_x_gradient, saliency, smooth
@@ -49,7 +50,7 @@ __all__ = [
     "sscam", "iscam", "smooth_grad_cam_pp", "refine_cam", "deep_feature_factorization",
     "deeplift", "deeplift_shap", "guided_backprop", "deconvolution",
     "lrp",
-    "occlusion", "rise",
+    "occlusion", "rise", "drise",
     "feature_ablation", "feature_permutation", "shapley_values", "shapley_value_sampling", "kernel_shap", "lime",
     "masks",
     "attention_rollout", "grad_rollout", "legrad", "attention_probabilities",

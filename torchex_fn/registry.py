@@ -19,11 +19,15 @@ from typing import Callable, Dict, FrozenSet, Tuple
 
 from .methods import attention, cam, features, gradient, lrp, path, perturbation, propagation
 
-__all__ = ["Method", "METHODS", "RANKS", "GRID_RANKS", "FAMILIES"]
+__all__ = ["Method", "METHODS", "RANKS", "GRID_RANKS", "FAMILIES", "OTHER_FILES"]
 
 RANKS = ("tabular", "sequence", "image", "volume")   # [B, F], [B, C, T], [B, C, H, W], [B, C, D, H, W]
 GRID_RANKS = ("sequence", "image", "volume")
 FAMILIES = ("gradient", "path", "cam", "propagation", "lrp", "perturbation", "features", "attention")
+# Files of methods/ whose functions are not per-input methods ``method(model_fn, params, x, target)``, and why:
+# they stay out of METHODS (no contract case, no command-line --method) and are documented and tested on their own.
+OTHER_FILES = {"detection": "drise explains given detections (boxes and labels, maps [B, K, H, W]), not one target "
+                            "score per example"}
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,21 @@ math backend: same values, up to rounding. Why not decide in ``FunctionalModel``
 it cannot tell a caller's derivative from the method's; :func:`grad_of_sum` sees the primal before
 wrapping it, and the output's tracking after the forward.
 
+Operations torch.func refuses
+-----------------------------
+An ``autograd.Function`` without ``setup_context`` (the legacy ``forward(ctx, ...)`` style, which is
+also what ``torch.library.register_autograd`` generates, so torchvision's ``roi_align`` in Faster /
+Mask R-CNN and any such custom op) cannot run inside a ``torch.func`` transform. When the forward of
+:func:`grad_of_sum` (or :func:`grads_of_sums`) hits one, the same gradient is taken with
+``torch.autograd`` instead: the forward runs once more under autograd w.r.t. fresh leaves standing for
+the primal (the primal's own tensors where a caller's autograd tracks them, so the caller can
+differentiate the result; the backward then records its graph). Every method that differentiates
+goes through here, so all of them work on such models in a plain call, and under the caller's
+``torch.autograd``. A module from ``functionalize`` whose forward was refused once is remembered
+(weakly): its next gradients go to autograd at once, without the partial torch.func forward.
+What cannot work: ``vmap``, ``grad``, ``jacrev``, ... *around* the call (the Function itself
+refuses them); that raises a ``RuntimeError`` saying so.
+
 Caveat: the backend flags (``torch.nn.attention.sdpa_kernel``, ``torch.backends.mha``) are
 process-global, not per thread. While a call holds the math backend, attention run by other threads
 also uses it (same values, up to rounding, slower), and a thread that sets the flags itself during
@@ -60,13 +75,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
+import weakref
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator, List, Optional
 
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
+from torch.utils import _pytree
 
+from . import checks as _checks
 from .env import compiling
 
 
@@ -173,11 +191,13 @@ def math_attention() -> Iterator[None]:
 class _Inner:
     """State of one inner gradient of :func:`grad_of_sum` in progress."""
 
-    __slots__ = ("math", "root")
+    __slots__ = ("math", "root", "autograd", "modules")
 
-    def __init__(self, math: bool):
+    def __init__(self, math: bool, autograd: bool = False):
         self.math = math      # the whole forward holds the math backend
         self.root: Any = None  # the inner output's autograd node (to look for fused attention)
+        self.autograd = autograd  # the forward runs under torch.autograd (a legacy Function), not torch.func
+        self.modules: List[Any] = []  # the functionalized modules the forward entered
 
 
 _INNER: contextvars.ContextVar[Optional[_Inner]] = contextvars.ContextVar("torchex_fn_inner_gradient", default=None)
@@ -219,6 +239,119 @@ def _has_fused_attention(root: Any) -> bool:
     return False
 
 
+# --------------------------------------------------------------------------------------------
+# Operations torch.func refuses: an ``autograd.Function`` without ``setup_context``.
+
+_LEGACY_TEXT = "must override the setup_context staticmethod"
+
+# Modules whose forward reached such a Function: their next inner gradient goes to torch.autograd at
+# once (FunctionalModel calls enter_model first thing), instead of running the forward up to it again.
+_LEGACY_MODULES: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class _NeedsAutograd(Exception):
+    """Raised by :func:`enter_model` to leave a torch.func forward before it starts."""
+
+
+def _is_legacy(error: BaseException) -> bool:
+    seen: Optional[BaseException] = error
+    while seen is not None:
+        if isinstance(seen, _NeedsAutograd) or (isinstance(seen, RuntimeError) and _LEGACY_TEXT in str(seen)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def enter_model(module: Any) -> None:
+    """Called by a functionalized model at the start of its forward (a no-op outside :func:`grad_of_sum`).
+
+    Inside the torch.func forward of :func:`grad_of_sum`, a module already known to hold an operation
+    torch.func refuses ends that forward before any work (the gradient is then taken with torch.autograd);
+    any other module is noted, so that the refusal, if it comes, is remembered for the next call.
+    """
+    state = _INNER.get()
+    if state is None or state.autograd:
+        return
+    if module in _LEGACY_MODULES:
+        raise _NeedsAutograd()
+    state.modules.append(module)
+
+
+def _refused(cause: BaseException) -> RuntimeError:
+    error = RuntimeError(_checks.message(
+        "torchex_fn", "a model that torch.func transforms (vmap, grad, jacrev, ...) can run through",
+        "an autograd.Function without setup_context inside the model (for instance torchvision's roi_align "
+        "in Faster R-CNN / Mask R-CNN, or a custom Function written in the legacy style), under an enclosing "
+        "torch.func transform",
+        "A plain call differentiates such a model with torch.autograd; vmap, grad and jacrev around the call "
+        "cannot. Loop over the batch in Python instead of vmap, or give the Function a setup_context "
+        "(https://pytorch.org/docs/stable/notes/extending.func.html)."))
+    error.__cause__ = cause
+    return error
+
+
+def _reaches_outside(root: Any, inside: List[Tensor]) -> bool:
+    """Whether the autograd graph below ``root`` reaches a leaf other than ``inside`` (something a caller tracks)."""
+    own = {id(t) for t in inside}
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor) and id(variable) not in own:
+            return True
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return False
+
+
+def _autograd_vjp(f: Callable[[Any], Any], primal: Any, has_aux: bool, math: bool, cause: BaseException) -> Any:
+    """``torch.func.vjp``'s ``(out, vjp_fn, *aux)`` by torch.autograd, for a forward that torch.func refuses.
+
+    Same values: the forward runs once under autograd w.r.t. fresh leaves standing for ``primal`` (or
+    ``primal``'s own tensors where a caller's autograd tracks them, so that the caller can differentiate
+    on). ``vjp_fn(cotangent, retain_graph=..., create_graph=...)`` is ``torch.autograd.grad``. The
+    auxiliary values are detached unless the output is tracked from outside (then they keep the caller's
+    graph). Under an enclosing torch.func transform there is no such way: a clear error.
+    """
+    if torch._C._are_functorch_transforms_active():
+        raise _refused(cause)
+    flat, spec = _pytree.tree_flatten(primal)
+    enabled = torch.is_grad_enabled()
+    inputs = [t if not isinstance(t, Tensor) or (enabled and t.requires_grad)
+              else t.detach().requires_grad_(t.is_floating_point() or t.is_complex()) for t in flat]
+    tensors = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+    state = _Inner(math, autograd=True)
+    token = _INNER.set(state)
+    try:
+        with torch.enable_grad(), math_attention() if math else contextlib.nullcontext():
+            result = f(_pytree.tree_unflatten(inputs, spec))
+    finally:
+        _INNER.reset(token)
+    out, aux = (result[0], result[1]) if has_aux else (result, None)
+    outer = enabled and isinstance(out, Tensor) and out.requires_grad and _reaches_outside(out.grad_fn, [
+        t for t, given in zip(inputs, flat) if t is not given])
+    if not outer and has_aux:
+        aux = _pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, aux)
+
+    def vjp_fn(cotangent: Any, retain_graph: Optional[bool] = None, create_graph: bool = False) -> tuple:
+        if not isinstance(out, Tensor) or not out.requires_grad:
+            grads: Any = [None] * len(tensors)
+        else:
+            # the caller's graph goes through this one: keep it whenever the result is differentiated on
+            grads = torch.autograd.grad(out, tensors, cotangent, retain_graph=bool(retain_graph) or create_graph,
+                                        create_graph=create_graph, allow_unused=True)
+        found = iter(grads)
+        full = [(lambda g, t: torch.zeros_like(t) if g is None else g)(next(found), t)
+                if isinstance(t, Tensor) and t.requires_grad else (torch.zeros_like(t) if isinstance(t, Tensor) else t)
+                for t in inputs]
+        return (_pytree.tree_unflatten(full, spec),)
+
+    plain = out.detach() if isinstance(out, Tensor) and not outer else out
+    return (plain, vjp_fn, aux, outer) if has_aux else (plain, vjp_fn, outer)
+
+
 def _vjp(f: Callable[[Any], Any], primal: Any, has_aux: bool, state: _Inner) -> Any:
     def inner(p: Any) -> Any:
         result = f(p)
@@ -249,7 +382,16 @@ def grad_of_sum(f: Callable[[Any], Any], primal: Any, *, has_aux: bool = False) 
         return (grads, aux[0]) if has_aux else grads
     parent = _INNER.get()
     state = _Inner((parent is not None and parent.math) or any(tracked(t) for t in leaves(primal)))
-    total, vjp_fn, *aux = _vjp(f, primal, has_aux, state)
+    try:
+        total, vjp_fn, *aux = _vjp(f, primal, has_aux, state)
+    except (RuntimeError, _NeedsAutograd) as error:
+        if not _is_legacy(error):
+            raise
+        _LEGACY_MODULES.update(state.modules)  # the next call skips the torch.func attempt
+        total, vjp_fn, *rest = _autograd_vjp(f, primal, has_aux, state.math, error)
+        *aux, outer = rest
+        (grads,) = vjp_fn(torch.ones_like(total), retain_graph=False, create_graph=outer)
+        return (grads, aux[0]) if has_aux else grads
     create_graph = torch.is_grad_enabled() and tracked(total)
     if create_graph and not state.math and _has_fused_attention(state.root):
         state = _Inner(True)  # rule 3: run the forward again, with attention that can be differentiated twice
@@ -268,8 +410,23 @@ def grads_of_sums(f: Callable[[Any], Any], primal: Any, *, has_aux: bool = False
     attention explicitly (the decomposition of :mod:`torchex_fn.core.attention`, through
     ``intercept.run(..., attention=True)``).
     """
-    totals, vjp_fn, *aux = torch.func.vjp(f, primal, has_aux=has_aux)
-    create_graph = torch.is_grad_enabled() and any(tracked(t) for t in totals)
+    try:
+        totals, vjp_fn, *aux = torch.func.vjp(f, primal, has_aux=has_aux)
+        create_graph = torch.is_grad_enabled() and any(tracked(t) for t in totals)
+    except RuntimeError as error:
+        if not _is_legacy(error):
+            raise
+        stacked = (lambda p: (lambda r: (torch.stack(list(r[0])), r[1]))(f(p))) if has_aux else \
+            (lambda p: torch.stack(list(f(p))))
+        joined, vjp_fn, *rest = _autograd_vjp(stacked, primal, has_aux, False, error)
+        *aux, create_graph = rest
+        totals = tuple(joined.unbind(0))
+        grads = []
+        for k in range(len(totals)):
+            (g,) = vjp_fn(torch.nn.functional.one_hot(torch.tensor(k), len(totals)).to(joined),
+                          retain_graph=k < len(totals) - 1 or create_graph, create_graph=create_graph)
+            grads.append(g)
+        return (grads, aux[0]) if has_aux else grads
     grads = []
     for k in range(len(totals)):
         cotangents = tuple(torch.ones_like(t) if j == k else torch.zeros_like(t) for j, t in enumerate(totals))

@@ -282,6 +282,7 @@ class FunctionalModel:
         raise KeyError(layer)
 
     def __call__(self, params, x: Tensor):
+        _autodiff.enter_model(self.module)  # a model torch.func refuses goes to torch.autograd at once
         session = _active_capture()
         # torch.compile cannot enter a lock; a compiled graph takes the parameters as its inputs and
         # swaps nothing into the module at run time, so there is nothing to serialise there.

@@ -5,7 +5,9 @@ A target picks one scalar per example from the model's output:
 * ``None``: the predicted class, ``out.argmax(1)`` per example;
 * an ``int``: the same class for every example;
 * an integer tensor of shape ``[B]`` (or a 0-d one): one class per example;
-* a callable ``out -> [B]``: any score (segmentation, detection, margins, ...).
+* a callable ``out -> [B]``: any score (segmentation, detection, margins, ...); ready-made ones for
+  outputs that are not class logits live in :mod:`torchex_fn.core.tasks` and are re-exported here
+  (``box_score``, ``segmentation``, ``similarity``, ``regression``, ``softmax``, ``binary``, ``rest``).
 
 Integer targets need an output of shape ``[B, classes]``; use a callable for anything else. When the
 model returns more than a tensor (a HuggingFace ``ModelOutput``, a dict, a tuple), integer and
@@ -29,10 +31,13 @@ from torch import Tensor
 
 from . import checks as _checks
 from .inputs import split_output
+from .tasks import binary, box_score, regression, rest, segmentation, similarity, softmax
 from .types import output_of
 
 __all__ = ["normalize", "resolve", "resolve_index", "check", "log_prob", "prob", "logit", "select_output", "selector",
-           "check_neuron_index", "neuron_value"]
+           "check_neuron_index", "neuron_value",
+           # outputs that are not class logits (core/tasks.py): detectors, segmenters, embeddings, regressors
+           "box_score", "segmentation", "similarity", "regression", "softmax", "binary", "rest"]
 
 
 def select_output(out: Any, output: Any = None, *, fn: str = "resolve") -> Tensor:
