@@ -316,12 +316,15 @@ def feature_ablation(model_fn: ModelFn, params: Params, x: Any, target: Target =
 
 
 def _permutation(batch: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
-    """``torch.randperm(B)`` drawn again while it is the identity (captum's ``_permute_feature``)."""
-    identity = torch.arange(batch, device=device)
+    """``torch.randperm(B)`` drawn again while it is the identity (captum's ``_permute_feature``), on the
+    generator's device (the CPU without one, as captum draws), so the identity check reads no value off an
+    accelerator; the result is moved to ``device``."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    identity = torch.arange(batch, device=where)
     while True:
-        perm = torch.randperm(batch, generator=generator, device=device)
+        perm = torch.randperm(batch, generator=generator, device=where)
         if not bool((perm == identity).all()):
-            return perm
+            return perm.to(device)
 
 
 @_docs.fill
