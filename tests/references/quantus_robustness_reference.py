@@ -58,6 +58,15 @@ class Feed:
         return out
 
 
+def save(methods, noise, per_example, per_batch) -> None:
+    """Written after every metric, so that a long run that stops keeps what it has."""
+    path = HERE / f"robustness_{'_'.join(methods)}.pt"
+    torch.save({"noise": noise, "samples": SAMPLES, "per_example": per_example, "per_batch": per_batch,
+                "versions": {"quantus": quantus.__version__, "torch": str(torch.__version__),
+                             "numpy": str(np.__version__)}}, path)
+    print("wrote", path)
+
+
 def main() -> None:
     saved = torch.load(HERE / "reference.pt", weights_only=True)
     net = model()
@@ -97,19 +106,17 @@ def main() -> None:
                 run(metric, options, slice(i, i + 1), perturb_func=Feed((x[i:i + 1] + noise[kind][:, i:i + 1])))
                 for i in range(8)])
             print(name, key, per_example[(name, key)])
+            save(methods, noise, per_example, per_batch)
         for key, options in {"continuity": {}, "continuity_white": {"perturb_baseline": "white"}}.items():
             per_example[(name, key)] = torch.cat([run(quantus.Continuity, options, slice(i, i + 1))
                                                   for i in range(8)])
             if key == "continuity":
                 per_batch[(name, key)] = run(quantus.Continuity, options, slice(0, 8))
-            print(name, key, per_example[(name, key)], per_batch[(name, key)])
+            print(name, key, per_example[(name, key)], per_batch.get((name, key)))
+            save(methods, noise, per_example, per_batch)
         per_batch[(name, "consistency")] = run(quantus.Consistency, {}, slice(0, 8))
         print(name, "consistency", per_batch[(name, "consistency")])
-    torch.save({"noise": noise, "samples": SAMPLES, "per_example": per_example, "per_batch": per_batch,
-                "versions": {"quantus": quantus.__version__, "torch": str(torch.__version__),
-                             "numpy": str(np.__version__)}}, HERE / f"robustness_{'_'.join(methods)}.pt")
-    print("wrote", HERE / f"robustness_{'_'.join(methods)}.pt")
-
+    save(methods, noise, per_example, per_batch)
 
 if __name__ == "__main__":
     main()
