@@ -93,7 +93,7 @@ def main() -> None:
         explain = explainer(fn, params, method)
         a = method(fn, params, x, y).sum(1, keepdim=True).detach().numpy().astype(np.float64)
 
-        def run(metric, options, i, **extra):
+        def run(metric, options, i, a=a, explain=explain, **extra):
             instance = metric(disable_warnings=True, nr_samples=SAMPLES, **options, **extra) if "nr_samples" in \
                 metric.__init__.__code__.co_varnames else metric(disable_warnings=True, **options, **extra)
             scores = instance(model=net, x_batch=xn[i], y_batch=yn[i], a_batch=a[i].copy(), s_batch=None,
@@ -103,7 +103,7 @@ def main() -> None:
 
         for key, (metric, options, kind) in metrics.items():
             per_example[(name, key)] = torch.cat([
-                run(metric, options, slice(i, i + 1), perturb_func=Feed((x[i:i + 1] + noise[kind][:, i:i + 1])))
+                run(metric, options, slice(i, i + 1), perturb_func=Feed(x[i:i + 1] + noise[kind][:, i:i + 1]))
                 for i in range(8)])
             print(name, key, per_example[(name, key)])
             save(methods, noise, per_example, per_batch)

@@ -207,7 +207,8 @@ def spearman_correlation(a: Tensor, b: Tensor) -> Tensor:
     return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
 
 
-def _randomisable(fn: str, model_fn: Any, params: Params, layers: Optional[Sequence[str]]) -> List[Tuple[str, List[str]]]:
+def _randomisable(fn: str, model_fn: Any, params: Params,
+                  layers: Optional[Sequence[str]]) -> List[Tuple[str, List[str]]]:
     """``(layer, [its weight / bias keys])`` in the model's order (input side first)."""
     if layers is None:
         module = module_of(model_fn)

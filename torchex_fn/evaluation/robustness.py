@@ -164,9 +164,9 @@ def _common(fn: str, method: Any, model_fn: ModelFn, params: Params, x: Tensor, 
 
 
 # ------------------------------------------------------------------------------ sensitivity
-def _sensitivity(fn: str, explain: Callable[[Tensor], Tensor], reference: Tensor, x: Tensor, draw: Callable[[int], Tensor],
-                 counts: Sequence[int], similarity_func: Callable[[Tensor, Tensor], Tensor], norm_numerator: Norm,
-                 norm_denominator: Norm, changed: Optional[Callable[[Tensor], Tensor]], reduce: str) -> Tensor:
+def _sensitivity(fn: str, explain: Callable[[Tensor], Tensor], reference: Tensor, x: Tensor,
+                 draw: Callable[[int], Tensor], counts: Sequence[int],
+                 similarity_func: Callable[[Tensor, Tensor], Tensor], norm_numerator: Norm, norm_denominator: Norm, changed: Optional[Callable[[Tensor], Tensor]], reduce: str) -> Tensor:
     """``reduce`` (mean or max) over the draws of ``||sim(E(x), E(x'))|| / ||E(x)||`` per example.
 
     ``explain``: ``[s, B, *input] -> [s, B, N]``; ``reference``: ``[B, N]``; ``changed``: ``[s, B, *input] ->
@@ -191,7 +191,8 @@ def _sensitivity(fn: str, explain: Callable[[Tensor], Tensor], reference: Tensor
 
 def _sensitivity_metric(fn: str, reduce: str, method: Callable[..., Tensor], model_fn: ModelFn, params: Params,
                         x: Tensor, target: Target, nr_samples: int, lower_bound: float, upper_bound: Optional[float],
-                        perturb_func: Optional[PerturbFn], similarity_func: Optional[Callable[[Tensor, Tensor], Tensor]],
+                        perturb_func: Optional[PerturbFn],
+                        similarity_func: Optional[Callable[[Tensor, Tensor], Tensor]],
                         norm_numerator: Optional[Norm], norm_denominator: Optional[Norm], abs: bool, normalise: bool,
                         return_nan_when_prediction_changes: bool, batch_size: int,
                         generator: Optional[torch.Generator]) -> Tensor:
@@ -201,7 +202,8 @@ def _sensitivity_metric(fn: str, reduce: str, method: Callable[..., Tensor], mod
     _check_number(fn, "lower_bound", lower_bound, low=0)
     _check_number(fn, "upper_bound", upper_bound, allow_none=True)
     if upper_bound is not None and not upper_bound > lower_bound:
-        raise _checks.value_error(fn, f"upper_bound > lower_bound ({lower_bound}) or None", _checks.describe(upper_bound))
+        raise _checks.value_error(fn, f"upper_bound > lower_bound ({lower_bound}) or None",
+                                  _checks.describe(upper_bound))
     for name, value in (("similarity_func", similarity_func), ("norm_numerator", norm_numerator),
                         ("norm_denominator", norm_denominator)):
         _checks.check_optional_callable(fn, name, value)
