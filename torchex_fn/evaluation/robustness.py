@@ -166,7 +166,8 @@ def _common(fn: str, method: Any, model_fn: ModelFn, params: Params, x: Tensor, 
 # ------------------------------------------------------------------------------ sensitivity
 def _sensitivity(fn: str, explain: Callable[[Tensor], Tensor], reference: Tensor, x: Tensor,
                  draw: Callable[[int], Tensor], counts: Sequence[int],
-                 similarity_func: Callable[[Tensor, Tensor], Tensor], norm_numerator: Norm, norm_denominator: Norm, changed: Optional[Callable[[Tensor], Tensor]], reduce: str) -> Tensor:
+                 similarity_func: Callable[[Tensor, Tensor], Tensor], norm_numerator: Norm,
+                 norm_denominator: Norm, changed: Optional[Callable[[Tensor], Tensor]], reduce: str) -> Tensor:
     """``reduce`` (mean or max) over the draws of ``||sim(E(x), E(x'))|| / ||E(x)||`` per example.
 
     ``explain``: ``[s, B, *input] -> [s, B, N]``; ``reference``: ``[B, N]``; ``changed``: ``[s, B, *input] ->
