@@ -4,17 +4,22 @@ drawn once and handed to Quantus through its perturb_func, one draw per call, an
 where tx.metrics departs from Quantus on purpose, the test shows the difference."""
 import functools
 import pathlib
-import sys
 
 import pytest
 import torch
+from torch import nn
 
 import torchex_fn as tx
 from torchex_fn import metrics
 
 HERE = pathlib.Path(__file__).resolve().parents[1] / "references"
-sys.path.insert(0, str(HERE))
-from quantus_reference import model  # noqa: E402
+
+
+def model():
+    """The CNN of tests/references/quantus_reference.py (its weights come from reference.pt)."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128, 10)).eval()
+
 
 BASE = torch.load(HERE / "quantus" / "reference.pt", weights_only=True)
 FILES = {name: HERE / "quantus" / f"robustness_{name}.pt" for name in ("saliency", "integrated_gradients")}
