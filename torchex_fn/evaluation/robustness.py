@@ -446,8 +446,9 @@ def continuity(method: Callable[..., Tensor], model_fn: ModelFn, params: Params,
     The image moves by ``-W + k * dx`` pixels, ``k = 1 .. nr_steps``, ``dx = (2 W + 1) // nr_steps``; the
     uncovered columns take ``perturb_baseline`` (Quantus's ``Continuity``, its defaults). Quantus always
     pads with the example's minimum whatever ``perturb_baseline`` says, and normalises the maps by the
-    maximum of the whole batch; here the baseline is honoured and each map is normalised alone.
-    Lower is more continuous. Deterministic.
+    maximum of the whole batch; here the baseline is honoured and each map is normalised alone. A
+    translation that leaves the input as it is (the shift 0) counts 0, as the identical maps Quantus
+    compares there. Lower is more continuous. Deterministic.
 
     Args:
       method: ``(model_fn, params, x, target) -> map``; called on stacks of translated batches.
@@ -501,8 +502,11 @@ def continuity(method: Callable[..., Tensor], model_fn: ModelFn, params: Params,
         part = shifts[first:first + max(1, batch_size // x.shape[0])]
         inputs = torch.stack([_translate(x, shift, fill) for shift in part])
         maps = explainer(inputs)
-        value = (maps - explainer.reference[None]).abs().sum(dim=-1) / (
-            (inputs.reshape(len(part), x.shape[0], -1) - flat_x[None]).norm(dim=-1) + 1e-9)
+        distance = (inputs.reshape(len(part), x.shape[0], -1) - flat_x[None]).norm(dim=-1)
+        value = (maps - explainer.reference[None]).abs().sum(dim=-1) / (distance + 1e-9)
+        # an unmoved input (the shift 0, or a constant row) is the same input: its map is the same map,
+        # whatever rounding a call on another batch size brings (which 1e-9 would blow up)
+        value = torch.where(distance == 0, torch.zeros_like(value), value)
         if return_nan_when_prediction_changes:
             value = torch.where(_predicted(model_fn, params, inputs) != index[None],
                                 torch.full_like(value, float("nan")), value)
