@@ -21,7 +21,7 @@ divides each map by its own largest magnitude, then ``abs``), never by the maxim
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -416,10 +416,11 @@ def _fill(fn: str, baseline: Any, x: Tensor) -> Tensor:
     flat = x.reshape(x.shape[0], -1)
     shape = (-1,) + (1,) * (x.ndim - 1)
     if isinstance(baseline, str):
-        named = {"black": flat.amin, "white": flat.amax, "mean": flat.mean}
+        named: Dict[str, Callable[[], Tensor]] = {"black": lambda: flat.amin(dim=1),
+                                                  "white": lambda: flat.amax(dim=1), "mean": lambda: flat.mean(dim=1)}
         if baseline not in named:
             raise _checks.value_error(fn, f"perturb_baseline, one of {sorted(named)} or a number", repr(baseline))
-        return named[baseline](dim=1).view(shape)
+        return named[baseline]().view(shape)
     if isinstance(baseline, bool) or not isinstance(baseline, (int, float)):
         raise _checks.type_error(fn, "perturb_baseline, one of 'black', 'white', 'mean' or a number",
                                  _checks.describe(baseline))
