@@ -7,6 +7,7 @@ This file only hands names on. The package is layered, and imports point down on
 from . import data as datasets
 from . import registry
 from .composite import concepts, generation, influence, patching, robust
+from .composite.evaluate import Evaluation, evaluate
 from .composite.classes import CAM, RISE, DeepLift, GradCAM, InputXGradient, SimpleGradient
 from .composite.generation import (continuation_ablation, continuation_attribution, continuation_logprob,
                                    continuation_score, next_token_kl, token_scores)
@@ -57,7 +58,7 @@ __all__ = [
     "attribute_dataset", "open_attributions", "Attributions",
     "CAM", "GradCAM", "SimpleGradient", "InputXGradient", "RISE", "DeepLift",
     "deletion", "insertion", "pointing_game", "energy_pointing_game", "randomization_check",
-    "infidelity", "sensitivity_max",
+    "infidelity", "sensitivity_max", "evaluate", "Evaluation",
     "datasets", "metrics", "postprocess", "targets", "text", "viz", "registry",
     "TrainingModeWarning",
     "concepts", "influence", "generation", "continuation_logprob", "continuation_attribution", "continuation_ablation",

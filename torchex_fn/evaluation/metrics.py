@@ -36,7 +36,11 @@ from .faithfulness import (FaithfulnessCurve, Road, SensitivityN, faithfulness_c
                            selectivity, sensitivity_n, sufficiency)
 from .localisation import (attribution_localisation, auc, focus, relevance_mass_accuracy, relevance_rank_accuracy,
                            top_k_intersection)
-from .randomisation import random_logit, ssim
+from . import robustness as _robustness
+from .randomisation import (Mprt, discrete_entropy, efficient_mprt, mprt, random_logit, randomised_params,
+                            smooth_mprt, spearman_correlation, ssim)
+from .robustness import (avg_sensitivity, consistency, continuity, local_lipschitz_estimate, max_sensitivity,
+                         relative_input_stability, relative_output_stability, relative_representation_stability)
 from .text_metrics import Aopc, aopc_comprehensiveness, aopc_sufficiency, auprc, token_f1, token_iou
 
 __all__ = [
@@ -52,6 +56,10 @@ __all__ = [
     "FaithfulnessCurve", "SensitivityN", "Road", "pixel_flipping", "region_perturbation", "selectivity",
     "monotonicity", "monotonicity_correlation", "faithfulness_estimate", "faithfulness_correlation",
     "sensitivity_n", "irof", "road", "sufficiency",
+    "random_logit", "ssim", "Mprt", "mprt", "smooth_mprt", "efficient_mprt", "spearman_correlation",
+    "randomised_params", "discrete_entropy",
+    "avg_sensitivity", "max_sensitivity", "local_lipschitz_estimate", "continuity", "consistency",
+    "relative_input_stability", "relative_output_stability", "relative_representation_stability",
     "Aopc", "aopc_comprehensiveness", "aopc_sufficiency", "token_f1", "token_iou", "auprc",
 ]
 
@@ -582,7 +590,8 @@ def sensitivity_max(explain_fn: Callable[[Tensor], Tensor], x: Tensor, *, pertur
     L-infinity ball of radius ``perturb_radius`` (see :func:`uniform_perturbation`), Frobenius
     norms over each example's map (a zero ``||E(x)||`` counts as 1). Lower is more robust. The
     convention is captum's (``captum.metrics.sensitivity_max``): the same perturbations give the
-    same numbers.
+    same numbers. The computation is :func:`max_sensitivity`'s (Quantus's convention, an explanation
+    ``method`` first, 200 draws of radius 0.2 by default), called with ``explain_fn`` on one draw at a time.
 
     Args:
       explain_fn: ``x -> map``, e.g. ``lambda x: saliency(fn, params, x, y)``. Always called
@@ -628,15 +637,7 @@ def sensitivity_max(explain_fn: Callable[[Tensor], Tensor], x: Tensor, *, pertur
         return result.reshape(batch, -1)
 
     reference = explain(x)
-    norm = reference.norm(dim=1)
-    norm = torch.where(norm == 0, torch.ones_like(norm), norm)
-    worst: Optional[Tensor] = None
-    for _ in range(n_perturb_samples):
-        changed = explain(uniform_perturbation(x, perturb_radius, generator))
-        if changed.shape != reference.shape:
-            raise _checks.value_error(fn, f"explain_fn's map of the same shape for perturbed inputs "
-                                      f"({tuple(reference.shape)} flattened)", _checks.describe(changed))
-        value = (changed - reference).norm(dim=1) / norm
-        worst = value if worst is None else torch.maximum(worst, value)
-    assert worst is not None
-    return worst
+    return _robustness._sensitivity(
+        fn, lambda inputs: explain(inputs[0])[None], reference, x,
+        lambda count: uniform_perturbation(x, perturb_radius, generator)[None], [1] * n_perturb_samples,
+        lambda a, b: b - a, lambda d: d.norm(dim=-1), lambda r: r.norm(dim=-1), None, "max")
