@@ -87,6 +87,17 @@ class _Session:
             return self.visit(name, output) if _ACTIVE.get() is self else output
         return forward_hook
 
+    def input_hook(self, name: str) -> Callable:
+        """A forward pre-hook for the layer ``"<module>:input"``: the module's first positional argument."""
+        def forward_pre_hook(module: nn.Module, args: Any) -> Any:
+            if _ACTIVE.get() is not self:
+                return None
+            if not args:
+                raise _checks.value_error(self.fn, f"layer {name!r}: a module called with a positional input",
+                                          "a call with keyword arguments only")
+            return (self.visit(name, args[0]), *args[1:])
+        return forward_pre_hook
+
     def transform_hook(self, name: str) -> Callable:
         function = self.transform[name]
 
@@ -231,6 +242,19 @@ def run_tail(model_fn, params, x: Any, name: str, values: Tensor, *, fn: str = "
 # --------------------------------------------------------------------------------------------
 # Layer specs: names, module objects, and structures of them.
 
+INPUT = ":input"
+
+
+def input_of(name: str) -> Optional[str]:
+    """The module whose (first positional) input the layer name ``"<module>:input"`` stands for, else ``None``.
+
+    A layer named ``"layer4:input"`` is the tensor ``layer4`` is called with (captum's
+    ``attribute_to_layer_input=True``): it is read, replaced and perturbed like an output, by a forward
+    pre-hook on ``layer4`` for the length of the call. ``":input"`` alone is the model's own input module (the
+    root, ``""``)."""
+    return name[:-len(INPUT)] if name.endswith(INPUT) else None
+
+
 def _layer_name(fn: str, model_fn, spec: Any) -> str:
     if isinstance(spec, nn.Module):
         if module_of(model_fn) is None:
@@ -243,9 +267,13 @@ def _layer_name(fn: str, model_fn, spec: Any) -> str:
         return name
     if isinstance(spec, str):
         known = layer_names_of(model_fn)
+        base = input_of(spec)
+        if base is not None and known is None:
+            raise _checks.type_error(fn, f"a model_fn from functionalize for a layer's input ({spec!r})",
+                                     _checks.describe(model_fn), "Build it with `tx.functionalize(model)`.")
         if known is not None:
-            if spec not in known:
-                raise _checks.unknown_name(fn, "layer", spec, known)
+            if (spec if base is None else base) not in known:
+                raise _checks.unknown_name(fn, "layer", spec if base is None else base, known)
         return spec
     raise _checks.type_error(fn, "layer, a dotted name, an nn.Module, or a list/tuple/dict of them",
                              _checks.describe(spec))

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import autodiff as _autodiff, checks as _checks
+from .capture import INPUT as _capture_input
 from .capture import active as _active_capture
 from . import env as _env
 from .types import Params, aliases_of, lock_of, memo_owner_of, module_of, output_of, params_check_of
@@ -295,6 +296,9 @@ class FunctionalModel:
                     for name in session.names:
                         if name in modules:
                             handles.append(modules[name].register_forward_hook(session.hook(name)))
+                        elif name.endswith(_capture_input) and name[:-len(_capture_input)] in modules:
+                            module = modules[name[:-len(_capture_input)]]
+                            handles.append(module.register_forward_pre_hook(session.input_hook(name)))
                     for name in session.transform:
                         if name in modules:
                             handles.append(modules[name].register_forward_hook(session.transform_hook(name)))
