@@ -16,6 +16,8 @@ from torchex_fn.__main__ import main
 from torchex_fn.cli import explain
 from torchex_fn.cli.explain import _normalize, _read_image
 
+from support.cli import usage_error, with_flags
+
 Image = pytest.importorskip("PIL.Image")
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -173,14 +175,7 @@ def test_every_mistake_is_one_line_and_exit_code_2(tmp_path, capsys, extra, matc
     image = str(picture(tmp_path / "a.png", 0))
     argv = ["explain", "--model", "timm:vit_tiny_patch16_224", "--image", image, "--size", str(SIZE),
             "--out", str(tmp_path / "out"), "--threads", "1"]
-    for flag, value in zip(extra[::2], extra[1::2]):
-        if flag in argv:
-            argv[argv.index(flag) + 1] = value
-        else:
-            argv += [flag, value]
-    with pytest.raises(SystemExit) as err:
-        main(argv)
-    assert err.value.code == 2
+    usage_error(with_flags(argv, extra))
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("torchex-fn: error: ")

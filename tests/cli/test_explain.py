@@ -6,6 +6,8 @@ import torch
 
 from torchex_fn.__main__ import main
 
+from support.cli import usage_error, with_flags
+
 Image = pytest.importorskip("PIL.Image")
 torchvision = pytest.importorskip("torchvision")
 
@@ -98,14 +100,7 @@ def test_weights_change_the_map(tmp_path, images, capsys):
 def test_bad_arguments_exit_non_zero_with_a_message(tmp_path, images, capsys, extra, match):
     argv = ["explain", "--model", "torchvision:resnet18", "--image", images[0], "--size", SIZE,
             "--out", str(tmp_path)]
-    for flag, value in zip(extra[::2], extra[1::2]):
-        if flag in argv:
-            argv[argv.index(flag) + 1] = value
-        else:
-            argv += [flag, value]
-    with pytest.raises(SystemExit) as err:
-        main(argv)
-    assert err.value.code == 2
+    usage_error(with_flags(argv, extra))
     assert re.search(match, capsys.readouterr().err)
 
 

@@ -297,6 +297,57 @@ def _check_common(fn: str, model_fn: Any, loss_fn: Any, batch_size: Any, progres
     _checks.check_eval_mode(fn, model_fn)
 
 
+def _over_checkpoints(fn: str, loaders: List[Callable[[], _Checkpoint]], train: Any, test: Any, batch_size: int,
+                      progress: bool, k: Optional[int], proponents: bool,
+                      train_side: Callable[[_Checkpoint], Callable[[Any, Tensor], Any]],
+                      self_score: Callable[[Any], Tensor], test_side: Callable[[_Checkpoint], Any],
+                      pair_score: Callable[[Any, Any], Tensor]) -> Union[Tensor, TopK]:
+    """The checkpoint loop of :func:`tracin_cp` and :func:`tracin_cp_fast`, which differ only in what an example
+    is at a checkpoint: ``train_side(ckpt)`` turns a train chunk ``(x, y)`` into it (gradients, or the fast
+    factors), ``self_score`` gives a chunk's ``[B]`` self-influence from it (times the checkpoint's learning
+    rate here), ``test_side(ckpt)`` gives the test examples' (learning rate included) and
+    ``pair_score(test, train)`` their ``[N_test, B]`` block.
+
+    Self-influence loads one checkpoint at a time and sums over them; test scores load every checkpoint at
+    once, so that each train chunk meets all of them (the chunks' order is the same for each) and its block is
+    summed over checkpoints in their order, then go through :func:`_answer`."""
+    n = _n_chunks(train, batch_size)
+    bar = _bar(progress, None if n is None else n * len(loaders), fn)
+    try:
+        if test is None:
+            total: Optional[Tensor] = None
+            for get in loaders:
+                ckpt = get()
+                of_chunk = train_side(ckpt)
+                parts = []
+                for x, y in _chunks(fn, "train", train, batch_size, _device(ckpt.params)):
+                    parts.append(self_score(of_chunk(x, y)))
+                    _tick(bar)
+                score = torch.cat(parts) * ckpt.lr
+                total = score if total is None else total + score
+            assert total is not None
+            return total
+        ckpts = [get() for get in loaders]
+        tests = [test_side(ckpt) for ckpt in ckpts]
+
+        def blocks() -> Iterator[Tensor]:
+            iters = [_chunks(fn, "train", train, batch_size, _device(c.params)) for c in ckpts]
+            sides = [train_side(c) for c in ckpts]
+            for batches in zip(*iters):
+                block: Optional[Tensor] = None
+                for of_chunk, test_part, (x, y) in zip(sides, tests, batches):
+                    part = pair_score(test_part, of_chunk(x, y))
+                    block = part if block is None else block + part
+                    _tick(bar)
+                assert block is not None
+                yield block
+
+        return _answer(fn, blocks(), k, proponents)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def tracin_cp(model_fn: Any, checkpoints: Sequence[Any], train: Any, test: Any = None, *, loss_fn: LossFn,
               k: Optional[int] = None, proponents: bool = True, layers: Optional[Sequence[str]] = None,
               learning_rates: Any = None, load: Optional[Callable[[Any], Any]] = None,
@@ -350,49 +401,19 @@ def tracin_cp(model_fn: Any, checkpoints: Sequence[Any], train: Any, test: Any =
     x0, y0 = next(_chunks(fn, "train", train, batch_size, _device(first)))
     _probe_loss(fn, model_fn, loss_fn, first, x0, y0)
     del first, x0, y0
-    n = _n_chunks(train, batch_size)
-    bar = _bar(progress, None if n is None else n * len(loaders), fn)
-    try:
-        if test is None:
-            total: Optional[Tensor] = None
-            for get in loaders:
-                ckpt = get()
-                names = _selected(fn, ckpt.params, layers, model_fn)
-                device = _device(ckpt.params)
-                parts = []
-                for x, y in _chunks(fn, "train", train, batch_size, device):
-                    g = _flat_grads(train_grads, ckpt.params, names, x, y)
-                    parts.append(g.pow(2).sum(1))
-                    _tick(bar)
-                score = torch.cat(parts) * ckpt.lr
-                total = score if total is None else total + score
-            assert total is not None
-            return total
-        ckpts = [get() for get in loaders]  # all at once: each train chunk meets every checkpoint
-        tests = []
-        for ckpt in ckpts:
-            names = _selected(fn, ckpt.params, layers, model_fn)
-            device = _device(ckpt.params)
-            tests.append(torch.cat([_flat_grads(test_grads, ckpt.params, names, x, y)
-                                    for x, y in _chunks(fn, "test", test, batch_size, device)]) * ckpt.lr)
 
-        def blocks() -> Iterator[Tensor]:
-            # one block per train chunk, summed over checkpoints (the chunks' order is the same for each)
-            iters = [_chunks(fn, "train", train, batch_size, _device(c.params)) for c in ckpts]
-            for batches in zip(*iters):
-                block: Optional[Tensor] = None
-                for ckpt, g_test, (x, y) in zip(ckpts, tests, batches):
-                    names = _selected(fn, ckpt.params, layers, model_fn)
-                    part = g_test @ _flat_grads(train_grads, ckpt.params, names, x, y).T
-                    block = part if block is None else block + part
-                    _tick(bar)
-                assert block is not None
-                yield block
+    def train_side(ckpt: _Checkpoint) -> Callable[[Any, Tensor], Tensor]:
+        names = _selected(fn, ckpt.params, layers, model_fn)
+        return lambda x, y: _flat_grads(train_grads, ckpt.params, names, x, y)
 
-        return _answer(fn, blocks(), k, proponents)
-    finally:
-        if bar is not None:
-            bar.close()
+    def test_side(ckpt: _Checkpoint) -> Tensor:
+        names = _selected(fn, ckpt.params, layers, model_fn)
+        device = _device(ckpt.params)
+        return torch.cat([_flat_grads(test_grads, ckpt.params, names, x, y)
+                          for x, y in _chunks(fn, "test", test, batch_size, device)]) * ckpt.lr
+
+    return _over_checkpoints(fn, loaders, train, test, batch_size, progress, k, proponents, train_side,
+                             lambda g: g.pow(2).sum(1), test_side, lambda g_test, g: g_test @ g.T)
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,45 +491,25 @@ def tracin_cp_fast(model_fn: Any, checkpoints: Sequence[Any], train: Any, test: 
     train = _check_data(fn, "train", train, batch_size)
     if test is not None:
         test = _check_data(fn, "test", test, batch_size)
-    n = _n_chunks(train, batch_size)
-    bar = _bar(progress, None if n is None else n * len(loaders), fn)
-    try:
-        if test is None:
-            total: Optional[Tensor] = None
-            for get in loaders:
-                ckpt = get()
-                parts = []
-                for x, y in _chunks(fn, "train", train, batch_size, _device(ckpt.params)):
-                    g, a = _fast_factors(fn, model_fn, name, ckpt.params, loss_fn, x, y)
-                    parts.append(g.pow(2).sum(1) * a.pow(2).sum(1))
-                    _tick(bar)
-                score = torch.cat(parts) * ckpt.lr
-                total = score if total is None else total + score
-            assert total is not None
-            return total
-        ckpts = [get() for get in loaders]
-        tests = []
-        for ckpt in ckpts:
-            factors = [_fast_factors(fn, model_fn, name, ckpt.params, test_loss_fn or loss_fn, x, y)
-                       for x, y in _chunks(fn, "test", test, batch_size, _device(ckpt.params))]
-            tests.append((torch.cat([f[0] for f in factors]) * ckpt.lr, torch.cat([f[1] for f in factors])))
 
-        def blocks() -> Iterator[Tensor]:
-            iters = [_chunks(fn, "train", train, batch_size, _device(c.params)) for c in ckpts]
-            for batches in zip(*iters):
-                block: Optional[Tensor] = None
-                for ckpt, (g_t, a_t), (x, y) in zip(ckpts, tests, batches):
-                    g, a = _fast_factors(fn, model_fn, name, ckpt.params, loss_fn, x, y)
-                    part = (g_t @ g.T) * (a_t @ a.T)
-                    block = part if block is None else block + part
-                    _tick(bar)
-                assert block is not None
-                yield block
+    def train_side(ckpt: _Checkpoint) -> Callable[[Any, Tensor], Tuple[Tensor, Tensor]]:
+        return lambda x, y: _fast_factors(fn, model_fn, name, ckpt.params, loss_fn, x, y)
 
-        return _answer(fn, blocks(), k, proponents)
-    finally:
-        if bar is not None:
-            bar.close()
+    def test_side(ckpt: _Checkpoint) -> Tuple[Tensor, Tensor]:
+        factors = [_fast_factors(fn, model_fn, name, ckpt.params, test_loss_fn or loss_fn, x, y)
+                   for x, y in _chunks(fn, "test", test, batch_size, _device(ckpt.params))]
+        return torch.cat([f[0] for f in factors]) * ckpt.lr, torch.cat([f[1] for f in factors])
+
+    def self_score(factors: Tuple[Tensor, Tensor]) -> Tensor:
+        g, a = factors
+        return g.pow(2).sum(1) * a.pow(2).sum(1)
+
+    def pair_score(test_factors: Tuple[Tensor, Tensor], factors: Tuple[Tensor, Tensor]) -> Tensor:
+        (g_t, a_t), (g, a) = test_factors, factors
+        return (g_t @ g.T) * (a_t @ a.T)
+
+    return _over_checkpoints(fn, loaders, train, test, batch_size, progress, k, proponents, train_side,
+                             self_score, test_side, pair_score)
 
 
 def _projections(fn: str, out_dim: int, in_dim: int, projection_dim: Optional[int],

@@ -93,6 +93,16 @@ def _check_options(fn: str, norm: Any, loss: Any, targeted: Any, mask: Any, x: T
                                       _checks.describe(mask)) from None
 
 
+def _check_model_and_x(fn: str, model_fn: Any, params: Any, x: Any) -> None:
+    """The checks :func:`min_param_perturbation` and :func:`attack_comparator` share: a model, its params and
+    one floating-point tensor ``x`` (their targets are checked, or resolved, by each)."""
+    if not isinstance(x, Tensor):
+        raise _checks.type_error(fn, "x, a floating-point tensor [B, ...]", _checks.describe(x))
+    _checks.check_model_fn(fn, model_fn)
+    _checks.check_params(fn, params, model_fn)
+    _checks.check_input(fn, x, min_ndim=1, layer_option=False)
+
+
 def _check_x(fn: str, model_fn: Any, params: Any, x: Any, target: Any, loss: Any) -> Any:
     """The shared checks; ``x`` must be one floating-point tensor (an attack moves the input itself)."""
     if not isinstance(x, Tensor):
@@ -350,11 +360,7 @@ def min_param_perturbation(model_fn: Any, params: Any, x: Tensor, target: Any = 
       ...                                        values=torch.arange(0, 2, 0.01), num_attempts=5)
     """
     fn = "robust.min_param_perturbation"
-    if not isinstance(x, Tensor):
-        raise _checks.type_error(fn, "x, a floating-point tensor [B, ...]", _checks.describe(x))
-    _checks.check_model_fn(fn, model_fn)
-    _checks.check_params(fn, params, model_fn)
-    _checks.check_input(fn, x, min_ndim=1, layer_option=False)
+    _check_model_and_x(fn, model_fn, params, x)
     if not callable(attack):
         raise _checks.type_error(fn, "attack, a callable (x, value) -> perturbed x", _checks.describe(attack))
     _checks.check_optional_callable(fn, "correct", correct)
@@ -427,11 +433,7 @@ def attack_comparator(model_fn: Any, params: Any, x: Tensor, target: Any = None,
       {'Original': tensor([1., 1., 0.]), 'noise': {'mean': ..., 'min': ..., 'max': ...}}
     """
     fn = "robust.attack_comparator"
-    if not isinstance(x, Tensor):
-        raise _checks.type_error(fn, "x, a floating-point tensor [B, ...]", _checks.describe(x))
-    _checks.check_model_fn(fn, model_fn)
-    _checks.check_params(fn, params, model_fn)
-    _checks.check_input(fn, x, min_ndim=1, layer_option=False)
+    _check_model_and_x(fn, model_fn, params, x)
     if not isinstance(attacks, Mapping) or not all(isinstance(k, str) and callable(v) for k, v in attacks.items()):
         raise _checks.type_error(fn, "attacks, a mapping of names to callables x -> perturbed x",
                                  _checks.describe(attacks))

@@ -225,18 +225,24 @@ _FUSED = ("ScaledDotProductFlashAttention", "ScaledDotProductEfficientAttention"
           "ScaledDotProductFusedAttention")
 
 
-def _has_fused_attention(root: Any) -> bool:
-    """Whether an autograd graph holds a fused attention node (differentiable only once)."""
+def _graph_has(root: Any, found: Callable[[Any], bool]) -> bool:
+    """Whether the autograd graph below ``root`` holds a node for which ``found(node)`` is true (depth first,
+    each node visited once)."""
     seen, stack = set(), [root]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if type(node).__name__.startswith(_FUSED):
+        if found(node):
             return True
         stack.extend(nxt for nxt, _ in node.next_functions)
     return False
+
+
+def _has_fused_attention(root: Any) -> bool:
+    """Whether an autograd graph holds a fused attention node (differentiable only once)."""
+    return _graph_has(root, lambda node: type(node).__name__.startswith(_FUSED))
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,17 +299,11 @@ def _refused(cause: BaseException) -> RuntimeError:
 def _reaches_outside(root: Any, inside: List[Tensor]) -> bool:
     """Whether the autograd graph below ``root`` reaches a leaf other than ``inside`` (something a caller tracks)."""
     own = {id(t) for t in inside}
-    seen, stack = set(), [root]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
+
+    def outside(node: Any) -> bool:
         variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor) and id(variable) not in own:
-            return True
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return False
+        return isinstance(variable, Tensor) and id(variable) not in own
+    return _graph_has(root, outside)
 
 
 def _autograd_vjp(f: Callable[[Any], Any], primal: Any, has_aux: bool, math: bool, cause: BaseException) -> Any:

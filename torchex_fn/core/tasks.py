@@ -236,6 +236,15 @@ def _chosen(out: Any, output: Any, fn: str, keys: Sequence[str], what: str) -> T
                               "out -> tensor).")
 
 
+def _class_scores(out: Any, output: Any, fn: str) -> Tensor:
+    """The ``[B, classes]`` scores of ``out`` that :func:`softmax` and :func:`rest` read (its ``"logits"``
+    entry for a mapping), refused at any other rank."""
+    values = _chosen(out, output, fn, ("logits",), "class scores [B, classes]")
+    if values.ndim != 2:
+        raise _checks.value_error(fn, "class scores of shape [B, classes]", _checks.describe(values))
+    return values
+
+
 def _check_output(fn: str, output: Any) -> None:
     if output is not None and not callable(output) and not isinstance(output, (str, int)):
         raise _checks.type_error(fn, "output: None, a key, a tuple index or a callable out -> tensor",
@@ -391,9 +400,7 @@ def softmax(category: Any, *, output: Any = None) -> Callable[[Any], Tensor]:
     _check_output(fn, output)
 
     def score(out: Any) -> Tensor:
-        values = _chosen(out, output, fn, ("logits",), "class scores [B, classes]")
-        if values.ndim != 2:
-            raise _checks.value_error(fn, "class scores of shape [B, classes]", _checks.describe(values))
+        values = _class_scores(out, output, fn)
         return _pick(torch.softmax(values, dim=-1), category)
     return score
 
@@ -424,9 +431,7 @@ def rest(category: Any, *, output: Any = None) -> Callable[[Any], Tensor]:
     _check_output(fn, output)
 
     def score(out: Any) -> Tensor:
-        values = _chosen(out, output, fn, ("logits",), "class scores [B, classes]")
-        if values.ndim != 2:
-            raise _checks.value_error(fn, "class scores of shape [B, classes]", _checks.describe(values))
+        values = _class_scores(out, output, fn)
         index = torch.full((values.shape[0],), category, device=values.device) if isinstance(category, int) \
             else category.to(values.device).expand(values.shape[0])
         return _pick(values, index) - F.cross_entropy(values, index, reduction="none")
