@@ -88,12 +88,6 @@ def _check_number(fn: str, name: str, value: Any, *, low: Optional[float] = None
         raise _checks.value_error(fn, expected, _checks.describe(value))
 
 
-def _check_method(fn: str, method: Any) -> None:
-    if not callable(method):
-        raise _checks.type_error(fn, "method, a callable (model_fn, params, x, target) -> map",
-                                 _checks.describe(method))
-
-
 def _index(fn: str, model_fn: ModelFn, params: Params, x: Tensor, target: Target) -> Tuple[Tensor, Tensor]:
     """The ``[B]`` class explained (``None``: the predicted one) and the ``[B]`` predicted classes."""
     with torch.no_grad():
@@ -153,7 +147,7 @@ def _predicted(model_fn: ModelFn, params: Params, inputs: Tensor) -> Tensor:
 
 def _common(fn: str, method: Any, model_fn: ModelFn, params: Params, x: Tensor, target: Target,
             nr_samples: int, batch_size: int, generator: Any, perturb_func: Any, **flags: Any) -> Target:
-    _check_method(fn, method)
+    _maps.check_method(fn, method)
     target = check_call(fn, model_fn, params, x, target, min_ndim=2)
     _checks.check_positive_int(fn, "nr_samples", nr_samples)
     _checks.check_positive_int(fn, "batch_size", batch_size)
@@ -481,7 +475,7 @@ def continuity(method: Callable[..., Tensor], model_fn: ModelFn, params: Params,
       Digital Signal Processing 2018.
     """
     fn = "continuity"
-    _check_method(fn, method)
+    _maps.check_method(fn, method)
     target = check_call(fn, model_fn, params, x, target, min_ndim=3)
     if x.ndim not in (3, 4):
         raise _checks.value_error(fn, "x of shape [B, C, H, W] or [B, C, T]", _checks.describe(x))
