@@ -125,6 +125,10 @@ ARGS: Dict[str, str] = {
     "attribution.map": "``[B, H, W]``, ``[B, 1, H, W]`` or ``[B, C, h, w]`` (channels summed, resized).",
     "mask.object": "``[B, 1, H, W]`` or ``[B, H, W]``, bool (or nonzero = object).",
     "n_perturb_samples": "Perturbations per example. Default: 10.",
+    "x.images": "Images ``[B, C, H, W]``.",
+    "attribution.broadcast": "``[B, ...]`` of ``x``'s rank, broadcastable to ``x``.",
+    "attribution.images": "``[B, C, H, W]`` or ``[B, 1, H, W]``, broadcastable to ``x``.",
+    "target.metric": "``None`` (the class predicted for ``x``), an int or ``[B]`` ints.",
     # generated text
     "model_fn.lm": ("Pure ``(params, ids) -> out`` of a causal language model (e.g. ``functionalize(gpt2)``); "
                     "``out`` is logits ``[B, T, vocab]`` or a ``ModelOutput`` / dict with ``logits`` (else choose "
@@ -141,6 +145,9 @@ GROUPS: Dict[str, Tuple[str, ...]] = {
                       "reshape.grad_cam"),
     "args.features": ("model_fn", "params", "x.features", "target.features"),
     "args.attention_map": ("prefix_tokens.attention", "grid.attention", "upsample.attention"),
+    # the faithfulness metrics (evaluation/faithfulness.py): model, input, map, target
+    "args.faithfulness": ("model_fn", "params", "x.float", "attribution.broadcast", "target.metric"),
+    "args.faithfulness_images": ("model_fn", "params", "x.images", "attribution.images", "target.metric"),
 }
 
 # Blocks kept as written here (a paragraph, or whole sections), each line indented as the placeholder.

@@ -360,11 +360,7 @@ def region_perturbation(model_fn: ModelFn, params: Params, x: Tensor, attributio
     removed)``. A faithful map makes the MoRF curve rise fast (a high AUC). As Quantus's ``RegionPerturbation``.
 
     Args:
-      {model_fn}
-      {params}
-      x: Images ``[B, C, H, W]``.
-      attribution: ``[B, C, H, W]`` or ``[B, 1, H, W]``, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness_images}
       patch_size: Side of the square patches. Default: 8.
       order: ``"morf"``, ``"lerf"`` or ``"random"``. Default: ``"morf"``.
       regions_evaluation: Patches removed at most (the curve's length). Default: 100.
@@ -414,11 +410,7 @@ def selectivity(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tenso
     removed. A faithful map makes the score fall fast (a low AUC). As Quantus's ``Selectivity``.
 
     Args:
-      {model_fn}
-      {params}
-      x: Images ``[B, C, H, W]``.
-      attribution: ``[B, C, H, W]`` or ``[B, 1, H, W]``, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness_images}
       patch_size: Side of the square patches. Default: 8.
       abs: Rank by magnitude. Default: False.
       normalise: Divide each map by its largest magnitude first. Default: True.
@@ -464,11 +456,7 @@ def monotonicity(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tens
     answers True for every map; this follows the paper.
 
     Args:
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      attribution: ``[B, ...]`` of ``x``'s rank, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness}
       features_in_step: Features restored per step. Default: 1.
       abs: Rank by magnitude. Default: True.
       normalise: Divide each map by its largest magnitude first. Default: True.
@@ -533,11 +521,7 @@ def monotonicity_correlation(model_fn: ModelFn, params: Params, x: Tensor, attri
     per group (the ``nr_samples`` copies are equal).
 
     Args:
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      attribution: ``[B, ...]`` of ``x``'s rank, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness}
       nr_samples: Draws per group. Default: 100.
       features_in_step: Features per group. Default: 1.
       eps: Below this ``|f(x)|`` the effect is not divided by ``f(x)^2``. Default: 1e-5.
@@ -590,11 +574,7 @@ def faithfulness_estimate(model_fn: ModelFn, params: Params, x: Tensor, attribut
     ``FaithfulnessEstimate``.
 
     Args:
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      attribution: ``[B, ...]`` of ``x``'s rank, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness}
       features_in_step: Features per group. Default: 1.
       abs: Rank by magnitude. Default: False.
       normalise: Divide each map by its largest magnitude first. Default: True.
@@ -668,11 +648,7 @@ def faithfulness_correlation(model_fn: ModelFn, params: Params, x: Tensor, attri
     with NumPy's global RNG; here they come from ``generator``).
 
     Args:
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      attribution: ``[B, ...]`` of ``x``'s rank, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness}
       nr_runs: Random subsets per example. Default: 100.
       subset_size: Features per subset. Default: 224.
       abs: Use magnitudes. Default: False.
@@ -724,11 +700,7 @@ def sensitivity_n(model_fn: ModelFn, params: Params, x: Tensor, attribution: Ten
     example and ``n``.
 
     Args:
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      attribution: ``[B, ...]`` of ``x``'s rank, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness}
       n_max_percentage: The largest ``n`` as a fraction of the features, in ``(0, 1]``. Default: 0.8.
       features_in_step: The spacing of the sizes ``n``. Default: 1.
       nr_samples: Random subsets per size. Default: 100.
@@ -789,11 +761,7 @@ def irof(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor, targ
     segments are given (e.g. SLIC labels from scikit-image) or a grid of ``patch_size`` squares.
 
     Args:
-      {model_fn}
-      {params}
-      x: Images ``[B, C, H, W]``.
-      attribution: ``[B, C, H, W]`` or ``[B, 1, H, W]``, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness_images}
       segments: Integer segment ids ``[B, H, W]`` or ``[H, W]`` (any ids; an example's segments are the ids it
         holds). Default: None: the ``patch_size`` grid.
       patch_size: Side of the default grid's squares. Default: 8.
@@ -908,11 +876,7 @@ def road(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor, targ
     number of channels.
 
     Args:
-      {model_fn}
-      {params}
-      x: Images ``[B, C, H, W]``.
-      attribution: ``[B, C, H, W]`` or ``[B, 1, H, W]``, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness_images}
       percentages: Percentages of features removed, each in ``[0, 100)``. Default: 1, 3, ..., 99.
       noise: Standard deviation of the noise added to imputed pixels. Default: 0.01.
       abs: Rank by magnitude. Default: False.
