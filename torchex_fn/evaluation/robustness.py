@@ -241,26 +241,7 @@ def avg_sensitivity(method: Callable[..., Tensor], model_fn: ModelFn, params: Pa
     lower_bound]`` element by element (Quantus's ``AvgSensitivity``, its defaults). Lower is more robust.
 
     Args:
-      method: ``(model_fn, params, x, target) -> map``, e.g. ``tx.saliency`` or
-        ``functools.partial(tx.grad_cam, layer="features")``; called on stacks of perturbed batches.
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      target: ``None`` (the predicted class), an int or ``[B]`` ints; kept for the perturbed inputs.
-      nr_samples: Perturbations per example. Default: 200 (Quantus's).
-      lower_bound: Half-width of the uniform noise (or its lower end with ``upper_bound``). Default: 0.2.
-      upper_bound: Noise uniform in ``[lower_bound, upper_bound]`` instead. Default: None.
-      perturb_func: ``(x, generator) -> perturbed x`` of ``x``'s shape, called once per draw, in order.
-        Default: None (:func:`uniform_noise` with the bounds).
-      similarity_func: ``(maps, perturbed maps) -> differences``, both ``[..., N]``. Default: None (``a - b``).
-      norm_numerator: ``[..., N] -> [...]`` norm of the differences. Default: None (Euclidean).
-      norm_denominator: ``[B, N] -> [B]`` norm of the map. Default: None (Euclidean; a zero norm counts as 1).
-      abs: Compare magnitudes. Default: False.
-      normalise: Divide each map by its own largest magnitude first. Default: False.
-      return_nan_when_prediction_changes: NaN for an example when any draw changes its predicted class
-        (one more forward per draw). Default: False.
-      batch_size: Perturbed inputs per call of ``method`` (at least one draw of the whole batch). Default: 64.
-      generator: Source of the noise. Default: None (the global generator).
+      {args.sensitivity}
 
     Returns:
       ``[B]`` sensitivities, in the map's dtype. Differentiable wherever ``method`` is.
@@ -296,26 +277,7 @@ def max_sensitivity(method: Callable[..., Tensor], model_fn: ModelFn, params: Pa
     (an ``explain_fn`` of ``x`` alone, radius 0.02, 10 draws). Lower is more robust.
 
     Args:
-      method: ``(model_fn, params, x, target) -> map``, e.g. ``tx.saliency`` or
-        ``functools.partial(tx.grad_cam, layer="features")``; called on stacks of perturbed batches.
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      target: ``None`` (the predicted class), an int or ``[B]`` ints; kept for the perturbed inputs.
-      nr_samples: Perturbations per example. Default: 200 (Quantus's).
-      lower_bound: Half-width of the uniform noise (or its lower end with ``upper_bound``). Default: 0.2.
-      upper_bound: Noise uniform in ``[lower_bound, upper_bound]`` instead. Default: None.
-      perturb_func: ``(x, generator) -> perturbed x`` of ``x``'s shape, called once per draw, in order.
-        Default: None (:func:`uniform_noise` with the bounds).
-      similarity_func: ``(maps, perturbed maps) -> differences``, both ``[..., N]``. Default: None (``a - b``).
-      norm_numerator: ``[..., N] -> [...]`` norm of the differences. Default: None (Euclidean).
-      norm_denominator: ``[B, N] -> [B]`` norm of the map. Default: None (Euclidean; a zero norm counts as 1).
-      abs: Compare magnitudes. Default: False.
-      normalise: Divide each map by its own largest magnitude first. Default: False.
-      return_nan_when_prediction_changes: NaN for an example when any draw changes its predicted class
-        (one more forward per draw). Default: False.
-      batch_size: Perturbed inputs per call of ``method`` (at least one draw of the whole batch). Default: 64.
-      generator: Source of the noise. Default: None (the global generator).
+      {args.sensitivity}
 
     Returns:
       ``[B]`` sensitivities, in the map's dtype. Differentiable wherever ``method`` is.
@@ -349,20 +311,16 @@ def local_lipschitz_estimate(method: Callable[..., Tensor], model_fn: ModelFn, p
     its defaults: 200 draws, std 0.1, maps normalised). Lower is more robust.
 
     Args:
-      method: ``(model_fn, params, x, target) -> map``; called on stacks of perturbed batches.
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      target: ``None`` (the predicted class), an int or ``[B]`` ints; kept for the perturbed inputs.
-      nr_samples: Perturbations per example. Default: 200.
+      {args.perturbed}
+      {nr_samples.perturbed}
       perturb_mean: Mean of the noise. Default: 0.
       perturb_std: Standard deviation of the noise. Default: 0.1.
       perturb_func: ``(x, generator) -> perturbed x``, called once per draw. Default: None (:func:`gaussian_noise`).
-      abs: Compare magnitudes. Default: False.
+      {abs.robustness}
       normalise: Divide each map by its own largest magnitude first. Default: True.
       return_nan_when_prediction_changes: NaN for an example when any draw changes its prediction. Default: False.
-      batch_size: Perturbed inputs per call of ``method``. Default: 64.
-      generator: Source of the noise. Default: None (the global generator).
+      {batch_size.perturbed}
+      {generator.noise}
 
     Returns:
       ``[B]`` estimates, in the map's dtype. Differentiable wherever ``method`` is.
@@ -652,22 +610,8 @@ def relative_input_stability(method: Callable[..., Tensor], model_fn: ModelFn, p
     Lower is more stable.
 
     Args:
-      method: ``(model_fn, params, x, target) -> map``; called on stacks of perturbed batches.
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      target: ``None`` (the predicted class), an int or ``[B]`` ints; kept for the perturbed inputs.
-      nr_samples: Perturbations per example. Default: 200.
-      lower_bound: Lower end of the uniform noise. Default: 0.02.
-      upper_bound: Upper end of the uniform noise (``None``: ``[-lower_bound, lower_bound]``). Default: 0.2.
-      perturb_func: ``(x, generator) -> perturbed x``, called once per draw. Default: None (:func:`uniform_noise`).
-      eps_min: Replaces zeros in the divisions. Default: 1e-6.
-      abs: Compare magnitudes. Default: False.
-      normalise: Divide each map by its own largest magnitude first. Default: False.
-      return_nan_when_prediction_changes: NaN for an example when any draw changes its predicted class.
-        Default: True (Quantus's).
-      batch_size: Perturbed inputs per call of ``method``. Default: 64.
-      generator: Source of the noise. Default: None (the global generator).
+      {args.perturbed}
+      {args.stability}
 
     Returns:
       ``[B]`` values, in the map's dtype.
@@ -700,22 +644,8 @@ def relative_output_stability(method: Callable[..., Tensor], model_fn: ModelFn, 
     ``RelativeOutputStability``, its defaults). Lower is more stable.
 
     Args:
-      method: ``(model_fn, params, x, target) -> map``; called on stacks of perturbed batches.
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      target: ``None`` (the predicted class), an int or ``[B]`` ints; kept for the perturbed inputs.
-      nr_samples: Perturbations per example. Default: 200.
-      lower_bound: Lower end of the uniform noise. Default: 0.02.
-      upper_bound: Upper end of the uniform noise (``None``: ``[-lower_bound, lower_bound]``). Default: 0.2.
-      perturb_func: ``(x, generator) -> perturbed x``, called once per draw. Default: None (:func:`uniform_noise`).
-      eps_min: Replaces zeros in the divisions. Default: 1e-6.
-      abs: Compare magnitudes. Default: False.
-      normalise: Divide each map by its own largest magnitude first. Default: False.
-      return_nan_when_prediction_changes: NaN for an example when any draw changes its predicted class.
-        Default: True (Quantus's).
-      batch_size: Perturbed inputs per call of ``method``. Default: 64.
-      generator: Source of the noise. Default: None (the global generator).
+      {args.perturbed}
+      {args.stability}
 
     Returns:
       ``[B]`` values, in the map's dtype.
@@ -751,23 +681,9 @@ def relative_representation_stability(method: Callable[..., Tensor], model_fn: M
     models made of leaf modules). Lower is more stable.
 
     Args:
-      method: ``(model_fn, params, x, target) -> map``; called on stacks of perturbed batches.
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      target: ``None`` (the predicted class), an int or ``[B]`` ints; kept for the perturbed inputs.
+      {args.perturbed}
       layer: A module name or a list of them. Default: None (every leaf module of ``functionalize``'s model).
-      nr_samples: Perturbations per example. Default: 200.
-      lower_bound: Lower end of the uniform noise. Default: 0.02.
-      upper_bound: Upper end of the uniform noise (``None``: ``[-lower_bound, lower_bound]``). Default: 0.2.
-      perturb_func: ``(x, generator) -> perturbed x``, called once per draw. Default: None (:func:`uniform_noise`).
-      eps_min: Replaces zeros in the divisions. Default: 1e-6.
-      abs: Compare magnitudes. Default: False.
-      normalise: Divide each map by its own largest magnitude first. Default: False.
-      return_nan_when_prediction_changes: NaN for an example when any draw changes its predicted class.
-        Default: True (Quantus's).
-      batch_size: Perturbed inputs per call of ``method``. Default: 64.
-      generator: Source of the noise. Default: None (the global generator).
+      {args.stability}
 
     Returns:
       ``[B]`` values, in the map's dtype.
