@@ -134,6 +134,16 @@ def _draw(fn: str, perturb_func: PerturbFn, x: Tensor, generator: Optional[torch
     return torch.stack(draws)
 
 
+def _uniform_or(perturb_func: Optional[PerturbFn], lower_bound: float, upper_bound: Optional[float]) -> PerturbFn:
+    """``perturb_func``, or (``None``) :func:`uniform_noise` with the bounds."""
+    if perturb_func is not None:
+        return perturb_func
+
+    def perturb(inputs: Tensor, gen: Optional[torch.Generator]) -> Tensor:
+        return uniform_noise(inputs, gen, lower_bound=lower_bound, upper_bound=upper_bound)
+    return perturb
+
+
 def _chunks(total: int, batch: int, batch_size: int) -> List[int]:
     per_call = max(1, batch_size // batch)
     return [min(per_call, total - first) for first in range(0, total, per_call)]
@@ -143,6 +153,11 @@ def _predicted(model_fn: ModelFn, params: Params, inputs: Tensor) -> Tensor:
     with torch.no_grad():
         out = model_fn(params, inputs.reshape(-1, *inputs.shape[2:]))
     return out.argmax(dim=1).view(inputs.shape[0], inputs.shape[1])
+
+
+def _nan_where(changed: Tensor, value: Tensor) -> Tensor:
+    """``value`` with NaN where ``changed`` (the draws whose prediction moved) is True."""
+    return torch.where(changed, torch.full_like(value, float("nan")), value)
 
 
 def _common(fn: str, method: Any, model_fn: ModelFn, params: Params, x: Tensor, target: Target,
@@ -178,7 +193,7 @@ def _sensitivity(fn: str, explain: Callable[[Tensor], Tensor], reference: Tensor
                                       "flattened)", _checks.describe(maps[0]))
         value = norm_numerator(similarity_func(reference[None].expand_as(maps), maps)) / denominator
         if changed is not None:
-            value = torch.where(changed(inputs), torch.full_like(value, float("nan")), value)
+            value = _nan_where(changed(inputs), value)
         values.append(value)
     stacked = torch.cat(values)  # [n, B]
     return stacked.mean(dim=0) if reduce == "mean" else stacked.amax(dim=0)
@@ -204,11 +219,7 @@ def _sensitivity_metric(fn: str, reduce: str, method: Callable[..., Tensor], mod
         _checks.check_optional_callable(fn, name, value)
     index, predicted = _index(fn, model_fn, params, x, target)
     explainer = _Explainer(fn, method, model_fn, params, x, index, abs, normalise)
-
-    def perturb(inputs: Tensor, gen: Optional[torch.Generator]) -> Tensor:
-        return uniform_noise(inputs, gen, lower_bound=lower_bound, upper_bound=upper_bound)
-
-    perturb_fn = perturb if perturb_func is None else perturb_func
+    perturb_fn = _uniform_or(perturb_func, lower_bound, upper_bound)
     changed = None
     if return_nan_when_prediction_changes:
         def changed(inputs: Tensor) -> Tensor:
@@ -356,8 +367,7 @@ def local_lipschitz_estimate(method: Callable[..., Tensor], model_fn: ModelFn, p
         value = (maps - explainer.reference[None]).norm(dim=-1) / (
             (inputs.reshape(count, x.shape[0], -1) - flat_x[None]).norm(dim=-1) + 1e-10)
         if return_nan_when_prediction_changes:
-            value = torch.where(_predicted(model_fn, params, inputs) != predicted[None],
-                                torch.full_like(value, float("nan")), value)
+            value = _nan_where(_predicted(model_fn, params, inputs) != predicted[None], value)
         values.append(value)
     return torch.cat(values).amax(dim=0)
 
@@ -461,8 +471,7 @@ def continuity(method: Callable[..., Tensor], model_fn: ModelFn, params: Params,
         # whatever rounding a call on another batch size brings (which 1e-9 would blow up)
         value = torch.where(distance == 0, torch.zeros_like(value), value)
         if return_nan_when_prediction_changes:
-            value = torch.where(_predicted(model_fn, params, inputs) != index[None],
-                                torch.full_like(value, float("nan")), value)
+            value = _nan_where(_predicted(model_fn, params, inputs) != index[None], value)
         values.append(value)
     return torch.cat(values).amax(dim=0)
 
@@ -569,11 +578,7 @@ def _stability(fn: str, kind: str, method: Callable[..., Tensor], model_fn: Mode
             return out, torch.cat([acts[name].reshape(inputs.shape[0], -1) for name in names], dim=1)
 
     reference_out, reference_rep = forward(x)
-
-    def perturb(inputs: Tensor, gen: Optional[torch.Generator]) -> Tensor:
-        return uniform_noise(inputs, gen, lower_bound=lower_bound, upper_bound=upper_bound)
-
-    perturb_fn = perturb if perturb_func is None else perturb_func
+    perturb_fn = _uniform_or(perturb_func, lower_bound, upper_bound)
     values = []
     for count in _chunks(nr_samples, batch, batch_size):
         inputs = _draw(fn, perturb_fn, x, generator, count)
@@ -588,8 +593,7 @@ def _stability(fn: str, kind: str, method: Callable[..., Tensor], model_fn: Mode
         denominator = torch.where(denominator == 0, torch.full_like(denominator, eps_min), denominator)
         value = numerator / denominator.to(numerator.dtype)
         if return_nan_when_prediction_changes:
-            value = torch.where(out.argmax(dim=1).view(count, batch) != predicted[None],
-                                torch.full_like(value, float("nan")), value)
+            value = _nan_where(out.argmax(dim=1).view(count, batch) != predicted[None], value)
         values.append(value)
     return torch.cat(values).amax(dim=0)
 
