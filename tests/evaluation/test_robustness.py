@@ -12,6 +12,8 @@ import torchex_fn as tx
 from torchex_fn import metrics
 from torchex_fn.evaluation import robustness
 
+from support.perturbations import Feed
+
 
 def square_map(model_fn, params, x, target):
     """A 'method' whose map is a known function of the input: x^2 summed over channels, times the target + 1."""
@@ -28,18 +30,6 @@ def setup(dtype=torch.float32):
     fn, params = tx.functionalize(net(dtype))
     x = torch.rand(3, 2, 3, 4, generator=torch.Generator().manual_seed(1), dtype=dtype)
     return fn, params, x
-
-
-class Feed:
-    """perturb_func handing out x + noise[k] for the k-th call."""
-
-    def __init__(self, noise):
-        self.noise, self.calls = noise, 0
-
-    def __call__(self, x, generator):
-        out = x + self.noise[self.calls]
-        self.calls += 1
-        return out
 
 
 def prepared(m, normalise, absolute):

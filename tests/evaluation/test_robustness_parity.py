@@ -12,6 +12,8 @@ from torch import nn
 import torchex_fn as tx
 from torchex_fn import metrics
 
+from support.perturbations import Feed
+
 HERE = pathlib.Path(__file__).resolve().parents[1] / "references"
 
 
@@ -46,16 +48,6 @@ def setup(method):
     def explain(model_fn, p, x, target):
         return summed(model_fn, p, x, target).sum(1, keepdim=True)
     return fn, params, explain
-
-
-class Feed:
-    def __init__(self, noise):
-        self.noise, self.calls = noise, 0
-
-    def __call__(self, x, generator):
-        out = x + self.noise[self.calls]
-        self.calls += 1
-        return out
 
 
 def test_reference_was_made_with_quantus_0_6_0():

@@ -11,6 +11,7 @@ A test file imports from here (``from support.models import TinyCNN``), never fr
 * ``dtypes``: the low-precision tolerances shared by the CPU and CUDA dtype tests.
 * ``parity``: the seeded torchvision models and the tolerance rule of the peer-parity tests.
 * ``zoo``: today's architectures, small, with random weights (also read by docs/architectures.py).
+* ``perturbations``: ``Feed``, a ``perturb_func`` of fixed draws for the metrics that perturb.
 * ``store_runs``: the tiny runs of the store's fault tests, and their forkserver (children start in ms).
 * ``cli``: a command line with flags changed (``with_flags``), and its usage error (``usage_error``, exit code 2).
 """

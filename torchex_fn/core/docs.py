@@ -125,6 +125,41 @@ ARGS: Dict[str, str] = {
     "attribution.map": "``[B, H, W]``, ``[B, 1, H, W]`` or ``[B, C, h, w]`` (channels summed, resized).",
     "mask.object": "``[B, 1, H, W]`` or ``[B, H, W]``, bool (or nonzero = object).",
     "n_perturb_samples": "Perturbations per example. Default: 10.",
+    "x.images": "Images ``[B, C, H, W]``.",
+    "attribution.broadcast": "``[B, ...]`` of ``x``'s rank, broadcastable to ``x``.",
+    "attribution.images": "``[B, C, H, W]`` or ``[B, 1, H, W]``, broadcastable to ``x``.",
+    "target.metric": "``None`` (the class predicted for ``x``), an int or ``[B]`` ints.",
+    # the robustness metrics (evaluation/robustness.py): a method called on perturbed inputs
+    "method.perturbed": "``(model_fn, params, x, target) -> map``; called on stacks of perturbed batches.",
+    "method.sensitivity": ("``(model_fn, params, x, target) -> map``, e.g. ``tx.saliency`` or "
+                           "``functools.partial(tx.grad_cam, layer=\"features\")``; called on stacks of perturbed "
+                           "batches."),
+    "target.perturbed": "``None`` (the predicted class), an int or ``[B]`` ints; kept for the perturbed inputs.",
+    "nr_samples.perturbed": "Perturbations per example. Default: 200.",
+    "nr_samples.sensitivity": "Perturbations per example. Default: 200 (Quantus's).",
+    "lower_bound.sensitivity": "Half-width of the uniform noise (or its lower end with ``upper_bound``). Default: 0.2.",
+    "upper_bound.sensitivity": "Noise uniform in ``[lower_bound, upper_bound]`` instead. Default: None.",
+    "perturb_func.sensitivity": ("``(x, generator) -> perturbed x`` of ``x``'s shape, called once per draw, in order. "
+                                 "Default: None (:func:`uniform_noise` with the bounds)."),
+    "similarity_func": "``(maps, perturbed maps) -> differences``, both ``[..., N]``. Default: None (``a - b``).",
+    "norm_numerator": "``[..., N] -> [...]`` norm of the differences. Default: None (Euclidean).",
+    "norm_denominator": "``[B, N] -> [B]`` norm of the map. Default: None (Euclidean; a zero norm counts as 1).",
+    "return_nan_when_prediction_changes.sensitivity": ("NaN for an example when any draw changes its predicted "
+                                                       "class (one more forward per draw). Default: False."),
+    "batch_size.sensitivity": ("Perturbed inputs per call of ``method`` (at least one draw of the whole batch). "
+                               "Default: 64."),
+    "lower_bound.stability": "Lower end of the uniform noise. Default: 0.02.",
+    "upper_bound.stability": ("Upper end of the uniform noise (``None``: ``[-lower_bound, lower_bound]``). "
+                              "Default: 0.2."),
+    "perturb_func.stability": ("``(x, generator) -> perturbed x``, called once per draw. Default: None "
+                               "(:func:`uniform_noise`)."),
+    "eps_min": "Replaces zeros in the divisions. Default: 1e-6.",
+    "abs.robustness": "Compare magnitudes. Default: False.",
+    "normalise.robustness": "Divide each map by its own largest magnitude first. Default: False.",
+    "return_nan_when_prediction_changes.stability": ("NaN for an example when any draw changes its predicted class. "
+                                                     "Default: True (Quantus's)."),
+    "batch_size.perturbed": "Perturbed inputs per call of ``method``. Default: 64.",
+    "generator.noise": "Source of the noise. Default: None (the global generator).",
     # generated text
     "model_fn.lm": ("Pure ``(params, ids) -> out`` of a causal language model (e.g. ``functionalize(gpt2)``); "
                     "``out`` is logits ``[B, T, vocab]`` or a ``ModelOutput`` / dict with ``logits`` (else choose "
@@ -141,6 +176,19 @@ GROUPS: Dict[str, Tuple[str, ...]] = {
                       "reshape.grad_cam"),
     "args.features": ("model_fn", "params", "x.features", "target.features"),
     "args.attention_map": ("prefix_tokens.attention", "grid.attention", "upsample.attention"),
+    # the faithfulness metrics (evaluation/faithfulness.py): model, input, map, target
+    "args.faithfulness": ("model_fn", "params", "x.float", "attribution.broadcast", "target.metric"),
+    "args.faithfulness_images": ("model_fn", "params", "x.images", "attribution.images", "target.metric"),
+    # the robustness metrics: method, model, input, target; the options of the sensitivities and the stabilities
+    "args.perturbed": ("method.perturbed", "model_fn", "params", "x.float", "target.perturbed"),
+    "args.sensitivity": ("method.sensitivity", "model_fn", "params", "x.float", "target.perturbed",
+                         "nr_samples.sensitivity", "lower_bound.sensitivity", "upper_bound.sensitivity",
+                         "perturb_func.sensitivity", "similarity_func", "norm_numerator", "norm_denominator",
+                         "abs.robustness", "normalise.robustness", "return_nan_when_prediction_changes.sensitivity",
+                         "batch_size.sensitivity", "generator.noise"),
+    "args.stability": ("nr_samples.perturbed", "lower_bound.stability", "upper_bound.stability",
+                       "perturb_func.stability", "eps_min", "abs.robustness", "normalise.robustness",
+                       "return_nan_when_prediction_changes.stability", "batch_size.perturbed", "generator.noise"),
 }
 
 # Blocks kept as written here (a paragraph, or whole sections), each line indented as the placeholder.

@@ -252,9 +252,7 @@ def input_invariance(method: Callable[..., Tensor], model_fn: ModelFn, params: P
       Springer 2019.
     """
     fn = "input_invariance"
-    if not callable(method):
-        raise _checks.type_error(fn, "method, a callable (model_fn, params, x, target) -> map",
-                                 _checks.describe(method))
+    _maps.check_method(fn, method)
     check_call(fn, model_fn, params, x, target, min_ndim=2)
     _maps.check_flags(fn, abs=abs, normalise=normalise)
     for name, value in (("input_shift", input_shift), ("rtol", rtol), ("atol", atol)):

@@ -152,6 +152,14 @@ def _scores(model_fn: ModelFn, params: Params, x: Tensor, index: Tensor, total: 
     """``[B, total]`` target scores of ``total`` perturbations per example; ``make(first, count)`` gives the
     inputs ``[B, count, *input]`` of perturbations ``first .. first + count - 1``. At most ``batch_size``
     inputs per forward pass (at least one example's)."""
+    return _forwards(model_fn, params, x, index, total, batch_size, make,
+                     lambda out, labels: out.gather(1, labels[:, None]).squeeze(1))
+
+
+def _forwards(model_fn: ModelFn, params: Params, x: Tensor, index: Tensor, total: int, batch_size: int,
+              make: Callable[[int, int], Tensor], read: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``[B, total]``: ``read(out, labels)`` of the model's output for each perturbed input (``make`` and the
+    passes of at most ``batch_size`` inputs as :func:`_scores`), ``labels`` each input's ``index``."""
     batch = x.shape[0]
     per_chunk = max(1, batch_size // batch)
     rows: List[Tensor] = []
@@ -159,7 +167,7 @@ def _scores(model_fn: ModelFn, params: Params, x: Tensor, index: Tensor, total: 
         count = min(per_chunk, total - first)
         inputs = make(first, count).reshape(batch * count, *x.shape[1:])
         labels = index.repeat_interleave(count)
-        parts = [model_fn(params, inputs[i:i + batch_size]).gather(1, labels[i:i + batch_size, None]).squeeze(1)
+        parts = [read(model_fn(params, inputs[i:i + batch_size]), labels[i:i + batch_size])
                  for i in range(0, inputs.shape[0], batch_size)]
         rows.append(torch.cat(parts).view(batch, count))
     return torch.cat(rows, dim=1)
@@ -308,20 +316,29 @@ def pixel_flipping(model_fn: ModelFn, params: Params, x: Tensor, attribution: Te
     References: Bach et al., "On Pixel-Wise Explanations for Non-Linear Classifier Decisions by Layer-Wise
       Relevance Propagation", PLoS ONE 2015.
     """
-    fn = "pixel_flipping"
+    curve = _cumulative_curve("pixel_flipping", model_fn, params, x, attribution, target, features_in_step, abs,
+                              normalise, perturb_baseline, batch_size, generator, restore=False)
+    return FaithfulnessCurve(curve, _trapezoid(curve))
+
+
+def _cumulative_curve(fn: str, model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor, target: Target,
+                      features_in_step: int, abs: bool, normalise: bool, perturb_baseline: Baseline,
+                      batch_size: int, generator: Optional[torch.Generator], *, restore: bool) -> Tensor:
+    """Target scores ``[B, steps]`` along the map's ranking, ``features_in_step`` more features a step:
+    the most relevant features removed (:func:`pixel_flipping`), or with ``restore`` the least relevant
+    features kept and every other one removed (:func:`monotonicity`)."""
     s = _setup(fn, model_fn, params, x, attribution, target, abs=abs, normalise=normalise, batch_size=batch_size)
     _check_baseline(fn, perturb_baseline, x)
     features = s.values.shape[1]
     _check_features_in_step(fn, features_in_step, features)
-    rank = _ranks(s.values, descending=True)
+    rank = _ranks(s.values, descending=not restore)
     fill = _flip_fill(perturb_baseline, x, generator)
 
     def make(first: int, count: int) -> Tensor:
         ks = (torch.arange(first, first + count, device=x.device) + 1) * features_in_step
-        removed = (rank[:, None, :] < ks[None, :, None]).view(x.shape[0], count, *s.shape)
-        return _replace(x, removed, fill)
-    curve = _scores(model_fn, params, x, s.label, -(-features // features_in_step), batch_size, make)
-    return FaithfulnessCurve(curve, _trapezoid(curve))
+        removed = rank[:, None, :] >= ks[None, :, None] if restore else rank[:, None, :] < ks[None, :, None]
+        return _replace(x, removed.view(x.shape[0], count, *s.shape), fill)
+    return _scores(model_fn, params, x, s.label, -(-features // features_in_step), batch_size, make)
 
 
 def _check_image(fn: str, x: Tensor) -> None:
@@ -343,11 +360,7 @@ def region_perturbation(model_fn: ModelFn, params: Params, x: Tensor, attributio
     removed)``. A faithful map makes the MoRF curve rise fast (a high AUC). As Quantus's ``RegionPerturbation``.
 
     Args:
-      {model_fn}
-      {params}
-      x: Images ``[B, C, H, W]``.
-      attribution: ``[B, C, H, W]`` or ``[B, 1, H, W]``, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness_images}
       patch_size: Side of the square patches. Default: 8.
       order: ``"morf"``, ``"lerf"`` or ``"random"``. Default: ``"morf"``.
       regions_evaluation: Patches removed at most (the curve's length). Default: 100.
@@ -397,11 +410,7 @@ def selectivity(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tenso
     removed. A faithful map makes the score fall fast (a low AUC). As Quantus's ``Selectivity``.
 
     Args:
-      {model_fn}
-      {params}
-      x: Images ``[B, C, H, W]``.
-      attribution: ``[B, C, H, W]`` or ``[B, 1, H, W]``, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness_images}
       patch_size: Side of the square patches. Default: 8.
       abs: Rank by magnitude. Default: False.
       normalise: Divide each map by its largest magnitude first. Default: True.
@@ -447,11 +456,7 @@ def monotonicity(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tens
     answers True for every map; this follows the paper.
 
     Args:
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      attribution: ``[B, ...]`` of ``x``'s rank, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness}
       features_in_step: Features restored per step. Default: 1.
       abs: Rank by magnitude. Default: True.
       normalise: Divide each map by its largest magnitude first. Default: True.
@@ -473,19 +478,8 @@ def monotonicity(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tens
     References: Arya et al., "One Explanation Does Not Fit All: A Toolkit and Taxonomy of AI Explainability
       Techniques", arXiv:1909.03012, 2019.
     """
-    fn = "monotonicity"
-    s = _setup(fn, model_fn, params, x, attribution, target, abs=abs, normalise=normalise, batch_size=batch_size)
-    _check_baseline(fn, perturb_baseline, x)
-    features = s.values.shape[1]
-    _check_features_in_step(fn, features_in_step, features)
-    rank = _ranks(s.values, descending=False)
-    fill = _flip_fill(perturb_baseline, x, generator)
-
-    def make(first: int, count: int) -> Tensor:
-        ks = (torch.arange(first, first + count, device=x.device) + 1) * features_in_step
-        missing = (rank[:, None, :] >= ks[None, :, None]).view(x.shape[0], count, *s.shape)
-        return _replace(x, missing, fill)
-    curve = _scores(model_fn, params, x, s.label, -(-features // features_in_step), batch_size, make)
+    curve = _cumulative_curve("monotonicity", model_fn, params, x, attribution, target, features_in_step, abs,
+                              normalise, perturb_baseline, batch_size, generator, restore=True)
     return (curve.diff(dim=1) >= 0).all(dim=1)
 
 
@@ -527,11 +521,7 @@ def monotonicity_correlation(model_fn: ModelFn, params: Params, x: Tensor, attri
     per group (the ``nr_samples`` copies are equal).
 
     Args:
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      attribution: ``[B, ...]`` of ``x``'s rank, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness}
       nr_samples: Draws per group. Default: 100.
       features_in_step: Features per group. Default: 1.
       eps: Below this ``|f(x)|`` the effect is not divided by ``f(x)^2``. Default: 1e-5.
@@ -584,11 +574,7 @@ def faithfulness_estimate(model_fn: ModelFn, params: Params, x: Tensor, attribut
     ``FaithfulnessEstimate``.
 
     Args:
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      attribution: ``[B, ...]`` of ``x``'s rank, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness}
       features_in_step: Features per group. Default: 1.
       abs: Rank by magnitude. Default: False.
       normalise: Divide each map by its largest magnitude first. Default: True.
@@ -662,11 +648,7 @@ def faithfulness_correlation(model_fn: ModelFn, params: Params, x: Tensor, attri
     with NumPy's global RNG; here they come from ``generator``).
 
     Args:
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      attribution: ``[B, ...]`` of ``x``'s rank, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness}
       nr_runs: Random subsets per example. Default: 100.
       subset_size: Features per subset. Default: 224.
       abs: Use magnitudes. Default: False.
@@ -718,11 +700,7 @@ def sensitivity_n(model_fn: ModelFn, params: Params, x: Tensor, attribution: Ten
     example and ``n``.
 
     Args:
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      attribution: ``[B, ...]`` of ``x``'s rank, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness}
       n_max_percentage: The largest ``n`` as a fraction of the features, in ``(0, 1]``. Default: 0.8.
       features_in_step: The spacing of the sizes ``n``. Default: 1.
       nr_samples: Random subsets per size. Default: 100.
@@ -783,11 +761,7 @@ def irof(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor, targ
     segments are given (e.g. SLIC labels from scikit-image) or a grid of ``patch_size`` squares.
 
     Args:
-      {model_fn}
-      {params}
-      x: Images ``[B, C, H, W]``.
-      attribution: ``[B, C, H, W]`` or ``[B, 1, H, W]``, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness_images}
       segments: Integer segment ids ``[B, H, W]`` or ``[H, W]`` (any ids; an example's segments are the ids it
         holds). Default: None: the ``patch_size`` grid.
       patch_size: Side of the default grid's squares. Default: 8.
@@ -902,11 +876,7 @@ def road(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor, targ
     number of channels.
 
     Args:
-      {model_fn}
-      {params}
-      x: Images ``[B, C, H, W]``.
-      attribution: ``[B, C, H, W]`` or ``[B, 1, H, W]``, broadcastable to ``x``.
-      target: ``None`` (the class predicted for ``x``), an int or ``[B]`` ints.
+      {args.faithfulness_images}
       percentages: Percentages of features removed, each in ``[0, 100)``. Default: 1, 3, ..., 99.
       noise: Standard deviation of the noise added to imputed pixels. Default: 0.01.
       abs: Rank by magnitude. Default: False.
@@ -962,17 +932,8 @@ def road(model_fn: ModelFn, params: Params, x: Tensor, attribution: Tensor, targ
 def _predictions(model_fn: ModelFn, params: Params, x: Tensor, index: Tensor, total: int, batch_size: int,
                  make: Callable[[int, int], Tensor]) -> Tensor:
     """``[B, total]`` 1.0 where the model's top class of each perturbed input is ``index``."""
-    batch = x.shape[0]
-    per_chunk = max(1, batch_size // batch)
-    rows: List[Tensor] = []
-    for first in range(0, total, per_chunk):
-        count = min(per_chunk, total - first)
-        inputs = make(first, count).reshape(batch * count, *x.shape[1:])
-        labels = index.repeat_interleave(count)
-        parts = [model_fn(params, inputs[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]
-                 for i in range(0, inputs.shape[0], batch_size)]
-        rows.append(torch.cat(parts).view(batch, count))
-    return torch.cat(rows, dim=1).to(x.dtype)
+    return _forwards(model_fn, params, x, index, total, batch_size, make,
+                     lambda out, labels: out.argmax(1) == labels).to(x.dtype)
 
 
 _DISTANCES = ("seuclidean", "euclidean", "cityblock", "cosine")

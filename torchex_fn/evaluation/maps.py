@@ -54,6 +54,13 @@ def flat(fn: str, name: str, attribution: Any) -> Tensor:
     return attribution.reshape(attribution.shape[0], -1)
 
 
+def check_method(fn: str, method: Any) -> None:
+    """The ``method`` argument of the metrics that call an explanation method: a callable."""
+    if not callable(method):
+        raise _checks.type_error(fn, "method, a callable (model_fn, params, x, target) -> map",
+                                 _checks.describe(method))
+
+
 def check_flags(fn: str, **flags: Any) -> None:
     for name, value in flags.items():
         _checks.check_bool(fn, name, value)

@@ -29,6 +29,7 @@ from ..core.arguments import check_call
 from .maps import as_map as _as_map
 from .maps import as_mask as _as_mask
 from .maps import broadcast_attribution as _broadcast_attribution
+from .maps import check_method as _check_method
 from .axiomatic import Completeness, completeness, input_invariance, non_sensitivity
 from .complexity import complexity, effective_complexity, sparseness
 from .faithfulness import (FaithfulnessCurve, Road, SensitivityN, faithfulness_correlation, faithfulness_estimate, irof,
@@ -419,9 +420,7 @@ def randomization_check(method: Callable[..., Tensor], model_fn: ModelFn, params
     References: Adebayo et al., "Sanity Checks for Saliency Maps", NeurIPS 2018.
     """
     fn = "randomization_check"
-    if not callable(method):
-        raise _checks.type_error(fn, "method, a callable (model_fn, params, x, target) -> map",
-                                 _checks.describe(method))
+    _check_method(fn, method)
     _checks.check_model_fn(fn, model_fn)
     _checks.check_params(fn, params, model_fn)
     _checks.check_input(fn, x, min_ndim=2)

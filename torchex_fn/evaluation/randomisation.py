@@ -119,9 +119,7 @@ def random_logit(method: Callable[..., Tensor], model_fn: ModelFn, params: Param
     References: Sixt et al., "When Explanations Lie: Why Many Modified BP Attributions Fail", ICML 2020.
     """
     fn = "random_logit"
-    if not callable(method):
-        raise _checks.type_error(fn, "method, a callable (model_fn, params, x, target) -> map",
-                                 _checks.describe(method))
+    _maps.check_method(fn, method)
     _checks.check_model_fn(fn, model_fn)
     _checks.check_params(fn, params)
     _checks.check_input(fn, x, min_ndim=1)
@@ -270,9 +268,7 @@ def _mprt_result(names: List[str], rows: List[Tensor], original: Tensor) -> Mprt
 
 def _check_mprt(fn: str, method: Any, model_fn: Any, params: Any, x: Any, similarity_func: Any, generator: Any,
                 **flags: Any) -> None:
-    if not callable(method):
-        raise _checks.type_error(fn, "method, a callable (model_fn, params, x, target) -> map",
-                                 _checks.describe(method))
+    _maps.check_method(fn, method)
     _checks.check_model_fn(fn, model_fn)
     _checks.check_params(fn, params, model_fn)
     _checks.check_input(fn, x, min_ndim=2)

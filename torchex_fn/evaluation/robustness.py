@@ -88,12 +88,6 @@ def _check_number(fn: str, name: str, value: Any, *, low: Optional[float] = None
         raise _checks.value_error(fn, expected, _checks.describe(value))
 
 
-def _check_method(fn: str, method: Any) -> None:
-    if not callable(method):
-        raise _checks.type_error(fn, "method, a callable (model_fn, params, x, target) -> map",
-                                 _checks.describe(method))
-
-
 def _index(fn: str, model_fn: ModelFn, params: Params, x: Tensor, target: Target) -> Tuple[Tensor, Tensor]:
     """The ``[B]`` class explained (``None``: the predicted one) and the ``[B]`` predicted classes."""
     with torch.no_grad():
@@ -140,6 +134,16 @@ def _draw(fn: str, perturb_func: PerturbFn, x: Tensor, generator: Optional[torch
     return torch.stack(draws)
 
 
+def _uniform_or(perturb_func: Optional[PerturbFn], lower_bound: float, upper_bound: Optional[float]) -> PerturbFn:
+    """``perturb_func``, or (``None``) :func:`uniform_noise` with the bounds."""
+    if perturb_func is not None:
+        return perturb_func
+
+    def perturb(inputs: Tensor, gen: Optional[torch.Generator]) -> Tensor:
+        return uniform_noise(inputs, gen, lower_bound=lower_bound, upper_bound=upper_bound)
+    return perturb
+
+
 def _chunks(total: int, batch: int, batch_size: int) -> List[int]:
     per_call = max(1, batch_size // batch)
     return [min(per_call, total - first) for first in range(0, total, per_call)]
@@ -151,9 +155,14 @@ def _predicted(model_fn: ModelFn, params: Params, inputs: Tensor) -> Tensor:
     return out.argmax(dim=1).view(inputs.shape[0], inputs.shape[1])
 
 
+def _nan_where(changed: Tensor, value: Tensor) -> Tensor:
+    """``value`` with NaN where ``changed`` (the draws whose prediction moved) is True."""
+    return torch.where(changed, torch.full_like(value, float("nan")), value)
+
+
 def _common(fn: str, method: Any, model_fn: ModelFn, params: Params, x: Tensor, target: Target,
             nr_samples: int, batch_size: int, generator: Any, perturb_func: Any, **flags: Any) -> Target:
-    _check_method(fn, method)
+    _maps.check_method(fn, method)
     target = check_call(fn, model_fn, params, x, target, min_ndim=2)
     _checks.check_positive_int(fn, "nr_samples", nr_samples)
     _checks.check_positive_int(fn, "batch_size", batch_size)
@@ -184,7 +193,7 @@ def _sensitivity(fn: str, explain: Callable[[Tensor], Tensor], reference: Tensor
                                       "flattened)", _checks.describe(maps[0]))
         value = norm_numerator(similarity_func(reference[None].expand_as(maps), maps)) / denominator
         if changed is not None:
-            value = torch.where(changed(inputs), torch.full_like(value, float("nan")), value)
+            value = _nan_where(changed(inputs), value)
         values.append(value)
     stacked = torch.cat(values)  # [n, B]
     return stacked.mean(dim=0) if reduce == "mean" else stacked.amax(dim=0)
@@ -210,11 +219,7 @@ def _sensitivity_metric(fn: str, reduce: str, method: Callable[..., Tensor], mod
         _checks.check_optional_callable(fn, name, value)
     index, predicted = _index(fn, model_fn, params, x, target)
     explainer = _Explainer(fn, method, model_fn, params, x, index, abs, normalise)
-
-    def perturb(inputs: Tensor, gen: Optional[torch.Generator]) -> Tensor:
-        return uniform_noise(inputs, gen, lower_bound=lower_bound, upper_bound=upper_bound)
-
-    perturb_fn = perturb if perturb_func is None else perturb_func
+    perturb_fn = _uniform_or(perturb_func, lower_bound, upper_bound)
     changed = None
     if return_nan_when_prediction_changes:
         def changed(inputs: Tensor) -> Tensor:
@@ -247,26 +252,7 @@ def avg_sensitivity(method: Callable[..., Tensor], model_fn: ModelFn, params: Pa
     lower_bound]`` element by element (Quantus's ``AvgSensitivity``, its defaults). Lower is more robust.
 
     Args:
-      method: ``(model_fn, params, x, target) -> map``, e.g. ``tx.saliency`` or
-        ``functools.partial(tx.grad_cam, layer="features")``; called on stacks of perturbed batches.
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      target: ``None`` (the predicted class), an int or ``[B]`` ints; kept for the perturbed inputs.
-      nr_samples: Perturbations per example. Default: 200 (Quantus's).
-      lower_bound: Half-width of the uniform noise (or its lower end with ``upper_bound``). Default: 0.2.
-      upper_bound: Noise uniform in ``[lower_bound, upper_bound]`` instead. Default: None.
-      perturb_func: ``(x, generator) -> perturbed x`` of ``x``'s shape, called once per draw, in order.
-        Default: None (:func:`uniform_noise` with the bounds).
-      similarity_func: ``(maps, perturbed maps) -> differences``, both ``[..., N]``. Default: None (``a - b``).
-      norm_numerator: ``[..., N] -> [...]`` norm of the differences. Default: None (Euclidean).
-      norm_denominator: ``[B, N] -> [B]`` norm of the map. Default: None (Euclidean; a zero norm counts as 1).
-      abs: Compare magnitudes. Default: False.
-      normalise: Divide each map by its own largest magnitude first. Default: False.
-      return_nan_when_prediction_changes: NaN for an example when any draw changes its predicted class
-        (one more forward per draw). Default: False.
-      batch_size: Perturbed inputs per call of ``method`` (at least one draw of the whole batch). Default: 64.
-      generator: Source of the noise. Default: None (the global generator).
+      {args.sensitivity}
 
     Returns:
       ``[B]`` sensitivities, in the map's dtype. Differentiable wherever ``method`` is.
@@ -302,26 +288,7 @@ def max_sensitivity(method: Callable[..., Tensor], model_fn: ModelFn, params: Pa
     (an ``explain_fn`` of ``x`` alone, radius 0.02, 10 draws). Lower is more robust.
 
     Args:
-      method: ``(model_fn, params, x, target) -> map``, e.g. ``tx.saliency`` or
-        ``functools.partial(tx.grad_cam, layer="features")``; called on stacks of perturbed batches.
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      target: ``None`` (the predicted class), an int or ``[B]`` ints; kept for the perturbed inputs.
-      nr_samples: Perturbations per example. Default: 200 (Quantus's).
-      lower_bound: Half-width of the uniform noise (or its lower end with ``upper_bound``). Default: 0.2.
-      upper_bound: Noise uniform in ``[lower_bound, upper_bound]`` instead. Default: None.
-      perturb_func: ``(x, generator) -> perturbed x`` of ``x``'s shape, called once per draw, in order.
-        Default: None (:func:`uniform_noise` with the bounds).
-      similarity_func: ``(maps, perturbed maps) -> differences``, both ``[..., N]``. Default: None (``a - b``).
-      norm_numerator: ``[..., N] -> [...]`` norm of the differences. Default: None (Euclidean).
-      norm_denominator: ``[B, N] -> [B]`` norm of the map. Default: None (Euclidean; a zero norm counts as 1).
-      abs: Compare magnitudes. Default: False.
-      normalise: Divide each map by its own largest magnitude first. Default: False.
-      return_nan_when_prediction_changes: NaN for an example when any draw changes its predicted class
-        (one more forward per draw). Default: False.
-      batch_size: Perturbed inputs per call of ``method`` (at least one draw of the whole batch). Default: 64.
-      generator: Source of the noise. Default: None (the global generator).
+      {args.sensitivity}
 
     Returns:
       ``[B]`` sensitivities, in the map's dtype. Differentiable wherever ``method`` is.
@@ -355,20 +322,16 @@ def local_lipschitz_estimate(method: Callable[..., Tensor], model_fn: ModelFn, p
     its defaults: 200 draws, std 0.1, maps normalised). Lower is more robust.
 
     Args:
-      method: ``(model_fn, params, x, target) -> map``; called on stacks of perturbed batches.
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      target: ``None`` (the predicted class), an int or ``[B]`` ints; kept for the perturbed inputs.
-      nr_samples: Perturbations per example. Default: 200.
+      {args.perturbed}
+      {nr_samples.perturbed}
       perturb_mean: Mean of the noise. Default: 0.
       perturb_std: Standard deviation of the noise. Default: 0.1.
       perturb_func: ``(x, generator) -> perturbed x``, called once per draw. Default: None (:func:`gaussian_noise`).
-      abs: Compare magnitudes. Default: False.
+      {abs.robustness}
       normalise: Divide each map by its own largest magnitude first. Default: True.
       return_nan_when_prediction_changes: NaN for an example when any draw changes its prediction. Default: False.
-      batch_size: Perturbed inputs per call of ``method``. Default: 64.
-      generator: Source of the noise. Default: None (the global generator).
+      {batch_size.perturbed}
+      {generator.noise}
 
     Returns:
       ``[B]`` estimates, in the map's dtype. Differentiable wherever ``method`` is.
@@ -404,8 +367,7 @@ def local_lipschitz_estimate(method: Callable[..., Tensor], model_fn: ModelFn, p
         value = (maps - explainer.reference[None]).norm(dim=-1) / (
             (inputs.reshape(count, x.shape[0], -1) - flat_x[None]).norm(dim=-1) + 1e-10)
         if return_nan_when_prediction_changes:
-            value = torch.where(_predicted(model_fn, params, inputs) != predicted[None],
-                                torch.full_like(value, float("nan")), value)
+            value = _nan_where(_predicted(model_fn, params, inputs) != predicted[None], value)
         values.append(value)
     return torch.cat(values).amax(dim=0)
 
@@ -481,7 +443,7 @@ def continuity(method: Callable[..., Tensor], model_fn: ModelFn, params: Params,
       Digital Signal Processing 2018.
     """
     fn = "continuity"
-    _check_method(fn, method)
+    _maps.check_method(fn, method)
     target = check_call(fn, model_fn, params, x, target, min_ndim=3)
     if x.ndim not in (3, 4):
         raise _checks.value_error(fn, "x of shape [B, C, H, W] or [B, C, T]", _checks.describe(x))
@@ -509,8 +471,7 @@ def continuity(method: Callable[..., Tensor], model_fn: ModelFn, params: Params,
         # whatever rounding a call on another batch size brings (which 1e-9 would blow up)
         value = torch.where(distance == 0, torch.zeros_like(value), value)
         if return_nan_when_prediction_changes:
-            value = torch.where(_predicted(model_fn, params, inputs) != index[None],
-                                torch.full_like(value, float("nan")), value)
+            value = _nan_where(_predicted(model_fn, params, inputs) != index[None], value)
         values.append(value)
     return torch.cat(values).amax(dim=0)
 
@@ -617,11 +578,7 @@ def _stability(fn: str, kind: str, method: Callable[..., Tensor], model_fn: Mode
             return out, torch.cat([acts[name].reshape(inputs.shape[0], -1) for name in names], dim=1)
 
     reference_out, reference_rep = forward(x)
-
-    def perturb(inputs: Tensor, gen: Optional[torch.Generator]) -> Tensor:
-        return uniform_noise(inputs, gen, lower_bound=lower_bound, upper_bound=upper_bound)
-
-    perturb_fn = perturb if perturb_func is None else perturb_func
+    perturb_fn = _uniform_or(perturb_func, lower_bound, upper_bound)
     values = []
     for count in _chunks(nr_samples, batch, batch_size):
         inputs = _draw(fn, perturb_fn, x, generator, count)
@@ -636,8 +593,7 @@ def _stability(fn: str, kind: str, method: Callable[..., Tensor], model_fn: Mode
         denominator = torch.where(denominator == 0, torch.full_like(denominator, eps_min), denominator)
         value = numerator / denominator.to(numerator.dtype)
         if return_nan_when_prediction_changes:
-            value = torch.where(out.argmax(dim=1).view(count, batch) != predicted[None],
-                                torch.full_like(value, float("nan")), value)
+            value = _nan_where(out.argmax(dim=1).view(count, batch) != predicted[None], value)
         values.append(value)
     return torch.cat(values).amax(dim=0)
 
@@ -658,22 +614,8 @@ def relative_input_stability(method: Callable[..., Tensor], model_fn: ModelFn, p
     Lower is more stable.
 
     Args:
-      method: ``(model_fn, params, x, target) -> map``; called on stacks of perturbed batches.
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      target: ``None`` (the predicted class), an int or ``[B]`` ints; kept for the perturbed inputs.
-      nr_samples: Perturbations per example. Default: 200.
-      lower_bound: Lower end of the uniform noise. Default: 0.02.
-      upper_bound: Upper end of the uniform noise (``None``: ``[-lower_bound, lower_bound]``). Default: 0.2.
-      perturb_func: ``(x, generator) -> perturbed x``, called once per draw. Default: None (:func:`uniform_noise`).
-      eps_min: Replaces zeros in the divisions. Default: 1e-6.
-      abs: Compare magnitudes. Default: False.
-      normalise: Divide each map by its own largest magnitude first. Default: False.
-      return_nan_when_prediction_changes: NaN for an example when any draw changes its predicted class.
-        Default: True (Quantus's).
-      batch_size: Perturbed inputs per call of ``method``. Default: 64.
-      generator: Source of the noise. Default: None (the global generator).
+      {args.perturbed}
+      {args.stability}
 
     Returns:
       ``[B]`` values, in the map's dtype.
@@ -706,22 +648,8 @@ def relative_output_stability(method: Callable[..., Tensor], model_fn: ModelFn, 
     ``RelativeOutputStability``, its defaults). Lower is more stable.
 
     Args:
-      method: ``(model_fn, params, x, target) -> map``; called on stacks of perturbed batches.
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      target: ``None`` (the predicted class), an int or ``[B]`` ints; kept for the perturbed inputs.
-      nr_samples: Perturbations per example. Default: 200.
-      lower_bound: Lower end of the uniform noise. Default: 0.02.
-      upper_bound: Upper end of the uniform noise (``None``: ``[-lower_bound, lower_bound]``). Default: 0.2.
-      perturb_func: ``(x, generator) -> perturbed x``, called once per draw. Default: None (:func:`uniform_noise`).
-      eps_min: Replaces zeros in the divisions. Default: 1e-6.
-      abs: Compare magnitudes. Default: False.
-      normalise: Divide each map by its own largest magnitude first. Default: False.
-      return_nan_when_prediction_changes: NaN for an example when any draw changes its predicted class.
-        Default: True (Quantus's).
-      batch_size: Perturbed inputs per call of ``method``. Default: 64.
-      generator: Source of the noise. Default: None (the global generator).
+      {args.perturbed}
+      {args.stability}
 
     Returns:
       ``[B]`` values, in the map's dtype.
@@ -757,23 +685,9 @@ def relative_representation_stability(method: Callable[..., Tensor], model_fn: M
     models made of leaf modules). Lower is more stable.
 
     Args:
-      method: ``(model_fn, params, x, target) -> map``; called on stacks of perturbed batches.
-      {model_fn}
-      {params}
-      x: A batch ``[B, *input]``, floating point.
-      target: ``None`` (the predicted class), an int or ``[B]`` ints; kept for the perturbed inputs.
+      {args.perturbed}
       layer: A module name or a list of them. Default: None (every leaf module of ``functionalize``'s model).
-      nr_samples: Perturbations per example. Default: 200.
-      lower_bound: Lower end of the uniform noise. Default: 0.02.
-      upper_bound: Upper end of the uniform noise (``None``: ``[-lower_bound, lower_bound]``). Default: 0.2.
-      perturb_func: ``(x, generator) -> perturbed x``, called once per draw. Default: None (:func:`uniform_noise`).
-      eps_min: Replaces zeros in the divisions. Default: 1e-6.
-      abs: Compare magnitudes. Default: False.
-      normalise: Divide each map by its own largest magnitude first. Default: False.
-      return_nan_when_prediction_changes: NaN for an example when any draw changes its predicted class.
-        Default: True (Quantus's).
-      batch_size: Perturbed inputs per call of ``method``. Default: 64.
-      generator: Source of the noise. Default: None (the global generator).
+      {args.stability}
 
     Returns:
       ``[B]`` values, in the map's dtype.
