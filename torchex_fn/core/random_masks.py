@@ -6,8 +6,7 @@ Masks are drawn from the generator in fixed blocks of :data:`DRAW_BLOCK`, whatev
 ``batch_size`` and number of images are, so that neither changes which masks a seed gives, and
 handed out in pieces: memory holds a piece and a block, never all ``num_masks``.
 
-The draws are those of ``methods/perturbation.py``'s RISE (same order, same arithmetic), so one
-seed gives ``rise`` and ``drise`` the same masks.
+``rise`` and ``drise`` both draw with these functions, so one seed gives them the same masks.
 """
 from __future__ import annotations
 
