@@ -136,15 +136,7 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     if key is not None:
         _checks.check_input(fn, value, name=f"x[{key!r}]")
     _checks.check_grid_rank(fn, value, name="x" if key is None else f"x[{key!r}]", tabular_hint=_TABULAR_HINT)
-    if value.is_complex():
-        raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(value))
-    _checks.check_positive_int(fn, "num_masks", num_masks)
-    _checks.check_positive_int(fn, "cell_size", cell_size)
-    _checks.check_positive_int(fn, "batch_size", batch_size)
-    _checks.check_probability(fn, "probability", probability)
-    _checks.check_generator(fn, generator)
-    _checks.check_generator_device(fn, generator, value)
-    _checks.check_bool(fn, "progress", progress)
+    _masks.check_options(fn, value, num_masks, cell_size, batch_size, probability, generator, progress)
     _checks.check_optional_callable(fn, "score", score)
     if normalization not in _NORMALIZATIONS:
         raise _checks.value_error(fn, f"normalization in {_NORMALIZATIONS}", _checks.describe(normalization))
