@@ -313,11 +313,11 @@ def test_volume_maps_match_pytorch_grad_cam(name):
 def _reference_masks(num_masks, cells, p, size, generator):
     """All masks the plain way: F.interpolate (linear / trilinear) the grid, then crop in a loop,
     drawing in the implementation's blocks and order (grids, then the offsets axis by axis)."""
-    from torchex_fn.methods.perturbation import _DRAW_BLOCK
+    from torchex_fn.core.random_masks import DRAW_BLOCK
     steps = [math.ceil(n / cells) for n in size]
     out = []
-    for start in range(0, num_masks, _DRAW_BLOCK):
-        n = min(_DRAW_BLOCK, num_masks - start)
+    for start in range(0, num_masks, DRAW_BLOCK):
+        n = min(DRAW_BLOCK, num_masks - start)
         grid = (torch.rand(n, *([cells] * len(size)), generator=generator) < p).to(torch.float64)
         offsets = [torch.randint(s, (n,), generator=generator) for s in steps]
         up = F.interpolate(grid[:, None], size=[(cells + 1) * s for s in steps], mode=MODES[len(size)],
@@ -329,11 +329,11 @@ def _reference_masks(num_masks, cells, p, size, generator):
 
 @pytest.mark.parametrize("size", [(21,), (5, 7, 6)])
 def test_rise_masks_equal_interpolate_then_crop(size):
-    from torchex_fn.methods.perturbation import _draw_masks_nd, _interpolation_matrix
+    from torchex_fn.core.random_masks import draw, interpolation_matrix
     cells = 4
-    weights = tuple(_interpolation_matrix(cells, (cells + 1) * math.ceil(n / cells), torch.float64,
-                                          torch.device("cpu")) for n in size)
-    masks = _draw_masks_nd(50, cells, 0.3, size, weights, torch.Generator().manual_seed(1))
+    weights = tuple(interpolation_matrix(cells, (cells + 1) * math.ceil(n / cells), torch.float64,
+                                         torch.device("cpu")) for n in size)
+    masks = draw(50, cells, 0.3, size, weights, torch.Generator().manual_seed(1))
     expected = _reference_masks(50, cells, 0.3, size, torch.Generator().manual_seed(1))
     assert masks.shape == (50, *size)
     torch.testing.assert_close(masks, expected, rtol=0, atol=1e-12)

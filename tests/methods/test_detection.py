@@ -9,7 +9,6 @@ from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
 
 import torchex_fn as tx
 from torchex_fn.core import random_masks
-from torchex_fn.methods import perturbation
 
 
 class TinyYolo(nn.Module):
@@ -84,11 +83,16 @@ def test_drise_equals_a_loop_over_the_same_masks_raw_output():
 
 
 def test_the_masks_are_rises():
-    size, cells = (16, 20), 4
-    weights = tuple(perturbation._interpolation_matrix(cells, (cells + 1) * -(-n // cells), torch.float32,
-                                                       torch.device("cpu")) for n in size)
-    rise = perturbation._draw_masks_nd(64, cells, 0.5, size, weights, torch.Generator().manual_seed(3))
-    assert torch.equal(_masks(64, cells, 0.5, size, 3), rise)
+    # a constant score of 1 makes rise's map the sum of its masks over N p: here drise's masks for the same seed
+    size, cells, n, p = (16, 20), 4, 100, 0.5
+    x = torch.rand(1, 3, *size)
+    sal = tx.rise(lambda params, v: torch.ones(v.shape[0], 2), {}, x, 0, num_masks=n, cell_size=cells,
+                  probability=p, batch_size=16, score=lambda out: out, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(sal[0, 0], _masks(n, cells, p, size, 3).sum(0) / (n * p), rtol=1e-6, atol=1e-6)
+    # one mask: the map is that mask over p, exactly
+    one = tx.rise(lambda params, v: torch.ones(v.shape[0], 2), {}, x, 0, num_masks=1, cell_size=cells,
+                  probability=p, score=lambda out: out, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(one[0, 0], _masks(1, cells, p, size, 3)[0] / p)
 
 
 def _faster_rcnn():

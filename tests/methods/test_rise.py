@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from torchex_fn import targets
-from torchex_fn.methods.perturbation import _DRAW_BLOCK, _draw_masks, _interpolation_matrix, rise
+from torchex_fn.core.random_masks import DRAW_BLOCK, draw, interpolation_matrix
+from torchex_fn.methods.perturbation import rise
 from torchex_fn.core.model import functionalize
 from support.models import TinyCNN
 
@@ -33,8 +34,8 @@ def _reference_masks(num_masks, cells, p, height, width, generator, dtype=torch.
     """
     ch, cw = math.ceil(height / cells), math.ceil(width / cells)
     out = []
-    for start in range(0, num_masks, _DRAW_BLOCK):
-        n = min(_DRAW_BLOCK, num_masks - start)
+    for start in range(0, num_masks, DRAW_BLOCK):
+        n = min(DRAW_BLOCK, num_masks - start)
         grid = (torch.rand(n, cells, cells, generator=generator) < p).to(dtype)
         dy = torch.randint(ch, (n,), generator=generator)
         dx = torch.randint(cw, (n,), generator=generator)
@@ -46,9 +47,9 @@ def _reference_masks(num_masks, cells, p, height, width, generator, dtype=torch.
 
 def test_masks_equal_interpolate_then_crop():
     height, width, cells = 20, 27, 4
-    rows = _interpolation_matrix(cells, (cells + 1) * 5, torch.float64, torch.device("cpu"))
-    cols = _interpolation_matrix(cells, (cells + 1) * 7, torch.float64, torch.device("cpu"))
-    masks = _draw_masks(50, cells, 0.3, (height, width), rows, cols, _gen(1))
+    rows = interpolation_matrix(cells, (cells + 1) * 5, torch.float64, torch.device("cpu"))
+    cols = interpolation_matrix(cells, (cells + 1) * 7, torch.float64, torch.device("cpu"))
+    masks = draw(50, cells, 0.3, (height, width), (rows, cols), _gen(1))
     expected = _reference_masks(50, cells, 0.3, height, width, _gen(1))
     torch.testing.assert_close(masks, expected, rtol=0, atol=1e-12)
     assert masks.min() >= 0 and masks.max() <= 1 and 0 < masks.mean() < 1

@@ -112,6 +112,8 @@ ARGS: Dict[str, str] = {
                             "grouping (results agree up to float rounding). Default: 64."),
     "generator.coalitions": _GENERATOR.format("coalitions"),
     "generator.permutations": _GENERATOR.format("permutations"),
+    "layer.features": ("Attribute to this layer's output instead of ``x`` (a dotted name or a module of a "
+                       "``functionalize``-d model). Default: None."),
     # attention
     "x.attention": "A batch ``[B, C, H, W]`` (any ``[B, ...]`` with ``upsample=False``).",
     "layers.attention": "Indices of the attention calls used (``-1`` the last). Default: all.",
@@ -198,6 +200,10 @@ Autograd is left as the caller has it: the result is an ordinary differentiable 
 ``params``, ``x`` and ``baseline`` (plain forwards and tensor algebra), and it works under
 ``torch.func.vmap`` and ``torch.func.grad``. Wrap the call in ``torch.no_grad()`` when ``params``
 require gradients but none is wanted: every forward pass is kept otherwise.""",
+    "text.features_layer_returns": """\
+Returns:
+  ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's value);
+  with ``layer``, of the layer output's shape and dtype.""",
     "text.cam_maps": """\
 Returns:
   Maps ``[B, 1, H, W]`` (``[B, 1, *grid]`` with ``upsample=False``), in ``layer``'s structure.

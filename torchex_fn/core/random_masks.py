@@ -6,8 +6,7 @@ Masks are drawn from the generator in fixed blocks of :data:`DRAW_BLOCK`, whatev
 ``batch_size`` and number of images are, so that neither changes which masks a seed gives, and
 handed out in pieces: memory holds a piece and a block, never all ``num_masks``.
 
-The draws are those of ``methods/perturbation.py``'s RISE (same order, same arithmetic), so one
-seed gives ``rise`` and ``drise`` the same masks.
+``rise`` and ``drise`` both draw with these functions, so one seed gives them the same masks.
 """
 from __future__ import annotations
 
@@ -18,9 +17,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DRAW_BLOCK", "interpolation_matrix", "draw", "pieces", "sampler"]
+from . import checks as _checks
+
+__all__ = ["DRAW_BLOCK", "check_options", "interpolation_matrix", "draw", "pieces", "sampler"]
 
 DRAW_BLOCK = 64
+
+
+def check_options(fn: str, x: Tensor, num_masks: int, cell_size: int, batch_size: int, probability: float,
+                  generator: Optional[torch.Generator], progress: bool) -> None:
+    """The checks of the options ``rise`` and ``drise`` share, in one order: ``x`` (the tensor the masks
+    dim) real, ``num_masks``, ``cell_size`` and ``batch_size`` positive ints, ``probability`` in ``(0, 1]``,
+    ``generator`` a generator on ``x``'s device, ``progress`` a bool."""
+    if x.is_complex():
+        raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(x))
+    _checks.check_positive_int(fn, "num_masks", num_masks)
+    _checks.check_positive_int(fn, "cell_size", cell_size)
+    _checks.check_positive_int(fn, "batch_size", batch_size)
+    _checks.check_probability(fn, "probability", probability)
+    _checks.check_generator(fn, generator)
+    _checks.check_generator_device(fn, generator, x)
+    _checks.check_bool(fn, "progress", progress)
 
 
 def interpolation_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -127,6 +127,18 @@ def _clear_layout(grid, x_grid) -> bool:
     return False
 
 
+def _masking_layer(fn: str, model_fn, params, x: Tensor, layer, reshape) -> Tuple[Any, Tensor]:
+    """``(out, act)``: the model's output on ``x`` and the one ``layer``'s output ``[B, K, *grid]``, which
+    must have ``x``'s grid axes (its channels become masks of ``x``: Score-CAM, SS-CAM, IS-CAM)."""
+    names, _ = resolve_layers(fn, model_fn, layer)
+    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
+    act = _to_grid(fn, names[0], acts[names[0]], x, reshape)
+    if act.ndim != x.ndim:
+        raise _checks.value_error(fn, f"layer {names[0]!r} to output [B, K, *grid] with x's {x.ndim - 2} grid axes",
+                                  _checks.describe(act), f"Name a {x.ndim - 2}-d convolutional layer.")
+    return out, act
+
+
 def _to_grid(fn: str, name: str, act: Tensor, x: Tensor, reshape) -> Tensor:
     """Layer ``name``'s output as ``[B, K, *grid]``: ``reshape(act)``, or ``act`` when its layout is clear.
 
@@ -521,19 +533,8 @@ def eigen_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     References: Muhammad and Yeasin, "Eigen-CAM: Class Activation Map using Principal
     Components", IJCNN 2020.
     """
-    fn = "eigen_cam"
-    target = _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
-    names, rebuild = resolve_layers(fn, model_fn, layer)
-    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
-    # validated (a class out of range is an error), then unused
-    _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))
-    maps: Dict[str, Tensor] = {}
-    for name in dict.fromkeys(names):
-        act = _to_grid(fn, name, acts[name], x, reshape)
-        dtype = act.dtype
-        act = _at_least_float32(act)  # no SVD for 16-bit floats (and too few digits for one)
-        maps[name] = _rounded(_finish(fn, _first_component(act), x, relu, upsample), x, dtype)
-    return rebuild(maps)
+    # the map is a function of the activations alone (in at least float32: no SVD for 16-bit floats)
+    return _forward_maps("eigen_cam", _first_component, model_fn, params, x, target, layer, relu, upsample, reshape)
 
 
 def _first_component(act: Tensor, sign: str = "sum") -> Tensor:
@@ -876,12 +877,7 @@ def score_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = Non
     if isinstance(layer, (list, tuple, dict)):
         raise _checks.type_error(fn, "layer, one dotted name or module (Score-CAM takes one layer per call)",
                                  _checks.describe(layer), "Call score_cam once per layer.")
-    names, _ = resolve_layers(fn, model_fn, layer)
-    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
-    act = _to_grid(fn, names[0], acts[names[0]], x, reshape)
-    if act.ndim != x.ndim:
-        raise _checks.value_error(fn, f"layer {names[0]!r} to output [B, K, *grid] with x's {x.ndim - 2} grid axes",
-                                  _checks.describe(act), f"Name a {x.ndim - 2}-d convolutional layer.")
+    out, act = _masking_layer(fn, model_fn, params, x, layer, reshape)
     batch, channels = act.shape[:2]
     index = None
     chosen_output = _targets.selector(model_fn)
@@ -1291,12 +1287,7 @@ def _integrated_score_weights(fn: str, model_fn, params, x, target, layer, batch
     rows are scored in chunks of ``batch_size`` (each chunk's masks are made when it runs). Returns
     ``(act [B, K, *grid], weights [B, K])``.
     """
-    names, _ = resolve_layers(fn, model_fn, layer)
-    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
-    act = _to_grid(fn, names[0], acts[names[0]], x, reshape)
-    if act.ndim != x.ndim:
-        raise _checks.value_error(fn, f"layer {names[0]!r} to output [B, K, *grid] with x's {x.ndim - 2} grid axes",
-                                  _checks.describe(act), f"Name a {x.ndim - 2}-d convolutional layer.")
+    out, act = _masking_layer(fn, model_fn, params, x, layer, reshape)
     batch, channels = act.shape[:2]
     chosen = _targets.selector(model_fn)
     call_target = _targets.is_callable(target)

@@ -110,15 +110,7 @@ def drise(model_fn: ModelFn, params: Params, x: Tensor, boxes: Any, labels: Any,
     """
     fn = "drise"
     check_call(fn, model_fn, params, x, None, ndim=4, layer_option=False)
-    if x.is_complex():
-        raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(x))
-    _checks.check_positive_int(fn, "num_masks", num_masks)
-    _checks.check_positive_int(fn, "cell_size", cell_size)
-    _checks.check_positive_int(fn, "batch_size", batch_size)
-    _checks.check_probability(fn, "probability", probability)
-    _checks.check_generator(fn, generator)
-    _checks.check_generator_device(fn, generator, x)
-    _checks.check_bool(fn, "progress", progress)
+    _masks.check_options(fn, x, num_masks, cell_size, batch_size, probability, generator, progress)
     _tasks.check_box_format(fn, box_format)
     batch, grid = x.shape[0], tuple(x.shape[2:])
     given, classes = _boxes_per_example(fn, boxes, labels, batch, box_format)

@@ -277,12 +277,9 @@ def feature_ablation(model_fn: ModelFn, params: Params, x: Any, target: Target =
       {feature_mask}
       {baseline.features}
       {batch_size.features}
-      layer: Attribute to this layer's output instead of ``x`` (a dotted name or a module of a
-        ``functionalize``-d model). Default: None.
+      {layer.features}
 
-    Returns:
-      ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's value);
-      with ``layer``, of the layer output's shape and dtype.
+    {text.features_layer_returns}
 
     Raises:
       ValueError: ``feature_ablation: expected feature_mask broadcastable to x's shape [2, 3, 8, 8], got
@@ -355,12 +352,9 @@ def feature_permutation(model_fn: ModelFn, params: Params, x: Any, target: Targe
       {feature_mask}
       {batch_size.features}
       {generator.permutations}
-      layer: Attribute to this layer's output instead of ``x`` (a dotted name or a module of a
-        ``functionalize``-d model). Default: None.
+      {layer.features}
 
-    Returns:
-      ``[B, *input]`` attributions of ``x``'s device and dtype (every element its feature's value);
-      with ``layer``, of the layer output's shape and dtype.
+    {text.features_layer_returns}
 
     Raises:
       ValueError: ``feature_permutation: expected a batch of at least 2 examples ..., got a batch of 1``;

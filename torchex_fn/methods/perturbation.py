@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
 from ..core import checks as _checks, inputs as _inputs
 from ..core import docs as _docs
+from ..core import random_masks as _masks
 from ..core import targets as _targets
 from ..core.types import ModelFn, Params, Target
 from ..core.arguments import check_call
@@ -23,82 +23,8 @@ _NORMALIZATIONS = ("paper", "per_pixel")
 _TABULAR_HINT = ("RISE's masks are smooth over neighbouring elements; use occlusion(window=1) or a gradient method "
                  "(saliency, integrated_gradients, deeplift).")
 
-# Masks are drawn from the generator in blocks of this many, whatever ``batch_size`` and the
-# number of images are, so that neither changes which masks a seed gives.
-_DRAW_BLOCK = 64
-
-
-def _interpolation_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``[n_out, n_in]`` weights of 1-d linear upsampling (``align_corners=False``).
-
-    Upsampling the unit vectors gives the columns, so ``R @ v`` equals
-    ``F.interpolate(v, n_out, mode="linear")``; bilinear upsampling of a grid ``G`` is ``Ry @ G @ Rx.T``.
-    """
-    eye = torch.eye(n_in, dtype=torch.float64, device=device)[None]           # [1, n_in, n_in]
-    weights = F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0]
-    return weights.T.to(dtype)
-
-
-def _draw_masks(count: int, cells: int, probability: float, size: tuple, rows: Tensor, cols: Tensor,
-                generator: Optional[torch.Generator]) -> Tensor:
-    """``count`` RISE masks ``[count, H, W]`` with values in ``[0, 1]`` (images; see :func:`_draw_masks_nd`).
-
-    Each mask is a ``cells x cells`` grid of Bernoulli(``probability``) cells, bilinearly upsampled to
-    ``(cells + 1) * ceil(H / cells)`` by ``(cells + 1) * ceil(W / cells)`` and cropped to ``H x W`` at
-    a random offset in ``[0, ceil(H / cells)) x [0, ceil(W / cells))``. The upsampled grid is never
-    built: the crop picks rows of the interpolation matrices ``rows`` and ``cols``.
-    Draws, in this order: the grids, the row offsets, the column offsets.
-    """
-    return _draw_masks_nd(count, cells, probability, size, (rows, cols), generator)
-
-
 # Letters for the grid axes of masks in einsum formulas ("hw" for images, as before sequences and volumes).
 _AXES = {1: "t", 2: "hw", 3: "dhw"}
-
-
-def _draw_masks_nd(count: int, cells: int, probability: float, size: Tuple[int, ...], weights: Tuple[Tensor, ...],
-                   generator: Optional[torch.Generator]) -> Tensor:
-    """``count`` RISE masks ``[count, *size]`` of 1, 2 or 3 grid axes, values in ``[0, 1]``.
-
-    Each mask is a grid of ``cells`` Bernoulli(``probability``) cells along every axis, upsampled
-    (linear, bilinear, trilinear: the product of 1-d linear interpolations, ``align_corners=False``)
-    to ``(cells + 1) * ceil(size_d / cells)`` along axis ``d`` and cropped to ``size`` at a random
-    offset in ``[0, ceil(size_d / cells))`` along every axis. The upsampled grid is never built:
-    the crop picks rows of the interpolation matrices ``weights[d]``. Draws, in this order: the
-    grids (in float32, whatever the dtype), then the offsets axis after axis.
-    """
-    device = weights[0].device
-    dtype = weights[0].dtype
-    rank = len(size)
-    grid = torch.rand(count, *([cells] * rank), generator=generator, device=device, dtype=torch.float32) < probability
-    offsets = [torch.randint(math.ceil(n / cells), (count,), generator=generator, device=device) for n in size]
-    # [count, n, cells]
-    picked = [w[o[:, None] + torch.arange(n, device=device)] for w, o, n in zip(weights, offsets, size)]
-    if rank == 2:
-        return picked[0] @ grid.to(dtype) @ picked[1].transpose(1, 2)         # [count, H, W]
-    masks = grid.to(dtype)
-    for axis in picked:  # contract the first remaining cell axis; the new grid axis goes last
-        masks = torch.einsum("nc...,nsc->n...s", masks, axis)
-    return masks                                                               # [count, *size]
-
-
-def _mask_pieces(num_masks: int, per_forward: int, draw: Callable[[int], Tensor]) -> Iterator[Tensor]:
-    """Masks ``[m, *grid]`` in pieces of ``per_forward`` (the last may be smaller), drawn in fixed blocks.
-
-    At most ``per_forward + _DRAW_BLOCK`` masks are alive at once.
-    """
-    pending: List[Tensor] = []
-    pending_count = drawn = 0
-    while drawn < num_masks or pending_count:
-        while pending_count < per_forward and drawn < num_masks:
-            block = draw(min(_DRAW_BLOCK, num_masks - drawn))
-            pending.append(block)
-            pending_count += block.shape[0]
-            drawn += block.shape[0]
-        masks = pending[0] if len(pending) == 1 else torch.cat(pending)
-        yield masks[:per_forward]
-        rest = masks[per_forward:]
-        pending, pending_count = ([rest], rest.shape[0]) if rest.shape[0] else ([], 0)
 
 
 @_docs.fill
@@ -210,15 +136,7 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     if key is not None:
         _checks.check_input(fn, value, name=f"x[{key!r}]")
     _checks.check_grid_rank(fn, value, name="x" if key is None else f"x[{key!r}]", tabular_hint=_TABULAR_HINT)
-    if value.is_complex():
-        raise _checks.type_error(fn, "x of a real floating-point dtype", _checks.describe(value))
-    _checks.check_positive_int(fn, "num_masks", num_masks)
-    _checks.check_positive_int(fn, "cell_size", cell_size)
-    _checks.check_positive_int(fn, "batch_size", batch_size)
-    _checks.check_probability(fn, "probability", probability)
-    _checks.check_generator(fn, generator)
-    _checks.check_generator_device(fn, generator, value)
-    _checks.check_bool(fn, "progress", progress)
+    _masks.check_options(fn, value, num_masks, cell_size, batch_size, probability, generator, progress)
     _checks.check_optional_callable(fn, "score", score)
     if normalization not in _NORMALIZATIONS:
         raise _checks.value_error(fn, f"normalization in {_NORMALIZATIONS}", _checks.describe(normalization))
@@ -244,19 +162,18 @@ def rise(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
                            for g0, g1 in groups])
 
     acc_dtype = torch.promote_types(value.dtype, torch.float32)
-    weights = tuple(_interpolation_matrix(cell_size, (cell_size + 1) * math.ceil(n / cell_size), acc_dtype,
-                                          value.device) for n in grid)
+    make = _masks.sampler(cell_size, probability, grid, acc_dtype, value.device, generator)
     axes = _AXES[len(grid)]
 
     def draw(count: int) -> Tensor:
         with _checks.draws(fn, generator):      # under vmap: every member gets the generator's masks
-            return _draw_masks_nd(count, cell_size, probability, grid, weights, generator)
+            return make(count)
 
     sums: List[Any] = [None] * len(groups)
     mask_sum: Any = None
     # no bar object at all without progress: torch.compile cannot trace tqdm (a graph break)
     with tqdm(total=num_masks, desc=fn, unit="mask") if progress else contextlib.nullcontext() as bar:
-        for masks in _mask_pieces(num_masks, per_forward, draw):            # [m, *grid]
+        for masks in _masks.pieces(num_masks, per_forward, draw):            # [m, *grid]
             m = masks.shape[0]
             for gi, (g0, g1) in enumerate(groups):
                 size = g1 - g0
