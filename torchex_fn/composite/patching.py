@@ -31,8 +31,8 @@ the length of the call); AtP differentiates w.r.t. that input.
 
 Queries and keys (``node="queries"`` / ``"keys"``): the layers are then attention modules (GPT-2's
 ``transformer.h.3.attn``, Llama's ``model.layers.3.self_attn``) that compute attention with
-``F.scaled_dot_product_attention`` (HuggingFace's default ``attn_implementation="sdpa"``, timm, torch's
-``nn.MultiheadAttention``); inside them, for the length of the call, that call runs as its math, and a cell
+``F.scaled_dot_product_attention`` (HuggingFace's default ``attn_implementation="sdpa"``; tested on GPT-2
+and hand-written modules); inside them, for the length of the call, that call runs as its math, and a cell
 is one head's query (or key) at one position, as the attention receives it (after rotary embeddings). The
 heads are those the call receives: with grouped-query attention passed as ``enable_gqa=True`` a key cell
 is one key head (serving its group of query heads); a model that repeats its keys before the call has
