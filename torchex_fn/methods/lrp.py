@@ -955,11 +955,13 @@ def _sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:
 class _Modified(torch.autograd.Function):
     """One operation's recorded output, with its rule's gradient: ``Modified.apply(rule, n, *inputs, *tensors)``.
 
-    ``tensors[0]`` is the operation's output, returned as it is; the other tensors are what the rule's
-    backward ``rule(g, tensors) -> n gradients`` needs. The gradients go to the ``n`` inputs of this
-    call, none to the tensors: their values were computed from the recorded pass's tensors (or from this
-    pass's, when no outer derivative is asked for), so outer derivatives w.r.t. ``params`` differentiate
-    the rule's formula through ordinary autograd, as :class:`_Propagate` does for the zennit composites.
+    ``tensors[0]`` is the operation's output, returned as it is and not kept for the backward (the rule
+    sees ``None`` in its place: a rule that needs the output gets it again as a later tensor); the other
+    tensors are what the rule's backward ``rule(g, tensors) -> n gradients`` needs. The gradients go to
+    the ``n`` inputs of this call, none to the tensors: their values were computed from the recorded pass's
+    tensors (or from this pass's, when no outer derivative is asked for), so outer derivatives w.r.t.
+    ``params`` differentiate the rule's formula through ordinary autograd, as :class:`_Propagate` does for
+    the zennit composites.
     """
 
     generate_vmap_rule = True
@@ -971,12 +973,49 @@ class _Modified(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
         ctx.rule, ctx.n = inputs[0], inputs[1]
-        ctx.save_for_backward(*inputs[2 + inputs[1]:])
+        ctx.save_for_backward(*inputs[3 + inputs[1]:])
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Any:
-        tensors = ctx.saved_tensors
-        return (None, None) + tuple(ctx.rule(g, tensors)) + (None,) * len(tensors)
+        saved = ctx.saved_tensors
+        return (None, None) + tuple(ctx.rule(g, (None, *saved))) + (None,) * (1 + len(saved))
+
+
+class _Once(torch.autograd.Function):
+    """:class:`_Modified` for plain autograd (no outer derivative, no ``torch.func`` transform active): the
+    same rule and tensors, set up in the forward, which spares the argument binding a ``setup_context``
+    costs on every call (~80 us, dozens of calls per forward); ``torch.func`` refuses it."""
+
+    @staticmethod
+    def forward(ctx: Any, rule: Any, n: int, *args: Tensor) -> Tensor:
+        ctx.rule = rule
+        ctx.save_for_backward(*args[n + 1:])
+        return args[n].view_as(args[n])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Any:
+        saved = ctx.saved_tensors
+        return (None, None) + tuple(ctx.rule(g, (None, *saved))) + (None,) * (1 + len(saved))
+
+
+def _modified(rule: Any, n: int, *args: Tensor) -> Tensor:
+    """``_Modified.apply(rule, n, *args)``; :class:`_Once` where it can serve (nothing differentiates the rule)."""
+    plain = not any(t.requires_grad for t in args[n:]) and not torch._C._are_functorch_transforms_active()
+    return (_Once if plain else _Modified).apply(rule, n, *args)
+
+
+def _half_gradient(t: Tensor, factor: float = 0.5) -> Tensor:
+    """``t``, whose gradient is scaled by ``factor``."""
+    return _modified(_scaled(factor), 1, t, t.detach())
+
+
+def _larger_than_operands(name: str, a: Tensor, b: Tensor) -> bool:
+    """Whether ``a @ b`` (``[..., n, k] @ [..., k, m]``) has more elements than ``a`` and ``b`` together
+    (``Q K^T`` over more tokens than twice the head size); False for every other product."""
+    if name not in ("matmul", "bmm") or a.ndim < 2 or b.ndim < 2:
+        return False
+    lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return math.prod(lead) * a.shape[-2] * b.shape[-1] > a.numel() + b.numel()
 
 
 def _product_vjp(name: str, apply: Any, a: Tensor, b: Tensor, g: Tensor) -> Tuple[Tensor, Tensor]:
@@ -1036,7 +1075,10 @@ class _Rules:
                 self.records.append((call.name, rule, tensors, held, extra))
                 return self._returned(call, tensors[0] if extra is None else (tensors[0], extra), held)
         inputs = call.inputs if call.kind != "activation" else call.inputs[:1]
-        out = _Modified.apply(rule, len(inputs), *inputs, *tensors)
+        if self.role == "once":  # nothing differentiates the rule's tensors: no graph through them (an
+            # activation module's pieces, or an elementwise output, would otherwise get a backward of zeros)
+            tensors = tuple(t.detach() for t in tensors)
+        out = _modified(rule, len(inputs), *inputs, *tensors)
         return self._returned(call, out if extra is None else (out, extra), held)  # max pooling: its indices
 
     def _returned(self, call: _intercept.Call, out: Any, held: bool) -> Any:
@@ -1055,8 +1097,10 @@ class _Rules:
             z = call.inputs[0]
             y = call.apply(z) if kind == "elementwise" else call.inputs[1]
             shape, tiny = z.shape, max(_TINY, torch.finfo(z.dtype).tiny)
-            # y / z, with z = 0 read as the smallest normal number (adding it changes no other z)
-            return (lambda g, t: (_sum_to(g * t[0] / torch.where(t[1] == 0, tiny, t[1]), shape),)), (y, z), False, None
+            # y / z, with z = 0 read as the smallest normal number (adding it changes no other z); formed in
+            # the backward, so that an operation no gradient reaches (a norm's held statistics) costs nothing
+            return ((lambda g, t: (_sum_to(g * t[1] / torch.where(t[2] == 0, tiny, t[2]), shape),)), (y, y, z), False,
+                    None)
         if kind == "softmax":
             y = call.apply(call.input)
             if self.role == "once":  # nothing differentiates the map: autograd's own softmax backward, or none
@@ -1064,7 +1108,7 @@ class _Rules:
             if self.cp:
                 return (lambda g, t: (None,)), (y,), True, None
             dim, dtype = call.options["dim"], call.input.dtype
-            return (lambda g, t: ((t[0] * (g - (t[0] * g).sum(dim, keepdim=True))).to(dtype),)), (y,), False, None
+            return (lambda g, t: ((t[1] * (g - (t[1] * g).sum(dim, keepdim=True))).to(dtype),)), (y, y), False, None
         if kind == "maxpool":
             z = call.input
             y, idx = call.apply(z)
@@ -1086,7 +1130,7 @@ class _Rules:
             # uniform rule on QK^T and AV is a quarter of the gradient to q and k and half to v (LXT's form);
             # CP-LRP holds the probabilities: nothing to q and k, the gradient to v
             factors = (0.0, 0.0, 1.0) if self.cp else (0.25, 0.25, 0.5)
-            scaled = [_Modified.apply(_scaled(f), 1, t, t) if tainted else t
+            scaled = [_half_gradient(t, f) if tainted else t
                       for t, f, tainted in zip(call.inputs, factors, call.options["tainted"])]
             return None, (call.apply(*scaled),), False, "fused"
         raise _no_rule(call.name, f"an operation of kind {kind!r}", True)  # pragma: no cover - kinds are fixed
@@ -1094,10 +1138,9 @@ class _Rules:
     def _product(self, call: _intercept.Call) -> Tuple[Any, Tuple[Tensor, ...], bool, Any]:
         a, b = call.inputs
         name, apply = call.name, call.apply
-        y = apply(a, b)
         held = call.options.get("held", (False, False))
         if held[0] and held[1]:
-            return (lambda g, t: (None, None)), (y,), True, None
+            return (lambda g, t: (None, None)), (apply(a, b),), True, None
         keep: Optional[int] = None  # the one operand that gets all of the gradient
         if held[0] or held[1]:
             keep = 1 if held[0] else 0
@@ -1109,9 +1152,15 @@ class _Rules:
                 keep = 1 if self._is(self.activations, a) else 0  # act(gate) * up: the gate held constant
         factor = 0.5 if keep is None else 1.0
         if self.role == "once":  # autograd's own product backward, the rule by a stop or a scaled gradient
-            if keep is None:
-                return None, (_Modified.apply(_scaled(0.5), 1, y, y),), False, "fused"
+            if keep is None:  # half of the gradient, scaled where it is smaller: the output (A V), or
+                # both operands (Q K^T, whose T x T output is larger than Q and K together)
+                if not _larger_than_operands(name, a, b):
+                    y = apply(a, b)
+                    return None, (_half_gradient(y),), False, "fused"
+                half = [_half_gradient(t) for t in (a, b)]
+                return None, (apply(*half),), False, "fused"
             return None, (apply(a, b.detach()) if keep == 0 else apply(a.detach(), b),), False, "fused"
+        y = apply(a, b)
 
         def rule(g: Tensor, t: Sequence[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
             ga, gb = _product_vjp(name, apply, t[1], t[2], g * factor if factor != 1 else g)
@@ -1137,8 +1186,8 @@ class _Rules:
         if rule not in ("epsilon", "zero"):  # zennit's rules, in input x gradient form: R = z g at the output
             terms = _layer_terms(rule, geometry, a, w, bound["bias"], y, False, self.options)
             n = len(terms.tensors)
-            return ((lambda g, t: (terms.relevance(t[0] * g, t[1:1 + n], gradient=True),)), (y, *terms.tensors), False,
-                    None)
+            return ((lambda g, t: (terms.relevance(t[1] * g, t[2:2 + n], gradient=True),)), (y, y, *terms.tensors),
+                    False, None)
         if eps == 0:
             return (lambda g, t: (geometry.transpose(g, t[1]),)), (y, w), False, None
         s = y / _stab(y, eps)
