@@ -192,10 +192,12 @@ def test_mistakes_are_one_line_with_exit_code_2(files, tmp_path, capsys, extra, 
      r"--score-threshold: only with --task detection, got --task classification"),
     (["explain", "--model", "torchvision:resnet18", "--image", "x.png", "--method", "drise"],
      r"--method: drise explains detections: expected --task detection, got --task classification"),
+    (["explain", "--task", "detection", "--model", "torchvision:ssd300_vgg16", "--image", "x.png", "--size", "96"],
+     r"--size 96 does not fit torchvision:ssd300_vgg16 \(.*\); try a larger --size \(e.g. 320\)"),
     (["explain", "--task", "segmentation", "--model", "torchvision:lraspp_mobilenet_v3_large", "--image", "x.png",
       "--method", "drise"], r"--method: drise explains detections: expected --task detection, got --task segmentation"),
 ])
-def test_drise_and_detectors_outside_detection(files, capsys, argv, message):
+def test_more_mistakes(files, capsys, argv, message):
     usage_error(with_flags(argv, ["--image", str(files[0])]))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(message, err), err

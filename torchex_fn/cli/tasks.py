@@ -16,7 +16,8 @@
   (``predicted``: the pixels predicted as the category, the default; ``all``; or a box ``X1,Y1,X2,Y2``).
 
 Layer methods get a layer per family unless ``--layer`` names one: the last stage of the detector's
-backbone body (``backbone.body.layer4``, ``backbone.body.16`` for MobileNet; SSD's ``backbone.features``),
+backbone body (``backbone.body.layer4``, ``backbone.body.16`` for MobileNet; SSD's ``backbone.features``,
+SSDlite's ``backbone.features.1``),
 the segmenter's backbone's last stage (``backbone.layer4``, ``backbone.16``). Per image the maps go to
 ``<stem>_<method>.pt`` (a dict: ``maps`` and the boxes, labels, scores or the category and mask they
 explain) and the overlays to PNGs: one per box with the box drawn (``<stem>_<method>_box<k>.png``), or one
@@ -198,8 +199,11 @@ def default_layer(model: torch.nn.Module) -> Optional[str]:
         return None
     body, prefix = (backbone.body, "backbone.body") if isinstance(getattr(backbone, "body", None), torch.nn.Module) \
         else (backbone, "backbone")
-    if isinstance(getattr(body, "features", None), torch.nn.Module):  # SSD's VGG / MobileNet feature extractor
-        return f"{prefix}.features"
+    features = getattr(body, "features", None)
+    if isinstance(features, torch.nn.Sequential) and len(features):
+        if type(body).__name__.startswith("SSDLite"):  # runs its features block by block: the last block
+            return f"{prefix}.features.{len(features) - 1}"
+        return f"{prefix}.features"                   # SSD's VGG runs them as one module
     children = [n for n, _ in body.named_children()]
     return f"{prefix}.{children[-1]}" if children else None
 
@@ -246,10 +250,10 @@ def _forward(args: argparse.Namespace, model_fn: Callable, params: Any, x: Tenso
         with torch.no_grad():
             return model_fn(params, x)
     except RuntimeError as err:
-        if args.size == 224:
-            raise
+        if args.size >= 320:
+            raise  # at the size the detectors and segmenters are made for: not the user's mistake
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        args.fail(f"--size {args.size} does not fit {args.model} ({first}); try --size 224")
+        args.fail(f"--size {args.size} does not fit {args.model} ({first}); try a larger --size (e.g. 320)")
 
 
 def _outputs(args: argparse.Namespace) -> Tuple[Path, List[Path]]:
@@ -377,7 +381,7 @@ def _detector_classes(model: torch.nn.Module) -> int:
     if isinstance(getattr(predictor, "cls_score", None), torch.nn.Linear):
         return int(predictor.cls_score.out_features)  # type: ignore[union-attr]
     head = getattr(getattr(model, "head", None), "classification_head", None)
-    count = getattr(head, "num_classes", None)
+    count = getattr(head, "num_classes", getattr(head, "num_columns", None))   # RetinaNet, FCOS; SSD
     return int(count) if isinstance(count, int) else -1
 
 
