@@ -10,9 +10,10 @@ work), with overlays under ``--overlays`` if asked. Overlays keep each file's pa
 
 Any timm or torchvision classifier runs with its family's defaults (:mod:`torchex_fn.cli.choices`): the layer of a
 layer method, the layout of its output (``--reshape`` overrides it), timm models set to ``--size``; the feature
-methods take ``--features grid:N`` or ``superpixels:N``. A user's mistake ends in one line ``torchex-fn: error:
-<message>`` and exit code 2 (the library's ValueError / TypeError too); any other exception is a bug and keeps its
-traceback::
+methods take ``--features grid:N`` or ``superpixels:N``. Detectors and segmenters run with ``--task detection`` or
+``--task segmentation`` (:mod:`torchex_fn.cli.tasks`, which hands ``--task classification`` to :func:`run`).
+A user's mistake ends in one line ``torchex-fn: error: <message>`` and exit code 2 (the library's ValueError /
+TypeError too); any other exception is a bug and keeps its traceback::
 
     torchex-fn explain --model torchvision:resnet50 --weights resnet50.pt --image cat.jpg \
         --method grad_cam --layer layer4 --target 281 --out maps/

@@ -12,6 +12,15 @@ This file holds the parser and :func:`main`; each subcommand lives in its own fi
     torchex-fn explain --model timm:vit_small_patch16_224 --weights ft.pt --data val/ --out store/ \
         --method integrated_gradients --option steps=32 --overlays overlays/
 
+  ``explain --task detection|segmentation`` (:mod:`torchex_fn.cli.tasks`) builds a torchvision detector or
+  segmenter instead and explains each box above ``--score-threshold`` (``tx.targets.box_score``, or
+  ``--method drise``) or a ``--category`` over a ``--region`` (``tx.targets.segmentation``)::
+
+    torchex-fn explain --task detection --model torchvision:fasterrcnn_resnet50_fpn --weights det.pt \
+        --image street.jpg --score-threshold 0.7 --out maps/
+    torchex-fn explain --task segmentation --model torchvision:deeplabv3_resnet50 --image street.jpg \
+        --category person --out maps/
+
 - ``demo`` (:mod:`torchex_fn.cli.demo`) trains (or loads from the cache) a small CNN on the synthetic shapes
   data set, explains a batch of held-out images with several methods, scores them against the ground-truth
   masks and the model, prints a table, and writes ``grid.png`` and ``results.csv`` to ``--out``.
