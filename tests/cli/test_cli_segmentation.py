@@ -110,17 +110,20 @@ def test_a_named_category_over_a_box_and_its_outline(pictures, reference, tmp_pa
 
 
 def test_a_gradient_method_and_region_all(pictures, reference, tmp_path):
+    dotted = tmp_path / "in" / "scene.v2.png"                         # a name with a dot keeps it
+    dotted.parent.mkdir()
+    dotted.write_bytes(pictures[1][0].read_bytes())
     code = main(["explain", "--task", "segmentation", "--model", f"torchvision:{NAME}", "--image",
-                 str(pictures[1][0]), "--size", str(SIZE), "--out", str(tmp_path), "--threads", "1",
+                 str(dotted), "--size", str(SIZE), "--out", str(tmp_path), "--threads", "1",
                  "--method", "saliency", "--category", "3", "--region", "all"])
     assert code == 0
-    written = torch.load(tmp_path / "scene_saliency.pt")
+    written = torch.load(tmp_path / "scene.v2_saliency.pt")
     model, images = reference
     fn, params = tx.functionalize(model)
     x = _normalize(images[:1])
     close(written["maps"], tx.saliency(fn, params, x, tx.targets.segmentation(3, torch.ones(SIZE, SIZE))))
     assert written["mask"].all()
-    png(tmp_path / "scene_saliency.png")
+    png(tmp_path / "scene.v2_saliency.png")
 
 
 SEGMENTER = ["explain", "--task", "segmentation", "--model", f"torchvision:{NAME}", "--size", str(SIZE),

@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
     model = _model(args, name)
     torch.set_num_threads(args.threads)
     if task == "detection":
-        return _detection(args, method, model, images)
-    return _segmentation(args, method, model, images)
+        return _detection(args, name, method, model, images)
+    return _segmentation(args, name, method, model, images)
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -314,8 +314,7 @@ def _save_png(rgb: Tensor, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Detection.
 
-def _detections(args: argparse.Namespace, model_fn: Callable, params: Any, images: Tensor,
-                names: Optional[List[str]]) -> List[Dict[str, Tensor]]:
+def _detections(args: argparse.Namespace, model_fn: Callable, params: Any, images: Tensor) -> List[Dict[str, Tensor]]:
     """Per image, the boxes to explain (``boxes``, ``labels``, ``scores``, ``index`` into the detector's
     output), highest score first: those above --score-threshold, at most --max-boxes, or the --box-index one."""
     fail, chosen = args.fail, []
@@ -327,7 +326,8 @@ def _detections(args: argparse.Namespace, model_fn: Callable, params: Any, image
         order = order[scores[order] > args.score_threshold]
         if order.numel() == 0:
             fail(f"--score-threshold: expected a detection scoring above {args.score_threshold} in {args.image[i]}, "
-                 f"got none; lower --score-threshold (a randomly initialised detector scores near 1 / classes)")
+                 "got none; lower --score-threshold (a randomly initialised detector's boxes often score near "
+                 "1 / classes)")
         if args.box_index is not None:
             if args.box_index >= order.numel():
                 fail(f"--box-index: expected an index below {order.numel()} (the boxes above --score-threshold "
@@ -339,13 +339,13 @@ def _detections(args: argparse.Namespace, model_fn: Callable, params: Any, image
     return chosen
 
 
-def _detection(args: argparse.Namespace, method: Optional[registry.Method], model: torch.nn.Module,
+def _detection(args: argparse.Namespace, name: str, method: Optional[registry.Method], model: torch.nn.Module,
                images: Tensor) -> int:
     fail = args.fail
     model_fn, params = functionalize(model)
-    names = _categories(_model_name(args), _detector_classes(model))
+    names = _categories(name, _detector_classes(model))
     options = _options(args, method, model)
-    chosen = _detections(args, model_fn, params, images, names)      # every forward before any explanation
+    chosen = _detections(args, model_fn, params, images)             # every forward before any explanation
     function = _function(method, args)
     out, relative = _outputs(args)
     for i, found in enumerate(chosen):
@@ -362,14 +362,15 @@ def _detection(args: argparse.Namespace, method: Optional[registry.Method], mode
         maps = maps.detach()
         stem = out / relative[i].parent / f"{relative[i].stem}_{args.method}"
         stem.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"maps": maps, **found}, stem.with_suffix(".pt"))
+        saved = stem.parent / f"{stem.name}.pt"                       # (a name may hold dots: no with_suffix)
+        torch.save({"maps": maps, **found}, saved)
         for k in range(maps.shape[0]):
             box = found["boxes"][k]
             path = stem.parent / f"{stem.name}_box{k}.png"
             _save_png(draw_box(_heat(images[i], maps[k:k + 1], args.method), box.tolist()), path)
             print(f"wrote {path} ({args.method}, box {k}: {_label(names, int(found['labels'][k]))}, score "
                   f"{float(found['scores'][k]):.3f}, at {[round(float(v), 1) for v in box]})")
-        print(f"wrote {stem.with_suffix('.pt')} (maps {list(maps.shape)}, boxes, labels, scores)")
+        print(f"wrote {saved} (maps {list(maps.shape)}, boxes, labels, scores)")
     explain._warn_random(args)
     return 0
 
@@ -432,11 +433,10 @@ def region_mask(text: str, size: int, fail: Callable[[str], None]) -> Optional[T
     raise AssertionError  # fail exits
 
 
-def _segmentation(args: argparse.Namespace, method: Optional[registry.Method], model: torch.nn.Module,
+def _segmentation(args: argparse.Namespace, name: str, method: Optional[registry.Method], model: torch.nn.Module,
                   images: Tensor) -> int:
     fail = args.fail
     assert method is not None  # run() refused drise here
-    name = _model_name(args)
     classes = _segmenter_classes(model)
     names = _categories(name, classes)
     category = None if args.category is None else parse_category(args.category, names, classes, fail)
@@ -465,10 +465,10 @@ def _segmentation(args: argparse.Namespace, method: Optional[registry.Method], m
     for b in range(x.shape[0]):
         stem = folder / relative[b].parent / f"{relative[b].stem}_{args.method}"
         stem.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"maps": maps[b:b + 1], "category": categories[b], "mask": masks[b]}, stem.with_suffix(".pt"))
-        path = stem.with_suffix(".png")
+        saved, path = stem.parent / f"{stem.name}.pt", stem.parent / f"{stem.name}.png"
+        torch.save({"maps": maps[b:b + 1], "category": categories[b], "mask": masks[b]}, saved)
         _save_png(draw_outline(_heat(images[b], maps[b:b + 1], args.method), masks[b]), path)
-        print(f"wrote {path} and {stem.with_suffix('.pt')} ({args.method}, category "
+        print(f"wrote {path} and {saved} ({args.method}, category "
               f"{_label(names, categories[b])}, region of {int(masks[b].sum())} pixels)")
     explain._warn_random(args)
     return 0
