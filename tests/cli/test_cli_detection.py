@@ -185,6 +185,21 @@ def test_mistakes_are_one_line_with_exit_code_2(files, tmp_path, capsys, extra, 
     assert not list(tmp_path.glob("*.png"))
 
 
+def test_weights_of_another_class_count_ask_for_num_classes(files, tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "three.pt"
+    torch.save(torchvision.models.get_model(NAME, weights=None, weights_backbone=None, num_classes=3).state_dict(),
+               path)
+    argv = DETECTOR + ["--image", str(files[0]), "--out", str(tmp_path), "--weights", str(path)]
+    usage_error(argv)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(r"--weights: '.*three.pt' does not fit torchvision:fasterrcnn_mobilenet"
+                                              r"_v3_large_fpn: .*size mismatch.*; a checkpoint with another number "
+                                              r"of classes needs it given: --num-classes N", err), err
+    assert main(argv + ["--num-classes", "3", "--max-boxes", "1", "--method", "saliency"]) == 0
+    assert torch.load(tmp_path / "street_saliency.pt")["labels"].max() < 3
+
+
 @pytest.mark.parametrize("argv, message", [
     (["explain", "--model", f"torchvision:{NAME}", "--image", "x.png"],
      r"unknown torchvision classifier 'fasterrcnn_mobilenet_v3_large_fpn'; it is a detector: add --task detection"),

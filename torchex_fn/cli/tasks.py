@@ -173,7 +173,13 @@ def _model(args: argparse.Namespace, name: str) -> torch.nn.Module:
         torch.manual_seed(args.seed)
         model = torchvision.models.get_model(name, weights=None, weights_backbone=None, **extra).eval()
     if args.weights is not None:
-        explain._load_weights(model, explain._read_state(args.weights, fail), args.weights, fail)
+        try:
+            model.load_state_dict(explain._read_state(args.weights, fail))
+        except RuntimeError as err:
+            lines = [line.strip() for line in str(err).strip().splitlines()[:3]]
+            hint = "" if args.num_classes is not None else \
+                "; a checkpoint with another number of classes needs it given: --num-classes N"
+            fail(f"--weights: {args.weights!r} does not fit {args.model}: {' '.join(lines)}{hint}")
     if args.task == "detection":
         prepare_detector(model, args.size, args.score_threshold)
     return model
