@@ -10,9 +10,10 @@ work), with overlays under ``--overlays`` if asked. Overlays keep each file's pa
 
 Any timm or torchvision classifier runs with its family's defaults (:mod:`torchex_fn.cli.choices`): the layer of a
 layer method, the layout of its output (``--reshape`` overrides it), timm models set to ``--size``; the feature
-methods take ``--features grid:N`` or ``superpixels:N``. A user's mistake ends in one line ``torchex-fn: error:
-<message>`` and exit code 2 (the library's ValueError / TypeError too); any other exception is a bug and keeps its
-traceback::
+methods take ``--features grid:N`` or ``superpixels:N``. Detectors and segmenters run with ``--task detection`` or
+``--task segmentation`` (:mod:`torchex_fn.cli.tasks`, which hands ``--task classification`` to :func:`run`).
+A user's mistake ends in one line ``torchex-fn: error: <message>`` and exit code 2 (the library's ValueError /
+TypeError too); any other exception is a bug and keeps its traceback::
 
     torchex-fn explain --model torchvision:resnet50 --weights resnet50.pt --image cat.jpg \
         --method grad_cam --layer layer4 --target 281 --out maps/
@@ -43,7 +44,7 @@ from ..core.model import functionalize
 from ..tools import viz
 from . import choices
 
-__all__ = ["METHODS", "method_name", "run", "unavailable"]
+__all__ = ["METHODS", "TASK_METHODS", "MethodChoices", "method_name", "run", "unavailable"]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,11 +72,23 @@ def unavailable(method: registry.Method) -> Optional[str]:
 METHODS: Dict[str, registry.Method] = {name: m for name, m in registry.METHODS.items() if unavailable(m) is None}
 
 
+# Methods outside the registry that one --task runs (checked against --task by torchex_fn.cli.tasks).
+TASK_METHODS = {"drise": "detection"}
+
+
+class MethodChoices(list):
+    """``--method``'s choices: the registry's methods of :data:`METHODS` (listed in the help), and the methods of
+    :data:`TASK_METHODS` (accepted too, not listed)."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in TASK_METHODS or super().__contains__(name)
+
+
 def method_name(name: str) -> str:
-    """``--method``'s type: ``name`` when :data:`METHODS` has it, else an error that says why or names close
-    matches."""
+    """``--method``'s type: ``name`` when :data:`METHODS` or :data:`TASK_METHODS` has it, else an error that says
+    why or names close matches."""
     choices = f"choose one of {', '.join(METHODS)}"
-    if name in METHODS:
+    if name in METHODS or name in TASK_METHODS:
         return name
     if name in registry.METHODS:
         raise argparse.ArgumentTypeError(f"{name} cannot run from the command line "
@@ -113,6 +126,10 @@ def _build_model(spec: str, fail: Callable[[str], None], seed: int,
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f"; did you mean {' or '.join(close)}?" if close else "; see torchvision.models.list_models()"
+        for task, module in (("detection", torchvision.models.detection),
+                             ("segmentation", torchvision.models.segmentation)):
+            if name in torchvision.models.list_models(module=module):
+                hint = f"; it is a {'detector' if task == 'detection' else 'segmenter'}: add --task {task}"
         fail(f"--model: unknown torchvision classifier {name!r}{hint}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -187,7 +204,7 @@ def _model(args: argparse.Namespace) -> torch.nn.Module:
 def _warn_random(args: argparse.Namespace) -> None:
     if args.weights is None:
         print(f"warning: no --weights given: {args.model} has random weights, so these maps explain an "
-              f"untrained (randomly initialised) model, not a trained classifier.", file=sys.stderr, flush=True)
+              f"untrained (randomly initialised) model, not a trained one.", file=sys.stderr, flush=True)
 
 
 def _own_size(model: torch.nn.Module) -> Optional[int]:

@@ -12,6 +12,15 @@ This file holds the parser and :func:`main`; each subcommand lives in its own fi
     torchex-fn explain --model timm:vit_small_patch16_224 --weights ft.pt --data val/ --out store/ \
         --method integrated_gradients --option steps=32 --overlays overlays/
 
+  ``explain --task detection|segmentation`` (:mod:`torchex_fn.cli.tasks`) builds a torchvision detector or
+  segmenter instead and explains each box above ``--score-threshold`` (``tx.targets.box_score``, or
+  ``--method drise``) or a ``--category`` over a ``--region`` (``tx.targets.segmentation``)::
+
+    torchex-fn explain --task detection --model torchvision:fasterrcnn_resnet50_fpn --weights det.pt \
+        --image street.jpg --score-threshold 0.7 --out maps/
+    torchex-fn explain --task segmentation --model torchvision:deeplabv3_resnet50 --image street.jpg \
+        --category person --out maps/
+
 - ``demo`` (:mod:`torchex_fn.cli.demo`) trains (or loads from the cache) a small CNN on the synthetic shapes
   data set, explains a batch of held-out images with several methods, scores them against the ground-truth
   masks and the model, prints a table, and writes ``grid.png`` and ``results.csv`` to ``--out``.
@@ -25,13 +34,13 @@ from typing import NoReturn, Optional, Sequence
 import torch
 
 from ..data.demo_model import TrainConfig
-from . import demo, explain
+from . import demo, explain, tasks
 
 __all__ = ["main"]
 
 # Flags that must be >= 1 (--workers must be >= 0), checked after parsing for both subcommands.
 _POSITIVE = ("num", "rows", "epochs", "train_size", "rise_masks", "step", "threads", "size", "batch_size",
-             "num_classes")
+             "num_classes", "max_boxes")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,8 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, metavar="DIR|GLOB",
                    help="a folder (searched recursively) or a glob ('val/**/*.JPEG') of images, explained into "
                         "--out with attribute_dataset: resumable, and split over processes under torchrun")
-    e.add_argument("--method", default="grad_cam", type=explain.method_name, choices=list(explain.METHODS),
-                   metavar="NAME", help="the attribution method (default: grad_cam), one of %(choices)s")
+    e.add_argument("--task", default="classification", choices=tasks.TASKS,
+                   help="classification (default), detection (a torchvision detector: each box above "
+                        "--score-threshold is explained through tx.targets.box_score, or with --method drise) or "
+                        "segmentation (a torchvision segmenter: --category over --region through "
+                        "tx.targets.segmentation); detection and segmentation take --image files")
+    e.add_argument("--method", default="grad_cam", type=explain.method_name,
+                   choices=explain.MethodChoices(explain.METHODS), metavar="NAME",
+                   help="the attribution method (default: grad_cam), one of %(choices)s; with --task detection "
+                        "also drise")
     e.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a keyword option of the method, e.g. --option steps=32 --option relu=False (repeatable; "
                         "values are Python literals, else strings)")
@@ -114,12 +130,29 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --data: also write one overlay PNG per image under DIR, keeping the relative paths")
     e.add_argument("--batch-size", type=int, default=32, help="with --data: images per batch and shard (default: 32)")
     e.add_argument("--workers", type=int, default=0, help="with --data: image-loading worker processes (default: 0)")
+    e.add_argument("--score-threshold", type=float, default=None,
+                   help="--task detection: explain the boxes scoring above it (default: 0.5; the detector's own "
+                        "threshold is lowered to it where higher)")
+    e.add_argument("--iou-threshold", type=float, default=None,
+                   help="--task detection: a predicted box matches an explained one above this IoU "
+                        "(tx.targets.box_score; default: 0.5)")
+    e.add_argument("--box-index", type=int, default=None,
+                   help="--task detection: explain only this box (0: the highest-scoring box above the threshold)")
+    e.add_argument("--max-boxes", type=int, default=None,
+                   help="--task detection: explain at most this many boxes per image, highest score first "
+                        "(default: 10)")
+    e.add_argument("--category", default=None,
+                   help="--task segmentation: the category, an index or a name of the weights' categories "
+                        "(e.g. person; default: each image's most predicted category)")
+    e.add_argument("--region", default=None,
+                   help="--task segmentation: predicted (the pixels predicted as --category, default), all, or a "
+                        "box X1,Y1,X2,Y2 in pixels of the --size image")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--rise-masks", type=int, default=1000, help="RISE masks (default: 1000)")
     e.add_argument("--seed", type=int, default=0, help="seed of the random init and of generator options (default: 0)")
     e.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()),
                    help="torch CPU threads (default: %(default)s)")
-    e.set_defaults(handler=explain.run, fail=e.error)
+    e.set_defaults(handler=tasks.run, fail=e.error)
     return parser
 
 
