@@ -1,7 +1,8 @@
 """``neuron(method, layer=, index=)``: any attribution method, explaining one neuron of a layer instead of an output.
 
 The method runs unchanged on a wrapped ``model_fn`` whose output is the neuron's value ``[B, 1]`` (read
-from the layer by a forward hook held for the length of each call), with target ``0``. So what holds for
+from the layer by a forward hook held for the length of each call, which also ends the forward there: the
+layers after it never run), with target ``0``. So what holds for
 the method holds for the neuron: integrated gradients sum to ``n(x) - n(x0)``, DeepLIFT too, and the
 result is a differentiable function of ``params`` that ``vmap`` runs over ensembles.
 """
@@ -44,7 +45,8 @@ def neuron(method: Callable[..., Any], *, layer: Any, index: Any) -> Callable[..
     Returns:
       A function ``(model_fn, params, x, **options)`` returning ``method``'s map for the neuron. The
       ``model_fn`` must come from :func:`torchex_fn.functionalize` (the layer is read by a forward hook on
-      its module, removed when the call ends).
+      its module, removed when the call ends; the forward ends at the layer, so the layers after it cost
+      nothing, unless the method itself reads or perturbs a layer of its own, e.g. ``layer=``).
 
     Raises:
       TypeError: ``method`` not callable, a bad ``index`` (at once); at the call, a ``model_fn`` without a
@@ -78,7 +80,8 @@ def neuron(method: Callable[..., Any], *, layer: Any, index: Any) -> Callable[..
         def value(x_given: Any, out: Any) -> Tensor:
             return _targets.neuron_value(fn, index, seen.pop("acts"))[:, None]
 
-        neuron_fn = Wrapped(model_fn, hook=(names[0], keep), after=value, output=None)
+        # the forward ends at the layer: nothing after it is needed for the neuron
+        neuron_fn = Wrapped(model_fn, hook=(names[0], keep), after=value, output=None, end=True)
         return method(neuron_fn, params, x, 0, **options)
 
     name = getattr(method, "__name__", "method")

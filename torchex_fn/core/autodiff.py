@@ -460,7 +460,9 @@ def staged_grads(f: Callable[[Tensor], Any], primal: Tensor, then: Callable[[Ten
     differentiates with :func:`grad_of_sum`) when the forward's graph reaches a tensor that a caller's autograd
     tracks (a ``model_fn`` closing over one). ``aux`` comes back detached.
     """
-    detach = (lambda v: v.detach() if isinstance(v, Tensor) else v)
+    def detach(v: Any) -> Any:
+        return v.detach() if isinstance(v, Tensor) else v
+
     with torch.enable_grad():
         leaf = primal.detach().requires_grad_(True)
         total, mid, aux = f(leaf)
