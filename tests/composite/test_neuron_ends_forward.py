@@ -1,6 +1,8 @@
-"""tx.neuron ends the forward at the neuron's layer (the layers after it never run), for every method it wraps,
-with the same maps as the model cut at that layer; a method that reads its own layer still gets the whole
-forward; Wrapped(end=True) catches only its own end, and no hook outlives a call."""
+"""tx.neuron ends the forward at the neuron's layer (the layers after it never run, once a first call has shown
+that the layer runs once per forward), for every method it wraps, with the same maps as the model cut at that
+layer; a layer that runs twice gives its last call's neuron (captum's) from whole forwards; a method that reads
+a later layer of its own still gets the whole forward; Wrapped(end=True) catches only its own end, and no hook
+outlives a call."""
 import pytest
 import torch
 from torch import nn
@@ -40,11 +42,15 @@ def test_the_layers_after_the_neuron_never_run_and_the_map_is_the_cut_models(met
     later = []
     handles = [model[i].register_forward_hook(lambda m, a, o, i=i: later.append(i)) for i in (3, 4)]
     try:
+        first = tx.neuron(method, layer="2", index=(5,))(fn, params, x, **options)
+        assert later   # the first call runs whole forwards: it learns that layer "2" runs once in one
+        later.clear()
         got = tx.neuron(method, layer="2", index=(5,))(fn, params, x, **options)
     finally:
         for h in handles:
             h.remove()
     assert later == []
+    torch.testing.assert_close(got, first, rtol=0, atol=0)
     # the reference: the model cut after layer "2", explained for output 5
     cut_fn, cut_params = tx.functionalize(nn.Sequential(*model[:3]))
     expected = method(cut_fn, cut_params, x, 5, **options)
@@ -57,6 +63,7 @@ def test_a_method_reading_a_layer_after_the_neuron_gets_the_whole_forward_and_on
     model = _mlp()
     fn, params = tx.functionalize(model)
     x = _x()
+    tx.neuron(tx.saliency, layer="2", index=(5,))(fn, params, x)   # learns that layer "2" runs once
     later = []
     handle = model[4].register_forward_hook(lambda m, a, o: later.append(4))
     try:
@@ -75,6 +82,40 @@ def test_a_method_reading_a_layer_after_the_neuron_gets_the_whole_forward_and_on
     h, h0 = model[:2](x), model[:2](torch.full_like(x, 0.3))
     torch.testing.assert_close(got, (model[2].weight[5] * (h - h0)).detach(), rtol=1e-12, atol=1e-14)
     assert got.abs().max() > 1e-3
+    assert_no_hooks(model)
+
+
+class Shared(nn.Module):
+    """One ReLU module called twice (as torchvision's BasicBlock does)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2, self.l3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.l3(self.relu(self.l2(self.relu(self.l1(x)))))
+
+
+def test_a_layer_called_twice_gives_its_last_calls_neuron_from_whole_forwards():
+    model = Shared().double().eval()
+    fn, params = tx.functionalize(model)
+    x = _x()
+    with torch.no_grad():   # the unit of the second ReLU call that is active for most examples
+        k = int(torch.relu(model.l2(torch.relu(model.l1(x)))).gt(0).sum(0).argmax())
+    later = []
+    handle = model.l3.register_forward_hook(lambda m, a, o: later.append(3))
+    try:
+        maps = [tx.neuron(tx.saliency, layer="relu", index=(k,))(fn, params, x) for _ in range(2)]
+    finally:
+        handle.remove()
+    assert len(later) == 2   # both calls ran the whole forward: the second call of the ReLU is the neuron's
+    xx = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(torch.relu(model.l2(torch.relu(model.l1(xx))))[:, k].sum(), xx)
+    for got in maps:
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    assert expected.abs().max() > 1e-3
     assert_no_hooks(model)
 
 
