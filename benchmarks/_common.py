@@ -53,28 +53,40 @@ def machine(threads: int, what: str = "") -> str:
     return line + (f", {what}" if what else "")
 
 
-def timeit(f: Callable[[], object], number: int = 1, sync: Callable[[], None] = lambda: None) -> float:
-    """Seconds per call of ``f``, over ``number`` calls."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def clock_of(name: str) -> Callable[[], float]:
+    """``"wall"`` (``time.perf_counter``) or ``"cpu"`` (``time.process_time``: the CPU seconds of this process,
+    all its threads; on a shared, loaded machine it counts the work done, not the time spent waiting for a
+    core, so with ``--threads 1`` it is the steadier measure)."""
+    return CLOCKS[name]
+
+
+def timeit(f: Callable[[], object], number: int = 1, sync: Callable[[], None] = lambda: None,
+           clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds per call of ``f``, over ``number`` calls, by ``clock``."""
     sync()
-    start = time.perf_counter()
+    start = clock()
     for _ in range(number):
         f()
     sync()
-    return (time.perf_counter() - start) / number
+    return (clock() - start) / number
 
 
 def race(contenders: Dict[str, Callable[[], object]], rounds: int, number: int = 1,
          sync: Callable[[], None] = lambda: None, warmup: bool = True,
-         progress: Optional[Callable[[int, Dict[str, List[float]]], None]] = None) -> Dict[str, List[float]]:
+         progress: Optional[Callable[[int, Dict[str, List[float]]], None]] = None,
+         clock: Callable[[], float] = time.perf_counter) -> Dict[str, List[float]]:
     """Seconds per call of each contender in each round, interleaved round-robin (after one warm-up call each,
-    which also fills the library's layer-shape memo)."""
+    which also fills the library's layer-shape memo), by ``clock`` (see :func:`clock_of`)."""
     if warmup:
         for f in contenders.values():
             f()
     times: Dict[str, List[float]] = {name: [] for name in contenders}
     for r in range(rounds):
         for name, f in contenders.items():
-            times[name].append(timeit(f, number, sync))
+            times[name].append(timeit(f, number, sync, clock))
         if progress is not None:
             progress(r, times)
     return times

@@ -8,19 +8,21 @@ ours runs by default at these sizes):
 * ``layer_conductance`` vs captum ``LayerConductance``: ``steps + 1`` forwards, backwards to the layer;
 * ``internal_influence`` vs ``InternalInfluence``: ``steps`` forwards, backwards to the layer;
 * ``neuron_conductance`` vs ``NeuronConductance``: ``steps`` forwards, a backward to the layer and one
-  from the neuron to the input (ours runs a second forward for the latter: see its Cost);
+  from the neuron to the input, both on the graph of the one forward (ours too, in a plain call);
 * ``neuron(integrated_gradients)`` vs ``NeuronIntegratedGradients``: ``steps`` forwards to the layer
-  and backwards from the neuron (ours runs the whole model: the neuron is read by a hook).
+  and backwards from the neuron (the floor runs the layers up to ``layer3`` by hand; ours ends the model's
+  forward at the layer, from the hook that reads the neuron).
 
 captum evaluates all path points in one batch of ``steps x B`` images (its default
 ``internal_batch_size=None``); ours by default as many path points per forward as 2^20 elements allow on a
 CPU (all of them at these sizes); two more lines run ours with captum's batch given explicitly.
 Rounds are interleaved and the median is reported.
 
-Usage::
+Usage (``PYTHONPATH=.`` so that the checkout's package is timed, not an installed one)::
 
-    python benchmarks/bench_conductance.py            # 5 rounds, batch 2 at 64 x 64
-    python benchmarks/bench_conductance.py --quick    # 2 rounds, batch 1 at 32 x 32
+    PYTHONPATH=. python benchmarks/bench_conductance.py            # 5 rounds, batch 2 at 64 x 64
+    PYTHONPATH=. python benchmarks/bench_conductance.py --quick    # 2 rounds, batch 1 at 32 x 32
+    PYTHONPATH=. python benchmarks/bench_conductance.py --threads 1 --clock cpu   # on a shared, loaded machine
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=sorted(C.CLOCKS), default="wall",
+                        help="wall: perf_counter; cpu: process_time (steadier on a loaded machine, with --threads 1)")
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 5)
     batch = args.batch or (1 if args.quick else 2)
@@ -122,10 +126,10 @@ def main() -> None:
             x, index, n_steps=steps)),
         "floor neuron(integrated_gradients)": lambda: floor(gl, to_layer=False, from_neuron=True, whole=False),
     }
-    times = C.race(contenders, rounds)
+    times = C.race(contenders, rounds, clock=C.clock_of(args.clock))
     med = {name: statistics.median(t) for name, t in times.items()}
     print(C.machine(args.threads, f"resnet18, batch {batch} at {size}x{size}, layer3, {steps} steps, "
-                                  f"{rounds} rounds"))
+                                  f"{rounds} rounds, {args.clock} clock"))
     rows = []
     names = list(contenders)
     for ours in ("layer_conductance", "internal_influence", "neuron_conductance", "neuron(integrated_gradients)"):

@@ -19,8 +19,9 @@ is reported, as a ratio to ours.
 
 Usage::
 
-    python benchmarks/bench_influence.py            # 3 rounds, 2,048 examples
-    python benchmarks/bench_influence.py --quick    # 1 round, 256 examples
+    PYTHONPATH=. python benchmarks/bench_influence.py            # 3 rounds, 2,048 examples
+    PYTHONPATH=. python benchmarks/bench_influence.py --quick    # 1 round, 256 examples
+    PYTHONPATH=. python benchmarks/bench_influence.py --threads 1 --clock cpu --loop   # on a loaded machine
 """
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--loop", action="store_true", help="also captum's default (a backward per example)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--clock", choices=sorted(C.CLOCKS), default="wall",
+                        help="wall: perf_counter; cpu: process_time (steadier on a loaded machine, with --threads 1)")
     args = parser.parse_args()
     if args.quick:
         args.n, args.rounds = 256, 1
@@ -104,9 +107,10 @@ def main() -> None:
         contenders["captum TracInCP (default, loop)"] = lambda: loop.self_influence()
     a, b = ours(), theirs.self_influence()
     diff = ((a - b).abs().max() / b.abs().max()).item()
-    print(C.machine(args.threads, f"small CNN, {args.n} examples, 3 checkpoints, chunks of {args.batch}"))
+    print(C.machine(args.threads, f"small CNN, {args.n} examples, 3 checkpoints, chunks of {args.batch}, "
+                                  f"{args.rounds} rounds, {args.clock} clock"))
     print(f"max relative difference ours vs captum: {diff:.2e}")
-    times = C.medians(C.race(contenders, args.rounds, warmup=False))
+    times = C.medians(C.race(contenders, args.rounds, warmup=False, clock=C.clock_of(args.clock)))
     base = times["tracin_cp"]
     print(C.table(["contender", "s (median)", "/ ours"],
                   [(name, f"{t:.2f}", f"{t / base:.2f}") for name, t in times.items()], right=(1, 2)))

@@ -6,12 +6,13 @@ a comparison of attacks, captum's ``captum.robust`` without objects.
 * :func:`pgd`: projected gradient descent (Madry et al., ICLR 2018) in an L-infinity or L2 ball, with a
   uniform random start drawn from a ``generator``;
 * :func:`min_param_perturbation`: per example, the first value of an attack's parameter (in a given order)
-  whose perturbed input the model gets wrong;
+  whose perturbed input the model gets wrong, by a linear scan or (``mode="binary"``) a bisection;
 * :func:`attack_comparator`: a metric on the original input and on each attack's output (mean, min and
   max over repeated attempts).
 
 Every function is a function of ``params`` and ``x`` that runs under ``torch.func.vmap`` (over an ensemble's
-parameters; a random start draws with a generator, which ``vmap`` allows with ``randomness="same"``).
+parameters; a random start draws with a generator, which ``vmap`` allows with ``randomness="same"``), except
+the binary search of :func:`min_param_perturbation`, which branches on the model's answers (it says so).
 Gradients are per example: the loss is summed over the batch, and each example's input gradient is its
 own loss's.
 
@@ -24,7 +25,7 @@ length ``B``; :func:`pgd` scales each example by its own radius.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -320,20 +321,105 @@ def _correct(model_fn: Any, fn: str) -> Callable[[Any, Any], Tensor]:
     return default
 
 
+_SEARCH_MODES = ("linear", "binary")
+
+
+def _refuse_transforms(fn: str) -> None:
+    """The binary search branches on values: refuse ``torch.func`` transforms, before any work."""
+    if torch._C._are_functorch_transforms_active():
+        raise _transform_error(fn)
+
+
+def _transform_error(fn: str) -> ValueError:
+    return _checks.value_error(fn, "mode='linear' under torch.func.vmap (or another torch.func transform)",
+                               "mode='binary'", "The binary search branches on the model's answers, which vmap "
+                               "cannot; the linear mode evaluates every value and runs under vmap.")
+
+
+def _attacked(fn: str, attack: Callable[[Tensor, float], Tensor], x: Tensor, value: float) -> Tensor:
+    attacked = attack(x, value)
+    if not isinstance(attacked, Tensor) or attacked.shape != x.shape:
+        raise _checks.value_error(fn, f"attack outputs of x's shape {tuple(x.shape)}", _checks.describe(attacked))
+    return attacked
+
+
+def _binary_search(fn: str, model_fn: Any, params: Any, x: Tensor, target: Any,
+                   attack: Callable[[Tensor, float], Tensor], values: List[float],
+                   is_correct: Callable[[Any, Any], Tensor], num_attempts: int) -> MinPerturbation:
+    """:func:`min_param_perturbation`'s ``mode="binary"``: every example's bisection, a round at a time."""
+    batch = x.shape[0]
+    lo, hi = [0] * batch, [len(values)] * batch
+    searching = [True] * batch
+    best = torch.full((batch,), math.nan, dtype=torch.float64, device=x.device)
+    found = torch.zeros(batch, dtype=torch.bool, device=x.device)
+    perturbed = x
+    while True:
+        mids: Dict[int, List[int]] = {}
+        for i in range(batch):
+            if searching[i] and hi[i] > lo[i]:
+                step = (hi[i] - lo[i]) // 2
+                if step == 0 and lo[i] + 1 < hi[i]:
+                    step = 1
+                mids.setdefault(lo[i] + step, []).append(i)
+            else:
+                searching[i] = False
+        if not mids:
+            return MinPerturbation(best, perturbed, found)
+        for mid in sorted(mids):
+            members, broken = mids[mid], set()
+            for _ in range(num_attempts):
+                attacked = _attacked(fn, attack, x, values[mid])
+                right = is_correct(model_fn(params, attacked), target).to(torch.bool).reshape(batch)
+                try:
+                    wrong = (~right).tolist()
+                except RuntimeError:   # a tensor of an enclosing transform (a closure under vmap)
+                    raise _transform_error(fn) from None
+                new = [i for i in members if wrong[i] and i not in broken]
+                if new:
+                    mask = torch.zeros(batch, dtype=torch.bool, device=x.device)
+                    mask[new] = True
+                    best = torch.where(mask, torch.full_like(best, float(values[mid])), best)
+                    perturbed = torch.where(_view(mask, x.ndim), attacked, perturbed)
+                    found = found | mask
+                    broken.update(new)
+                if len(broken) == len(members):
+                    break
+            for i in members:
+                if i in broken:
+                    hi[i] = mid
+                if mid == lo[i]:
+                    searching[i] = False
+                elif i not in broken:
+                    lo[i] = mid
+
+
 def min_param_perturbation(model_fn: Any, params: Any, x: Tensor, target: Any = None, *,
                            attack: Callable[[Tensor, float], Tensor], values: Sequence[float],
                            correct: Optional[Callable[[Any, Any], Tensor]] = None,
-                           num_attempts: int = 1) -> MinPerturbation:
+                           num_attempts: int = 1, mode: str = "linear") -> MinPerturbation:
     """Per example, the first of ``values`` at which ``attack(x, value)`` makes the model wrong.
 
-    captum's ``MinParamPerturbation`` in its linear mode, per example and without early exit:
-    ``values`` are tried in their order (captum's ``arg_min, arg_min + arg_step, ... < arg_max``), each
-    ``num_attempts`` times (for random attacks), and each example keeps the first value (and the first
-    attempt) whose perturbed input ``correct`` calls wrong. Every value is evaluated for every example
-    (no data-dependent stop), so the function runs under ``vmap``; outside it, the search stops once
-    every example is broken. With one example it equals captum's linear search (``(None, None)`` there
-    is ``found = False`` here). captum's binary mode is left out: it assumes the model's correctness is
-    monotone in the value, which a linear scan does not need.
+    ``mode="linear"`` (default): captum's ``MinParamPerturbation`` in its linear mode, per example and
+    without early exit: ``values`` are tried in their order (captum's ``arg_min, arg_min + arg_step, ... <
+    arg_max``), each ``num_attempts`` times (for random attacks), and each example keeps the first value
+    (and the first attempt) whose perturbed input ``correct`` calls wrong. Every value is evaluated for
+    every example (no data-dependent stop), so the function runs under ``vmap``; outside it, the search
+    stops once every example is broken. With one example it equals captum's linear search (``(None, None)``
+    there is ``found = False`` here).
+
+    ``mode="binary"``: captum's binary mode, per example: a bisection over the positions of ``values``
+    (ascending), which assumes that the model, once wrong at a value, stays wrong at every larger one, and
+    then needs about ``log2(len(values))`` rounds instead of up to ``len(values)``. Each example starts
+    with ``lo = 0`` and ``hi = len(values)``; while ``hi > lo`` it tries ``mid = lo + (hi - lo) // 2`` (``lo
+    + 1`` when that is ``lo`` and ``lo + 1 < hi``) up to ``num_attempts`` times: wrong at an attempt => ``hi =
+    mid``, the answer so far is ``values[mid]`` with that attempt's input; ``mid == lo`` ends the search;
+    still right => ``lo = mid``. With one example it equals captum's ``mode="binary"`` with
+    ``arg_min = values[0]``, ``arg_step`` the spacing of ``values`` and ``arg_max = arg_min + len(values) *
+    arg_step`` (captum computes its steps in floats, ``(arg_max - arg_min) // arg_step`` and ``arg_min + k
+    * arg_step``: the same where those are exact, e.g. a step of 0.125; with 0.1 they can differ by a step).
+    A batch runs each example's search at once: each round calls ``attack(x, value)`` on the whole ``x``
+    once per distinct ``mid`` of the examples still searching, and each of them reads its own row. The
+    branching reads the model's answers, so the binary mode refuses ``torch.func`` transforms (``vmap``).
 
     Args:
       model_fn: Pure ``(params, x) -> out``, e.g. from ``functionalize(net)``.
@@ -346,13 +432,16 @@ def min_param_perturbation(model_fn: Any, params: Any, x: Tensor, target: Any = 
       correct: ``(out, target) -> [B]`` bool, True where the model is still right. Default: the argmax of
         the output (``functionalize``'s ``output=``) equals ``target``.
       num_attempts: Attempts per value (for random attacks). Default: 1.
+      mode: ``"linear"`` (default) or ``"binary"`` (see above; ``values`` ascending).
 
     Returns:
       :class:`MinPerturbation` ``(value [B] float64 (NaN where none), perturbed [B, *input], found [B])``.
 
     Raises:
-      TypeError: non-float ``x``, a non-callable ``attack`` or ``correct``, bad ``values``.
-      ValueError: empty ``values``, an attack output of another shape.
+      TypeError: non-float ``x``, a non-callable ``attack`` or ``correct``, bad ``values``, a non-string ``mode``.
+      ValueError: empty ``values``, an attack output of another shape, an unknown ``mode``; with
+        ``mode="binary"``: ``values`` not strictly ascending, a call under ``torch.func.vmap`` (or another
+        ``torch.func`` transform).
 
     Example:
       >>> noise = lambda x, std: x + std * torch.randn_like(x)
@@ -374,19 +463,27 @@ def min_param_perturbation(model_fn: Any, params: Any, x: Tensor, target: Any = 
         raise _checks.type_error(fn, "values, a sequence of floats or a 1-D tensor", _checks.describe(values))
     if not values:
         raise _checks.value_error(fn, "at least one value", "an empty sequence")
+    if not isinstance(mode, str):
+        raise _checks.type_error(fn, "mode, 'linear' or 'binary'", _checks.describe(mode))
+    if mode not in _SEARCH_MODES:
+        raise _checks.unknown_name(fn, "mode", mode, _SEARCH_MODES)
+    if mode == "binary":
+        if any(b <= a for a, b in zip(values, values[1:])):
+            raise _checks.value_error(fn, "values in strictly ascending order for mode='binary'",
+                                      _checks.describe(list(values)), "The bisection runs over their positions.")
+        _refuse_transforms(fn)
     is_correct = correct if correct is not None else _correct(model_fn, fn)
     if correct is None:
         target = _resolve_target(model_fn, params, x, target, None, fn)
+    if mode == "binary":
+        return _binary_search(fn, model_fn, params, x, target, attack, list(values), is_correct, num_attempts)
     batch = x.shape[0]
     found = torch.zeros(batch, dtype=torch.bool, device=x.device)
     best = torch.full((batch,), math.nan, dtype=torch.float64, device=x.device)
     perturbed = x
     for value in values:
         for _ in range(num_attempts):
-            attacked = attack(x, value)
-            if not isinstance(attacked, Tensor) or attacked.shape != x.shape:
-                raise _checks.value_error(fn, f"attack outputs of x's shape {tuple(x.shape)}",
-                                          _checks.describe(attacked))
+            attacked = _attacked(fn, attack, x, value)
             wrong = ~is_correct(model_fn(params, attacked), target).to(torch.bool).reshape(batch)
             new = wrong & ~found
             best = torch.where(new, torch.full_like(best, float(value)), best)

@@ -433,3 +433,50 @@ def grads_of_sums(f: Callable[[Any], Any], primal: Any, *, has_aux: bool = False
         (g,) = vjp_fn(cotangents, retain_graph=k < len(totals) - 1 or create_graph, create_graph=create_graph)
         grads.append(g)
     return (grads, aux[0]) if has_aux else grads
+
+
+# --------------------------------------------------------------------------------------------
+# Two gradients of one forward, for a call that nothing outside differentiates.
+
+def untracked(*values: Any) -> bool:
+    """Whether nothing outside this call can differentiate a result computed from ``values``: no ``torch.func``
+    transform is active, ``torch.compile`` is not tracing, and no tensor of ``values`` is :func:`tracked`."""
+    if compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return not any(tracked(t) for value in values for t in leaves(value))
+
+
+def staged_grads(f: Callable[[Tensor], Any], primal: Tensor, then: Callable[[Tensor, Tensor], Tensor]) -> Any:
+    """Two gradients from one forward: ``(g, d then(mid, g) / d primal, aux)`` for ``f(primal) -> (total, mid, aux)``.
+
+    ``g = d total / d mid`` comes from a backward that stops at ``mid`` (an intermediate value of ``f``), and
+    the second backward runs from the scalar ``then(mid, g)`` down to ``primal``, ``g`` held constant. That is
+    one forward where a ``torch.func`` formulation needs two (the first gradient w.r.t. a zero perturbation of
+    ``mid``, the second w.r.t. ``primal`` through a second forward): both backwards are taken with
+    ``torch.autograd`` on the one graph, and the gradients are plain tensors (no graph of them is recorded).
+
+    So it serves only calls whose results nothing outside differentiates: the caller checks
+    :func:`untracked` on ``primal`` and the tensors it passes, and this returns ``None`` (the caller then
+    differentiates with :func:`grad_of_sum`) when the forward's graph reaches a tensor that a caller's autograd
+    tracks (a ``model_fn`` closing over one). ``aux`` comes back detached.
+    """
+    def detach(v: Any) -> Any:
+        return v.detach() if isinstance(v, Tensor) else v
+
+    with torch.enable_grad():
+        leaf = primal.detach().requires_grad_(True)
+        total, mid, aux = f(leaf)
+        roots = [t.grad_fn for t in (total, mid) if t.requires_grad]
+        if any(_reaches_outside(root, [leaf]) for root in roots):
+            return None
+        g = None
+        if total.requires_grad and mid.requires_grad:
+            (g,) = torch.autograd.grad(total, mid, retain_graph=True, allow_unused=True)
+        g = torch.zeros_like(mid) if g is None else g
+        below = None
+        if mid.requires_grad:
+            head = then(mid, g)
+            if head.requires_grad:
+                (below,) = torch.autograd.grad(head, leaf, allow_unused=True)
+    below = torch.zeros_like(primal) if below is None else below
+    return g, below, _pytree.tree_map(detach, aux)

@@ -348,6 +348,23 @@ class FunctionalModel:
 _KEEP: Any = object()  # Wrapped(output=): keep the inner model_fn's choice
 
 
+class _EndForward(Exception):
+    """Raised by the hook of a ``Wrapped(..., end=True)`` to end the forward after its layer; one instance per
+    call, so that each wrapper catches its own."""
+
+
+def _ending(hook: Callable[..., Any], token: _EndForward) -> Callable[..., Any]:
+    """``hook``, then the end of the forward (``token`` raised), unless an active capture still waits for a
+    layer (its hook on the same module runs after this one, and layers further on have not run yet)."""
+    def forward_hook(module: nn.Module, args: Any, output: Any) -> Any:
+        result = hook(module, args, output)
+        session = _active_capture()
+        if session is None or all(name in session.acts for name in session.names):
+            raise token
+        return result
+    return forward_hook
+
+
 class Wrapped:
     """``model_fn`` with its view kept and only its call changed.
 
@@ -363,7 +380,10 @@ class Wrapped:
     2. with ``hook=(name, fn)``: under the model's lock, ``fn`` is registered as a forward hook on the
        submodule ``name`` for the length of the call (before the hooks of an active capture, which therefore
        see what ``fn`` returns);
-    3. ``out = model_fn(params, x)``;
+    3. ``out = model_fn(params, x)``; with ``hook=`` and ``end=True`` the forward ends right after ``fn`` ran
+       (an exception raised from the hook and caught here: the layers after ``name`` never run) and ``out``
+       is ``None``, unless a capture active for the call still waits for a layer (then the whole forward
+       runs, as without ``end``);
     4. ``out = after(x_given, out)`` (when given; ``x_given`` the input the wrapper was called with).
 
     Example:
@@ -386,8 +406,12 @@ class Wrapped:
 
     def __init__(self, model_fn: Any, *, before: Optional[Callable[[Any], Any]] = None,
                  after: Optional[Callable[[Any, Any], Any]] = None,
-                 hook: Optional[Tuple[str, Callable[..., Any]]] = None, output: Any = _KEEP):
+                 hook: Optional[Tuple[str, Callable[..., Any]]] = None, output: Any = _KEEP, end: bool = False):
         _checks.check_model_fn("Wrapped", model_fn)
+        _checks.check_bool("Wrapped", "end", end)
+        if end and hook is None:
+            raise _checks.value_error("Wrapped", "hook= with end=True (the forward ends after the hook's layer)",
+                                      "end=True without a hook")
         if hook is not None and module_of(model_fn) is None:
             raise _checks.type_error("Wrapped", "a model_fn that knows its module (from functionalize) for hook=",
                                      _checks.describe(model_fn))
@@ -397,7 +421,7 @@ class Wrapped:
         self.lock = lock_of(model_fn)
         self.aliases = aliases_of(model_fn)
         self.memo_owner = memo_owner_of(model_fn)
-        self._before, self._after, self._hook = before, after, hook
+        self._before, self._after, self._hook, self._end = before, after, hook, end
 
     def layer_names(self) -> Dict[str, nn.Module]:
         return self.inner.layer_names()
@@ -418,10 +442,17 @@ class Wrapped:
             out = self.inner(params, x)
         else:
             name, hook = self._hook
+            token = _EndForward()
+            if self._end:
+                hook = _ending(hook, token)
             with self.lock if self.lock is not None else contextlib.nullcontext():
                 handle = self.module.get_submodule(name).register_forward_hook(hook)
                 try:
                     out = self.inner(params, x)
+                except _EndForward as ended:
+                    if ended is not token:   # another wrapper's end: not this call's to catch
+                        raise
+                    out = None
                 finally:
                     handle.remove()
         return out if self._after is None else self._after(given, out)

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..core import checks as _checks, inputs as _inputs
 from ..core import docs as _docs
 from ..core import targets as _targets
-from ..core.autodiff import grad_of_sum
+from ..core.autodiff import grad_of_sum, staged_grads, untracked
 from ..core.types import ModelFn, Params, Target
 from ..core.capture import intermediates, layer_gradients, resolve_layers
 from ..core.arguments import check_call
@@ -659,6 +659,46 @@ def internal_influence(model_fn: ModelFn, params: Params, x: Any, target: Target
     return rebuild({n: torch.cat(sums[n]) for n in names})
 
 
+def _neuron_input_gradients(fn: str, model_fn: ModelFn, params: Params, xs: Any, key: Optional[str], target: Any,
+                            name: str, index: Any, w: Tensor, size: int) -> Optional[Tensor]:
+    """``w_k * d f / d n * d n / d x`` at every path point of ``xs`` (``k * size`` examples, node after node)
+    from one forward: the backward from the target scores stops at the layer, the one from the neuron (scaled
+    by the selection of that gradient, held constant) runs to the input. ``None`` when the model's graph
+    reaches a tensor a caller tracks (see :func:`staged_grads`)."""
+    point = xs if key is None else xs[key]
+
+    def forward(v: Tensor) -> Any:
+        out, acts = intermediates(model_fn, layers=[name], fn=fn)(params, v if key is None else
+                                                                _inputs.replace(xs, key, v))
+        scores = _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))
+        return scores.sum(), acts[name], None
+
+    def then(acts: Tensor, d_layer: Tensor) -> Tensor:
+        mid = _targets.neuron_value(fn, index, d_layer)                              # d f / d n, [k * size]
+        scale = (w[:, None] * mid.view(-1, size)).reshape(-1)
+        return (scale * _targets.neuron_value(fn, index, acts)).sum()
+
+    found = staged_grads(forward, point, then)
+    return None if found is None else found[1]
+
+
+def _neuron_input_gradients_func(fn: str, model_fn: ModelFn, params: Params, xs: Any, key: Optional[str],
+                                 target: Any, name: str, index: Any, w: Tensor, size: int) -> Tensor:
+    """:func:`_neuron_input_gradients` by ``torch.func``, differentiable by a caller: ``d f / d a`` at the layer
+    (one forward, a backward down to the layer), then ``d n / d x`` (a second forward, a backward from the
+    neuron to the input), each through :func:`grad_of_sum`, which chooses the attention backend."""
+    point = xs if key is None else xs[key]
+    d_layer = layer_gradients(model_fn, params, xs, target, layers=[name], fn=fn).grads[name]
+    mid = _targets.neuron_value(fn, index, d_layer)                                          # d f / d n, [k * size]
+    scale = (w[:, None] * mid.view(-1, size)).reshape(-1)
+
+    def neuron_total(v: Tensor) -> Tensor:
+        _, acts = intermediates(model_fn, layers=[name], fn=fn)(params, v if key is None else
+                                                                _inputs.replace(xs, key, v))
+        return (scale * _targets.neuron_value(fn, index, acts[name])).sum()
+    return grad_of_sum(neuron_total, point)
+
+
 @_docs.fill
 def neuron_conductance(model_fn: ModelFn, params: Params, x: Any, target: Target = None, *, layer: Any,
                        index: Any, baseline: Any = 0.0, steps: int = 50, method: str = "riemann_trapezoid",
@@ -703,8 +743,10 @@ def neuron_conductance(model_fn: ModelFn, params: Params, x: Any, target: Target
     Example:
       >>> neuron_conductance(fn, params, images, labels, layer="layer3", index=(7, 2, 2)).shape  # [8, 3, 224, 224]
 
-    Cost: ``2 steps`` forward passes of ``B`` examples and two backward passes per path point (one from
-      the output down to the layer, one from the neuron to the input), plus one forward for ``target=None``.
+    Cost: ``steps`` forward passes of ``B`` examples and, from each, two backward passes (one from the output
+      down to the layer, one from the neuron to the input; captum's work), plus one forward for
+      ``target=None``. When a caller differentiates the result (``torch.func`` transforms, tracked ``params``
+      or ``x``), each path point takes two forwards instead, so that the result is differentiable.
     References: Dhamdhere et al., "How Important Is a Neuron?", ICLR 2019.
     """
     fn = "neuron_conductance"
@@ -718,23 +760,16 @@ def neuron_conductance(model_fn: ModelFn, params: Params, x: Any, target: Target
     alphas, weights = quadrature(method, steps)
     path = _InputPath(fn, model_fn, params, x, target, baseline, alphas, batch_size)
     key = path.key
+    fast = untracked(params, x, baseline)
     sums: List[Tensor] = []
     for (g0, g1), first, k, xs, g_target in path.chunks():
         size = g1 - g0
         point = xs if key is None else xs[key]
-        # d f / d a at the layer (a backward down to the layer), and d n / d x (a backward from the
-        # neuron to the input): two passes through grad_of_sum, which chooses the attention backend.
-        d_layer = layer_gradients(model_fn, params, xs, g_target, layers=[name], fn=fn).grads[name]
-
-        def neuron_total(v: Tensor, xs: Any = xs) -> Tensor:
-            _, acts = intermediates(model_fn, layers=[name], fn=fn)(params, v if key is None else
-                                                                    _inputs.replace(xs, key, v))
-            return _targets.neuron_value(fn, index, acts[name]).sum()
-        d_input = grad_of_sum(neuron_total, point)
-        mid = _targets.neuron_value(fn, index, d_layer)                                          # d f / d n, [k * size]
-        w = torch.tensor(weights[first:first + k], dtype=torch.float64).to(device=mid.device, dtype=mid.dtype)
-        scaled = (w[:, None] * mid.view(k, size)).view(k, size, *([1] * (d_input.ndim - 1)))
-        part = (scaled * d_input.view(k, size, *d_input.shape[1:])).sum(0)
+        w = torch.tensor(weights[first:first + k], dtype=torch.float64).to(device=point.device, dtype=point.dtype)
+        found = _neuron_input_gradients(fn, model_fn, params, xs, key, g_target, name, index, w, size) if fast else None
+        if found is None:
+            found = _neuron_input_gradients_func(fn, model_fn, params, xs, key, g_target, name, index, w, size)
+        part = found.view(k, size, *found.shape[1:]).sum(0)
         if first:
             sums[-1] = sums[-1] + part
         else:
