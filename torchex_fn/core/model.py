@@ -365,6 +365,17 @@ def _ending(hook: Callable[..., Any], token: _EndForward) -> Callable[..., Any]:
     return forward_hook
 
 
+def _register(module: nn.Module, name: str, hook: Callable[..., Any]) -> Any:
+    """``hook(module, args, output)`` on the layer ``name`` for the length of a call: a forward hook, or for
+    ``"<module>:input"`` a forward pre-hook that hands the module's first argument over as ``output``."""
+    if not name.endswith(_capture_input):
+        return module.get_submodule(name).register_forward_hook(hook)
+
+    def pre_hook(mod: nn.Module, args: Any) -> None:
+        hook(mod, args, args[0])
+    return module.get_submodule(name[:-len(_capture_input)]).register_forward_pre_hook(pre_hook)
+
+
 class Wrapped:
     """``model_fn`` with its view kept and only its call changed.
 
@@ -446,7 +457,7 @@ class Wrapped:
             if self._end:
                 hook = _ending(hook, token)
             with self.lock if self.lock is not None else contextlib.nullcontext():
-                handle = self.module.get_submodule(name).register_forward_hook(hook)
+                handle = _register(self.module, name, hook)
                 try:
                     out = self.inner(params, x)
                 except _EndForward as ended:
