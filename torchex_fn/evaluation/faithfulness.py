@@ -628,11 +628,12 @@ def _subset_scores(model_fn: ModelFn, params: Params, x: Tensor, s: _Setup, subs
 
 def _random_subsets(batch: int, runs: int, features: int, size: int, generator: Optional[torch.Generator],
                     device: torch.device) -> Tensor:
-    """``[B, runs, size]`` subsets of ``range(features)`` without repetition (the first ``size`` of a random
-    permutation each)."""
+    """``[B, runs, size]`` subsets of ``range(features)`` without repetition (the features of the ``size`` smallest
+    of uniform keys: the first ``size`` of a random permutation; a partial selection, not a sort of all the keys,
+    which cost a fifth of ``faithfulness_correlation``'s forwards on resnet18 at 112 px)."""
     where = generator.device if generator is not None else torch.device("cpu")
     keys = torch.rand(batch, runs, features, generator=generator, device=where)
-    return keys.argsort(dim=2)[..., :size].to(device)
+    return keys.topk(size, dim=2, largest=False, sorted=True).indices.to(device)
 
 
 @_docs.fill
