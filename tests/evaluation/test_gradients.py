@@ -7,7 +7,8 @@ Left out, as not smooth in params: the ones that count or rank (monotonicity, mo
 sufficiency, consistency, non_sensitivity, effective_complexity, pointing game, relevance rank accuracy,
 top-k intersection); their value is piecewise constant. Covered elsewhere: complexity and sparseness
 (test_complexity.py), the localisation masses (test_localisation.py), the completeness gap (test_axiomatic.py),
-avg_sensitivity (test_robustness.py), AOPC (test_text_metrics.py), MPRT (test_mprt_gradients.py).
+avg_sensitivity (test_robustness.py), AOPC comprehensiveness (test_text_metrics.py; sufficiency here), MPRT
+(test_mprt_gradients.py).
 """
 import pytest
 import torch
@@ -105,3 +106,16 @@ def test_gradcheck_energy_pointing_game_wrt_the_map():
     mask[0, :, :2, :2] = True
     mask[1, :, 1:, 1:] = True
     assert torch.autograd.gradcheck(lambda t: metrics.energy_pointing_game(t, mask), (a,))
+
+
+def test_gradcheck_aopc_sufficiency_wrt_params():
+    # a bag of words: the logit of class 1 is the sum of its tokens' weights (comprehensiveness: test_text_metrics)
+    def bag(params, ids):
+        logit = params["w"][ids].sum(dim=1)
+        return torch.stack([torch.zeros_like(logit), logit], dim=1)
+
+    ids = torch.tensor([[1, 4, 2, 3, 4, 4], [2, 2, 5, 1, 3, 4]])
+    w = torch.tensor([0.0, 0.7, -0.4, 0.3, 0.5, -0.2], dtype=torch.float64, requires_grad=True)
+    scores = torch.rand(2, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda w: metrics.aopc_sufficiency(bag, {"w": w}, ids, scores, 1, reference_token_id=0).aopc, (w,))
