@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 os.environ.setdefault("TQDM_DISABLE", "1")   # before tqdm is imported: pytorch-grad-cam's progress bars
 
-import torch  # noqa: E402
+import torch
 
 
 def setup(threads: int = 2) -> None:
@@ -144,6 +144,69 @@ def grad_layers(model: torch.nn.Module, layers: Sequence[torch.nn.Module], x: to
     xx = x.detach().requires_grad_(True) if also_input else x
     out, acts = hooked(layers, lambda: model(xx))
     return torch.autograd.grad(out.gather(1, target[:, None]).sum(), ([xx] if also_input else []) + acts)
+
+
+class Calls:
+    """The model calls an evaluation metric makes, recorded as ``(kind, images)``: ``"forward"`` for a bare
+    forward, ``"explain"`` for a call of the explanation method (a forward and a backward for saliency); the
+    model calls made inside an explanation are not recorded again.
+
+    :meth:`hook` records the forwards of an ``nn.Module`` with a forward pre-hook (``functionalize``'s
+    ``model_fn`` calls the module, so one hook serves both libraries); wrap the explanation method with
+    :meth:`method`.
+    """
+
+    def __init__(self) -> None:
+        self.calls: List[tuple] = []
+        self.inside = 0
+
+    def method(self, method: Callable) -> Callable:
+        def recorded(model_fn, params, x, target, *args, **kwargs):
+            if not self.inside:
+                self.calls.append(("explain", x.shape[0]))
+            self.inside += 1
+            try:
+                return method(model_fn, params, x, target, *args, **kwargs)
+            finally:
+                self.inside -= 1
+        return recorded
+
+    def hook(self, model: torch.nn.Module):
+        def pre(module, inputs):
+            if not self.inside:
+                self.calls.append(("forward", inputs[0].shape[0]))
+        return model.register_forward_pre_hook(pre)
+
+    def images(self, kind: str) -> int:
+        return sum(n for k, n in self.calls if k == kind)
+
+    def summary(self) -> str:
+        """E.g. ``"200 fwd in 25 calls + 80 f+b in 10 calls"``."""
+        parts = []
+        for kind, label in (("forward", "fwd"), ("explain", "f+b")):
+            calls = [n for k, n in self.calls if k == kind]
+            if calls:
+                parts.append(f"{sum(calls)} {label} in {len(calls)}")
+        return " + ".join(parts) or "none"
+
+
+def replay(model: torch.nn.Module, calls: Sequence[tuple], x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+    """The floor of a metric: the bare model calls it made (:class:`Calls`), batched as it batched them, on
+    copies of ``x`` drawn once: ``model(x)`` without autograd for a forward, a forward and ``autograd.grad`` of
+    the target scores to the input (saliency's floor) for an explanation."""
+    largest = max((n for _, n in calls), default=1)
+    reps = -(-largest // x.shape[0])
+    images = x.repeat(reps, *([1] * (x.ndim - 1)))[:largest].contiguous()
+    labels = target.repeat(reps)[:largest].contiguous()
+
+    def run() -> None:
+        for kind, n in calls:
+            if kind == "forward":
+                with torch.no_grad():
+                    model(images[:n])
+            else:
+                grad_input(model, images[:n], labels[:n])
+    return run
 
 
 def forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

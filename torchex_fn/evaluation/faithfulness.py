@@ -628,11 +628,13 @@ def _subset_scores(model_fn: ModelFn, params: Params, x: Tensor, s: _Setup, subs
 
 def _random_subsets(batch: int, runs: int, features: int, size: int, generator: Optional[torch.Generator],
                     device: torch.device) -> Tensor:
-    """``[B, runs, size]`` subsets of ``range(features)`` without repetition (the first ``size`` of a random
-    permutation each)."""
+    """``[B, runs, size]`` subsets of ``range(features)`` without repetition, in no particular order (the features
+    of the ``size`` smallest of uniform keys: the first ``size`` of a random permutation, as a set). A partial
+    selection, unsorted: a sort of all the keys cost a fifth of ``faithfulness_correlation``'s forwards on
+    resnet18 at 112 px, a sorted ``topk`` of 80 % of the features a tenth of ``sensitivity_n``'s."""
     where = generator.device if generator is not None else torch.device("cpu")
     keys = torch.rand(batch, runs, features, generator=generator, device=where)
-    return keys.argsort(dim=2)[..., :size].to(device)
+    return keys.topk(size, dim=2, largest=False, sorted=False).indices.to(device)
 
 
 @_docs.fill

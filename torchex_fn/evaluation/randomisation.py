@@ -235,11 +235,12 @@ def randomised_params(params: Params, keys: Sequence[str], generator: Optional[t
     standard deviation (1 for a single element or a constant tensor); the others are the same objects.
 
     Drawn in the order of ``keys`` from ``generator`` (on its device, CPU without one), in each tensor's dtype.
+    With the draw fixed (the same seed), the result is differentiable in ``params``, through ``s`` too.
     """
     out = dict(params)
     for key in keys:
         w = params[key]
-        std = w.detach().std() if w.numel() > 1 else torch.ones((), dtype=w.dtype, device=w.device)
+        std = w.std() if w.numel() > 1 else torch.ones((), dtype=w.dtype, device=w.device)
         std = torch.where(std > 0, std, torch.ones_like(std))
         noise = torch.randn(w.shape, generator=generator, dtype=w.dtype,
                             device="cpu" if generator is None else generator.device).to(w.device)
@@ -290,7 +291,9 @@ def mprt(method: Callable[..., Tensor], model_fn: ModelFn, params: Params, x: Te
     as Quantus's ``MPRT``), both maps prepared per example (each divided by its own largest magnitude,
     then ``abs``). A map that depends on the model decorrelates; lower is better. Quantus re-initialises
     the layers with their modules' ``reset_parameters`` under a fixed seed; here the noise keeps each
-    tensor's scale and comes from ``generator``.
+    tensor's scale and comes from ``generator``. With a smooth ``similarity_func`` (e.g. a cosine similarity)
+    and the noise fixed (a generator seeded the same), the scores are differentiable in ``params``; the default
+    Spearman correlation ranks, so its value carries no gradient.
 
     Args:
       method: ``(model_fn, params, x, target) -> map``, e.g. ``tx.saliency``.
@@ -432,8 +435,8 @@ def discrete_entropy(attribution: Tensor, *, n_bins: int = 100) -> Tensor:
     low, high = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
     span = torch.where(high > low, high - low, torch.ones_like(high))
     bins = ((flat - low) / span * n_bins).floor().clamp(0, n_bins - 1).long()
-    counts = torch.zeros(flat.shape[0], n_bins, dtype=torch.float64, device=flat.device).scatter_add_(
-        1, bins, torch.ones_like(flat))
+    counts = torch.zeros(flat.shape[0], n_bins, dtype=torch.float64, device=flat.device).scatter_add(
+        1, bins, torch.ones_like(flat))  # out of place: under vmap the zeros are not batched, the bins are
     share = counts / counts.sum(dim=1, keepdim=True)
     return -(share * torch.log(torch.where(share > 0, share, torch.ones_like(share)))).sum(dim=1)
 

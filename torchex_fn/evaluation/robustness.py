@@ -569,13 +569,13 @@ def _stability(fn: str, kind: str, method: Callable[..., Tensor], model_fn: Mode
     batch = x.shape[0]
 
     def forward(inputs: Tensor) -> Tuple[Tensor, Tensor]:
-        """Outputs ``[N, classes]`` and the representation compared, ``[N, M]``."""
-        with torch.no_grad():
-            if kind != "representation":
-                out = model_fn(params, inputs)
-                return out, inputs.reshape(inputs.shape[0], -1) if kind == "input" else out
-            out, acts = _capture.intermediates(model_fn, layers=names, fn=fn)(params, inputs)
-            return out, torch.cat([acts[name].reshape(inputs.shape[0], -1) for name in names], dim=1)
+        """Outputs ``[N, classes]`` and the representation compared, ``[N, M]``; with autograd on, so that the
+        output and representation stabilities are differentiable in ``params`` (no graph unless they require it)."""
+        if kind != "representation":
+            out = model_fn(params, inputs)
+            return out, inputs.reshape(inputs.shape[0], -1) if kind == "input" else out
+        out, acts = _capture.intermediates(model_fn, layers=names, fn=fn)(params, inputs)
+        return out, torch.cat([acts[name].reshape(inputs.shape[0], -1) for name in names], dim=1)
 
     reference_out, reference_rep = forward(x)
     perturb_fn = _uniform_or(perturb_func, lower_bound, upper_bound)
