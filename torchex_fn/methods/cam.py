@@ -1855,13 +1855,27 @@ def _window_starts(length: int, step: int, window: int) -> List[int]:
     return starts
 
 
+def _reflect_101(length: int, pad: int, device: Any) -> Tensor:
+    """The indices of a side of ``length`` padded by ``pad`` on both ends, reflected without repeating the edge
+    (OpenCV's ``BORDER_REFLECT_101``), again and again where ``pad`` exceeds the side."""
+    positions = torch.arange(-pad, length + pad, device=device)
+    if length == 1:
+        return torch.zeros_like(positions)
+    period = 2 * (length - 1)
+    folded = positions.remainder(period)
+    return torch.where(folded < length, folded, period - folded)
+
+
 def _gaussian_blur(image: Tensor, size: int = 11, sigma: float = 5.0) -> Tensor:
     """``[B, 1, H, W]`` blurred by a separable Gaussian (``size`` taps, ``sigma``), borders reflected
-    without repeating the edge (OpenCV's default border, ``cv2.GaussianBlur``)."""
+    without repeating the edge (OpenCV's default border, ``cv2.GaussianBlur``), for any image size."""
     offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
     kernel = (kernel / kernel.sum()).to(image.dtype).to(image.device)
-    padded = F.pad(image, [size // 2] * 4, mode="reflect")
+    pad = size // 2
+    height, width = image.shape[2:]
+    padded = image.index_select(2, _reflect_101(height, pad, image.device))
+    padded = padded.index_select(3, _reflect_101(width, pad, image.device))
     rows = F.conv2d(padded, kernel.reshape(1, 1, 1, size))
     return F.conv2d(rows, kernel.reshape(1, 1, size, 1))
 
@@ -1921,7 +1935,7 @@ def sess(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     Args:
       {model_fn}
       {params}
-      x: Images ``[B, C, H, W]`` (each side at least 6 pixels for the blur).
+      x: Images ``[B, C, H, W]``.
       target: ``None`` (the class the model predicts for each whole image), int, or ``[B]`` ints.
       layer: The layer(s) ``method`` reads: a dotted name or module, or a list of them (their maps
         are averaged, as pytorch-grad-cam does with several target layers).
@@ -1970,9 +1984,6 @@ def sess(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *,
     _check_sess_options(fn, scales, num_scales, scale_step_ratio, window_size, step_size, pre_filter_ratio, theta,
                         pool, smooth, softmax_scores, batch_size)
     height, width = x.shape[2:]
-    if min(height, width) < 6 and smooth:
-        raise _checks.value_error(fn, "images of at least 6 x 6 pixels to blur", _checks.describe(x),
-                                  "Pass smooth=False.")
     window = window_size if window_size is not None else min(height, width)
     step = step_size if step_size is not None else window
     if scales is None:
