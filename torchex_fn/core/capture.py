@@ -130,12 +130,20 @@ def is_structure(value: Any) -> bool:
 
 
 def _shapes_of(value: Any) -> Any:
-    """The shapes of a tensor or structure of tensors, as lists (for messages)."""
-    return _pytree.tree_map(lambda t: list(t.shape) if isinstance(t, Tensor) else t, value)
+    """The shapes of a tensor or structure of tensors, as lists in plain dicts and lists (for messages)."""
+    if isinstance(value, Tensor):
+        return list(value.shape)
+    if isinstance(value, Mapping):
+        return {key: _shapes_of(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_shapes_of(item) for item in value]
+    return value
 
 
 def _describe_structure(value: Any) -> str:
-    return _checks.describe(value) if isinstance(value, Tensor) else f"{type(value).__name__} {_shapes_of(value)}"
+    if isinstance(value, Tensor):
+        return _checks.describe(value)
+    return f"{type(value).__name__} of shapes {_shapes_of(value)}"
 
 
 def _same_shapes(new: Any, value: Any, dtypes: bool = False) -> bool:
