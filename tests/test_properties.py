@@ -45,7 +45,8 @@ NEEDS_TWO = {"feature_permutation"}
 
 # Methods that refuse a callable target (with a TypeError naming ``target``), with the reason.
 REFUSES_CALLABLE = {"cam": "CAM weighs the channels with the fc row of a class index",
-                    "finer_cam": "Finer-CAM ranks the other classes by their logit's distance to a class index's"}
+                    "finer_cam": "Finer-CAM ranks the other classes by their logit's distance to a class index's",
+                    "sess": "SESS scores its patches by a class's softmax probability"}
 
 # Options drawn per method, where they change the computation ({option: values}); the table's own
 # options are the defaults. Methods not listed (e.g. added to METHODS later) run with the table's options.

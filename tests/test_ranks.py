@@ -15,7 +15,8 @@ from torch import nn
 
 import torchex_fn as tx
 from torchex_fn.registry import METHODS as REGISTRY
-from support.ranks import (BATCH, CALLS, GRID_RANKS, MAP_METHODS, NOT_IN_RANKS, OPTIONS, RANKS, SHAPES, SUPPORTED,
+from support.ranks import (BATCH, CALLS, GRID_RANKS, IMAGES_ONLY_ERRORS, NOT_IN_RANKS, OPTIONS,
+                           RANKS, SHAPES, SUPPORTED,
                            ConvNet, expected_shape, functional, input_for)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,6 +57,9 @@ def test_cell(name, rank):
         out = CALLS[name](fn, params, x, TARGET)
         assert out.shape == expected_shape(name, x) and out.dtype == x.dtype
         assert torch.isfinite(out).all() and out.abs().sum() > 0
+    elif rank in IMAGES_ONLY_ERRORS.get(name, {}):
+        with pytest.raises(ValueError, match=IMAGES_ONLY_ERRORS[name][rank]):
+            CALLS[name](fn, params, x, TARGET)
     else:
         with pytest.raises(ValueError, match=rf"^{name}: expected x of rank (>= 3|3, 4 or 5) .*Tabular features "
                                              r"\[B, F\] have no grid: "):

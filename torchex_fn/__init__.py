@@ -26,7 +26,8 @@ from .methods.attention import attention_probabilities, attention_rollout, grad_
 from .methods.cam import (ablation_cam, cam, eigen_cam, fullgrad, grad_cam, grad_cam_pp, hires_cam, layer_cam,
                           score_cam, xgrad_cam)
 from .methods.cam import (deep_feature_factorization, eigen_grad_cam, fem, finer_cam, grad_cam_element_wise, iscam,
-                          kpca_cam, refine_cam, seg_eigen_cam, shapley_cam, smooth_grad_cam_pp, sscam)
+                          kpca_cam, refine_cam, seg_eigen_cam, sess, shapley_cam, smooth_grad_cam_pp,
+                          sscam)
 from .methods.detection import drise
 from .methods.features import (feature_ablation, feature_permutation, kernel_shap, lime, shapley_value_sampling,
                                 shapley_values)
@@ -48,7 +49,7 @@ __all__ = [
     "cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam", "ablation_cam",
     "fullgrad",
     "eigen_grad_cam", "seg_eigen_cam", "grad_cam_element_wise", "fem", "kpca_cam", "finer_cam", "shapley_cam",
-    "sscam", "iscam", "smooth_grad_cam_pp", "refine_cam", "deep_feature_factorization",
+    "sscam", "iscam", "smooth_grad_cam_pp", "refine_cam", "sess", "deep_feature_factorization",
     "deeplift", "deeplift_shap", "guided_backprop", "deconvolution",
     "lrp",
     "occlusion", "rise", "drise",

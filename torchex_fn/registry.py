@@ -110,6 +110,7 @@ _ALL = [
     Method("iscam", cam.iscam, "cam", output="map", ranks=_GRID),
     Method("smooth_grad_cam_pp", cam.smooth_grad_cam_pp, "cam", output="map", ranks=_GRID),
     Method("refine_cam", cam.refine_cam, "cam", output="map", ranks=_GRID),
+    Method("sess", cam.sess, "cam", output="map", ranks=frozenset({"image"})),
     Method("deeplift", propagation.deeplift, "propagation", token_ids=True),
     Method("deeplift_shap", propagation.deeplift_shap, "propagation"),
     Method("guided_backprop", propagation.guided_backprop, "propagation"),

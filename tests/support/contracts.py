@@ -114,6 +114,7 @@ CASES = {
     "iscam": ("iscam", {"layer": "features", "samples": 2, "batch_size": 8}),
     "smooth_grad_cam_pp": ("smooth_grad_cam_pp", {"layer": "features", "samples": 2, "std": 0.0}, _seeded),
     "refine_cam": ("refine_cam", {"layer": ["conv1", "features"]}),
+    "sess": ("sess", {"layer": "features", "num_scales": 2}),
     "integrated_gradients": ("integrated_gradients", {"baseline": 0.1, "steps": 8}),
     "integrated_gradients_chunked": ("integrated_gradients",
                                      {"steps": 5, "method": "riemann_trapezoid", "batch_size": 4}),

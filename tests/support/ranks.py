@@ -109,6 +109,7 @@ OPTIONS = {
     "iscam": lambda x: {"layer": "act2", "relu": False, "samples": 2},
     "smooth_grad_cam_pp": lambda x: {"layer": "act2", "relu": False, "samples": 2, "std": 0.1, "generator": _gen(x)},
     "refine_cam": lambda x: {"layer": ["act1", "act2"]},
+    "sess": lambda x: {"layer": "act2", "num_scales": 2},
     "rise": lambda x: {"num_masks": 24, "cell_size": 3, "batch_size": 16, "generator": _gen(x)},
     "lrp": lambda x: {},
     "feature_ablation": lambda x: {"feature_mask": _five(x)},
@@ -143,6 +144,9 @@ CALLS = {name: _call(REGISTRY[name], options) for name, options in OPTIONS.items
 MAP_METHODS = {name for name in CALLS if REGISTRY[name].output == "map"}
 # The ranks each method supports (checked cell by cell, and against docs/input_ranks.md).
 SUPPORTED = {name: set(REGISTRY[name].ranks) for name in CALLS}
+
+# Methods for 2-D images only (SESS slides a square window): their error on the other grid ranks.
+IMAGES_ONLY_ERRORS = {"sess": {rank: r"^sess: expected images x of shape \[B, C, H, W\]" for rank in ("sequence", "volume")}}
 
 
 # Methods whose maps have the layer output's shape (the layer of OPTIONS: _first_act).

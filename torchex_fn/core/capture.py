@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.utils._pytree as _pytree
 from torch import Tensor, nn
 
 from . import checks as _checks, inputs as _inputs
@@ -46,8 +47,9 @@ class _Session:
     def __init__(self, names: Sequence[str], perturb: Optional[Mapping[str, Tensor]], fn: str,
                  replace: Optional[Mapping[str, Tensor]] = None, widen: bool = False,
                  transform: Optional[Mapping[str, Callable[[Any, Any], Any]]] = None,
-                 enter: Optional[Mapping[str, Callable[[Any], None]]] = None):
+                 enter: Optional[Mapping[str, Callable[[Any], None]]] = None, structured: bool = False):
         self.names = tuple(dict.fromkeys(names))
+        self.structured = structured  # a layer may output a dict, list or tuple of tensors (an FPN's levels)
         self.transform = dict(transform or {})  # name -> (args, output) -> output, every call of the module
         self.enter = dict(enter or {})          # name -> (args) -> None, before every call of the module
         self.perturb = dict(perturb or {})
@@ -63,24 +65,28 @@ class _Session:
             raise ValueError(f"{self.fn}: layer {name!r} was called more than once in one forward pass; "
                              "its activation is ambiguous. Name a layer that runs once (e.g. a block "
                              "instead of a shared activation module).")
-        if not isinstance(value, Tensor):
+        if not isinstance(value, Tensor) and not (self.structured and is_structure(value)):
             raise _checks.type_error(self.fn, f"layer {name!r} to output a tensor", _checks.describe(value),
                                      "Name a layer whose output is a single tensor.")
         self.acts[name] = value
         new = self.replace.get(name)
         if new is not None:
-            if self.widen and value.shape[:1] == (1,) and new.shape[1:] == value.shape[1:]:
+            if self.widen and _fits_widened(new, value):
                 return new
-            if new.shape != value.shape:
+            if not _same_shapes(new, value):
                 raise _checks.value_error(self.fn, f"a replacement for layer {name!r} of its output's shape "
-                                          f"{list(value.shape)}", _checks.describe(new))
+                                          f"{_shapes_of(value)}", _describe_structure(new))
             value = new
         delta = self.perturb.get(name)
         if delta is None:
             return value
-        if delta.shape != value.shape or delta.dtype != value.dtype:
+        if isinstance(value, Tensor):
+            if not isinstance(delta, Tensor) or delta.shape != value.shape or delta.dtype != value.dtype:
+                raise _ShapeMismatch(name)
+            return value + delta
+        if not _same_shapes(delta, value, dtypes=True):
             raise _ShapeMismatch(name)
-        return value + delta
+        return _pytree.tree_map(lambda v, d: v + d, value, delta)
 
     def hook(self, name: str) -> Callable:
         def forward_hook(module: nn.Module, args: Any, output: Any) -> Any:
@@ -114,6 +120,55 @@ class _Session:
         return forward_pre_hook
 
 
+def is_structure(value: Any) -> bool:
+    """Whether a layer's output is a non-empty dict, list or tuple of tensors (nested or not): what a
+    layer method may read with ``structured=True`` (an FPN backbone's ``OrderedDict`` of levels)."""
+    if not isinstance(value, (Mapping, list, tuple)):
+        return False
+    flat, _ = _pytree.tree_flatten(value)
+    return bool(flat) and all(isinstance(t, Tensor) for t in flat)
+
+
+def _shapes_of(value: Any) -> Any:
+    """The shapes of a tensor or structure of tensors, as lists in plain dicts and lists (for messages)."""
+    if isinstance(value, Tensor):
+        return list(value.shape)
+    if isinstance(value, Mapping):
+        return {key: _shapes_of(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_shapes_of(item) for item in value]
+    return value
+
+
+def _describe_structure(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return _checks.describe(value)
+    return f"{type(value).__name__} of shapes {_shapes_of(value)}"
+
+
+def _same_shapes(new: Any, value: Any, dtypes: bool = False) -> bool:
+    """``new`` has ``value``'s structure, and each tensor its shape (and dtype, with ``dtypes``)."""
+    if isinstance(value, Tensor) or isinstance(new, Tensor):
+        return (isinstance(new, Tensor) and isinstance(value, Tensor) and new.shape == value.shape
+                and (not dtypes or new.dtype == value.dtype))
+    flat_new, spec_new = _pytree.tree_flatten(new)
+    flat, spec = _pytree.tree_flatten(value)
+    return spec_new == spec and all(isinstance(a, Tensor) and a.shape == b.shape and (not dtypes or a.dtype == b.dtype)
+                                    for a, b in zip(flat_new, flat))
+
+
+def _fits_widened(new: Any, value: Any) -> bool:
+    """``new`` stands for ``n`` rows of ``value``, an output of one example (:func:`run_tail`)."""
+    if isinstance(value, Tensor) or isinstance(new, Tensor):
+        return (isinstance(new, Tensor) and isinstance(value, Tensor) and value.shape[:1] == (1,)
+                and new.shape[1:] == value.shape[1:])
+    flat_new, spec_new = _pytree.tree_flatten(new)
+    flat, spec = _pytree.tree_flatten(value)
+    rows = {a.shape[0] for a in flat_new if isinstance(a, Tensor) and a.ndim}
+    return spec_new == spec and len(rows) == 1 and all(
+        isinstance(a, Tensor) and b.shape[:1] == (1,) and a.shape[1:] == b.shape[1:] for a, b in zip(flat_new, flat))
+
+
 _ACTIVE: contextvars.ContextVar[Optional[_Session]] = contextvars.ContextVar("torchex_fn_capture", default=None)
 
 
@@ -138,8 +193,8 @@ def tap(name: str, value: Tensor) -> Tensor:
 
 
 def _run(model_fn, params, x, names: Sequence[str], perturb=None, fn: str = "capture", replace=None,
-         widen: bool = False, transform=None, enter=None):
-    session = _Session(names, perturb, fn, replace, widen, transform, enter)
+         widen: bool = False, transform=None, enter=None, structured: bool = False):
+    session = _Session(names, perturb, fn, replace, widen, transform, enter, structured)
     token = _ACTIVE.set(session)
     try:
         out = model_fn(params, x)
@@ -171,7 +226,8 @@ def _check_reached(fn: str, names: Sequence[str], acts: Mapping[str, Tensor], mo
 def intermediates(model_fn: ModelFn, *, layers: Sequence[str], perturb: Optional[Mapping[str, Tensor]] = None,
                   fn: str = "intermediates", replace: Optional[Mapping[str, Tensor]] = None,
                   transform: Optional[Mapping[str, Callable[[Any, Any], Any]]] = None,
-                  enter: Optional[Mapping[str, Callable[[Any], None]]] = None) -> Callable:
+                  enter: Optional[Mapping[str, Callable[[Any], None]]] = None,
+                  structured: bool = False) -> Callable:
     """Wrap ``model_fn`` into ``(params, x) -> (out, {name: activation})`` for one call at a time.
 
     Args:
@@ -187,6 +243,9 @@ def intermediates(model_fn: ModelFn, *, layers: Sequence[str], perturb: Optional
         more than once (LRP marks activation modules this way).
       enter: Optional ``{name: f}``: ``f(args)`` runs before every call of module ``name`` (a forward
         pre-hook for the length of the call; attribution patching learns which attention runs this way).
+      structured: Whether a layer may output a dict, list or tuple of tensors (an FPN backbone's
+        ``OrderedDict`` of levels); its activation, perturbation and replacement are then structures of
+        the same keys and shapes. Default False: such an output is a TypeError naming the layer.
 
     Raises:
       ValueError: right after the call, if a name was never reached.
@@ -194,7 +253,8 @@ def intermediates(model_fn: ModelFn, *, layers: Sequence[str], perturb: Optional
     names = tuple(layers)
 
     def wrapped(params, x):
-        out, acts = _run(model_fn, params, x, names, perturb, fn, replace, transform=transform, enter=enter)
+        out, acts = _run(model_fn, params, x, names, perturb, fn, replace, transform=transform, enter=enter,
+                         structured=structured)
         _check_reached(fn, names, acts, model_fn)
         return out, acts
 
@@ -205,7 +265,8 @@ class TailMismatch(Exception):
     """Internal: a model whose rest after a layer does not run on a widened batch (see :func:`run_tail`)."""
 
 
-def run_tail(model_fn, params, x: Any, name: str, values: Tensor, *, fn: str = "run_tail") -> Any:
+def run_tail(model_fn, params, x: Any, name: str, values: Any, *, fn: str = "run_tail",
+             structured: bool = False) -> Any:
     """The model's output when layer ``name``'s output on ONE example ``x`` (``[1, ...]``) is replaced by
     ``n`` rows ``values`` (``[n, *layer output]``): ``n`` variants of that example's activation, one forward.
 
@@ -219,7 +280,9 @@ def run_tail(model_fn, params, x: Any, name: str, values: Tensor, *, fn: str = "
     a ViT's blocks, whose residual stream runs through each block) and for skip connections that are
     added. A tail that concatenates a prefix tensor, reshapes by a batch size taken from ``x``, or
     otherwise needs the prefix's row count raises :class:`TailMismatch`, and so does an output whose
-    tensors do not have ``n`` rows; the caller then runs full forwards.
+    tensors do not have ``n`` rows, or a list of per-example outputs (a torchvision detector's dicts)
+    whose length is not ``n``; the caller then runs full forwards. With ``structured``, ``values`` is a
+    structure of the layer's (dict, list or tuple) output, each tensor with ``n`` rows.
 
     Cost: one forward of one example up to ``name``, then the tail on ``n`` rows.
 
@@ -229,13 +292,19 @@ def run_tail(model_fn, params, x: Any, name: str, values: Tensor, *, fn: str = "
     if _inputs.batch_of(x) != 1:
         raise _checks.value_error(fn, "x with one example for a tail run", f"{_inputs.batch_of(x)} examples")
     try:
-        out, acts = _run(model_fn, params, x, (name,), None, fn, {name: values}, widen=True)
+        out, acts = _run(model_fn, params, x, (name,), None, fn, {name: values}, widen=True, structured=structured)
     except RuntimeError as error:   # shapes that do not broadcast: the tail needs the prefix's rows
         raise TailMismatch(str(error)) from None
     _check_reached(fn, (name,), acts, model_fn)
+    n = leaves(values)[0].shape[0]
+    if isinstance(out, (list, tuple)) and out and all(isinstance(item, Mapping) for item in out):
+        # one output per example (torchvision's detectors): the tail ran them as one example
+        if len(out) != n:
+            raise TailMismatch(f"{len(out)} per-example outputs, expected {n}")
+        return out
     rows = [t.shape[0] for t in leaves(out) if t.ndim > 0]
-    if not rows or any(r != values.shape[0] for r in rows):
-        raise TailMismatch(f"output rows {rows}, expected {values.shape[0]}")
+    if not rows or any(r != n for r in rows):
+        raise TailMismatch(f"output rows {rows}, expected {n}")
     return out
 
 
@@ -331,25 +400,42 @@ def _shapes_key(names, x, params) -> tuple:
                                    for k, v in x.items())
 
 
-def _probe_shapes(model_fn, params, x, names, fn) -> Dict[str, Tuple[torch.Size, torch.dtype]]:
+def _probe_shapes(model_fn, params, x, names, fn, structured: bool = False) -> Dict[str, Any]:
     """Learn the layers' output shapes with one forward pass without autograd."""
     with torch.no_grad():
-        _, acts = _run(model_fn, params, x, names, None, fn)
+        _, acts = _run(model_fn, params, x, names, None, fn, structured=structured)
     _check_reached(fn, names, acts, model_fn)
-    return {name: (acts[name].shape, acts[name].dtype) for name in names}
+    return {name: _shape_of(acts[name]) for name in names}
 
 
-def layer_shapes(model_fn, params, x, names, fn, *, refresh: bool = False):
+def _shape_of(value: Any) -> Any:
+    """``(shape, dtype)`` of a tensor; ``(spec, [(shape, dtype), ...])`` of a structure of tensors."""
+    if isinstance(value, Tensor):
+        return value.shape, value.dtype
+    flat, spec = _pytree.tree_flatten(value)
+    return spec, [(t.shape, t.dtype) for t in flat]
+
+
+def _zeros_like_shape(shape: Any, device: Any) -> Any:
+    """Zeros of a :func:`_shape_of` (a tensor, or a structure of them)."""
+    if isinstance(shape[0], torch.Size):
+        return torch.zeros(shape[0], dtype=shape[1], device=device)
+    spec, flat = shape
+    return _pytree.tree_unflatten([torch.zeros(s, dtype=d, device=device) for s, d in flat], spec)
+
+
+def layer_shapes(model_fn, params, x, names, fn, *, refresh: bool = False, structured: bool = False):
     """``{name: (shape, dtype)}`` of the layers' outputs for ``x``, from the memo (one forward without
-    autograd on a miss, or when ``refresh``)."""
+    autograd on a miss, or when ``refresh``). With ``structured``, a layer that outputs a structure of
+    tensors gives ``(spec, [(shape, dtype), ...])`` (its pytree spec and its tensors')."""
     owner = memo_owner_of(model_fn)
-    key = _shapes_key(names, x, params)
+    key = _shapes_key(names, x, params) + (("structured",) if structured else ())
     try:
         memo = _SHAPES.setdefault(owner, {})
     except TypeError:  # not weak-referenceable: no memo
         memo = {}
     if refresh or key not in memo:
-        memo[key] = _probe_shapes(model_fn, params, x, names, fn)
+        memo[key] = _probe_shapes(model_fn, params, x, names, fn, structured)
     return memo[key]
 
 
@@ -363,7 +449,8 @@ class LayerGradients(NamedTuple):
 
 
 def layer_gradients(model_fn, params, x: Any, target: Any = None, *, layers: Sequence[str],
-                    fn: str = "layer_gradients", replace: Optional[Mapping[str, Tensor]] = None) -> LayerGradients:
+                    fn: str = "layer_gradients", replace: Optional[Mapping[str, Tensor]] = None,
+                    structured: bool = False) -> LayerGradients:
     """Activations of ``layers`` and the gradient of the target scores w.r.t. them, in one pass.
 
     Each layer's output ``a`` is replaced by ``a + delta`` with ``delta = 0``; ``torch.func.vjp``
@@ -374,18 +461,21 @@ def layer_gradients(model_fn, params, x: Any, target: Any = None, *, layers: Seq
 
     ``replace`` (``{name: value}``, see :func:`intermediates`) runs the model on from ``value`` in place of
     the layer's output; the gradient is then w.r.t. that value (integrated gradients at a layer).
+    With ``structured``, a layer may output a dict, list or tuple of tensors; its activation and
+    gradient are then structures of the same keys and shapes.
 
     Cost: one forward, one backward from the output down to the deepest of ``layers`` only.
     The perturbation's shape comes from a memo (a forward pass without autograd on a miss).
     """
     names = tuple(dict.fromkeys(layers))
     for attempt in range(2):
-        shapes = layer_shapes(model_fn, params, x, names, fn, refresh=attempt > 0)
+        shapes = layer_shapes(model_fn, params, x, names, fn, refresh=attempt > 0, structured=structured)
         device = _inputs.device_of(x)
-        deltas = {name: torch.zeros(shape, dtype=dtype, device=device) for name, (shape, dtype) in shapes.items()}
+        deltas = {name: _zeros_like_shape(shape, device) for name, shape in shapes.items()}
 
         def score_fn(deltas):
-            out, acts = intermediates(model_fn, layers=names, perturb=deltas, fn=fn, replace=replace)(params, x)
+            out, acts = intermediates(model_fn, layers=names, perturb=deltas, fn=fn, replace=replace,
+                                      structured=structured)(params, x)
             scores = _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))
             return scores.sum(), (scores, _inputs.tensors_only(out), acts)
 

@@ -42,7 +42,10 @@ WIDTH = 100
 # The reshape= of the CAM family; the gradient methods re-index the gradient with it too.
 _RESHAPE = ("A callable from the layer's output to ``[B, K, *grid]`` (pytorch-grad-cam's ``reshape_transform``){}, "
             "e.g. ``tx.postprocess.tokens_to_grid(prefix_tokens=1)`` for ViT tokens or "
-            "``tx.postprocess.channels_last_to_first`` for Swin. Default: ``None``: the output must already be "
+            "``tx.postprocess.channels_last_to_first`` for Swin; a layer whose output is a dict, list or tuple of "
+            "tensors (an FPN backbone's levels) passes that structure to it (a method that cannot read one says so, "
+            "naming the layer). Default: ``None``: the output must "
+            "already be "
             "``[B, K, *grid]`` with ``x``'s rank and a grid down-sampled from ``x``'s by one factor; any other "
             "layout is refused, never guessed.")
 

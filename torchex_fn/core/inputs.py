@@ -149,10 +149,13 @@ def split_output(out: Any, size: int) -> List[Any]:
 
     Entries that are not tensors with a batch dimension (``None``, scalars, caches of other shapes)
     are repeated in every block. A ``ModelOutput`` (or any mapping type constructible from keyword
-    arguments) keeps its type.
+    arguments) keeps its type. A list of mappings is one output per example (torchvision's detectors:
+    a dict of boxes, labels and scores per image), cut into lists of ``size`` of them.
     """
     if isinstance(out, Tensor):
         return list(out.split(size))
+    if isinstance(out, list) and out and all(isinstance(item, Mapping) for item in out):
+        return [out[i:i + size] for i in range(0, len(out), size)]
     if isinstance(out, Mapping):
         keys = list(out.keys())
         parts = [split_output(out[k], size) if _splittable(out[k]) else None for k in keys]

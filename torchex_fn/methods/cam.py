@@ -25,13 +25,14 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as _pytree
 from torch import Tensor, nn
 
 from ..core import checks as _checks, inputs as _inputs
 from ..core import docs as _docs
-from ..core.autodiff import grad_of_sum
-from ..core.capture import (TailMismatch, run_tail, intermediates, layer_gradients, layer_shapes, resolve_layers,
-                            tap)
+from ..core.autodiff import grad_of_sum, leaves as _leaves
+from ..core.capture import (TailMismatch, is_structure, run_tail, intermediates, layer_gradients, layer_shapes,
+                            resolve_layers, tap)
 from ..core import grid as _grid
 from ..core import targets as _targets
 from ..core.model import Wrapped
@@ -40,7 +41,7 @@ from ..core.arguments import check_call
 
 __all__ = ["cam", "grad_cam", "grad_cam_pp", "score_cam", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam",
            "ablation_cam", "fullgrad", "eigen_grad_cam", "seg_eigen_cam", "grad_cam_element_wise", "fem", "kpca_cam",
-           "finer_cam", "shapley_cam", "sscam", "iscam", "smooth_grad_cam_pp", "refine_cam",
+           "finer_cam", "shapley_cam", "sscam", "iscam", "smooth_grad_cam_pp", "refine_cam", "sess",
            "deep_feature_factorization", "Factorization"]
 
 
@@ -131,7 +132,7 @@ def _masking_layer(fn: str, model_fn, params, x: Tensor, layer, reshape) -> Tupl
     """``(out, act)``: the model's output on ``x`` and the one ``layer``'s output ``[B, K, *grid]``, which
     must have ``x``'s grid axes (its channels become masks of ``x``: Score-CAM, SS-CAM, IS-CAM)."""
     names, _ = resolve_layers(fn, model_fn, layer)
-    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
+    out, acts = intermediates(model_fn, layers=names, fn=fn, structured=True)(params, x)
     act = _to_grid(fn, names[0], acts[names[0]], x, reshape)
     if act.ndim != x.ndim:
         raise _checks.value_error(fn, f"layer {names[0]!r} to output [B, K, *grid] with x's {x.ndim - 2} grid axes",
@@ -139,13 +140,24 @@ def _masking_layer(fn: str, model_fn, params, x: Tensor, layer, reshape) -> Tupl
     return out, act
 
 
-def _to_grid(fn: str, name: str, act: Tensor, x: Tensor, reshape) -> Tensor:
+def _to_grid(fn: str, name: str, act: Any, x: Tensor, reshape) -> Tensor:
     """Layer ``name``'s output as ``[B, K, *grid]``: ``reshape(act)``, or ``act`` when its layout is clear.
+
+    A layer that outputs a dict, list or tuple of tensors (an FPN backbone's ``OrderedDict`` of levels)
+    needs ``reshape``, which receives that structure (and the structure of its gradients) as it is.
 
     Without ``reshape`` the layout is never guessed: the output must have ``x``'s rank and a grid
     that is ``x``'s grid down-sampled (see :func:`_clear_layout`), and a 1-D output must not keep
     x's second axis (token embeddings ``[B, T, E]`` give ``[B, T, D]``); anything else is refused.
     """
+    if reshape is None and is_structure(act):
+        raise _checks.value_error(
+            fn, f"layer {name!r} to output a tensor [B, K, *grid], or reshape= to make one of its output",
+            f"{type(act).__name__} of tensors of shapes {_structure_shapes(act)}",
+            "Pass reshape=, a callable that receives that structure (and its gradients, alike) and returns "
+            "[B, K, *grid]: for an FPN's levels, resize each to one grid and concatenate the channels "
+            "(pytorch-grad-cam's fasterrcnn_reshape_transform), or name one tensor-valued layer (an FPN level's "
+            "convolution).")
     image = _image_of(x)
     if reshape is None and image is None:
         raise _checks.value_error(fn, f"reshape= for layer {name!r} of a model of token ids", _checks.describe(act),
@@ -154,9 +166,10 @@ def _to_grid(fn: str, name: str, act: Tensor, x: Tensor, reshape) -> Tensor:
     x = image if image is not None else x
     if reshape is not None:
         grid = reshape(act)
-        if not isinstance(grid, Tensor) or grid.ndim < 3 or grid.shape[0] != act.shape[0]:
-            raise _checks.value_error(fn, f"reshape to map layer {name!r}'s output of shape {tuple(act.shape)} to "
-                                      f"[B, K, *grid] with B = {act.shape[0]}", _checks.describe(grid))
+        batch = (act if isinstance(act, Tensor) else _leaves(act)[0]).shape[0]
+        if not isinstance(grid, Tensor) or grid.ndim < 3 or grid.shape[0] != batch:
+            raise _checks.value_error(fn, f"reshape to map layer {name!r}'s output of shape {_structure_shapes(act)} "
+                                      f"to [B, K, *grid] with B = {batch}", _checks.describe(grid))
         return grid
     if act.ndim < 3:
         raise _checks.value_error(fn, f"layer {name!r} to output [B, K, *spatial]", _checks.describe(act),
@@ -175,6 +188,15 @@ def _to_grid(fn: str, name: str, act: Tensor, x: Tensor, reshape) -> Tensor:
             "For tokens pass reshape=tx.postprocess.channels_last_to_first and upsample=False (x has no grid of "
             "tokens to resize to); for a 1-D convolution that keeps the channel count pass reshape=lambda a: a.")
     return act
+
+
+def _structure_shapes(act: Any) -> Any:
+    """``{key: [shape]}`` (or a list) of a structure of tensors, for messages."""
+    if isinstance(act, Tensor):
+        return tuple(act.shape)
+    if isinstance(act, dict):
+        return {key: _structure_shapes(value) for key, value in act.items()}
+    return [_structure_shapes(value) for value in act]
 
 
 def _fc_weight(fn: str, model_fn, params, fc: Any) -> Tensor:
@@ -248,7 +270,7 @@ def cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, 
         raise _checks.type_error(fn, "layer, one dotted name or module", _checks.describe(layer))
     names, _ = resolve_layers(fn, model_fn, layer)
     weight = _fc_weight(fn, model_fn, params, fc)
-    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
+    out, acts = intermediates(model_fn, layers=names, fn=fn, structured=True)(params, x)
     act = _to_grid(fn, names[0], acts[names[0]], x, reshape)
     if act.shape[1] != weight.shape[1]:
         raise _checks.value_error(fn, f"layer channels K equal to the fc weight's {weight.shape[1]}",
@@ -322,7 +344,12 @@ def _gradient_maps(fn: str, make_map, model_fn, params, x, target, layer, relu, 
     """
     target = _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
     names, rebuild = resolve_layers(fn, model_fn, layer)
-    result = layer_gradients(model_fn, params, x, target, layers=names, fn=fn)
+    if reshape is None:  # a structured output needs reshape: refused before the backward (the shapes are memoised)
+        for name, shape in layer_shapes(model_fn, params, x, names, fn, structured=True).items():
+            if not isinstance(shape[0], torch.Size):
+                _to_grid(fn, name, _pytree.tree_unflatten([torch.empty(s, device="meta") for s, _ in shape[1]],
+                                                          shape[0]), x, None)
+    result = layer_gradients(model_fn, params, x, target, layers=names, fn=fn, structured=True)
     maps: Dict[str, Tensor] = {}
     for name in dict.fromkeys(names):
         act = _to_grid(fn, name, result.acts[name], x, reshape)
@@ -559,33 +586,40 @@ def _first_component(act: Tensor, sign: str = "sum") -> Tensor:
 
 @_docs.fill
 def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: LayerSpec,
-                 batch_size: int = 32, relu: bool = True, upsample: bool = True,
-                 reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+                 batch_size: int = 32, value: float = 0.0, relu: bool = True, upsample: bool = True,
+                 reshape: Optional[Callable[[Any], Tensor]] = None) -> Tensor:
     """Ablation-CAM: each channel is weighted by the relative drop of the score when it is zeroed.
 
     With ``y`` the target score and ``y_k`` the score when channel ``k`` of the layer's output is
-    set to zero, ``w_k = (y - y_k) / y`` and ``map = relu(sum_k w_k A_k)``. Each of the ``B K``
-    ablations is the network's output with that channel of the layer's output zeroed, run in chunks
-    of ``batch_size`` rows from the layer on (see Cost). With
-    ``reshape``, channel ``k`` of ``reshape(output)`` is zeroed: the entries of the layer's own
+    set to zero (to ``value``), ``w_k = (y - y_k) / y`` and ``map = relu(sum_k w_k A_k)``. Each of
+    the ``B K`` ablations is the network's output with that channel of the layer's output set to
+    ``value``, run in chunks of ``batch_size`` rows from the layer on (see Cost). With
+    ``reshape``, channel ``k`` of ``reshape(output)`` is ablated: the entries of the layer's own
     output that ``reshape`` maps there (for a re-indexing such as ``tokens_to_grid``; tokens it
-    drops are never ablated).
+    drops are never ablated). A layer whose output is a dict, list or tuple of tensors ``[B, K_l,
+    *grid_l]`` (an FPN backbone's levels) needs ``reshape`` to ``[B, sum_l K_l, *grid]``, and channel
+    ``k`` of it is channel ``k`` of the levels' channels laid end to end, in the structure's order: the
+    whole of that level's channel is ablated (pytorch-grad-cam's ``AblationLayerFasterRCNN``, which sets
+    it to -1000, for any number of levels and channels).
 
     pytorch-grad-cam's ``AblationCAM`` zeroes the channel too when the layer's minimum is 0 (a
     ReLU output), but otherwise writes ``min - 1e7``; these maps equal its maps on layers whose
-    minimum is 0. No gradient is needed: autograd is left as the caller has it, and the map is
-    differentiable w.r.t. ``params`` and ``x`` when they require it (all ``B K`` forwards are then
-    kept for the backward; wrap the call in ``torch.no_grad()`` when no gradient is wanted).
+    minimum is 0, and with ``value`` set to what it writes. No gradient is needed: autograd is left as
+    the caller has it, and the map is differentiable w.r.t. ``params`` and ``x`` when they require it
+    (all ``B K`` forwards are then kept for the backward; wrap the call in ``torch.no_grad()`` when no
+    gradient is wanted).
 
     Args:
       {model_fn}
       {params}
       {x.cam}
       target: ``None`` (the class predicted for the unablated image), int, ``[B]`` ints, or a
-        callable ``out -> [n]`` applied to each chunk of ``n`` ablated images (row by row).
+        callable ``out -> [B]``, applied to blocks of ``B`` ablated images laid out like ``x`` (row ``b``
+        an ablation of image ``b``), so that a target of per-example boxes or labels sees its own examples.
       layer: One dotted module name or module.
       batch_size: The most ablated images in one forward (a memory cap; it changes the result
         only by float rounding). Default: 32.
+      value: What an ablated channel's entries are set to. Default: 0.0 (the paper's).
       {relu.cam}
       {upsample.cam}
       {reshape.cam}
@@ -595,35 +629,44 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
 
     Raises:
       ValueError: an unknown layer, a layer never reached, an output that is not
-        ``[B, K, *grid]`` (pass ``reshape=``), ``batch_size`` below 1, a target out of range,
-        NaN input.
-      TypeError: several layers (one per call), a bad ``batch_size``, target, layer or reshape type.
+        ``[B, K, *grid]`` (pass ``reshape=``), a structured output whose levels' channels do not add
+        up to ``reshape``'s, ``batch_size`` below 1, a target out of range, NaN input.
+      TypeError: several layers (one per call), a bad ``batch_size``, ``value``, target, layer or reshape
+        type.
 
     Example:
       >>> with torch.no_grad():
       ...     maps = ablation_cam(fn, params, images, labels, layer="layer4", batch_size=64)   # [8, 1, 224, 224]
+      >>> # a torchvision Faster R-CNN's FPN levels, as pytorch-grad-cam's detection tutorial ablates them
+      >>> ablation_cam(fn, params, images, tx.targets.box_score(boxes, labels), layer="backbone",
+      ...              reshape=fpn_to_grid, value=-1000.0)
 
     Cost: one forward over ``x``, then for each image ``ceil(K / batch_size)`` runs of the network from
     the layer on (:func:`torchex_fn.core.capture.run_tail`): the layers before it run once per run on the
     one image, the rest on up to ``batch_size`` ablated activations (for torchvision's ResNet at
     ``layer4``, only ``avgpool`` and ``fc``); no backward. A model whose rest needs the earlier layers'
-    batch (a tensor concatenated past the layer) gets ``ceil(B K / batch_size)`` full forwards of up
-    to ``batch_size`` images instead.
+    batch (a tensor concatenated past the layer, a detector's per-image anchors), or a callable target
+    with ``B > 1``, gets ``ceil(B K / batch_size)`` full forwards of up to ``batch_size`` images instead.
     References: Desai and Ramaswamy, "Ablation-CAM: Visual Explanations for Deep Convolutional
     Network via Gradient-free Localization", WACV 2020.
     """
     fn = "ablation_cam"
     target = _check_common(fn, model_fn, params, x, target, relu, upsample, reshape, images_only=True)
     _checks.check_positive_int(fn, "batch_size", batch_size)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _checks.type_error(fn, "value, a float", _checks.describe(value))
     if isinstance(layer, (list, tuple, dict)):
         raise _checks.type_error(fn, "layer, one dotted name or module (Ablation-CAM takes one layer per call)",
                                  _checks.describe(layer), "Call ablation_cam once per layer.")
     names, _ = resolve_layers(fn, model_fn, layer)
     name = names[0]
-    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
+    out, acts = intermediates(model_fn, layers=names, fn=fn, structured=True)(params, x)
     raw = acts[name]
     act = _to_grid(fn, name, raw, x, reshape)
     batch, channels = act.shape[:2]
+    structured = not isinstance(raw, Tensor)
+    if structured:
+        _check_level_channels(fn, name, raw, channels)
     call_target = callable(target) and not isinstance(target, Tensor)
     chosen = _targets.selector(model_fn)
     index: Any = None if call_target else _targets.resolve_index(out, target, fn=fn, output=chosen)
@@ -639,42 +682,84 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
         (keep_out,) = transpose(onehot.reshape(*onehot.shape, *([1] * (mapped.ndim - 2))).expand_as(mapped))
         return keep_out
 
-    def score(masked_out: Tensor, rows: Tensor) -> Tensor:
-        if call_target:
-            return _targets.resolve(masked_out, target, fn=fn)
+    def ablated(chunk: Any, onehot: Tensor) -> Any:
+        """``chunk`` (rows of the raw output) with row r's channel ``onehot[r]`` set to ``value``."""
+        if structured:
+            return _ablate_levels(chunk, onehot, value)
+        keep = keep_of(chunk, onehot)
+        return chunk - chunk * keep if value == 0 else chunk * (1 - keep) + value * keep
+
+    def score(masked_out: Any, rows: Tensor) -> Tensor:
+        if call_target:   # blocks laid out like x (one image at a time when B = 1)
+            return _targets.resolve(masked_out, _targets.for_blocks(target, rows.shape[0] // batch, batch), fn=fn)
         picked = _targets.select_output(masked_out, chosen, fn=fn)
         return picked.gather(1, index.index_select(0, rows)[:, None]).squeeze(1)
+
+    def rows_of(output: Any, rows: Tensor) -> Any:
+        return _pytree.tree_map(lambda t: t.index_select(0, rows), output)
 
     eye = torch.eye(channels, dtype=act.dtype, device=act.device)
     scores: List[Tensor] = []
     # Fast path: the ablations of one image run as tails (capture.run_tail): the layers up to the ablated one
     # run once on that image per chunk, only the rest of the network on the chunk's ablated activations.
+    # A callable target of several images must see blocks laid out like x: full forwards.
     try:
+        if call_target and batch > 1:
+            raise TailMismatch("a callable target of several examples")
         for b in range(batch):
             for c0 in range(0, channels, batch_size):
                 c1 = min(c0 + batch_size, channels)
                 rows = torch.full((c1 - c0,), b, dtype=torch.long, device=x.device)
-                chunk = raw[b:b + 1].expand(c1 - c0, *raw.shape[1:])
-                values = chunk - chunk * keep_of(chunk, eye[c0:c1])
-                scores.append(score(run_tail(model_fn, params, x[b:b + 1], name, values, fn=fn), rows))
+                chunk = rows_of(raw, rows)
+                scores.append(score(run_tail(model_fn, params, x[b:b + 1], name, ablated(chunk, eye[c0:c1]), fn=fn,
+                                             structured=structured), rows))
+        drops = torch.cat(scores).reshape(batch, channels)
     except TailMismatch:
-        # The rest of this model needs the prefix's batch: full forwards, chunks of batch_size ablated
-        # images, each with its channel's activation removed by a perturbation of the layer's output.
-        # Row r of the flattened work is image r // K with its channel r % K zeroed.
+        # The rest of this model needs the prefix's batch: full forwards of up to batch_size ablated images,
+        # each with the layer's output replaced by its ablated copy. Row r of the work is image r // K with
+        # its channel r % K ablated; for a callable target, image r % B with its channel r // B ablated
+        # (blocks of B rows laid out like x, so that per-example targets see their own examples).
         scores = []
-        image_of = torch.arange(batch, device=x.device).repeat_interleave(channels)
-        channel_of = torch.arange(channels, device=x.device).repeat(batch)
-        for start in range(0, batch * channels, batch_size):
-            rows = image_of[start:start + batch_size]
-            chunk = raw.index_select(0, rows)
-            keep_out = keep_of(chunk, eye.index_select(0, channel_of[start:start + batch_size]))
-            masked_out, _ = intermediates(model_fn, layers=names, perturb={name: -chunk * keep_out}, fn=fn)(
+        k_major = call_target
+        step = max(1, batch_size // batch) * batch if k_major else batch_size
+        arange_b, arange_k = torch.arange(batch, device=x.device), torch.arange(channels, device=x.device)
+        image_of = arange_b.repeat(channels) if k_major else arange_b.repeat_interleave(channels)
+        channel_of = arange_k.repeat_interleave(batch) if k_major else arange_k.repeat(batch)
+        for start in range(0, batch * channels, step):
+            rows = image_of[start:start + step]
+            chunk = rows_of(raw, rows)
+            values = ablated(chunk, eye.index_select(0, channel_of[start:start + step]))
+            masked_out, _ = intermediates(model_fn, layers=names, replace={name: values}, fn=fn, structured=structured)(
                 params, x.index_select(0, rows))
             scores.append(score(masked_out, rows))
-    ablated = torch.cat(scores).reshape(batch, channels)
-    weights = (base[:, None] - ablated) / base[:, None]
+        drops = torch.cat(scores).reshape(channels, batch).T if k_major else torch.cat(scores).reshape(batch, channels)
+    weights = (base[:, None] - drops) / base[:, None]
     maps = torch.einsum("bk,bk...->b...", weights.to(act.dtype), act).unsqueeze(1)
     return _finish(fn, maps, x, relu, upsample)
+
+
+def _check_level_channels(fn: str, name: str, raw: Any, channels: int) -> None:
+    """A structured output's tensors are ``[B, K_l, ...]`` whose ``K_l`` add up to ``reshape``'s ``channels``."""
+    levels = _leaves(raw)
+    if any(t.ndim < 2 for t in levels) or sum(t.shape[1] for t in levels) != channels:
+        raise _checks.value_error(
+            fn, f"layer {name!r}'s tensors [B, K_l, ...] to have as many channels in all as reshape's output "
+            f"({channels}; channel k is channel k of the levels laid end to end)",
+            f"shapes {_structure_shapes(raw)}",
+            "Make reshape concatenate every level's channels, in the structure's order.")
+
+
+def _ablate_levels(chunk: Any, onehot: Tensor, value: float) -> Any:
+    """A structure of levels ``[n, K_l, ...]`` with row r's channel ``onehot[r]`` (of the levels' channels laid
+    end to end) set to ``value``."""
+    flat, spec = _pytree.tree_flatten(chunk)
+    out, offset = [], 0
+    for level in flat:
+        k = level.shape[1]
+        keep = onehot[:, offset:offset + k].to(level.dtype).reshape(*onehot.shape[:1], k, *([1] * (level.ndim - 2)))
+        out.append(level * (1 - keep) + value * keep)
+        offset += k
+    return _pytree.tree_unflatten(out, spec)
 
 
 # The name under which fullgrad marks the model's input with ``tap`` (no module name contains "<").
@@ -1008,7 +1093,7 @@ def _forward_maps(fn: str, make_map, model_fn, params, x, target, layer, relu, u
     against the output (a class out of range is an error) but does not change the map."""
     target = _check_common(fn, model_fn, params, x, target, relu, upsample, reshape)
     names, rebuild = resolve_layers(fn, model_fn, layer)
-    out, acts = intermediates(model_fn, layers=names, fn=fn)(params, x)
+    out, acts = intermediates(model_fn, layers=names, fn=fn, structured=True)(params, x)
     _targets.resolve(out, target, fn=fn, output=_targets.selector(model_fn))
     maps: Dict[str, Tensor] = {}
     for name in dict.fromkeys(names):
@@ -1743,3 +1828,230 @@ def refine_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = No
     for m in maps[1:]:
         product = product * _min_max(_at_least_float32(m))
     return _min_max(product).to(x.dtype)
+
+
+_SESS_POOLS = ("mean", "max")
+
+
+def _resize_short_side(image: Tensor, short: int) -> Tensor:
+    """``image`` ``[1, C, H, W]`` with its shorter side resized to ``short`` and the longer to
+    ``int(short * long / shorter)`` (torchvision's ``resize(image, short)``: bilinear, anti-aliased,
+    ``align_corners=False``; the image itself at its own size)."""
+    height, width = image.shape[2:]
+    size = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
+    if size == (height, width):
+        return image
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _window_starts(length: int, step: int, window: int) -> List[int]:
+    """The starts of the windows along one side; the last one is shifted back to end at the border."""
+    starts = []
+    for start in range(0, length, step):
+        if start + window >= length:
+            starts.append(max(length - window, 0))
+            break
+        starts.append(start)
+    return starts
+
+
+def _reflect_101(length: int, pad: int, device: Any) -> Tensor:
+    """The indices of a side of ``length`` padded by ``pad`` on both ends, reflected without repeating the edge
+    (OpenCV's ``BORDER_REFLECT_101``), again and again where ``pad`` exceeds the side."""
+    positions = torch.arange(-pad, length + pad, device=device)
+    if length == 1:
+        return torch.zeros_like(positions)
+    period = 2 * (length - 1)
+    folded = positions.remainder(period)
+    return torch.where(folded < length, folded, period - folded)
+
+
+def _gaussian_blur(image: Tensor, size: int = 11, sigma: float = 5.0) -> Tensor:
+    """``[B, 1, H, W]`` blurred by a separable Gaussian (``size`` taps, ``sigma``), borders reflected
+    without repeating the edge (OpenCV's default border, ``cv2.GaussianBlur``), for any image size."""
+    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
+    kernel = (kernel / kernel.sum()).to(image.dtype).to(image.device)
+    pad = size // 2
+    height, width = image.shape[2:]
+    padded = image.index_select(2, _reflect_101(height, pad, image.device))
+    padded = padded.index_select(3, _reflect_101(width, pad, image.device))
+    rows = F.conv2d(padded, kernel.reshape(1, 1, 1, size))
+    return F.conv2d(rows, kernel.reshape(1, 1, size, 1))
+
+
+def _check_sess_options(fn: str, scales, num_scales, scale_step_ratio, window_size, step_size, pre_filter_ratio,
+                        theta, pool, smooth, softmax_scores, batch_size) -> None:
+    _checks.check_positive_int(fn, "num_scales", num_scales)
+    _checks.check_positive_int(fn, "window_size", window_size, allow_none=True)
+    _checks.check_positive_int(fn, "step_size", step_size, allow_none=True)
+    _checks.check_positive_int(fn, "batch_size", batch_size)
+    _checks.check_bool(fn, "smooth", smooth)
+    _checks.check_bool(fn, "softmax_scores", softmax_scores)
+    if scales is not None:
+        if not isinstance(scales, (list, tuple)) or not scales:
+            raise _checks.type_error(fn, "scales, a non-empty list of ints or None", _checks.describe(scales))
+        for scale in scales:
+            _checks.check_positive_int(fn, "each of scales", scale)
+    for name, value in (("scale_step_ratio", scale_step_ratio), ("pre_filter_ratio", pre_filter_ratio),
+                        ("theta", theta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise _checks.type_error(fn, f"{name}, a float", _checks.describe(value))
+    if scale_step_ratio < 0:
+        raise _checks.value_error(fn, "scale_step_ratio >= 0", _checks.describe(scale_step_ratio))
+    if not 0.0 <= pre_filter_ratio < 1.0:
+        raise _checks.value_error(fn, "pre_filter_ratio in [0, 1)", _checks.describe(pre_filter_ratio))
+    if pool not in _SESS_POOLS:
+        raise _checks.value_error(fn, f"pool, one of {_SESS_POOLS}", _checks.describe(pool))
+
+
+@_docs.fill
+def sess(model_fn: ModelFn, params: Params, x: Tensor, target: Target = None, *, layer: Any,
+         method: Optional[Callable[..., Any]] = None, scales: Optional[List[int]] = None, num_scales: int = 12,
+         scale_step_ratio: float = 2.0 / 7.0, window_size: Optional[int] = None, step_size: Optional[int] = None,
+         pre_filter_ratio: float = 0.0, theta: float = 0.0, pool: str = "mean", smooth: bool = True,
+         softmax_scores: bool = True, batch_size: int = 32,
+         reshape: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """SESS (Saliency Enhancing with Scaling and Sliding): a CAM method run on patches of the image at
+    several scales, weighted by each patch's class score and fused.
+
+    Per image of size ``H x W``: with a window ``w`` (``window_size``, default ``min(H, W)``), the image is
+    resized so that its shorter side is each of ``scales`` (default ``w + i round(w scale_step_ratio)``
+    for ``i < num_scales``; bilinear, anti-aliased, as torchvision's ``resize``), and a ``w x w`` window
+    slides over each resized image with stride ``step_size`` (default ``w``; the last window of a row or
+    column is moved back to end at the border). Each patch's score ``s`` is the target class's softmax
+    probability (its logit with ``softmax_scores=False``), clipped at 0; the ``pre_filter_ratio`` lowest
+    scoring patches are left out (a stable sort; their maps are computed and masked, so that the
+    function runs under ``torch.func.vmap``). Each remaining patch's map is ``method`` at ``layer``
+    (``relu=True``), each layer's map min-max scaled (``(m - min) / (max + 1e-7)`` after subtracting the
+    min) and resized to ``w x w``, their mean scaled again, then multiplied by ``s / max s`` (1 when every
+    score is 0), pasted where the patch was taken from in a zero map of the resized image's size, and
+    resized to ``H x W`` (bilinear, ``align_corners=False``, no anti-aliasing). ``pool="mean"``
+    averages each pixel over the patch maps above ``theta`` there (0 where none is); ``"max"`` takes
+    the maximum. With ``smooth`` the result is blurred by an 11 x 11 Gaussian of sigma 5 (borders
+    reflected, OpenCV's default), and each image's map is min-max scaled to [0, 1]. This is
+    pytorch-grad-cam's ``SESS`` with its defaults (``base_method=GradCAM``).
+
+    Args:
+      {model_fn}
+      {params}
+      x: Images ``[B, C, H, W]``.
+      target: ``None`` (the class the model predicts for each whole image), int, or ``[B]`` ints.
+      layer: The layer(s) ``method`` reads: a dotted name or module, or a list of them (their maps
+        are averaged, as pytorch-grad-cam does with several target layers).
+      method: Any CAM of this module taking ``layer=``, ``relu=``, ``upsample=`` and ``reshape=``.
+        Default: ``grad_cam``.
+      scales: The shorter side of each resized image, each at least the window. Default: None (see above).
+      num_scales: The number of default scales. Default: 12.
+      scale_step_ratio: The default scales' step, a fraction of the window. Default: 2 / 7.
+      window_size: The side of the square window. Default: None (``min(H, W)``).
+      step_size: The window's stride. Default: None (the window, no overlap).
+      pre_filter_ratio: The fraction of the lowest scoring patches left out, in [0, 1). Default: 0.0.
+      theta: Patch-map values at or below it do not count in the ``"mean"`` fusion. Default: 0.0.
+      pool: ``"mean"`` or ``"max"``. Default: ``"mean"``.
+      smooth: Blur the fused map. Default: True.
+      softmax_scores: Score patches by the softmax probability (True) or the raw logit. Default: True.
+      batch_size: The most patches in one forward (scores) or one ``method`` call. Default: 32.
+      {reshape.grad_cam}
+
+    Returns:
+      ``[B, 1, H, W]`` in [0, 1].
+
+    Raises:
+      ValueError: a scale below the window, ``pre_filter_ratio`` outside [0, 1), an unknown ``pool``,
+        an input that is not ``[B, C, H, W]``, an unknown layer, a target out of range, NaN input.
+      TypeError: a callable target (SESS scores patches by a class), a bad option type.
+
+    Example:
+      >>> sess(fn, params, images, labels, layer="layer4").shape   # [8, 3, 224, 224] -> [8, 1, 224, 224]
+      >>> sess(fn, params, images, labels, layer="layer4", method=tx.grad_cam_pp, num_scales=4)
+
+    Cost: per image, one forward per ``batch_size`` patches to score them, then ``method`` on every kept
+    patch (for ``grad_cam``, one forward and backward per ``batch_size`` patches): at 224 x 224 with the
+    defaults, 229 patches.
+    References: Tan et al., "SESS: Saliency Enhancing with Scaling and Sliding", ECCV 2022.
+    """
+    fn = "sess"
+    target = _check_common(fn, model_fn, params, x, target, True, True, reshape, images_only=True, resizes_x=True)
+    if x.ndim != 4:
+        raise _checks.value_error(fn, "images x of shape [B, C, H, W]", _checks.describe(x),
+                                  "SESS slides a 2-D window over images.")
+    if callable(target) and not isinstance(target, Tensor):
+        raise _checks.type_error(fn, "target: None, an int or [B] ints (patches are scored by a class)",
+                                 "a callable")
+    method = grad_cam if method is None else method
+    _checks.check_optional_callable(fn, "method", method)
+    _check_sess_options(fn, scales, num_scales, scale_step_ratio, window_size, step_size, pre_filter_ratio, theta,
+                        pool, smooth, softmax_scores, batch_size)
+    height, width = x.shape[2:]
+    window = window_size if window_size is not None else min(height, width)
+    step = step_size if step_size is not None else window
+    if scales is None:
+        stride = int(round(window * scale_step_ratio))
+        scales = [window + stride * i for i in range(num_scales)]
+    if min(scales) < window:
+        raise _checks.value_error(fn, f"every scale at least the window size {window}", f"scales {list(scales)}")
+    resolve_layers(fn, model_fn, layer)
+    chosen = _targets.selector(model_fn)
+    with torch.no_grad():
+        index = _targets.resolve_index(model_fn(params, x), target, fn=fn, output=chosen)
+    fused = [_sess_image(fn, model_fn, params, x[b:b + 1], index[b], layer, method, list(scales), window, step,
+                         pre_filter_ratio, theta, pool, softmax_scores, batch_size, reshape, chosen)
+             for b in range(x.shape[0])]
+    maps = torch.cat(fused)
+    if smooth:
+        maps = _gaussian_blur(maps)
+    return _min_max(maps).to(x.dtype)
+
+
+def _sess_image(fn: str, model_fn, params, image: Tensor, category: Tensor, layer, method, scales: List[int],
+                window: int, step: int, pre_filter_ratio: float, theta: float, pool: str, softmax_scores: bool,
+                batch_size: int, reshape, chosen) -> Tensor:
+    """One image's fused SESS map ``[1, 1, H, W]`` (before the blur and the final scaling)."""
+    height, width = image.shape[2:]
+    patches: List[Tensor] = []
+    places: List[Tuple[int, int, int, int]] = []    # x1, y1, resized height, resized width
+    for scale in scales:
+        scaled = _resize_short_side(image, scale)
+        rows, cols = scaled.shape[2:]
+        for y1 in _window_starts(rows, step, window):
+            for x1 in _window_starts(cols, step, window):
+                patches.append(scaled[:, :, y1:y1 + window, x1:x1 + window])
+                places.append((x1, y1, rows, cols))
+    batch = torch.cat(patches)
+    count = batch.shape[0]
+    with torch.no_grad():
+        scores = []
+        for start in range(0, count, batch_size):
+            logits = _targets.select_output(model_fn(params, batch[start:start + batch_size]), chosen, fn=fn)
+            probs = torch.softmax(logits, dim=-1) if softmax_scores else logits
+            scores.append(probs.index_select(1, category.reshape(1)).squeeze(1))
+        score = torch.cat(scores).float().clamp(min=0)
+    # The pre_filter_ratio lowest scores (a stable sort) are left out by a mask, not by a data-dependent
+    # selection, so that the function runs under torch.func.vmap; the fusion does not depend on the order.
+    rank = torch.argsort(torch.argsort(score, stable=True), stable=True)
+    kept = rank >= int(count * pre_filter_ratio)
+    top = torch.where(kept, score, torch.zeros_like(score)).amax()
+    weights = torch.where(top > 0, score / torch.where(top > 0, top, torch.ones_like(top)), torch.ones_like(score))
+    weights = torch.where(kept, weights, torch.zeros_like(weights))
+    total = torch.zeros(1, 1, height, width, dtype=torch.float32, device=image.device)
+    counts = torch.zeros_like(total)
+    for start in range(0, count, batch_size):
+        maps = method(model_fn, params, batch[start:start + batch_size], category, layer=layer, relu=True,
+                      upsample=False, reshape=reshape)
+        maps = maps if isinstance(maps, (list, tuple)) else [maps]
+        layered = [_grid.resize(_min_max(_at_least_float32(m.detach())), (window, window)) for m in maps]
+        cams = _min_max(torch.stack(layered).mean(dim=0)) * weights[start:start + batch_size, None, None, None]
+        for offset, cam in enumerate(cams):
+            x1, y1, rows, cols = places[start + offset]
+            pasted = F.pad(cam[None], (x1, cols - x1 - window, y1, rows - y1 - window))
+            pasted = _grid.resize(pasted, (height, width))
+            if pool == "max":
+                total = torch.maximum(total, pasted)   # a left-out patch is 0: it changes no maximum of maps >= 0
+            else:
+                above = (pasted > theta) & kept[start + offset]
+                total = total + torch.where(above, pasted, torch.zeros_like(pasted))
+                counts = counts + above.to(counts.dtype)
+    if pool == "max":
+        return total
+    return torch.where(counts > 0, total / counts.clamp(min=1), torch.zeros_like(total))
