@@ -153,7 +153,7 @@ def box_score(boxes: Any, labels: Any, *, iou_threshold: float = 0.5,
       >>> model_fn, params = tx.functionalize(fasterrcnn.eval())
       >>> top = {k: v[:3] for k, v in fasterrcnn(images)[0].items()}
       >>> target = tx.targets.box_score(top["boxes"], top["labels"])
-      >>> tx.grad_cam(model_fn, params, images, target, layer="backbone.body.features.16")
+      >>> tx.grad_cam(model_fn, params, images, target, layer="backbone.body.layer4")   # a ResNet-50 FPN
     """
     fn = "targets.box_score"
     given, classes = given_boxes(fn, boxes, labels)
@@ -289,7 +289,7 @@ def segmentation(category: Any, mask: Any, *, output: Any = None) -> Callable[[A
     Example:
       >>> model_fn, params = tx.functionalize(deeplabv3.eval())
       >>> mask = deeplabv3(image)["out"].argmax(1)[0] == 15                      # the "person" pixels
-      >>> tx.grad_cam(model_fn, params, image, tx.targets.segmentation(15, mask), layer="backbone")
+      >>> tx.grad_cam(model_fn, params, image, tx.targets.segmentation(15, mask), layer="backbone.layer4")
     """
     fn = "targets.segmentation"
     category = _check_category(fn, category)
