@@ -191,10 +191,11 @@ _ORDERS = ("top_down", "bottom_up", "independent")
 def _average_ranks(values: Tensor) -> Tensor:
     """Ranks ``0 .. N - 1`` of each row of ``[B, N]``, ties given the mean of their ranks (as scipy)."""
     ordered, order = values.sort(dim=1, stable=True)
+    ordered = ordered.contiguous()  # under vmap a sorted view may not be (searchsorted would copy it, warning)
     first = torch.searchsorted(ordered, ordered, right=False)
     after = torch.searchsorted(ordered, ordered, right=True)
     mean_rank = (first + after - 1).to(torch.float64) / 2
-    return torch.empty_like(mean_rank).scatter_(1, order, mean_rank)
+    return torch.empty_like(mean_rank).scatter(1, order, mean_rank)  # out of place: vmap has its batching rule
 
 
 def spearman_correlation(a: Tensor, b: Tensor) -> Tensor:
