@@ -32,8 +32,8 @@ from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..core import checks as _checks
 from ..core import docs as _docs
@@ -853,8 +853,17 @@ class _Backward:
             if stop - start == 1:
                 (g,) = torch.autograd.grad(self.out, self.leaf, cot[0], retain_graph=not last)
                 return g[None]
-            (g,) = torch.autograd.grad(self.out, self.leaf, cot, retain_graph=not last, is_grads_batched=True)
-            return g
+            # autograd.grad(..., is_grads_batched=True), written out so that the checkpointed blocks
+            # (_Recomputed) know the batch's vmap level and size and can take it one token at a time.
+            level = torch._C._vmapmode_increment_nesting()
+            try:
+                _BATCHED.now = (level, stop - start)
+                (g,) = torch.autograd.grad(self.out, self.leaf, torch._add_batch_dim(cot, 0, level),
+                                           retain_graph=not last)
+                return torch._remove_batch_dim(g, level, stop - start, 0)
+            finally:
+                _BATCHED.now = None
+                torch._C._vmapmode_decrement_nesting()
         if stop - start == 1:
             return self.pull(cot[0])[0][None]
         return torch.func.vmap(self.pull)(cot)[0]
@@ -981,23 +990,98 @@ class _Checkpointing:
         inside = self.inside
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if getattr(inside, "on", False):
+            if getattr(inside, "on", False) or not torch.is_grad_enabled():
+                return original(*args, **kwargs)   # a recomputation, or no graph to keep activations for
+            leaves, spec = tree_flatten((args, kwargs))
+            slots = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and v.requires_grad]
+            if not slots:
                 return original(*args, **kwargs)
-            tensors = {n: functools.reduce(getattr, n.split("."), block) for n in names}
-            forward_pass = [True]
+            tensors: Dict[str, Tensor] = {n: functools.reduce(getattr, n.split("."), block)   # type: ignore[misc]
+                                          for n in names}
+            inputs = [leaves[i] for i in slots]
+            for i in slots:           # passed to _Recomputed (saved for its backward), not kept here
+                leaves[i] = None
 
-            def run(tensors: Dict[str, Tensor], *args: Any) -> Any:
-                if forward_pass[0]:   # the tensors are in place: the block's own forward, its hooks ran once
-                    return original(*args, **kwargs)
+            def run(inputs: Tuple[Tensor, ...], again: bool) -> Any:
+                values = list(leaves)
+                for i, t in zip(slots, inputs):
+                    values[i] = t
+                a, kw = tree_unflatten(values, spec)
+                if not again:         # the tensors are in place: the block's own forward, its hooks run once
+                    return original(*a, **kw)
                 inside.on = True      # a recomputation in a backward pass: put the call's tensors back
                 try:
-                    return torch.func.functional_call(block, tensors, args, kwargs)
+                    return torch.func.functional_call(block, tensors, a, kw)
                 finally:
                     inside.on = False
-            out = torch.utils.checkpoint.checkpoint(run, tensors, *args, use_reentrant=False)
-            forward_pass[0] = False
-            return out
+            shape: List[Any] = []
+            outs = _Recomputed.apply(run, shape, *inputs)
+            out_leaves, out_spec = shape
+            it = iter(outs)
+            return tree_unflatten([next(it) if v is _TENSOR else v for v in out_leaves], out_spec)
         return forward
+
+
+_TENSOR = object()
+_BATCHED = threading.local()   # (vmap level, size) of the batched backward running in this thread, if any
+
+
+class _Recomputed(torch.autograd.Function):
+    """A checkpointed block: its forward keeps only the block's differentiable inputs; its backward runs the
+    block again and takes the vector-Jacobian product through it.
+
+    When the incoming gradients are batched over ``k`` output tokens (``_Backward.grads``, a ``vmap`` of the
+    backward), the product through the block runs one output token at a time on the one recomputation: the
+    block's transient gradients (an MLP's ``[T, 4D]`` intermediates, several at once in an unfused GELU's
+    backward) then stay those of one backward instead of ``k`` times as wide, while the recomputation and
+    the rest of the backward are shared by the ``k`` tokens.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, run: Callable[..., Any], shape: List[Any], *inputs: Tensor) -> Any:
+        ctx.run = run
+        ctx.devices = sorted({t.device.index or 0 for t in inputs if t.is_cuda})
+        ctx.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.devices])
+        ctx.save_for_backward(*inputs)
+        ctx.set_materialize_grads(False)
+        out_leaves, out_spec = tree_flatten(run(inputs, False))
+        tensors = [v for v in out_leaves if isinstance(v, Tensor)]
+        shape[:] = [[_TENSOR if isinstance(v, Tensor) else v for v in out_leaves], out_spec]
+        ctx.mark_non_differentiable(*[t for t in tensors if not (t.is_floating_point() or t.is_complex())])
+        return tuple(tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Optional[Tensor]) -> Any:
+        inputs = tuple(t.detach().requires_grad_() for t in ctx.saved_tensors)
+        batched = getattr(_BATCHED, "now", None)
+        if batched is not None:   # the block runs on plain tensors: outside the vmap, which refuses random ops
+            torch._C._vmapmode_decrement_nesting()
+        try:
+            with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():   # the forward's draws
+                torch.set_rng_state(ctx.rng[0])
+                for d, state in zip(ctx.devices, ctx.rng[1]):
+                    torch.cuda.set_rng_state(state, d)
+                out = ctx.run(inputs, True)
+        finally:
+            if batched is not None:
+                torch._C._vmapmode_increment_nesting()
+        outs = [v for v in tree_flatten(out)[0] if isinstance(v, Tensor)]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        none = (None, None)
+        if not pairs:
+            return none + (None,) * len(inputs)
+        ys, gs = [o for o, _ in pairs], [g for _, g in pairs]
+        if batched is None or not any(torch._C._functorch.is_legacy_batchedtensor(g) for g in gs):
+            return none + torch.autograd.grad(ys, inputs, gs, allow_unused=True)
+        level, size = batched
+        flat = [torch._remove_batch_dim(g, level, size, 0) if torch._C._functorch.is_legacy_batchedtensor(g)
+                else g.expand(size, *g.shape) for g in gs]                       # [k, ...] each
+        rows = [torch.autograd.grad(ys, inputs, [g[i] for g in flat], retain_graph=i < size - 1, allow_unused=True)
+                for i in range(size)]
+        result = tuple(None if rows[0][j] is None else
+                       torch._add_batch_dim(torch.stack([r[j] for r in rows]), 0, level)
+                       for j in range(len(inputs)))
+        return none + result
 
 
 _ABSENT = object()
