@@ -668,18 +668,21 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
         Rows of masked tokens are 0 and do not enter ``seq_attr``.
       batch_size: Memory cap on the backward: the most output tokens whose backward passes run at
         once (vmapped), all of them sharing one forward. ``None`` (default): all ``T_out`` at once.
-        Peak memory grows with it (a backward's transient gradients times ``batch_size``); time falls.
+        Peak memory grows with it (a backward's transient gradients times ``batch_size``; with
+        ``checkpoint``, only the gradients between blocks: each checkpointed block takes the batch one
+        output token at a time); time falls.
       internal_batch_size: Memory cap on the forward (captum's name): the most sequences in one forward
         pass. Integrated gradients and gradient SHAP put ``internal_batch_size // B`` path points of
         all ``B`` examples in a forward (one point of ``internal_batch_size`` examples when
         ``B > internal_batch_size``). ``None`` (default): all points of all examples in one forward.
-      checkpoint: Recompute activations instead of keeping them (``torch.utils.checkpoint``,
-        ``use_reentrant=False``): ``True`` checkpoints every block of the model's longest
-        ``nn.ModuleList`` (``transformer.h`` in GPT-2, ``model.layers`` in Llama), a name or list of
-        names checkpoints those modules. Only the blocks' inputs stay from the forward; each backward
-        recomputes one block at a time. It runs on ``torch.autograd`` (``torch.func`` transforms do
-        not support saved-tensor hooks), so the result cannot be differentiated by an enclosing
-        ``torch.func`` transform. Default: False.
+      checkpoint: Recompute activations instead of keeping them: ``True`` checkpoints every block of the
+        model's longest ``nn.ModuleList`` (``transformer.h`` in GPT-2, ``model.layers`` in Llama), a
+        name or list of names checkpoints those modules. Only the blocks' differentiable inputs stay from
+        the forward; each backward call runs each block again (its random draws replayed, as
+        ``torch.utils.checkpoint`` does) and takes the product through it for the ``batch_size`` output
+        tokens one token at a time, so a block's transient gradients are those of one backward. It runs on
+        ``torch.autograd`` (``torch.func`` transforms cannot keep a recomputed graph), so the result
+        cannot be differentiated by an enclosing ``torch.func`` transform. Default: False.
 
     Returns:
       ``ContinuationAttribution(token_attr [B, T_out, T_in], seq_attr [B, T_in])``; ``seq_attr``
@@ -707,10 +710,11 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
       whose ``forward`` takes ``input_ids`` and ``logits_to_keep`` (HuggingFace causal LMs) is called
       with ``logits_to_keep=T_out + 1`` and ``use_cache=False``: the vocabulary projection and its
       backward run at the scored positions only. Memory: the activations of one forward of
-      ``min(B * steps, internal_batch_size)`` sequences (with ``checkpoint``: the blocks' inputs and one
-      block's activations) and a backward ``batch_size`` times as wide. Models whose attention has no
-      ``vmap`` batching rule for its backward (``scaled_dot_product_attention`` on CPU) run its
-      backward in a loop with a PyTorch performance warning: build them with ``attn_implementation="eager"``.
+      ``min(B * steps, internal_batch_size)`` sequences and a backward ``batch_size`` times as wide
+      (with ``checkpoint``: the blocks' inputs, one block's activations and one output token's backward
+      through it, plus the ``batch_size`` gradients between blocks). Without ``checkpoint``, models whose
+      attention has no ``vmap`` batching rule for its backward (``scaled_dot_product_attention`` on CPU)
+      run its backward in a loop with a PyTorch performance warning.
     References: Sundararajan et al., "Axiomatic Attribution for Deep Networks", ICML 2017; captum's
       ``LLMGradientAttribution`` (Miglani et al., "Using Captum to Explain Generative Language Models", 2023);
       Chen et al., "Training Deep Nets with Sublinear Memory Cost", 2016 (checkpointing).
@@ -831,8 +835,8 @@ class _Backward:
     """One forward of ``f`` at ``values`` and its backward passes for chunks of one-hot score weights.
 
     ``f(values) -> [N, T_out]``. Without checkpointing, ``torch.func.vjp`` and ``vmap`` over its pull-back
-    (composable with enclosing ``torch.func`` transforms); with it, ``torch.autograd.grad`` with
-    ``is_grads_batched=True`` (``torch.func`` refuses the saved-tensor hooks checkpointing is made of),
+    (composable with enclosing ``torch.func`` transforms); with it, ``torch.autograd.grad`` batched over
+    the chunk (what ``is_grads_batched=True`` does, with the level and size the checkpointed blocks read),
     keeping the graph for the next chunk.
     """
 
@@ -949,10 +953,11 @@ class _Checkpointing:
     """A context that checkpoints ``blocks`` of ``module`` for the length of one attribution call.
 
     Under the model's lock, each block's ``forward`` is replaced by one that runs the block through
-    ``torch.utils.checkpoint`` (non-reentrant) with the block's tensors of that moment (the ``params`` of
-    the call, which ``functional_call`` has put in place), so the recomputation in a backward pass, after
-    the forward has left ``functional_call``, uses the same tensors. On exit every ``forward`` is put back
-    (nothing outlives the call). No blocks: nothing is touched.
+    :class:`_Recomputed` with the block's tensors of that moment (the ``params`` of the call, which
+    ``functional_call`` has put in place), so the recomputation in a backward pass, after the forward has
+    left ``functional_call``, uses the same tensors. The block's arguments that require grad are its
+    differentiable inputs; the others (masks, position embeddings, options) are kept as they are. On exit
+    every ``forward`` is put back (nothing outlives the call). No blocks: nothing is touched.
     """
 
     def __init__(self, module: Optional[nn.Module], blocks: List[str], lock: Any):
