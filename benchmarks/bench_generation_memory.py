@@ -22,6 +22,7 @@ time and below its peak.
 
     python benchmarks/bench_generation_memory.py --threads 1 [--prompt 1024] [--out 32] [--layers 12]
         [--hidden 768] [--heads 12] [--vocab 50257] [--batch-sizes 1 4 8 32] [--skip-captum]
+        [--checkpoint-only | --plain-only] [--attn eager|sdpa]
 """
 from __future__ import annotations
 
@@ -120,6 +121,7 @@ def main():
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 32])
     parser.add_argument("--skip-captum", action="store_true")
     parser.add_argument("--checkpoint-only", action="store_true", help="only the checkpoint=True rows (and the unit)")
+    parser.add_argument("--plain-only", action="store_true", help="only the rows without checkpointing (and the unit)")
     parser.add_argument("--attn", default="eager", choices=["eager", "sdpa"],
                         help="GPT-2's attention implementation (transformers' default is sdpa)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -131,7 +133,8 @@ def main():
     for k in args.batch_sizes:
         if not args.checkpoint_only:
             configs.append((f"torchex_fn batch_size={k}", f"{k}:plain"))
-        configs.append((f"torchex_fn batch_size={k} checkpoint=True", f"{k}:ckpt"))
+        if not args.plain_only:
+            configs.append((f"torchex_fn batch_size={k} checkpoint=True", f"{k}:ckpt"))
     if not args.skip_captum:
         configs.append(("captum LLMGradientAttribution(LayerGradientXActivation)", "captum"))
     passed = [a for a in sys.argv[1:]]

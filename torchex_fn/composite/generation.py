@@ -32,8 +32,8 @@ from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..core import checks as _checks
 from ..core import docs as _docs
@@ -668,18 +668,21 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
         Rows of masked tokens are 0 and do not enter ``seq_attr``.
       batch_size: Memory cap on the backward: the most output tokens whose backward passes run at
         once (vmapped), all of them sharing one forward. ``None`` (default): all ``T_out`` at once.
-        Peak memory grows with it (a backward's transient gradients times ``batch_size``); time falls.
+        Peak memory grows with it (a backward's transient gradients times ``batch_size``; with
+        ``checkpoint``, only the gradients between blocks: each checkpointed block takes the batch one
+        output token at a time); time falls.
       internal_batch_size: Memory cap on the forward (captum's name): the most sequences in one forward
         pass. Integrated gradients and gradient SHAP put ``internal_batch_size // B`` path points of
         all ``B`` examples in a forward (one point of ``internal_batch_size`` examples when
         ``B > internal_batch_size``). ``None`` (default): all points of all examples in one forward.
-      checkpoint: Recompute activations instead of keeping them (``torch.utils.checkpoint``,
-        ``use_reentrant=False``): ``True`` checkpoints every block of the model's longest
-        ``nn.ModuleList`` (``transformer.h`` in GPT-2, ``model.layers`` in Llama), a name or list of
-        names checkpoints those modules. Only the blocks' inputs stay from the forward; each backward
-        recomputes one block at a time. It runs on ``torch.autograd`` (``torch.func`` transforms do
-        not support saved-tensor hooks), so the result cannot be differentiated by an enclosing
-        ``torch.func`` transform. Default: False.
+      checkpoint: Recompute activations instead of keeping them: ``True`` checkpoints every block of the
+        model's longest ``nn.ModuleList`` (``transformer.h`` in GPT-2, ``model.layers`` in Llama), a
+        name or list of names checkpoints those modules. Only the blocks' differentiable inputs stay from
+        the forward; each backward call runs each block again (its random draws replayed, as
+        ``torch.utils.checkpoint`` does) and takes the product through it for the ``batch_size`` output
+        tokens one token at a time, so a block's transient gradients are those of one backward. It runs on
+        ``torch.autograd`` (``torch.func`` transforms cannot keep a recomputed graph), so the result
+        cannot be differentiated by an enclosing ``torch.func`` transform. Default: False.
 
     Returns:
       ``ContinuationAttribution(token_attr [B, T_out, T_in], seq_attr [B, T_in])``; ``seq_attr``
@@ -707,10 +710,11 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
       whose ``forward`` takes ``input_ids`` and ``logits_to_keep`` (HuggingFace causal LMs) is called
       with ``logits_to_keep=T_out + 1`` and ``use_cache=False``: the vocabulary projection and its
       backward run at the scored positions only. Memory: the activations of one forward of
-      ``min(B * steps, internal_batch_size)`` sequences (with ``checkpoint``: the blocks' inputs and one
-      block's activations) and a backward ``batch_size`` times as wide. Models whose attention has no
-      ``vmap`` batching rule for its backward (``scaled_dot_product_attention`` on CPU) run its
-      backward in a loop with a PyTorch performance warning: build them with ``attn_implementation="eager"``.
+      ``min(B * steps, internal_batch_size)`` sequences and a backward ``batch_size`` times as wide
+      (with ``checkpoint``: the blocks' inputs, one block's activations and one output token's backward
+      through it, plus the ``batch_size`` gradients between blocks). Without ``checkpoint``, models whose
+      attention has no ``vmap`` batching rule for its backward (``scaled_dot_product_attention`` on CPU)
+      run its backward in a loop with a PyTorch performance warning.
     References: Sundararajan et al., "Axiomatic Attribution for Deep Networks", ICML 2017; captum's
       ``LLMGradientAttribution`` (Miglani et al., "Using Captum to Explain Generative Language Models", 2023);
       Chen et al., "Training Deep Nets with Sublinear Memory Cost", 2016 (checkpointing).
@@ -831,8 +835,8 @@ class _Backward:
     """One forward of ``f`` at ``values`` and its backward passes for chunks of one-hot score weights.
 
     ``f(values) -> [N, T_out]``. Without checkpointing, ``torch.func.vjp`` and ``vmap`` over its pull-back
-    (composable with enclosing ``torch.func`` transforms); with it, ``torch.autograd.grad`` with
-    ``is_grads_batched=True`` (``torch.func`` refuses the saved-tensor hooks checkpointing is made of),
+    (composable with enclosing ``torch.func`` transforms); with it, ``torch.autograd.grad`` batched over
+    the chunk (what ``is_grads_batched=True`` does, with the level and size the checkpointed blocks read),
     keeping the graph for the next chunk.
     """
 
@@ -853,8 +857,17 @@ class _Backward:
             if stop - start == 1:
                 (g,) = torch.autograd.grad(self.out, self.leaf, cot[0], retain_graph=not last)
                 return g[None]
-            (g,) = torch.autograd.grad(self.out, self.leaf, cot, retain_graph=not last, is_grads_batched=True)
-            return g
+            # autograd.grad(..., is_grads_batched=True), written out so that the checkpointed blocks
+            # (_Recomputed) know the batch's vmap level and size and can take it one token at a time.
+            level = torch._C._vmapmode_increment_nesting()
+            try:
+                _BATCHED.now = (level, stop - start)
+                (g,) = torch.autograd.grad(self.out, self.leaf, torch._add_batch_dim(cot, 0, level),
+                                           retain_graph=not last)
+                return torch._remove_batch_dim(g, level, stop - start, 0)
+            finally:
+                _BATCHED.now = None
+                torch._C._vmapmode_decrement_nesting()
         if stop - start == 1:
             return self.pull(cot[0])[0][None]
         return torch.func.vmap(self.pull)(cot)[0]
@@ -940,10 +953,11 @@ class _Checkpointing:
     """A context that checkpoints ``blocks`` of ``module`` for the length of one attribution call.
 
     Under the model's lock, each block's ``forward`` is replaced by one that runs the block through
-    ``torch.utils.checkpoint`` (non-reentrant) with the block's tensors of that moment (the ``params`` of
-    the call, which ``functional_call`` has put in place), so the recomputation in a backward pass, after
-    the forward has left ``functional_call``, uses the same tensors. On exit every ``forward`` is put back
-    (nothing outlives the call). No blocks: nothing is touched.
+    :class:`_Recomputed` with the block's tensors of that moment (the ``params`` of the call, which
+    ``functional_call`` has put in place), so the recomputation in a backward pass, after the forward has
+    left ``functional_call``, uses the same tensors. The block's arguments that require grad are its
+    differentiable inputs; the others (masks, position embeddings, options) are kept as they are. On exit
+    every ``forward`` is put back (nothing outlives the call). No blocks: nothing is touched.
     """
 
     def __init__(self, module: Optional[nn.Module], blocks: List[str], lock: Any):
@@ -981,23 +995,98 @@ class _Checkpointing:
         inside = self.inside
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if getattr(inside, "on", False):
+            if getattr(inside, "on", False) or not torch.is_grad_enabled():
+                return original(*args, **kwargs)   # a recomputation, or no graph to keep activations for
+            leaves, spec = tree_flatten((args, kwargs))
+            slots = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and v.requires_grad]
+            if not slots:
                 return original(*args, **kwargs)
-            tensors = {n: functools.reduce(getattr, n.split("."), block) for n in names}
-            forward_pass = [True]
+            tensors: Dict[str, Tensor] = {n: functools.reduce(getattr, n.split("."), block)   # type: ignore[misc]
+                                          for n in names}
+            inputs = [leaves[i] for i in slots]
+            for i in slots:           # passed to _Recomputed (saved for its backward), not kept here
+                leaves[i] = None
 
-            def run(tensors: Dict[str, Tensor], *args: Any) -> Any:
-                if forward_pass[0]:   # the tensors are in place: the block's own forward, its hooks ran once
-                    return original(*args, **kwargs)
+            def run(inputs: Tuple[Tensor, ...], again: bool) -> Any:
+                values = list(leaves)
+                for i, t in zip(slots, inputs):
+                    values[i] = t
+                a, kw = tree_unflatten(values, spec)
+                if not again:         # the tensors are in place: the block's own forward, its hooks run once
+                    return original(*a, **kw)
                 inside.on = True      # a recomputation in a backward pass: put the call's tensors back
                 try:
-                    return torch.func.functional_call(block, tensors, args, kwargs)
+                    return torch.func.functional_call(block, tensors, a, kw)
                 finally:
                     inside.on = False
-            out = torch.utils.checkpoint.checkpoint(run, tensors, *args, use_reentrant=False)
-            forward_pass[0] = False
-            return out
+            shape: List[Any] = []
+            outs = _Recomputed.apply(run, shape, *inputs)
+            out_leaves, out_spec = shape
+            it = iter(outs)
+            return tree_unflatten([next(it) if v is _TENSOR else v for v in out_leaves], out_spec)
         return forward
+
+
+_TENSOR = object()
+_BATCHED = threading.local()   # (vmap level, size) of the batched backward running in this thread, if any
+
+
+class _Recomputed(torch.autograd.Function):
+    """A checkpointed block: its forward keeps only the block's differentiable inputs; its backward runs the
+    block again and takes the vector-Jacobian product through it.
+
+    When the incoming gradients are batched over ``k`` output tokens (``_Backward.grads``, a ``vmap`` of the
+    backward), the product through the block runs one output token at a time on the one recomputation: the
+    block's transient gradients (an MLP's ``[T, 4D]`` intermediates, several at once in an unfused GELU's
+    backward) then stay those of one backward instead of ``k`` times as wide, while the recomputation and
+    the rest of the backward are shared by the ``k`` tokens.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, run: Callable[..., Any], shape: List[Any], *inputs: Tensor) -> Any:
+        ctx.run = run
+        ctx.devices = sorted({t.device.index or 0 for t in inputs if t.is_cuda})
+        ctx.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.devices])
+        ctx.save_for_backward(*inputs)
+        ctx.set_materialize_grads(False)
+        out_leaves, out_spec = tree_flatten(run(inputs, False))
+        tensors = [v for v in out_leaves if isinstance(v, Tensor)]
+        shape[:] = [[_TENSOR if isinstance(v, Tensor) else v for v in out_leaves], out_spec]
+        ctx.mark_non_differentiable(*[t for t in tensors if not (t.is_floating_point() or t.is_complex())])
+        return tuple(tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Optional[Tensor]) -> Any:
+        inputs = tuple(t.detach().requires_grad_() for t in ctx.saved_tensors)
+        batched = getattr(_BATCHED, "now", None)
+        if batched is not None:   # the block runs on plain tensors: outside the vmap, which refuses random ops
+            torch._C._vmapmode_decrement_nesting()
+        try:
+            with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():   # the forward's draws
+                torch.set_rng_state(ctx.rng[0])
+                for d, state in zip(ctx.devices, ctx.rng[1]):
+                    torch.cuda.set_rng_state(state, d)
+                out = ctx.run(inputs, True)
+        finally:
+            if batched is not None:
+                torch._C._vmapmode_increment_nesting()
+        outs = [v for v in tree_flatten(out)[0] if isinstance(v, Tensor)]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        none = (None, None)
+        if not pairs:
+            return none + (None,) * len(inputs)
+        ys, gs = [o for o, _ in pairs], [g for _, g in pairs]
+        if batched is None or not any(torch._C._functorch.is_legacy_batchedtensor(g) for g in gs):
+            return none + torch.autograd.grad(ys, inputs, gs, allow_unused=True)
+        level, size = batched
+        flat = [torch._remove_batch_dim(g, level, size, 0) if torch._C._functorch.is_legacy_batchedtensor(g)
+                else g.expand(size, *g.shape) for g in gs]                       # [k, ...] each
+        rows = [torch.autograd.grad(ys, inputs, [g[i] for g in flat], retain_graph=i < size - 1, allow_unused=True)
+                for i in range(size)]
+        result = tuple(None if rows[0][j] is None else
+                       torch._add_batch_dim(torch.stack([r[j] for r in rows]), 0, level)
+                       for j in range(len(inputs)))
+        return none + result
 
 
 _ABSENT = object()
