@@ -114,3 +114,17 @@ def test_blocks_with_several_inputs_and_structured_outputs(method):
         assert _gap(got.token_attr, ref.token_attr) <= 1e-10, batch_size
         assert _gap(got.seq_attr, ref.seq_attr) <= 1e-10, batch_size
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_params_with_derivatives_are_refused_with_checkpointing():
+    """The recomputation passes no derivative to the parameters: a clear error, before any forward; without
+    checkpointing the maps differentiate in params."""
+    model = _gpt2().eval()
+    fn, params = tx.functionalize(model)
+    prompt, cont = _ids(n_out=2)
+    tracked = {k: v.detach().clone().requires_grad_(k == "transformer.h.0.mlp.c_fc.weight") for k, v in params.items()}
+    with pytest.raises(ValueError, match=r"continuation_attribution: expected checkpoint=False when params carry"):
+        tx.continuation_attribution(fn, tracked, prompt, cont, method="input_x_gradient", checkpoint=True)
+    maps = tx.continuation_attribution(fn, tracked, prompt, cont, method="input_x_gradient").token_attr
+    (g,) = torch.autograd.grad(maps.square().sum(), tracked["transformer.h.0.mlp.c_fc.weight"])
+    assert g.abs().sum() > 0

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..core import autodiff as _autodiff
 from ..core import checks as _checks
 from ..core import docs as _docs
 from ..core import inputs as _inputs
@@ -745,6 +746,10 @@ def continuation_attribution(model_fn: ModelFn, params: Params, prompt_ids: Tens
     if len(names) != 1:
         raise _checks.value_error(fn, "one layer (the token embeddings)", f"{len(names)} layers")
     blocks = _checkpointed_blocks(fn, model_fn, checkpoint)
+    if blocks and any(_autodiff.tracked(t) for t in _autodiff.leaves(params)):
+        raise _checks.value_error(fn, "checkpoint=False when params carry derivatives", _checks.describe(checkpoint),
+                                  "A checkpointed block's recomputation passes no derivative to the parameters; "
+                                  "differentiate the maps without checkpointing (lower batch_size to bound memory).")
     if blocks and method in _PER_CHUNK:
         raise _checks.value_error(fn, f"checkpoint=False with method={method!r}", _checks.describe(checkpoint),
                                   f"{method} runs its own backward rules through torch.func, which cannot "
