@@ -1841,7 +1841,10 @@ def _resize_short_side(image: Tensor, short: int) -> Tensor:
     size = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
     if size == (height, width):
         return image
-    return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+    low = image.dtype in (torch.float16, torch.bfloat16)  # anti-aliased bilinear has no half kernel on a CPU
+    resized = F.interpolate(image.float() if low else image, size=size, mode="bilinear", align_corners=False,
+                            antialias=True)
+    return resized.to(image.dtype)
 
 
 def _window_starts(length: int, step: int, window: int) -> List[int]:
