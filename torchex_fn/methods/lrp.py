@@ -977,8 +977,13 @@ class _Modified(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Any:
-        saved = ctx.saved_tensors
-        return (None, None) + tuple(ctx.rule(g, (None, *saved))) + (None,) * (1 + len(saved))
+        return _rule_backward(ctx, g)
+
+
+def _rule_backward(ctx: Any, g: Tensor) -> Any:
+    """The backward of :class:`_Modified` and :class:`_Once`: the rule's gradients for the ``n`` inputs."""
+    saved = ctx.saved_tensors
+    return (None, None) + tuple(ctx.rule(g, (None, *saved))) + (None,) * (1 + len(saved))
 
 
 class _Once(torch.autograd.Function):
@@ -994,8 +999,7 @@ class _Once(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Any:
-        saved = ctx.saved_tensors
-        return (None, None) + tuple(ctx.rule(g, (None, *saved))) + (None,) * (1 + len(saved))
+        return _rule_backward(ctx, g)
 
 
 def _modified(rule: Any, n: int, *args: Tensor) -> Tensor:
