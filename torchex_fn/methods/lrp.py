@@ -1008,8 +1008,8 @@ def _modified(rule: Any, n: int, *args: Tensor) -> Tensor:
     return (_Once if plain else _Modified).apply(rule, n, *args)
 
 
-def _half_gradient(t: Tensor, factor: float = 0.5) -> Tensor:
-    """``t``, whose gradient is scaled by ``factor``."""
+def _scaled_gradient(t: Tensor, factor: float = 0.5) -> Tensor:
+    """``t``, whose gradient is scaled by ``factor`` (the uniform rule's half by default)."""
     return _modified(_scaled(factor), 1, t, t.detach())
 
 
@@ -1134,7 +1134,7 @@ class _Rules:
             # uniform rule on QK^T and AV is a quarter of the gradient to q and k and half to v (LXT's form);
             # CP-LRP holds the probabilities: nothing to q and k, the gradient to v
             factors = (0.0, 0.0, 1.0) if self.cp else (0.25, 0.25, 0.5)
-            scaled = [_half_gradient(t, f) if tainted else t
+            scaled = [_scaled_gradient(t, f) if tainted else t
                       for t, f, tainted in zip(call.inputs, factors, call.options["tainted"])]
             return None, (call.apply(*scaled),), False, "fused"
         raise _no_rule(call.name, f"an operation of kind {kind!r}", True)  # pragma: no cover - kinds are fixed
@@ -1160,8 +1160,8 @@ class _Rules:
                 # both operands (Q K^T, whose T x T output is larger than Q and K together)
                 if not _larger_than_operands(name, a, b):
                     y = apply(a, b)
-                    return None, (_half_gradient(y),), False, "fused"
-                half = [_half_gradient(t) for t in (a, b)]
+                    return None, (_scaled_gradient(y),), False, "fused"
+                half = [_scaled_gradient(t) for t in (a, b)]
                 return None, (apply(*half),), False, "fused"
             return None, (apply(a, b.detach()) if keep == 0 else apply(a.detach(), b),), False, "fused"
         y = apply(a, b)
