@@ -55,7 +55,9 @@ def neuron(method: Callable[..., Any], *, layer: Any, index: Any) -> Callable[..
       its module, removed when the call ends; the forward ends at the layer, so the layers after it cost
       nothing, from the second call on a model's layer, which the first showed to run once per forward, and
       unless the method itself reads or perturbs a later layer of its own, e.g. ``layer=``; a layer that runs
-      more than once gives the neuron of its last call, as captum, from whole forwards).
+      more than once gives the neuron of its last call, as captum, from whole forwards). With the method's own
+      ``layer=`` at the neuron's layer, the neuron is read from what the method puts there (layer integrated
+      gradients then give ``n(x) - n(x0)`` at the neuron's index).
 
     Raises:
       TypeError: ``method`` not callable, a bad ``index`` (at once); at the call, a ``model_fn`` without a
@@ -101,7 +103,8 @@ def neuron(method: Callable[..., Any], *, layer: Any, index: Any) -> Callable[..
 
         # the forward ends at the layer (nothing after it is needed for the neuron) once a whole forward has
         # shown that the layer runs once in it
-        neuron_fn = Wrapped(model_fn, hook=(names[0], keep), after=value, output=None, end=bool(once))
+        neuron_fn = Wrapped(model_fn, hook=(names[0], keep), after=value, output=None, end=bool(once),
+                            last=True)   # after the method's own hooks: the neuron of what they put in place
         return method(neuron_fn, params, x, 0, **options)
 
     name = getattr(method, "__name__", "method")

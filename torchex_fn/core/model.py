@@ -365,15 +365,40 @@ def _ending(hook: Callable[..., Any], token: _EndForward) -> Callable[..., Any]:
     return forward_hook
 
 
-def _register(module: nn.Module, name: str, hook: Callable[..., Any]) -> Any:
+def _register(module: nn.Module, name: str, hook: Callable[..., Any], last: bool = False) -> Any:
     """``hook(module, args, output)`` on the layer ``name`` for the length of a call: a forward hook, or for
-    ``"<module>:input"`` a forward pre-hook that hands the module's first argument over as ``output``."""
-    if not name.endswith(_capture_input):
-        return module.get_submodule(name).register_forward_hook(hook)
+    ``"<module>:input"`` a forward pre-hook that hands the module's first argument over as ``output``.
 
-    def pre_hook(mod: nn.Module, args: Any) -> None:
-        hook(mod, args, args[0])
-    return module.get_submodule(name[:-len(_capture_input)]).register_forward_pre_hook(pre_hook)
+    ``last``: ``hook`` runs after every hook of the layer, an active capture's included (those are registered
+    inside the call, after this one), so it sees the output (or input) the capture has replaced. A pre-hook
+    then appends a one-shot forward hook each time the layer runs; for ``":input"`` that hook reads the first
+    argument as the pre-hooks left it, after the module ran."""
+    if not last:
+        if not name.endswith(_capture_input):
+            return module.get_submodule(name).register_forward_hook(hook)
+
+        def pre_hook(mod: nn.Module, args: Any) -> None:
+            hook(mod, args, args[0])
+        return module.get_submodule(name[:-len(_capture_input)]).register_forward_pre_hook(pre_hook)
+    is_input = name.endswith(_capture_input)
+    target = module.get_submodule(name[:-len(_capture_input)] if is_input else name)
+    pending: list = []
+
+    def once(mod: nn.Module, args: Any, output: Any) -> Any:
+        pending.pop().remove()
+        return hook(mod, args, args[0] if is_input else output)
+
+    def arm(mod: nn.Module, args: Any) -> None:
+        pending.append(mod.register_forward_hook(once))   # after the hooks registered so far
+
+    armed = target.register_forward_pre_hook(arm)
+
+    class _Handles:
+        def remove(self) -> None:
+            armed.remove()
+            while pending:
+                pending.pop().remove()
+    return _Handles()
 
 
 class Wrapped:
@@ -390,7 +415,8 @@ class Wrapped:
     1. ``x = before(x)`` (when given);
     2. with ``hook=(name, fn)``: under the model's lock, ``fn`` is registered as a forward hook on the
        submodule ``name`` for the length of the call (before the hooks of an active capture, which therefore
-       see what ``fn`` returns);
+       see what ``fn`` returns; with ``last=True`` after them, so ``fn`` sees what they return, e.g. a value
+       a method's ``layer=`` put in place of the layer's output);
     3. ``out = model_fn(params, x)``; with ``hook=`` and ``end=True`` the forward ends right after ``fn`` ran
        (an exception raised from the hook and caught here: the layers after ``name`` never run) and ``out``
        is ``None``, unless a capture active for the call still waits for a layer (then the whole forward
@@ -417,9 +443,11 @@ class Wrapped:
 
     def __init__(self, model_fn: Any, *, before: Optional[Callable[[Any], Any]] = None,
                  after: Optional[Callable[[Any, Any], Any]] = None,
-                 hook: Optional[Tuple[str, Callable[..., Any]]] = None, output: Any = _KEEP, end: bool = False):
+                 hook: Optional[Tuple[str, Callable[..., Any]]] = None, output: Any = _KEEP, end: bool = False,
+                 last: bool = False):
         _checks.check_model_fn("Wrapped", model_fn)
         _checks.check_bool("Wrapped", "end", end)
+        _checks.check_bool("Wrapped", "last", last)
         if end and hook is None:
             raise _checks.value_error("Wrapped", "hook= with end=True (the forward ends after the hook's layer)",
                                       "end=True without a hook")
@@ -432,7 +460,7 @@ class Wrapped:
         self.lock = lock_of(model_fn)
         self.aliases = aliases_of(model_fn)
         self.memo_owner = memo_owner_of(model_fn)
-        self._before, self._after, self._hook, self._end = before, after, hook, end
+        self._before, self._after, self._hook, self._end, self._last = before, after, hook, end, last
 
     def layer_names(self) -> Dict[str, nn.Module]:
         return self.inner.layer_names()
@@ -457,7 +485,7 @@ class Wrapped:
             if self._end:
                 hook = _ending(hook, token)
             with self.lock if self.lock is not None else contextlib.nullcontext():
-                handle = _register(self.module, name, hook)
+                handle = _register(self.module, name, hook, self._last)
                 try:
                     out = self.inner(params, x)
                 except _EndForward as ended:
