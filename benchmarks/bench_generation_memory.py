@@ -6,7 +6,10 @@ the token embeddings (``transformer.wte``). Every configuration runs in its own 
 calls itself with ``--child``), which builds the model, runs the configuration once and reports its time
 and its peak resident memory (``VmHWM`` of ``/proc/self/status``, the high-water mark of the whole process:
 interpreter, torch, weights and the work) and its resident memory before the work (``VmRSS``), so the
-work's own peak is ``peak - before``. Rows:
+work's own peak is ``peak - before``, and the work's CPU time (user + system, ``getrusage``: with one thread, the
+time the work had the core, which other processes on the machine do not inflate). ``--repeat N`` runs the rows
+round-robin N times (ours and captum's alternate, so a change of load between rows falls on both) and reports
+each row's median, min and max. Rows:
 
 * ``plain forward + backward``: the unit: one forward of ``[prompt; continuation]`` (all logits, as a
   plain HuggingFace call) and one backward of the continuation's summed log-probability to the
@@ -22,7 +25,7 @@ time and below its peak.
 
     python benchmarks/bench_generation_memory.py --threads 1 [--prompt 1024] [--out 32] [--layers 12]
         [--hidden 768] [--heads 12] [--vocab 50257] [--batch-sizes 1 4 8 32] [--skip-captum]
-        [--checkpoint-only | --plain-only] [--attn eager|sdpa]
+        [--checkpoint-only | --plain-only] [--attn eager|sdpa] [--repeat N]
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ import argparse
 import json
 import os
 import platform
+import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -79,6 +84,7 @@ def child(args) -> dict:
     before = _status("VmRSS")
     result: dict = {}
     start = time.perf_counter()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     if args.child == "plain":
         ids = torch.cat([prompt, generated[None]], 1)
         emb = model.transformer.wte(ids).detach().requires_grad_()
@@ -106,6 +112,9 @@ def child(args) -> dict:
                                           checkpoint=checkpoint == "ckpt")
         result.update(check=float(res.token_attr.abs().sum()))
     result.update(seconds=time.perf_counter() - start, peak_mib=_status("VmHWM"), before_mib=before)
+    done = resource.getrusage(resource.RUSAGE_SELF)
+    result.update(cpu_s=done.ru_utime - usage.ru_utime + done.ru_stime - usage.ru_stime,
+                  sys_s=done.ru_stime - usage.ru_stime)
     return result
 
 
@@ -124,6 +133,7 @@ def main():
     parser.add_argument("--plain-only", action="store_true", help="only the rows without checkpointing (and the unit)")
     parser.add_argument("--attn", default="eager", choices=["eager", "sdpa"],
                         help="GPT-2's attention implementation (transformers' default is sdpa)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of all rows, round-robin; medians reported")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -137,18 +147,30 @@ def main():
             configs.append((f"torchex_fn batch_size={k} checkpoint=True", f"{k}:ckpt"))
     if not args.skip_captum:
         configs.append(("captum LLMGradientAttribution(LayerGradientXActivation)", "captum"))
-    passed = [a for a in sys.argv[1:]]
-    rows = {}
-    for name, key in configs:
-        root = str(Path(__file__).resolve().parent.parent)   # this checkout's torchex_fn
-        env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-        done = subprocess.run([sys.executable, __file__, *passed, "--child", key], capture_output=True, text=True,
-                              env=env, cwd=root)
-        if done.returncode != 0:
-            print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
+    passed, skip = [], False   # the parent's arguments, less --repeat (a child runs once)
+    for a in sys.argv[1:]:
+        if skip or a.startswith("--repeat="):
+            skip = False
+        elif a == "--repeat":
+            skip = True
+        else:
+            passed.append(a)
+    runs: dict = {}
+    for round_ in range(args.repeat):
+        for name, key in configs:
+            root = str(Path(__file__).resolve().parent.parent)   # this checkout's torchex_fn
+            env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": str(args.threads),
+                   "MKL_NUM_THREADS": str(args.threads)}
+            done = subprocess.run([sys.executable, __file__, *passed, "--child", key], capture_output=True,
+                                  text=True, env=env, cwd=root)
+            if done.returncode != 0:
+                print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            runs.setdefault(name, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"round {round_ + 1} {name}: {runs[name][-1]} (load {os.getloadavg()[0]:.1f})", file=sys.stderr,
+                  flush=True)
+    # a row's numbers: the median over rounds of each (peaks barely move; times move with the machine's load)
+    rows = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     unit = rows.get(configs[0][0])
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}, {args.threads} thread(s); GPT-2 {args.layers} layers, "
@@ -157,8 +179,8 @@ def main():
           f"{args.out} output tokens; input x gradient at transformer.wte; one fresh process per row; "
           f"allocator: {_allocator()}\n")
     print("| configuration | time s | peak MiB | peak - before MiB | peak / unit's | time / (1 fwd + "
-          f"{args.out} bwd) | time / captum's | peak / captum's |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"{args.out} bwd) | time / captum's | peak / captum's | CPU s (system) | CPU / captum's |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     captum = rows.get("captum LLMGradientAttribution(LayerGradientXActivation)")
     for name, r in rows.items():
         cells = [name, f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}", f"{r['peak_mib'] - r['before_mib']:.0f}"]
@@ -169,7 +191,14 @@ def main():
             cells += ["", ""]
         cells += ([f"{r['seconds'] / captum['seconds']:.2f}", f"{r['peak_mib'] / captum['peak_mib']:.2f}"]
                   if captum else ["", ""])
+        cells += [f"{r['cpu_s']:.1f} ({r['sys_s']:.1f})", f"{r['cpu_s'] / captum['cpu_s']:.2f}" if captum else ""]
         print("| " + " | ".join(cells) + " |")
+    if args.repeat > 1 and captum:
+        name_c = "captum LLMGradientAttribution(LayerGradientXActivation)"
+        for name, rs in runs.items():
+            if name.startswith("torchex_fn") and len(rs) == len(runs[name_c]):
+                ratios = [r["seconds"] / c["seconds"] for r, c in zip(rs, runs[name_c])]
+                print(f"\n{name}: time / captum's, round by round: " + ", ".join(f"{v:.3f}" for v in ratios))
     if unit:
         print(f"\nunit: forward {unit['forward_s']:.2f} s, backward {unit['backward_s']:.2f} s; "
               f"1 forward + {args.out} backward = {unit['forward_s'] + args.out * unit['backward_s']:.1f} s")
