@@ -11,6 +11,12 @@ Models (torchvision, random init, eval mode), 224 x 224:
 * ``tx.attribute_dataset(tx.grad_cam, ...)`` over an in-memory data set of ``--dataset-size``
   images (stored as float16 maps in a temporary folder) against ``tx.grad_cam`` called on the same
   batches in a loop (the host-to-device copy included), as examples per second.
+* a language model at length (issue 18): a GPT-2-small-shaped ``GPT2LMHeadModel`` (random weights, float32,
+  SDPA), prompts of ``--llm-prompts`` tokens (default 1,024 and 4,096) and 32 teacher-forced output tokens,
+  input x gradient at ``transformer.wte``: ``tx.continuation_attribution`` at ``batch_size`` 1, 4, 8 and 32
+  and at 4 with ``checkpoint=True``, against captum's ``LLMGradientAttribution(LayerGradientXActivation)``
+  and a floor (one forward with the 33 scored positions' logits + 32 backwards to the embeddings). On a GPU
+  each row also reports the peak of ``torch.cuda.max_memory_allocated`` over one call, above the weights.
 
 Floors: *saliency* and *DeepLIFT*: ``model(x)`` + ``torch.autograd.grad`` to the input; *Grad-CAM*:
 ``model(x)`` with a forward hook on layer4 + ``torch.autograd.grad`` to its output; *integrated
@@ -25,7 +31,7 @@ x captum, RISE <= 1.10 x N forwards.
 
 Usage::
 
-    python benchmarks/gpu.py                          # one GPU, about 3-5 minutes on an H100 / H200
+    python benchmarks/gpu.py                          # one GPU, about 4-6 minutes on an H100 / H200
     python benchmarks/gpu.py --device cpu --quick     # tiny sizes, a smoke run on the CPU (seconds)
 """
 from __future__ import annotations
@@ -252,6 +258,69 @@ def bench_model(arch: str, batch: int, size: int, args, device, clock: Clock, ro
                      t / times["grad_cam loop (batches in memory)"], ""))
 
 
+def bench_llm(length: int, args, device, clock: Clock, rows: list) -> None:
+    """Issue 18's rows: continuation attribution of 32 output tokens to a prompt of ``length`` tokens."""
+    import sys
+    from pathlib import Path
+
+    import transformers
+    from captum.attr import LayerGradientXActivation, LLMGradientAttribution, TextTokenInput
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import IntTokenizer   # the benchmarks' one token-id tokenizer
+
+    n_out = 8 if args.quick else 32
+    small = dict(n_embd=64, n_layer=2, n_head=2, vocab_size=1000) if args.quick else {}
+    cfg = transformers.GPT2Config(**{"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, **small},
+                                  n_positions=length + n_out, attn_implementation="sdpa", bos_token_id=0,
+                                  eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fn, params = tx.functionalize(model)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(1, cfg.vocab_size, (1, length), generator=g).to(device)
+    generated = torch.randint(1, cfg.vocab_size, (n_out,), generator=g).to(device)
+    ids = torch.cat([prompt, generated[None]], 1)
+    tok = IntTokenizer()
+    llm = LLMGradientAttribution(LayerGradientXActivation(model, model.transformer.wte), tok)
+    text = TextTokenInput(" ".join(map(str, prompt[0].tolist())), tok)
+
+    def floor():
+        emb = model.transformer.wte(ids).detach().requires_grad_()
+        logits = model(inputs_embeds=emb, logits_to_keep=n_out + 1).logits[:, :-1]
+        logp = torch.log_softmax(logits, -1)[0, torch.arange(n_out, device=device), generated]
+        return [torch.autograd.grad(logp[j], emb, retain_graph=j < n_out - 1)[0] for j in range(n_out)]
+
+    def ours(k, checkpoint=False):
+        return lambda: tx.continuation_attribution(fn, params, prompt, generated, method="input_x_gradient",
+                                                   layer="transformer.wte", batch_size=k, checkpoint=checkpoint)
+
+    floor_name = f"floor (1 forward + {n_out} backwards)"
+    contenders = {floor_name: floor}
+    for k in (1, 4, 8, 32):
+        contenders[f"torchex_fn batch_size={k}"] = ours(k)
+    contenders["torchex_fn batch_size=4 checkpoint=True"] = ours(4, True)
+    contenders["captum LLMGradientAttribution"] = lambda: llm.attribute(text, target=generated.cpu())
+    peaks = {}
+    if clock.cuda:   # the peak of one call above what is allocated before it (the weights, the ids)
+        for name, f in contenders.items():
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            f()
+            torch.cuda.synchronize()
+            peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    times = clock.race(contenders, max(1, args.rounds // 2), 1)
+    tag = f"gpt2 {cfg.n_layer} layers x {cfg.n_embd}, {length} + {n_out} tokens"
+    captum = times["captum LLMGradientAttribution"]
+    for name, t in times.items():
+        memory = f"peak {peaks[name]:.0f} MiB above the weights; " if name in peaks else ""
+        goal = "<= 0.5 x captum" if name == "torchex_fn batch_size=4" else ""
+        rows.append((tag, f"input x gradient ({memory}vs captum {t / captum:.3f})", name, t,
+                     t / times[floor_name], goal))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -259,6 +328,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--number", type=int, default=None, help="calls per timed round")
     parser.add_argument("--rise-images", type=int, default=4)
+    parser.add_argument("--llm-prompts", type=int, nargs="+", default=None,
+                        help="prompt lengths of the language-model rows (default 1024 4096; --quick: 32)")
+    parser.add_argument("--skip-llm", action="store_true", help="no language-model rows")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
@@ -279,6 +351,8 @@ def main() -> None:
     rows: list = []
     for arch, batch, size in configs:
         bench_model(arch, batch, size, args, device, clock, rows)
+    for length in ([] if args.skip_llm else args.llm_prompts or ([32] if args.quick else [1024, 4096])):
+        bench_llm(length, args, device, clock, rows)
     print(f"\n{where}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s in all\n")
     print("| model | method | contender | ms / call | ratio | goal |")
     print("| --- | --- | --- | ---: | ---: | --- |")
