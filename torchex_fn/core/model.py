@@ -401,6 +401,59 @@ def _register(module: nn.Module, name: str, hook: Callable[..., Any], last: bool
     return _Handles()
 
 
+_NO_FORWARD: Any = object()
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether anything hooks ``module`` or a module inside it (or every module): skipping it would hide a call."""
+    from torch.nn.modules import module as _module
+    if any((_module._global_forward_hooks, _module._global_forward_pre_hooks, _module._global_backward_hooks,
+            _module._global_backward_pre_hooks)):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in module.modules())
+
+
+@contextlib.contextmanager
+def skipped(model_fn: Any, name: str, value: Any) -> Any:
+    """For the length of the block, the submodule ``name`` of ``model_fn``'s module returns ``value`` without
+    running: for a forward whose capture replaces that layer's whole output by ``value`` anyway, so its
+    result is the same, minus the layer's own work (a detector's backbone, when its output is replaced).
+
+    Under the model's lock, the module's ``forward`` is replaced and put back on exit. Nothing is skipped
+    (the module runs, and the replacement happens in the capture as before) where skipping could change
+    something seen: a layer input (``"<module>:input"``), a model without a module, hooks on or inside the
+    module (the user's, a neuron's) or global module hooks, or ``torch.compile`` tracing.
+    """
+    module = module_of(model_fn)
+    target = None
+    if module is not None and not name.endswith(_capture_input) and not _env.compiling():
+        try:
+            target = module.get_submodule(name)
+        except AttributeError:
+            target = None
+    if target is None:
+        yield
+        return
+    lock = lock_of(model_fn)
+    with lock if lock is not None else contextlib.nullcontext():
+        if _hooked(target):
+            yield
+            return
+        previous = target.__dict__.get("forward", _NO_FORWARD)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return value
+        target.forward = forward
+        try:
+            yield
+        finally:
+            if previous is _NO_FORWARD:
+                del target.forward
+            else:
+                target.forward = previous
+
+
 class Wrapped:
     """``model_fn`` with its view kept and only its call changed.
 

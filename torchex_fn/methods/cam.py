@@ -35,7 +35,7 @@ from ..core.capture import (TailMismatch, is_structure, run_tail, intermediates,
                             resolve_layers, tap)
 from ..core import grid as _grid
 from ..core import targets as _targets
-from ..core.model import Wrapped
+from ..core.model import Wrapped, skipped
 from ..core.types import Layer, LayerSpec, ModelFn, Params, Target, aliases_of, module_of
 from ..core.arguments import check_call
 
@@ -646,7 +646,9 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
     one image, the rest on up to ``batch_size`` ablated activations (for torchvision's ResNet at
     ``layer4``, only ``avgpool`` and ``fc``); no backward. A model whose rest needs the earlier layers'
     batch (a tensor concatenated past the layer, a detector's per-image anchors), or a callable target
-    with ``B > 1``, gets ``ceil(B K / batch_size)`` full forwards of up to ``batch_size`` images instead.
+    with ``B > 1``, gets ``ceil(B K / batch_size)`` full forwards of up to ``batch_size`` images instead, in
+    which the layer itself does not run (it returns its ablated output: a detector's backbone costs nothing
+    there), unless a hook is on or inside it.
     References: Desai and Ramaswamy, "Ablation-CAM: Visual Explanations for Deep Convolutional
     Network via Gradient-free Localization", WACV 2020.
     """
@@ -729,8 +731,9 @@ def ablation_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target = 
             rows = image_of[start:start + step]
             chunk = rows_of(raw, rows)
             values = ablated(chunk, eye.index_select(0, channel_of[start:start + step]))
-            masked_out, _ = intermediates(model_fn, layers=names, replace={name: values}, fn=fn, structured=structured)(
-                params, x.index_select(0, rows))
+            with skipped(model_fn, name, values):   # the layer's own forward would be replaced whole: not run
+                masked_out, _ = intermediates(model_fn, layers=names, replace={name: values}, fn=fn,
+                                              structured=structured)(params, x.index_select(0, rows))
             scores.append(score(masked_out, rows))
         drops = torch.cat(scores).reshape(channels, batch).T if k_major else torch.cat(scores).reshape(batch, channels)
     weights = (base[:, None] - drops) / base[:, None]
