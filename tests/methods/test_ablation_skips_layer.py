@@ -60,3 +60,19 @@ def test_a_hook_inside_keeps_the_layer_running():
     finally:
         handle.remove()
     assert Counted.calls == 4 and seen == [2, 4, 4, 4]
+
+
+def test_vmap_over_parameters_equals_the_loop():
+    """The swapped forward returns a batched tensor under vmap: two parameter sets at once equal a loop."""
+    model, x = _model()
+    fn, params = tx.functionalize(model)
+    stacked = {k: torch.stack([v, v * 1.1]) for k, v in params.items()}
+
+    def cam(p):
+        return tx.ablation_cam(fn, p, x, _score, layer="2", batch_size=4, relu=False, upsample=False)
+    Counted.calls = 0
+    batched = torch.func.vmap(cam)(stacked)
+    assert Counted.calls == 1
+    loop = torch.stack([cam({k: s[i] for k, s in stacked.items()}) for i in range(2)])
+    torch.testing.assert_close(batched, loop, rtol=1e-12, atol=1e-12)
+    assert "forward" not in model[2].__dict__
