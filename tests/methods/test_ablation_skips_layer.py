@@ -76,3 +76,16 @@ def test_vmap_over_parameters_equals_the_loop():
     loop = torch.stack([cam({k: s[i] for k, s in stacked.items()}) for i in range(2)])
     torch.testing.assert_close(batched, loop, rtol=1e-12, atol=1e-12)
     assert "forward" not in model[2].__dict__
+
+
+def test_a_global_module_hook_keeps_the_layer_running():
+    model, x = _model()
+    fn, params = tx.functionalize(model)
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    try:
+        Counted.calls = 0
+        tx.ablation_cam(fn, params, x, _score, layer="2", batch_size=4)
+    finally:
+        handle.remove()
+    assert Counted.calls == 4 and calls.count("Counted") == 4

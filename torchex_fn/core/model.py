@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 
 from . import autodiff as _autodiff, checks as _checks
 from .capture import INPUT as _capture_input
@@ -406,9 +407,8 @@ _NO_FORWARD: Any = object()
 
 def _hooked(module: nn.Module) -> bool:
     """Whether anything hooks ``module`` or a module inside it (or every module): skipping it would hide a call."""
-    from torch.nn.modules import module as _module
-    if any((_module._global_forward_hooks, _module._global_forward_pre_hooks, _module._global_backward_hooks,
-            _module._global_backward_pre_hooks)):
+    if any((_nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks,
+            _nn_module._global_backward_hooks, _nn_module._global_backward_pre_hooks)):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                for m in module.modules())
