@@ -13,6 +13,12 @@ def _mlp():
     return model, fn, params, torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
 
+def _hidden(model, x):
+    """The neuron layer's output on ``x`` and on the zero baseline."""
+    with torch.no_grad():
+        return torch.tanh(model[0](x)), torch.tanh(model[0](torch.zeros_like(x)))
+
+
 def _one_hot(values: torch.Tensor, index: int) -> torch.Tensor:
     out = torch.zeros_like(values)
     out[:, index] = values[:, index]
@@ -24,8 +30,7 @@ def test_layer_integrated_gradients_of_a_neuron_at_its_own_layer():
     neuron's change ``h(x)[i] - h(x0)[i]`` at index ``i`` and 0 elsewhere, at any number of steps; the
     gradient is the one-hot vector. First call (whole forward) and later calls (the forward ends at the layer)."""
     model, fn, params, x = _mlp()
-    with torch.no_grad():
-        h, h0 = torch.tanh(model[0](x)), torch.tanh(model[0](torch.zeros_like(x)))
+    h, h0 = _hidden(model, x)
     for _ in range(3):
         ig = tx.neuron(tx.integrated_gradients, layer="1", index=(2,))(fn, params, x, layer="1", steps=3)
         torch.testing.assert_close(ig, _one_hot(h - h0, 2), rtol=1e-12, atol=1e-12)
@@ -37,8 +42,7 @@ def test_layer_integrated_gradients_of_a_neuron_at_its_own_layer():
 def test_at_a_layer_input():
     """The same at ``"2:input"`` (the input the method replaces is the one the neuron reads)."""
     model, fn, params, x = _mlp()
-    with torch.no_grad():
-        h, h0 = torch.tanh(model[0](x)), torch.tanh(model[0](torch.zeros_like(x)))
+    h, h0 = _hidden(model, x)
     for _ in range(2):
         ig = tx.neuron(tx.integrated_gradients, layer="2:input", index=(4,))(fn, params, x, layer="2:input",
                                                                               steps=3)
@@ -49,8 +53,7 @@ def test_at_a_layer_input():
 def test_a_method_layer_before_the_neuron_still_meets_completeness():
     """``layer=`` upstream of the neuron: integrated gradients at layer 0 sum to the neuron's change."""
     model, fn, params, x = _mlp()
-    with torch.no_grad():
-        h, h0 = torch.tanh(model[0](x)), torch.tanh(model[0](torch.zeros_like(x)))
+    h, h0 = _hidden(model, x)
     for _ in range(2):
         ig = tx.neuron(tx.integrated_gradients, layer="1", index=(2,))(fn, params, x, layer="0", steps=128)
         torch.testing.assert_close(ig.sum(1), h[:, 2] - h0[:, 2], rtol=1e-6, atol=1e-6)
