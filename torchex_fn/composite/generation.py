@@ -25,6 +25,7 @@ right-padded and marked by ``mask``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import threading
@@ -40,7 +41,7 @@ from ..core import checks as _checks
 from ..core import docs as _docs
 from ..core import inputs as _inputs
 from ..core import targets as _targets
-from ..core.model import Wrapped
+from ..core.model import Wrapped, forwards_replaced
 from ..core.types import ModelFn, Params, layer_names_of, lock_of, module_of
 from ..core.capture import intermediates, resolve_layers
 from ..methods.path import METHODS as QUADRATURES, quadrature as _quadrature
@@ -970,32 +971,20 @@ class _Checkpointing:
 
     def __init__(self, module: Optional[nn.Module], blocks: List[str], lock: Any):
         self.module, self.blocks, self.lock = module, blocks, lock
-        self.saved: List[Tuple[nn.Module, Any]] = []
+        self.stack = contextlib.ExitStack()
         self.inside = threading.local()
 
     def __enter__(self) -> _Checkpointing:
         if not self.blocks or self.module is None:
-            self.lock = None
             return self
         if self.lock is not None:
-            self.lock.__enter__()
-        for name in self.blocks:
-            block = self.module.get_submodule(name)
-            self.saved.append((block, block.__dict__.get("forward", _ABSENT)))
-            block.forward = self._forward(block)
+            self.stack.enter_context(self.lock)
+        blocks = [self.module.get_submodule(name) for name in self.blocks]
+        self.stack.enter_context(forwards_replaced([(block, self._forward(block)) for block in blocks]))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        try:
-            for block, previous in reversed(self.saved):
-                if previous is _ABSENT:
-                    del block.forward
-                else:
-                    block.forward = previous
-            self.saved.clear()
-        finally:
-            if self.lock is not None:
-                self.lock.__exit__(*exc)
+        self.stack.close()   # the forwards put back, then the lock released
 
     def _forward(self, block: nn.Module) -> Callable[..., Any]:
         original = type(block).forward.__get__(block)
@@ -1097,7 +1086,6 @@ class _Recomputed(torch.autograd.Function):
         return none + result
 
 
-_ABSENT = object()
 
 
 def _checkpointed_blocks(fn: str, model_fn: Any, checkpoint: Any) -> List[str]:

@@ -405,6 +405,25 @@ def _register(module: nn.Module, name: str, hook: Callable[..., Any], last: bool
 _NO_FORWARD: Any = object()
 
 
+@contextlib.contextmanager
+def forwards_replaced(pairs: List[Tuple[nn.Module, Callable[..., Any]]]) -> Any:
+    """Each module's ``forward`` replaced by its callable for the length of the block, and put back on exit
+    (an instance ``forward`` the module had is restored, else the attribute is removed). The caller holds
+    the model's lock."""
+    saved = []
+    try:
+        for module, forward in pairs:
+            saved.append((module, module.__dict__.get("forward", _NO_FORWARD)))
+            module.forward = forward
+        yield
+    finally:
+        for module, previous in reversed(saved):
+            if previous is _NO_FORWARD:
+                del module.forward
+            else:
+                module.forward = previous
+
+
 def _hooked(module: nn.Module) -> bool:
     """Whether anything hooks ``module`` or a module inside it (or every module): skipping it would hide a call."""
     if any((_nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks,
@@ -432,26 +451,13 @@ def skipped(model_fn: Any, name: str, value: Any) -> Any:
             target = module.get_submodule(name)
         except AttributeError:
             target = None
-    if target is None:
-        yield
-        return
-    lock = lock_of(model_fn)
+    lock = lock_of(model_fn) if target is not None else None
     with lock if lock is not None else contextlib.nullcontext():
-        if _hooked(target):
+        if target is None or _hooked(target):
             yield
             return
-        previous = target.__dict__.get("forward", _NO_FORWARD)
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return value
-        target.forward = forward
-        try:
+        with forwards_replaced([(target, lambda *args, **kwargs: value)]):
             yield
-        finally:
-            if previous is _NO_FORWARD:
-                del target.forward
-            else:
-                target.forward = previous
 
 
 class Wrapped:
