@@ -29,20 +29,9 @@ from torch import nn
 from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
 
 import torchex_fn as tx
-from support.parity import assert_no_hooks, assert_parity
+from support.parity import assert_no_hooks, assert_parity, assert_same_state, calibrate_batchnorm, state_of
 
 H, W = 128, 160
-
-
-def _calibrate(module, batch):
-    """BatchNorm statistics of one random batch (a trained model's are O(1); the initial ones shrink the signal)."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-            m.reset_running_stats()
-    with torch.no_grad():
-        module.train()(batch)
-    module.eval()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +40,7 @@ def detector():
     model = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=5, min_size=H,
                                               max_size=W, box_score_thresh=0.0, box_detections_per_img=5,
                                               rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=6)
-    _calibrate(model.backbone, torch.randn(4, 3, H, W))
+    calibrate_batchnorm(model.backbone, torch.randn(4, 3, H, W))
     model.eval()
     with torch.no_grad():
         nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.05)
@@ -62,18 +51,6 @@ def detector():
     assert all(len(b) == 3 for b in boxes)
     fn, params = tx.functionalize(model)
     return model, fn, params, x, boxes, labels
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, model.training
-
-
-def _assert_same(model, before):
-    state, training = before
-    assert model.training == training
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    assert_no_hooks(model)
-    assert all(p.grad is None for p in model.parameters())
 
 
 def _pgc_targets(boxes, labels):
@@ -90,11 +67,11 @@ def _recorded(cam, x):
 
 def test_eigen_cam_at_the_fpn_levels(detector):
     model, fn, params, x, boxes, labels = detector
-    before = _state(model)
+    before = state_of(model)
     with torch.no_grad():
         ours = tx.eigen_cam(fn, params, x, tx.targets.box_score(boxes, labels), layer="backbone",
                             reshape=fasterrcnn_reshape_transform, relu=False, upsample=False)[:, 0]
-    _assert_same(model, before)
+    assert_same_state(model, before)
     with EigenCAM(model, [model.backbone], reshape_transform=fasterrcnn_reshape_transform) as cam:
         acts = _recorded(cam, x)
         raw = torch.from_numpy(cam.get_cam_image(x, model.backbone, None, acts.numpy(), None, False))
@@ -119,12 +96,12 @@ class _AblateLevels(AblationLayerFasterRCNN):
 def test_ablation_cam_at_the_fpn_levels(detector):
     model, fn, params, x, boxes, labels = detector
     x, boxes, labels = x[:1], boxes[:1], labels[:1]
-    before = _state(model)
+    before = state_of(model)
     with torch.no_grad():
         ours = tx.ablation_cam(fn, params, x, tx.targets.box_score(boxes, labels), layer="backbone",
                                reshape=fasterrcnn_reshape_transform, value=-1000.0, batch_size=64,
                                relu=False, upsample=False)[:, 0]
-    _assert_same(model, before)
+    assert_same_state(model, before)
     with AblationCAM(model, [model.backbone], reshape_transform=fasterrcnn_reshape_transform,
                      ablation_layer=_AblateLevels(), batch_size=64, ratio_channels_to_ablate=1.0) as cam:
         acts = _recorded(cam, x)
@@ -159,10 +136,10 @@ def _levels_and_gradients(model, x, boxes, labels):
 
 def test_grad_cam_at_the_fpn_levels(detector):
     model, fn, params, x, boxes, labels = detector
-    before = _state(model)
+    before = state_of(model)
     ours = tx.grad_cam(fn, params, x, tx.targets.box_score(boxes, labels), layer="backbone",
                        reshape=fasterrcnn_reshape_transform, relu=False, upsample=False)[:, 0]
-    _assert_same(model, before)
+    assert_same_state(model, before)
     acts, grads = _levels_and_gradients(model, x, boxes, labels)
     assert grads["0"].abs().max() > 0   # RoIAlign reads small boxes from level "0" only
     with GradCAM(model, [model.backbone], reshape_transform=fasterrcnn_reshape_transform) as cam:

@@ -19,18 +19,7 @@ from torchvision.models import segmentation
 from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
 
 import torchex_fn as tx
-from support.parity import assert_no_hooks, assert_parity
-
-
-def _calibrate(module, batch):
-    """BatchNorm statistics of one random batch (a trained model's are O(1); the initial ones shrink the signal)."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-            m.reset_running_stats()
-    with torch.no_grad():
-        module.train()(batch)
-    module.eval()
+from support.parity import assert_no_hooks, assert_parity, assert_same_state, calibrate_batchnorm, state_of
 
 
 def _pgc_raw(model, layer, x, targets):
@@ -43,24 +32,13 @@ def _pgc_raw(model, layer, x, targets):
     return torch.from_numpy(np.asarray(raw))
 
 
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, model.training
-
-
-def _assert_same(model, before):
-    state, training = before
-    assert model.training == training
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    assert_no_hooks(model)
-
-
 def test_faster_rcnn_box_score():
     layer = "backbone.body.16"
     torch.manual_seed(0)
     model = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=5, min_size=96,
                                               max_size=128, box_score_thresh=0.0, box_detections_per_img=10,
                                               rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=50)
-    _calibrate(model.backbone, torch.randn(4, 3, 96, 128))
+    calibrate_batchnorm(model.backbone, torch.randn(4, 3, 96, 128))
     model.eval()
     with torch.no_grad():
         nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.05)
@@ -68,11 +46,11 @@ def test_faster_rcnn_box_score():
     with torch.no_grad():
         found = model(x)
     boxes, labels = [f["boxes"][:3] for f in found], [f["labels"][:3] for f in found]
-    before = _state(model)
+    before = state_of(model)
     fn, params = tx.functionalize(model)
     ours = tx.grad_cam(fn, params, x, tx.targets.box_score(boxes, labels), layer=layer, relu=False,
                        upsample=False)[:, 0]
-    _assert_same(model, before)
+    assert_same_state(model, before)
     ref = _pgc_raw(model, dict(model.named_modules())[layer], x,
                    [FasterRCNNBoxScoreTarget(lab, b) for lab, b in zip(labels, boxes)])
     assert_parity(ours, ref)
@@ -83,17 +61,17 @@ def test_faster_rcnn_box_score():
 def test_segmentation(name, layer):
     torch.manual_seed(0)
     model = getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=4, aux_loss=False)
-    _calibrate(model, torch.randn(4, 3, 64, 64))
+    calibrate_batchnorm(model, torch.randn(4, 3, 64, 64))
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         predicted = model(x)["out"].argmax(1)                       # [2, 64, 64]
     category = int(predicted[0].flatten().mode().values)
     masks = (predicted == category).float()
-    before = _state(model)
+    before = state_of(model)
     fn, params = tx.functionalize(model)
     ours = tx.grad_cam(fn, params, x, tx.targets.segmentation(category, masks), layer=layer, relu=False,
                        upsample=False)[:, 0]
-    _assert_same(model, before)
+    assert_same_state(model, before)
 
     class Out(nn.Module):   # pytorch-grad-cam's tutorial wrapper: the "out" tensor of the dict
         def __init__(self):
@@ -121,13 +99,13 @@ def test_resnet18_embedding_similarity():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None)
     model.fc = nn.Identity()
-    _calibrate(model, torch.randn(8, 3, 64, 64))
+    calibrate_batchnorm(model, torch.randn(8, 3, 64, 64))
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         concept = model(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)))[0]
-    before = _state(model)
+    before = state_of(model)
     fn, params = tx.functionalize(model)
     ours = tx.grad_cam(fn, params, x, tx.targets.similarity(concept), layer="layer3", relu=False, upsample=False)[:, 0]
-    _assert_same(model, before)
+    assert_same_state(model, before)
     ref = _pgc_raw(model, model.layer3, x, [SimilarityToConceptTarget(concept)] * 3)
     assert_parity(ours, ref)

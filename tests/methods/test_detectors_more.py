@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.models import detection
 
 import torchex_fn as tx
-from support.parity import assert_no_hooks, assert_parity
+from support.parity import assert_no_hooks, assert_parity, calibrate_batchnorm
 
 
 def _retinanet():
@@ -48,12 +48,8 @@ def test_grad_cam_with_box_score_equals_pytorch_grad_cam(build):
     if head is not None:
         # SSDlite: BatchNorm calibrated on a random batch at its 320 x 320 (the initial statistics shrink the
         # signal ~10x per stage), and its initial class scores, all but uniform, drawn wider
-        for m in model.backbone.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = None
-                m.reset_running_stats()
+        calibrate_batchnorm(model.backbone, torch.randn(4, 3, 320, 320))
         with torch.no_grad():
-            model.backbone.train()(torch.randn(4, 3, 320, 320))
             nn.init.normal_(head.weight, std=0.5)
     model.eval()
     with torch.no_grad():

@@ -28,16 +28,36 @@ def peer_model(name):
     if name not in _CACHE:
         torch.manual_seed(MODEL_SEED)
         model = getattr(torchvision.models, name)(weights=None)
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.momentum = None  # cumulative average: running stats = this batch's stats
-                m.reset_running_stats()
-        with torch.no_grad():
-            model.train()(torch.randn(16, 3, SIZE, SIZE))
-        model.eval()
+        calibrate_batchnorm(model, torch.randn(16, 3, SIZE, SIZE))
         fn, params = tx.functionalize(model)
         _CACHE[name] = (model, fn, params)
     return _CACHE[name]
+
+
+def calibrate_batchnorm(module, batch):
+    """BatchNorm statistics of one batch (a train-mode forward with a cumulative average: running stats =
+    this batch's stats, O(1) like a trained model's), then eval mode."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+            m.reset_running_stats()
+    with torch.no_grad():
+        module.train()(batch)
+    module.eval()
+
+
+def state_of(model):
+    """What a call must leave as it was: the state dict's values and the training flag."""
+    return {k: v.clone() for k, v in model.state_dict().items()}, model.training
+
+
+def assert_same_state(model, before):
+    """``model`` as :func:`state_of` recorded it, with no hook left and no ``.grad`` written."""
+    state, training = before
+    assert model.training == training
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert_no_hooks(model)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def peer_input():
