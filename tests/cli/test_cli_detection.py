@@ -25,13 +25,6 @@ NAME = "fasterrcnn_mobilenet_v3_large_fpn"
 MAGENTA = (255, 0, 255)
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # explain sets its own thread count
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A 96 x 80 picture (resized to 96 x 96 by --size) and the detector's weights."""

@@ -25,13 +25,6 @@ torchvision = pytest.importorskip("torchvision")
 SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # explain sets its own thread count
-
-
 def picture(path, seed, size=(48, 40)):
     path.parent.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)

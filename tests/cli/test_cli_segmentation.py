@@ -22,13 +22,6 @@ NAME = "deeplabv3_mobilenet_v3_large"
 MAGENTA = (255, 0, 255)
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # explain sets its own thread count
-
-
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
     """Two pictures in two folders with the same file name (their outputs keep the folders apart)."""

@@ -13,13 +13,6 @@ from torchex_fn.__main__ import main
 TINY = _demo_model.TrainConfig(train_size=128, test_size=64, epochs=1, batch_size=64)
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # the demo sets its own thread count
-
-
 # -------------------------------------------------------------------------------------------- viz
 def test_overlay_shapes_and_range():
     image = torch.rand(3, 16, 16)

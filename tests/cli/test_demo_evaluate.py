@@ -13,13 +13,6 @@ from torchex_fn.data import demo_model as _demo_model
 NUM, SEED, MASKS = 4, 0, 32
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # the demo sets its own thread count
-
-
 def demo_methods():
     """The demo's methods and the map each is ranked by, written out (not imported from the demo)."""
     def rise(fn, params, x, y):

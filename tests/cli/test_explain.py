@@ -14,13 +14,6 @@ torchvision = pytest.importorskip("torchvision")
 SIZE = "64"
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # explain sets its own thread count
-
-
 @pytest.fixture
 def images(tmp_path):
     """Two small PNGs of different sizes (both are resized to --size)."""
